@@ -1,0 +1,638 @@
+//! Settings: a TOML file (`--config`) whose every key can be overridden by an environment variable
+//! `PGKEEP_<KEY>`. Everything is validated on load; an error names the key, where it came from and
+//! what is wrong with it, and unknown keys are errors (a typo must not silently fall back to a default).
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::codec::Codec;
+
+/// A bad setting: which key, from where, and what is wrong.
+#[derive(Debug, thiserror::Error)]
+#[error("configuration error: {origin}: {message}")]
+pub struct ConfigError {
+    pub origin: String,
+    pub message: String,
+}
+
+/// The type a key's value must have.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Str,
+    Int,
+    Bool,
+}
+
+/// Every key pgkeep knows, with its type and its default (documented in `config/pgkeep.example.toml`).
+const KEYS: &[(&str, Kind)] = &[
+    ("storage", Kind::Str),
+    ("compression", Kind::Str),
+    ("compression_level", Kind::Int),
+    ("system_identifier", Kind::Str),
+    ("pgdata", Kind::Str),
+    ("storage_max_retries", Kind::Int),
+    ("storage_retry_timeout_secs", Kind::Int),
+    ("storage_request_timeout_secs", Kind::Int),
+    ("verify_uploads", Kind::Bool),
+    ("log_format", Kind::Str),
+    ("log_level", Kind::Str),
+];
+
+/// Environment variables with the `PGKEEP_` prefix that are not settings.
+const NOT_SETTINGS: &[&str] = &["PGKEEP_CONFIG"];
+
+pub const DEFAULT_STORAGE: &str = "file:///var/lib/pgkeep/archive";
+
+/// Where the object store is, parsed from `storage`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StorageUrl {
+    /// `file:///path`: a directory on this machine.
+    File { root: PathBuf },
+    /// `s3://bucket/prefix`, `gs://bucket/prefix`, `az://container/prefix`.
+    Cloud {
+        scheme: CloudScheme,
+        bucket: String,
+        /// Without leading or trailing slashes; may be empty.
+        prefix: String,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloudScheme {
+    S3,
+    Gcs,
+    Azure,
+}
+
+impl fmt::Display for StorageUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            StorageUrl::File { root } => write!(f, "file://{}", root.display()),
+            StorageUrl::Cloud {
+                scheme,
+                bucket,
+                prefix,
+            } => {
+                let s = match scheme {
+                    CloudScheme::S3 => "s3",
+                    CloudScheme::Gcs => "gs",
+                    CloudScheme::Azure => "az",
+                };
+                write!(f, "{s}://{bucket}/{prefix}")
+            }
+        }
+    }
+}
+
+impl StorageUrl {
+    pub fn parse(text: &str) -> Result<StorageUrl, String> {
+        // Checked on the raw text: URL parsing would silently resolve them.
+        if text.split(['/', '?', '#']).any(|p| p == "." || p == "..") {
+            return Err(format!(
+                "{text:?}: the path may not contain '.' or '..' parts"
+            ));
+        }
+        let url = url::Url::parse(text).map_err(|e| format!("{text:?} is not a URL ({e})"))?;
+        if !url.username().is_empty() || url.password().is_some() {
+            return Err("credentials do not belong in the storage URL: use the cloud's standard \
+                        environment variables (AWS_ACCESS_KEY_ID, GOOGLE_SERVICE_ACCOUNT, AZURE_STORAGE_ACCOUNT_KEY, ...)"
+                .into());
+        }
+        if url.query().is_some() || url.fragment().is_some() {
+            return Err(format!(
+                "{text:?}: a storage URL takes no query or fragment"
+            ));
+        }
+        let scheme = match url.scheme() {
+            "file" => {
+                if !text.starts_with("file://") {
+                    return Err(format!(
+                        "{text:?}: write a local path as file:///absolute/path"
+                    ));
+                }
+                if url
+                    .host_str()
+                    .is_some_and(|h| !h.is_empty() && h != "localhost")
+                {
+                    return Err(format!(
+                        "{text:?}: a file:// URL names a local path, like file:///var/lib/pgkeep"
+                    ));
+                }
+                let root = url
+                    .to_file_path()
+                    .map_err(|_| format!("{text:?} is not an absolute local path"))?;
+                return Ok(StorageUrl::File { root });
+            }
+            "s3" => CloudScheme::S3,
+            "gs" => CloudScheme::Gcs,
+            "az" => CloudScheme::Azure,
+            other => {
+                return Err(format!(
+                    "unsupported scheme {other:?} in {text:?}: use file:///path, s3://bucket/prefix, \
+                     gs://bucket/prefix or az://container/prefix"
+                ));
+            }
+        };
+        let bucket = url.host_str().unwrap_or("").to_string();
+        if bucket.is_empty() {
+            return Err(format!("{text:?} names no bucket or container"));
+        }
+        let prefix = url.path().trim_matches('/').to_string();
+        if prefix.contains("//") {
+            return Err(format!("{text:?}: the prefix may not contain empty parts"));
+        }
+        Ok(StorageUrl::Cloud {
+            scheme,
+            bucket,
+            prefix,
+        })
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Human,
+    Json,
+}
+
+/// Retries of storage requests. This is the one layer that retries them (inside `object_store`'s
+/// client for cloud stores); bounded both in attempts and in time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RetrySettings {
+    pub max_retries: usize,
+    /// No retry starts after this much time since the first attempt.
+    pub retry_timeout: Duration,
+    /// Each request's own timeout.
+    pub request_timeout: Duration,
+}
+
+/// Validated settings.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub storage: StorageUrl,
+    pub codec: Codec,
+    /// Set only when the operator pins it; otherwise it is read from the data directory or the WAL.
+    pub system_identifier: Option<u64>,
+    /// The data directory (`PGKEEP_PGDATA` or `PGDATA`), if known.
+    pub pgdata: Option<PathBuf>,
+    pub retry: RetrySettings,
+    /// Read every uploaded object back and compare checksums before acknowledging it.
+    pub verify_uploads: bool,
+    pub log_format: LogFormat,
+    pub log_level: String,
+    /// The config file this came from, if any (passed on to commands pgkeep writes for Postgres).
+    pub file: Option<PathBuf>,
+}
+
+/// A raw value and where it came from.
+struct Raw {
+    value: toml::Value,
+    origin: String,
+}
+
+impl Config {
+    /// Loads `file` (if given) and applies the `PGKEEP_*` (and `PGDATA`) variables from `env`.
+    pub fn load(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        let mut raw: BTreeMap<&'static str, Raw> = BTreeMap::new();
+        let known = || KEYS.iter().map(|(k, _)| *k).collect::<Vec<_>>().join(", ");
+
+        if let Some(path) = file {
+            let origin = |key: &str| format!("{key} in {}", path.display());
+            let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+                origin: path.display().to_string(),
+                message: format!("cannot read the config file: {e}"),
+            })?;
+            let table: toml::Table = text.parse().map_err(|e: toml::de::Error| ConfigError {
+                origin: path.display().to_string(),
+                message: format!("not valid TOML: {}", e.message()),
+            })?;
+            for (key, value) in table {
+                let Some((k, _)) = KEYS.iter().find(|(k, _)| *k == key) else {
+                    return Err(ConfigError {
+                        origin: origin(&key),
+                        message: format!("unknown key (known keys: {})", known()),
+                    });
+                };
+                raw.insert(
+                    k,
+                    Raw {
+                        value,
+                        origin: origin(&key),
+                    },
+                );
+            }
+        }
+
+        let mut pgdata_env = None;
+        for (name, value) in env {
+            if name == "PGDATA" {
+                pgdata_env = Some(value);
+                continue;
+            }
+            let Some(key) = name.strip_prefix("PGKEEP_") else {
+                continue;
+            };
+            if NOT_SETTINGS.contains(&name.as_str()) {
+                continue;
+            }
+            let lower = key.to_ascii_lowercase();
+            let Some((k, kind)) = KEYS.iter().find(|(k, _)| *k == lower) else {
+                return Err(ConfigError {
+                    origin: format!("{name} (environment)"),
+                    message: format!("unknown setting (known keys, as PGKEEP_<KEY>: {})", known()),
+                });
+            };
+            let origin = format!("{name} (environment)");
+            let value = match kind {
+                Kind::Str => toml::Value::String(value),
+                Kind::Int => value
+                    .trim()
+                    .parse::<i64>()
+                    .map(toml::Value::Integer)
+                    .map_err(|_| ConfigError {
+                        origin: origin.clone(),
+                        message: format!("expected a whole number, got {value:?}"),
+                    })?,
+                Kind::Bool => match value.trim().to_ascii_lowercase().as_str() {
+                    "true" | "1" | "yes" | "on" => toml::Value::Boolean(true),
+                    "false" | "0" | "no" | "off" => toml::Value::Boolean(false),
+                    _ => {
+                        return Err(ConfigError {
+                            origin,
+                            message: format!("expected true or false, got {value:?}"),
+                        });
+                    }
+                },
+            };
+            raw.insert(k, Raw { value, origin });
+        }
+        if !raw.contains_key("pgdata")
+            && let Some(p) = pgdata_env.filter(|p| !p.is_empty())
+        {
+            raw.insert(
+                "pgdata",
+                Raw {
+                    value: toml::Value::String(p),
+                    origin: "PGDATA (environment)".into(),
+                },
+            );
+        }
+        Self::from_raw(raw, file)
+    }
+
+    fn from_raw(
+        raw: BTreeMap<&'static str, Raw>,
+        file: Option<&Path>,
+    ) -> Result<Config, ConfigError> {
+        let get = |key: &str| -> Result<Option<(&toml::Value, &str)>, ConfigError> {
+            let Some(r) = raw.get(key) else {
+                return Ok(None);
+            };
+            let kind = KEYS.iter().find(|(k, _)| *k == key).expect("known key").1;
+            let ok = match kind {
+                Kind::Str => r.value.is_str(),
+                Kind::Int => r.value.is_integer(),
+                Kind::Bool => r.value.is_bool(),
+            };
+            if !ok {
+                let want = match kind {
+                    Kind::Str => "a string",
+                    Kind::Int => "a whole number",
+                    Kind::Bool => "true or false",
+                };
+                return Err(ConfigError {
+                    origin: r.origin.clone(),
+                    message: format!("expected {want}, got {}", r.value),
+                });
+            }
+            Ok(Some((&r.value, r.origin.as_str())))
+        };
+        let bad = |origin: &str, message: String| ConfigError {
+            origin: origin.to_string(),
+            message,
+        };
+        let string = |key: &str| -> Result<Option<(String, String)>, ConfigError> {
+            Ok(get(key)?.map(|(v, o)| (v.as_str().unwrap().to_string(), o.to_string())))
+        };
+        let int = |key: &str,
+                   range: std::ops::RangeInclusive<i64>,
+                   default: i64|
+         -> Result<i64, ConfigError> {
+            match get(key)? {
+                None => Ok(default),
+                Some((v, o)) => {
+                    let n = v.as_integer().unwrap();
+                    if range.contains(&n) {
+                        Ok(n)
+                    } else {
+                        Err(bad(
+                            o,
+                            format!("{n} is out of range ({} to {})", range.start(), range.end()),
+                        ))
+                    }
+                }
+            }
+        };
+
+        let storage = match string("storage")? {
+            None => StorageUrl::parse(DEFAULT_STORAGE).expect("default parses"),
+            Some((s, o)) => StorageUrl::parse(&s).map_err(|m| bad(&o, m))?,
+        };
+        let level = int("compression_level", 1..=22, 3)? as i32;
+        let codec = match string("compression")? {
+            None => Codec::Snappy,
+            Some((s, o)) => match s.as_str() {
+                "snappy" => Codec::Snappy,
+                "zstd" => Codec::Zstd { level },
+                "none" => Codec::None,
+                _ => {
+                    return Err(bad(
+                        &o,
+                        format!("unknown compression {s:?}: use snappy, zstd or none"),
+                    ));
+                }
+            },
+        };
+        let system_identifier = match string("system_identifier")? {
+            None => None,
+            Some((s, o)) => match s.trim().parse::<u64>() {
+                Ok(n) if n != 0 => Some(n),
+                _ => {
+                    return Err(bad(
+                        &o,
+                        format!(
+                            "{s:?} is not a system identifier (a positive whole number, as pg_controldata prints it)"
+                        ),
+                    ));
+                }
+            },
+        };
+        let pgdata = match string("pgdata")? {
+            None => None,
+            Some((s, o)) => {
+                let p = PathBuf::from(&s);
+                if !p.is_absolute() {
+                    return Err(bad(&o, format!("{s:?} must be an absolute path")));
+                }
+                Some(p)
+            }
+        };
+        let retry = RetrySettings {
+            max_retries: int("storage_max_retries", 0..=100, 5)? as usize,
+            retry_timeout: Duration::from_secs(
+                int("storage_retry_timeout_secs", 1..=3600, 60)? as u64
+            ),
+            request_timeout: Duration::from_secs(
+                int("storage_request_timeout_secs", 1..=3600, 60)? as u64,
+            ),
+        };
+        let verify_uploads = get("verify_uploads")?.is_none_or(|(v, _)| v.as_bool().unwrap());
+        let log_format = match string("log_format")? {
+            None => LogFormat::Human,
+            Some((s, o)) => match s.as_str() {
+                "human" => LogFormat::Human,
+                "json" => LogFormat::Json,
+                _ => {
+                    return Err(bad(
+                        &o,
+                        format!("unknown log format {s:?}: use human or json"),
+                    ));
+                }
+            },
+        };
+        let log_level = match string("log_level")? {
+            None => "info".to_string(),
+            Some((s, o)) => {
+                tracing_subscriber::EnvFilter::try_new(&s)
+                    .map_err(|e| bad(&o, format!("{s:?} is not a log level or filter ({e})")))?;
+                s
+            }
+        };
+        Ok(Config {
+            storage,
+            codec,
+            system_identifier,
+            pgdata,
+            retry,
+            verify_uploads,
+            log_format,
+            log_level,
+            file: file.map(Path::to_path_buf),
+        })
+    }
+
+    /// Loads from the process environment.
+    pub fn from_process(file: Option<&Path>) -> Result<Config, ConfigError> {
+        Config::load(file, std::env::vars())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    fn err(file_text: Option<&str>, pairs: &[(&str, &str)]) -> String {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("pgkeep.toml");
+        if let Some(t) = file_text {
+            std::fs::write(&path, t).unwrap();
+        }
+        let file = file_text.map(|_| path.as_path());
+        Config::load(file, env(pairs)).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn defaults_are_sane() {
+        let c = Config::load(None, env(&[])).unwrap();
+        assert_eq!(
+            c.storage,
+            StorageUrl::File {
+                root: "/var/lib/pgkeep/archive".into()
+            }
+        );
+        assert_eq!(c.codec, Codec::Snappy);
+        assert_eq!(c.system_identifier, None);
+        assert!(c.verify_uploads);
+        assert_eq!(c.log_format, LogFormat::Human);
+        assert_eq!(c.retry.max_retries, 5);
+    }
+
+    #[test]
+    fn environment_overrides_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("pgkeep.toml");
+        std::fs::write(
+            &path,
+            "storage = \"s3://bucket/a/b/\"\ncompression = \"zstd\"\ncompression_level = 5\nverify_uploads = false\n",
+        )
+        .unwrap();
+        let c = Config::load(Some(&path), env(&[])).unwrap();
+        assert_eq!(
+            c.storage,
+            StorageUrl::Cloud {
+                scheme: CloudScheme::S3,
+                bucket: "bucket".into(),
+                prefix: "a/b".into()
+            }
+        );
+        assert_eq!(c.codec, Codec::Zstd { level: 5 });
+        assert!(!c.verify_uploads);
+        let c = Config::load(
+            Some(&path),
+            env(&[
+                ("PGKEEP_STORAGE", "file:///srv/wal"),
+                ("PGKEEP_COMPRESSION_LEVEL", "9"),
+                ("PGKEEP_VERIFY_UPLOADS", "yes"),
+                ("PGKEEP_SYSTEM_IDENTIFIER", "7312345678901234567"),
+                ("PGDATA", "/pgdata"),
+                ("PGKEEP_CONFIG", "/ignored"),
+                ("UNRELATED", "x"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(
+            c.storage,
+            StorageUrl::File {
+                root: "/srv/wal".into()
+            }
+        );
+        assert_eq!(c.codec, Codec::Zstd { level: 9 });
+        assert!(c.verify_uploads);
+        assert_eq!(c.system_identifier, Some(7312345678901234567));
+        assert_eq!(c.pgdata, Some("/pgdata".into()));
+    }
+
+    #[test]
+    fn the_example_config_loads_and_documents_every_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("pgkeep.toml");
+        let text = include_str!("../config/pgkeep.example.toml");
+        std::fs::write(&path, text).unwrap();
+        let c = Config::load(Some(&path), env(&[])).unwrap();
+        assert_eq!(c.codec, Codec::Snappy);
+        for (key, _) in KEYS {
+            assert!(
+                text.contains(&format!("\n{key} = ")) || text.contains(&format!("# {key} = ")),
+                "{key} undocumented"
+            );
+        }
+    }
+
+    #[test]
+    fn storage_urls() {
+        for (text, ok) in [
+            ("file:///var/lib/x", true),
+            ("s3://b", true),
+            ("gs://b/p/q", true),
+            ("az://container/p", true),
+            ("file://host/x", false),
+            ("file:relative", false),
+            ("file:///a/../b", false),
+            ("s3:///prefix", false),
+            ("s3://b/a/../c", false),
+            ("s3://key:secret@bucket/p", false),
+            ("s3://b/p?x=1", false),
+            ("http://example/x", false),
+            ("/var/lib/x", false),
+            ("", false),
+        ] {
+            assert_eq!(StorageUrl::parse(text).is_ok(), ok, "{text:?}");
+        }
+        let secret = StorageUrl::parse("s3://AKIA:hunter2@bucket/p").unwrap_err();
+        assert!(!secret.contains("hunter2"), "a secret was echoed: {secret}");
+    }
+
+    #[test]
+    fn bad_values_name_the_key_and_the_source() {
+        /// (config file text, environment, what the message must mention)
+        type Case<'a> = (Option<&'a str>, &'a [(&'a str, &'a str)], &'a [&'a str]);
+        let cases: &[Case] = &[
+            (
+                None,
+                &[("PGKEEP_COMPRESSION", "lz4")],
+                &["PGKEEP_COMPRESSION", "lz4"],
+            ),
+            (
+                None,
+                &[("PGKEEP_COMPRESSION_LEVEL", "abc")],
+                &["PGKEEP_COMPRESSION_LEVEL", "whole number"],
+            ),
+            (
+                None,
+                &[("PGKEEP_COMPRESSION_LEVEL", "99")],
+                &["PGKEEP_COMPRESSION_LEVEL", "out of range"],
+            ),
+            (
+                None,
+                &[("PGKEEP_STORAGE", "ftp://x")],
+                &["PGKEEP_STORAGE", "unsupported scheme"],
+            ),
+            (
+                None,
+                &[("PGKEEP_VERIFY_UPLOADS", "maybe")],
+                &["PGKEEP_VERIFY_UPLOADS", "true or false"],
+            ),
+            (
+                None,
+                &[("PGKEEP_SYSTEM_IDENTIFIER", "-1")],
+                &["PGKEEP_SYSTEM_IDENTIFIER", "system identifier"],
+            ),
+            (
+                None,
+                &[("PGKEEP_STORAGE_MAX_RETRIES", "1000")],
+                &["PGKEEP_STORAGE_MAX_RETRIES", "out of range"],
+            ),
+            (
+                None,
+                &[("PGKEEP_PGDATA", "relative/dir")],
+                &["PGKEEP_PGDATA", "absolute"],
+            ),
+            (
+                None,
+                &[("PGKEEP_STORGE", "file:///x")],
+                &["PGKEEP_STORGE", "unknown setting"],
+            ),
+            (
+                None,
+                &[("PGKEEP_LOG_FORMAT", "xml")],
+                &["PGKEEP_LOG_FORMAT", "xml"],
+            ),
+            (
+                Some("compresion = \"zstd\""),
+                &[],
+                &["compresion in", "unknown key"],
+            ),
+            (
+                Some("compression_level = \"high\""),
+                &[],
+                &["compression_level in", "whole number"],
+            ),
+            (Some("storage = 5"), &[], &["storage in", "a string"]),
+            (Some("storage = "), &[], &["pgkeep.toml", "not valid TOML"]),
+        ];
+        for (file, env, wants) in cases {
+            let msg = err(*file, env);
+            for want in *wants {
+                assert!(msg.contains(want), "{msg:?} should mention {want:?}");
+            }
+        }
+        let missing =
+            Config::load(Some(Path::new("/nonexistent/pgkeep.toml")), env(&[])).unwrap_err();
+        assert!(
+            missing.to_string().contains("/nonexistent/pgkeep.toml"),
+            "{missing}"
+        );
+    }
+}

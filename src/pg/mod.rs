@@ -1,0 +1,6 @@
+//! Postgres' own formats and coordinates.
+pub mod control;
+pub mod lsn;
+pub mod walheader;
+
+pub use lsn::{Lsn, ParseError, SegmentNo, TimelineId, WalFileKind, WalFileName, WalSegSize};

@@ -1,0 +1,475 @@
+//! Reading and writing objects: every write is read back and verified before it is acknowledged,
+//! every read is verified before its content is used, and local files are fsynced.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::TryStreamExt;
+use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey};
+use object_store::azure::{AzureConfigKey, MicrosoftAzureBuilder};
+use object_store::gcp::{GoogleCloudStorageBuilder, GoogleConfigKey};
+use object_store::local::LocalFileSystem;
+use object_store::path::Path;
+use object_store::prefix::PrefixStore;
+use object_store::{
+    BackoffConfig, ClientConfigKey, ObjectStore, ObjectStoreExt, PutPayload, RetryConfig,
+};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use super::layout::{self, ClusterLayout};
+use super::object::{self, HEADER_LEN, Header};
+use crate::codec::Codec;
+use crate::config::{CloudScheme, Config, StorageUrl};
+
+/// A storage failure. [`StorageError::is_permanent`] says whether trying again could help; transport
+/// errors have already been retried (within the configured bounds) by the time they surface here.
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    #[error("{key}: not found in storage")]
+    NotFound { key: String },
+    #[error("{key}: corrupted object in storage: {reason}")]
+    Corrupt { key: String, reason: String },
+    #[error(
+        "{key}: refusing to overwrite: storage already holds different content under this name \
+         (stored {stored_len} bytes, sha256 {stored_sha}; new {new_len} bytes, sha256 {new_sha})"
+    )]
+    Conflict {
+        key: String,
+        stored_len: u64,
+        stored_sha: String,
+        new_len: u64,
+        new_sha: String,
+    },
+    #[error("{key}: the uploaded object did not read back identically ({reason})")]
+    VerifyFailed { key: String, reason: String },
+    #[error("{key}: {op} failed: {source}")]
+    Backend {
+        key: String,
+        op: &'static str,
+        // Not marked as the source: object_store's message already carries its whole chain.
+        source: object_store::Error,
+    },
+    #[error("storage {url}: {message}")]
+    Setup { url: String, message: String },
+}
+
+impl StorageError {
+    /// Whether repeating the same operation cannot succeed.
+    pub fn is_permanent(&self) -> bool {
+        !matches!(
+            self,
+            StorageError::Backend { .. } | StorageError::VerifyFailed { .. }
+        )
+    }
+
+    fn backend(key: &Path, op: &'static str, source: object_store::Error) -> StorageError {
+        match source {
+            object_store::Error::NotFound { .. } => StorageError::NotFound {
+                key: key.to_string(),
+            },
+            source => StorageError::Backend {
+                key: key.to_string(),
+                op,
+                source,
+            },
+        }
+    }
+}
+
+/// What happened to a write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PutOutcome {
+    /// Written and verified. `stored_len` is the object's size in storage.
+    Stored { stored_len: u64 },
+    /// Storage already held exactly this content; nothing was written.
+    AlreadyPresent,
+    /// Storage held a corrupted copy of this name; it was replaced by this (verified) content.
+    Repaired { stored_len: u64 },
+}
+
+/// `pgkeep.json` at the root of the storage prefix.
+#[derive(Debug, Serialize, Deserialize)]
+struct FormatMarker {
+    format: String,
+    layout_version: u32,
+}
+
+/// `clusters/<id>/cluster.json`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ClusterInfo {
+    /// As a string: JSON readers often lose precision past 2^53.
+    pub system_identifier: String,
+    pub wal_segment_size: Option<u32>,
+    pub pg_major: Option<u32>,
+}
+
+/// A handle on the configured object store.
+#[derive(Clone)]
+pub struct Repo {
+    store: Arc<dyn ObjectStore>,
+    url: String,
+    /// For `file://` storage: the directory, so that writes can be fsynced.
+    local_root: Option<PathBuf>,
+    verify_uploads: bool,
+}
+
+impl std::fmt::Debug for Repo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Repo").field("url", &self.url).finish()
+    }
+}
+
+impl Repo {
+    /// Opens the store named by the configuration. With `create`, a missing `file://` directory is
+    /// created (commands that only read never create anything).
+    pub fn open(cfg: &Config, create: bool) -> Result<Repo, StorageError> {
+        let url = cfg.storage.to_string();
+        let setup = |message: String| StorageError::Setup {
+            url: url.clone(),
+            message,
+        };
+        let retry = RetryConfig {
+            backoff: BackoffConfig {
+                init_backoff: Duration::from_millis(100),
+                max_backoff: Duration::from_secs(5),
+                base: 2.0,
+            },
+            max_retries: cfg.retry.max_retries,
+            retry_timeout: cfg.retry.retry_timeout,
+        };
+        let timeout = format!("{}s", cfg.retry.request_timeout.as_secs());
+        let connect_timeout = format!("{}s", cfg.retry.request_timeout.as_secs().min(10));
+        let (store, local_root): (Arc<dyn ObjectStore>, _) = match &cfg.storage {
+            StorageUrl::File { root } => {
+                if create {
+                    std::fs::create_dir_all(root)
+                        .map_err(|e| setup(format!("cannot create the storage directory: {e}")))?;
+                } else if !root.is_dir() {
+                    return Err(setup("the storage directory does not exist".into()));
+                }
+                let fs =
+                    LocalFileSystem::new_with_prefix(root).map_err(|e| setup(e.to_string()))?;
+                (Arc::new(fs), Some(root.clone()))
+            }
+            StorageUrl::Cloud {
+                scheme,
+                bucket,
+                prefix,
+            } => {
+                // The same client settings for every cloud; each builder reads its own cloud's
+                // standard environment variables first.
+                macro_rules! cloud {
+                    ($builder:ty, $key:path, $name:ident) => {
+                        Arc::new(
+                            <$builder>::from_env()
+                                .$name(bucket)
+                                .with_retry(retry)
+                                .with_config($key(ClientConfigKey::Timeout), &timeout)
+                                .with_config(
+                                    $key(ClientConfigKey::ConnectTimeout),
+                                    &connect_timeout,
+                                )
+                                .build()
+                                .map_err(|e| setup(e.to_string()))?,
+                        )
+                    };
+                }
+                let store: Arc<dyn ObjectStore> = match scheme {
+                    CloudScheme::S3 => {
+                        cloud!(AmazonS3Builder, AmazonS3ConfigKey::Client, with_bucket_name)
+                    }
+                    CloudScheme::Gcs => {
+                        cloud!(
+                            GoogleCloudStorageBuilder,
+                            GoogleConfigKey::Client,
+                            with_bucket_name
+                        )
+                    }
+                    CloudScheme::Azure => {
+                        cloud!(
+                            MicrosoftAzureBuilder,
+                            AzureConfigKey::Client,
+                            with_container_name
+                        )
+                    }
+                };
+                let store = if prefix.is_empty() {
+                    store
+                } else {
+                    Arc::new(PrefixStore::new(store, Path::from(prefix.as_str())))
+                };
+                (store, None)
+            }
+        };
+        Ok(Repo {
+            store,
+            url,
+            local_root,
+            verify_uploads: cfg.verify_uploads,
+        })
+    }
+
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// Stores `plain` under `key`, encoded with `codec`, unless storage already holds exactly this
+    /// content there. Different content under the same key is refused ([`StorageError::Conflict`]);
+    /// a stored copy that fails verification is replaced. Returns only once the object is durable
+    /// and (with `verify_uploads`) read back identically.
+    pub async fn put_new(
+        &self,
+        key: &Path,
+        plain: &[u8],
+        codec: Codec,
+    ) -> Result<PutOutcome, StorageError> {
+        let new = Header::for_content(codec, plain);
+        let conflict = |old: &Header| StorageError::Conflict {
+            key: key.to_string(),
+            stored_len: old.plain_len,
+            stored_sha: hex::encode(old.plain_sha256),
+            new_len: new.plain_len,
+            new_sha: hex::encode(new.plain_sha256),
+        };
+        let mut repairing = false;
+        match self.fetch_raw(key).await {
+            Ok(existing) => match object::open(&existing) {
+                Ok((old, _))
+                    if old.plain_sha256 == new.plain_sha256 && old.plain_len == new.plain_len =>
+                {
+                    return Ok(PutOutcome::AlreadyPresent);
+                }
+                Ok((old, _)) => return Err(conflict(&old)),
+                Err(reason) => {
+                    // Only replace a damaged copy when its header still says it held this very content
+                    // (or the header itself is unreadable): a readable header for other content is a conflict.
+                    if let Ok(old) = Header::parse(&existing)
+                        && (old.plain_sha256 != new.plain_sha256 || old.plain_len != new.plain_len)
+                    {
+                        return Err(conflict(&old));
+                    }
+                    tracing::warn!(%key, %reason, "the stored copy is damaged; replacing it with the verified source");
+                    repairing = true;
+                }
+            },
+            Err(StorageError::NotFound { .. }) => {}
+            Err(e) => return Err(e),
+        }
+        let stored_len = self.put_overwrite(key, plain, codec).await?;
+        Ok(if repairing {
+            PutOutcome::Repaired { stored_len }
+        } else {
+            PutOutcome::Stored { stored_len }
+        })
+    }
+
+    /// Stores `plain` under `key`, replacing whatever is there; verified and durable on return.
+    /// Returns the stored size.
+    pub async fn put_overwrite(
+        &self,
+        key: &Path,
+        plain: &[u8],
+        codec: Codec,
+    ) -> Result<u64, StorageError> {
+        let (_, stored) = object::seal(codec, plain);
+        let stored_len = stored.len() as u64;
+        let sent_sha: [u8; 32] = Sha256::digest(&stored).into();
+        self.store
+            .put(key, PutPayload::from(stored))
+            .await
+            .map_err(|e| StorageError::backend(key, "upload", e))?;
+        self.sync_local(key)?;
+        if self.verify_uploads {
+            let back = self.fetch_raw(key).await.map_err(|e| match e {
+                StorageError::NotFound { key } => StorageError::VerifyFailed {
+                    key,
+                    reason: "the object is missing right after its upload".into(),
+                },
+                e => e,
+            })?;
+            if <[u8; 32]>::from(Sha256::digest(&back)) != sent_sha {
+                return Err(StorageError::VerifyFailed {
+                    key: key.to_string(),
+                    reason: format!(
+                        "read back {} bytes that differ from the {stored_len} sent",
+                        back.len()
+                    ),
+                });
+            }
+        }
+        Ok(stored_len)
+    }
+
+    /// The verified plain content of `key`.
+    pub async fn get(&self, key: &Path) -> Result<Vec<u8>, StorageError> {
+        let stored = self.fetch_raw(key).await?;
+        object::open(&stored)
+            .map(|(_, plain)| plain)
+            .map_err(|reason| StorageError::Corrupt {
+                key: key.to_string(),
+                reason,
+            })
+    }
+
+    /// The header of `key` alone (a ranged read), for cheap comparisons.
+    pub async fn head_object(&self, key: &Path) -> Result<Header, StorageError> {
+        let bytes = self
+            .store
+            .get_range(key, 0..HEADER_LEN as u64)
+            .await
+            .map_err(|e| StorageError::backend(key, "read", e))?;
+        Header::parse(&bytes).map_err(|reason| StorageError::Corrupt {
+            key: key.to_string(),
+            reason,
+        })
+    }
+
+    pub async fn exists(&self, key: &Path) -> Result<bool, StorageError> {
+        match self.store.head(key).await {
+            Ok(_) => Ok(true),
+            Err(object_store::Error::NotFound { .. }) => Ok(false),
+            Err(e) => Err(StorageError::backend(key, "look-up", e)),
+        }
+    }
+
+    /// The names of the folders directly below `dir`.
+    pub async fn list_dirs(&self, dir: &Path) -> Result<Vec<String>, StorageError> {
+        let listing = self
+            .store
+            .list_with_delimiter(Some(dir))
+            .await
+            .map_err(|e| StorageError::backend(dir, "listing", e))?;
+        Ok(listing
+            .common_prefixes
+            .iter()
+            .filter_map(|p| p.filename().map(str::to_string))
+            .collect())
+    }
+
+    /// Every object key below `dir`, sorted.
+    pub async fn list(&self, dir: &Path) -> Result<Vec<Path>, StorageError> {
+        let mut keys: Vec<Path> = self
+            .store
+            .list(Some(dir))
+            .map_ok(|m| m.location)
+            .try_collect()
+            .await
+            .map_err(|e| StorageError::backend(dir, "listing", e))?;
+        keys.sort();
+        Ok(keys)
+    }
+
+    /// Makes sure the storage holds the format marker and this cluster's `cluster.json`, writing
+    /// them if missing. Refuses storage written by a newer, incompatible layout.
+    pub async fn ensure_cluster(
+        &self,
+        cluster: &ClusterLayout,
+        info: &ClusterInfo,
+    ) -> Result<(), StorageError> {
+        match self.check_format().await {
+            Ok(()) => {}
+            Err(StorageError::Setup { .. }) if !self.exists(&layout::format_marker()).await? => {
+                let marker = FormatMarker {
+                    format: layout::FORMAT_NAME.into(),
+                    layout_version: layout::LAYOUT_VERSION,
+                };
+                let json = serde_json::to_vec_pretty(&marker).expect("serialisable");
+                self.put_new(&layout::format_marker(), &json, Codec::None)
+                    .await?;
+            }
+            Err(e) => return Err(e),
+        }
+        if !self.exists(&cluster.info()).await? {
+            let json = serde_json::to_vec_pretty(info).expect("serialisable");
+            self.put_new(&cluster.info(), &json, Codec::None).await?;
+        }
+        Ok(())
+    }
+
+    /// Checks that the storage holds a pgkeep archive of a layout this version reads.
+    pub async fn check_format(&self) -> Result<(), StorageError> {
+        let key = layout::format_marker();
+        let raw = match self.get(&key).await {
+            Ok(raw) => raw,
+            Err(StorageError::NotFound { .. }) => {
+                return Err(StorageError::Setup {
+                    url: self.url.clone(),
+                    message: "holds no pgkeep archive (no pgkeep.json at its root): check the storage URL".into(),
+                });
+            }
+            Err(e) => return Err(e),
+        };
+        let marker: FormatMarker =
+            serde_json::from_slice(&raw).map_err(|e| StorageError::Corrupt {
+                key: key.to_string(),
+                reason: format!("not a format marker: {e}"),
+            })?;
+        if marker.format != layout::FORMAT_NAME || marker.layout_version > layout::LAYOUT_VERSION {
+            return Err(StorageError::Setup {
+                url: self.url.clone(),
+                message: format!(
+                    "holds format {:?} layout version {}, which this pgkeep (layout {}) cannot read",
+                    marker.format,
+                    marker.layout_version,
+                    layout::LAYOUT_VERSION
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    /// The system identifiers of the clusters in storage.
+    pub async fn clusters(&self) -> Result<Vec<u64>, StorageError> {
+        let mut ids: Vec<u64> = self
+            .list_dirs(&layout::clusters())
+            .await?
+            .iter()
+            .filter_map(|d| layout::parse_cluster_dir(d))
+            .collect();
+        ids.sort();
+        Ok(ids)
+    }
+
+    async fn fetch_raw(&self, key: &Path) -> Result<Vec<u8>, StorageError> {
+        let got = self
+            .store
+            .get(key)
+            .await
+            .map_err(|e| StorageError::backend(key, "download", e))?;
+        let bytes = got
+            .bytes()
+            .await
+            .map_err(|e| StorageError::backend(key, "download", e))?;
+        Ok(bytes.to_vec())
+    }
+
+    /// For `file://` storage: fsync the object and its folders up to the root, so an acknowledged
+    /// object survives a power loss.
+    fn sync_local(&self, key: &Path) -> Result<(), StorageError> {
+        let Some(root) = &self.local_root else {
+            return Ok(());
+        };
+        let mut path = root.clone();
+        for part in key.parts() {
+            path.push(part.as_ref());
+        }
+        let sync =
+            |p: &std::path::Path| -> std::io::Result<()> { std::fs::File::open(p)?.sync_all() };
+        let fail = |p: &std::path::Path, e: std::io::Error| StorageError::Setup {
+            url: self.url.clone(),
+            message: format!("fsync of {} failed: {e}", p.display()),
+        };
+        sync(&path).map_err(|e| fail(&path, e))?;
+        let mut dir = path.parent();
+        while let Some(d) = dir {
+            sync(d).map_err(|e| fail(d, e))?;
+            if d == root.as_path() {
+                break;
+            }
+            dir = d.parent();
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,203 @@
+//! `archive-push` (for `archive_command`) and `wal-fetch` (for `restore_command`).
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{Context, anyhow, bail};
+
+use crate::config::Config;
+use crate::fsutil;
+use crate::pg::walheader::{self, SegmentHeader};
+use crate::pg::{WalFileKind, WalFileName, control};
+use crate::storage::{ClusterInfo, ClusterLayout, PutOutcome, Repo, StorageError};
+
+/// Largest history or backup-label file accepted: real ones are a few hundred bytes.
+const MAX_SMALL_FILE: u64 = 16 << 20;
+
+/// The data directory whose `global/pg_control` identifies the cluster: the configured one, or the
+/// current directory, where Postgres runs `archive_command` and `restore_command`.
+fn local_system_identifier(cfg: &Config) -> anyhow::Result<Option<(u64, PathBuf)>> {
+    let dir = match &cfg.pgdata {
+        Some(p) => p.clone(),
+        None => std::env::current_dir().context("reading the current directory")?,
+    };
+    Ok(control::system_identifier(&dir)?.map(|id| (id, dir)))
+}
+
+/// What `archive-push` did.
+#[derive(Debug)]
+pub struct PushReport {
+    pub name: WalFileName,
+    pub system_identifier: u64,
+    pub outcome: PutOutcome,
+}
+
+/// Archives one WAL file: checks it, encodes it, uploads it and verifies the upload.
+pub async fn archive_push(cfg: &Config, path: &Path) -> anyhow::Result<PushReport> {
+    let started = Instant::now();
+    let file_name = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .ok_or_else(|| anyhow!("{}: no file name", path.display()))?;
+    let name: WalFileName = file_name.parse()?;
+    let len = std::fs::metadata(path)
+        .with_context(|| format!("cannot read {}", path.display()))?
+        .len();
+    let is_segment = matches!(name.kind, WalFileKind::Segment | WalFileKind::Partial);
+    if !is_segment && len > MAX_SMALL_FILE {
+        bail!(
+            "{}: {len} bytes is too large for a {} file",
+            path.display(),
+            kind_word(&name)
+        );
+    }
+    let data = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+
+    let local = match cfg.system_identifier {
+        Some(id) => Some((id, PathBuf::from("the system_identifier setting"))),
+        None => local_system_identifier(cfg)?,
+    };
+    let (system_identifier, header) = if is_segment {
+        let header = walheader::check_segment(&name, &data, local.as_ref().map(|(id, _)| *id))?;
+        (header.system_identifier, Some(header))
+    } else {
+        let (id, _) = local.ok_or_else(|| {
+            anyhow!(
+                "{name}: cannot tell which cluster this {} file belongs to: run in the data directory \
+                 (as archive_command does), set PGDATA, or set system_identifier",
+                kind_word(&name)
+            )
+        })?;
+        (id, None)
+    };
+
+    let repo = Repo::open(cfg, true)?;
+    let cluster = ClusterLayout::new(system_identifier);
+    repo.ensure_cluster(&cluster, &cluster_info(system_identifier, header.as_ref()))
+        .await?;
+    let outcome = repo.put_new(&cluster.wal(&name), &data, cfg.codec).await?;
+    let ms = started.elapsed().as_millis();
+    match outcome {
+        PutOutcome::Stored { stored_len } | PutOutcome::Repaired { stored_len } => tracing::info!(
+            wal = %name,
+            system_identifier,
+            bytes = data.len(),
+            stored = stored_len,
+            codec = cfg.codec.name(),
+            ms,
+            repaired = matches!(outcome, PutOutcome::Repaired { .. }),
+            "archived"
+        ),
+        PutOutcome::AlreadyPresent => {
+            tracing::info!(wal = %name, system_identifier, ms, "already archived with identical content")
+        }
+    }
+    Ok(PushReport {
+        name,
+        system_identifier,
+        outcome,
+    })
+}
+
+fn cluster_info(system_identifier: u64, header: Option<&SegmentHeader>) -> ClusterInfo {
+    ClusterInfo {
+        system_identifier: system_identifier.to_string(),
+        wal_segment_size: header.map(|h| h.seg_size.bytes()),
+        pg_major: header.map(|h| h.pg_major),
+    }
+}
+
+fn kind_word(name: &WalFileName) -> &'static str {
+    match name.kind {
+        WalFileKind::Segment => "WAL segment",
+        WalFileKind::Partial => "partial WAL segment",
+        WalFileKind::History => "timeline history",
+        WalFileKind::Backup { .. } => "backup history",
+    }
+}
+
+/// Why `wal-fetch` did not deliver a file. Only [`FetchError::NotInArchive`] may tell Postgres "no
+/// such file" (exit 1); everything else must stop recovery (exit 126) rather than end it early.
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    #[error("{0} is not in the archive")]
+    NotInArchive(String),
+    #[error(transparent)]
+    Failed(#[from] anyhow::Error),
+}
+
+impl From<StorageError> for FetchError {
+    fn from(e: StorageError) -> Self {
+        FetchError::Failed(e.into())
+    }
+}
+
+/// What `wal-fetch` delivered.
+#[derive(Debug)]
+pub struct FetchReport {
+    pub name: WalFileName,
+    pub bytes: usize,
+}
+
+/// Downloads one WAL file, verifies it (object checksum; for segments also the page header against
+/// the name and the cluster) and writes it to `dest` atomically.
+pub async fn wal_fetch(cfg: &Config, name: &str, dest: &Path) -> Result<FetchReport, FetchError> {
+    let started = Instant::now();
+    let name: WalFileName = name.parse().map_err(anyhow::Error::from)?;
+    let repo = Repo::open(cfg, false)?;
+    // A missing marker or cluster means misconfiguration (wrong URL, wrong cluster), never "this WAL
+    // file does not exist": answering 1 there would end recovery early and silently.
+    repo.check_format().await?;
+    let system_identifier = fetch_system_identifier(cfg, &repo).await?;
+    let cluster = ClusterLayout::new(system_identifier);
+    if !repo.exists(&cluster.info()).await? {
+        return Err(anyhow!(
+            "storage {} holds no archive for the cluster with system identifier {system_identifier}",
+            repo.url()
+        )
+        .into());
+    }
+    let data = match repo.get(&cluster.wal(&name)).await {
+        Ok(d) => d,
+        Err(StorageError::NotFound { .. }) => {
+            return Err(FetchError::NotInArchive(name.to_string()));
+        }
+        Err(e) => return Err(e.into()),
+    };
+    if matches!(name.kind, WalFileKind::Segment | WalFileKind::Partial) {
+        walheader::check_segment(&name, &data, Some(system_identifier))
+            .map_err(anyhow::Error::from)?;
+    }
+    fsutil::write_atomic(dest, &data)
+        .with_context(|| format!("writing {}", dest.display()))
+        .map_err(FetchError::Failed)?;
+    tracing::info!(wal = %name, bytes = data.len(), ms = started.elapsed().as_millis(), dest = %dest.display(), "fetched");
+    Ok(FetchReport {
+        name,
+        bytes: data.len(),
+    })
+}
+
+/// The cluster to fetch for: the setting, else the data directory's control file, else the only
+/// cluster in storage.
+async fn fetch_system_identifier(cfg: &Config, repo: &Repo) -> anyhow::Result<u64> {
+    if let Some(id) = cfg.system_identifier {
+        return Ok(id);
+    }
+    if let Some((id, _)) = local_system_identifier(cfg)? {
+        return Ok(id);
+    }
+    match repo.clusters().await?.as_slice() {
+        [only] => Ok(*only),
+        [] => bail!("storage {} holds no cluster's archive", repo.url()),
+        many => bail!(
+            "storage {} holds the archives of {} clusters ({}): set system_identifier or run in the data directory",
+            repo.url(),
+            many.len(),
+            many.iter()
+                .map(u64::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    }
+}

@@ -1,0 +1,2 @@
+//! WAL archiving: `archive_command` and `restore_command` today; the streamer and spool later.
+pub mod archive;
