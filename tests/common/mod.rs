@@ -1,0 +1,557 @@
+//! Test harness: real PostgreSQL 15 clusters and a real S3-compatible server (s3s-fs), on loopback,
+//! in temporary directories, stopped and removed when dropped.
+//!
+//! Postgres refuses to run as root, and tests usually run as root here: clusters then run as the
+//! `postgres` user (`runuser -u postgres --`) in folders it owns, and the `pgkeep` binary is copied
+//! into the test folder so that `archive_command`/`restore_command` (run as `postgres`) can reach it.
+#![allow(dead_code)]
+
+use std::net::{TcpListener, TcpStream};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// Where the Postgres 15 server binaries are (override with PGKEEP_TEST_PG_BIN).
+pub fn pg_bin(program: &str) -> PathBuf {
+    let dir =
+        std::env::var("PGKEEP_TEST_PG_BIN").unwrap_or_else(|_| "/usr/lib/postgresql/15/bin".into());
+    PathBuf::from(dir).join(program)
+}
+
+pub fn is_root() -> bool {
+    std::fs::metadata("/proc/self")
+        .map(|m| m.uid() == 0)
+        .unwrap_or(false)
+}
+
+/// uid and gid of the `postgres` user.
+fn postgres_ids() -> (u32, u32) {
+    let passwd = std::fs::read_to_string("/etc/passwd").expect("read /etc/passwd");
+    for line in passwd.lines() {
+        let f: Vec<&str> = line.split(':').collect();
+        if f.first() == Some(&"postgres") && f.len() > 3 {
+            return (f[2].parse().unwrap(), f[3].parse().unwrap());
+        }
+    }
+    panic!("there is no postgres user on this machine; the Postgres server package creates it")
+}
+
+/// Gives `path` to the user Postgres runs as (a no-op when not root).
+pub fn give_to_postgres(path: &Path) {
+    if !is_root() {
+        return;
+    }
+    let (uid, gid) = postgres_ids();
+    let status = Command::new("chown")
+        .arg("-R")
+        .arg(format!("{uid}:{gid}"))
+        .arg(path)
+        .status()
+        .unwrap();
+    assert!(status.success(), "chown {}", path.display());
+}
+
+/// A command run as the `postgres` user when we are root, with exactly the extra environment given.
+pub fn as_postgres(program: impl AsRef<std::ffi::OsStr>, env: &[(String, String)]) -> Command {
+    if is_root() {
+        let mut c = Command::new("runuser");
+        c.args(["-u", "postgres", "--", "env"]);
+        for (k, v) in env {
+            c.arg(format!("{k}={v}"));
+        }
+        c.arg(program);
+        c
+    } else {
+        let mut c = Command::new(program);
+        c.envs(env.iter().map(|(k, v)| (k, v)));
+        c
+    }
+}
+
+/// Runs a command, panicking with its output if it fails.
+pub fn run_ok(cmd: &mut Command) -> String {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed ({}):\nstdout: {}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A loopback port nobody listens on right now.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Polls `check` until it returns Some, or panics after `timeout` with `what`.
+pub fn wait_for<T>(what: &str, timeout: Duration, mut check: impl FnMut() -> Option<T>) -> T {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = check() {
+            return v;
+        }
+        assert!(
+            start.elapsed() < timeout,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A temporary folder under /tmp that the postgres user can use; removed on drop
+/// (kept when PGKEEP_TEST_KEEP is set, for debugging).
+pub struct TestDir {
+    dir: Option<tempfile::TempDir>,
+    path: PathBuf,
+}
+
+impl TestDir {
+    pub fn new(label: &str) -> TestDir {
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("pgkeep-{label}-"))
+            .tempdir_in("/tmp")
+            .unwrap();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        give_to_postgres(dir.path());
+        let path = dir.path().to_path_buf();
+        TestDir {
+            dir: Some(dir),
+            path,
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// A subfolder owned by the postgres user.
+    pub fn mkdir(&self, name: &str) -> PathBuf {
+        let p = self.path.join(name);
+        std::fs::create_dir_all(&p).unwrap();
+        give_to_postgres(&p);
+        p
+    }
+
+    /// Copies the pgkeep binary under test here, where the postgres user can run it.
+    pub fn install_pgkeep(&self) -> PathBuf {
+        let dest = self.path.join("pgkeep");
+        std::fs::copy(env!("CARGO_BIN_EXE_pgkeep"), &dest).unwrap();
+        std::fs::set_permissions(&dest, std::fs::Permissions::from_mode(0o755)).unwrap();
+        dest
+    }
+}
+
+impl Drop for TestDir {
+    fn drop(&mut self) {
+        if std::env::var_os("PGKEEP_TEST_KEEP").is_some()
+            && let Some(d) = self.dir.take()
+        {
+            eprintln!("keeping {}", d.keep().display());
+        }
+    }
+}
+
+/// A real PostgreSQL cluster, stopped (immediately) on drop.
+pub struct PgCluster {
+    pub data: PathBuf,
+    pub port: u16,
+    sockdir: PathBuf,
+    logfile: PathBuf,
+    /// Extra environment for the postmaster (and so for archive_command/restore_command).
+    env: Vec<(String, String)>,
+    running: bool,
+}
+
+impl PgCluster {
+    /// `initdb` a new cluster in `root/name` with the given WAL segment size (MB).
+    pub fn init(
+        root: &Path,
+        name: &str,
+        wal_segsize_mb: u32,
+        env: &[(String, String)],
+    ) -> PgCluster {
+        let data = root.join(name);
+        run_ok(
+            as_postgres(pg_bin("initdb"), &[])
+                .arg("-D")
+                .arg(&data)
+                .args([
+                    "-A",
+                    "trust",
+                    "-U",
+                    "postgres",
+                    "--no-sync",
+                    "-E",
+                    "UTF8",
+                    "--locale=C",
+                ])
+                .arg(format!("--wal-segsize={wal_segsize_mb}")),
+        );
+        PgCluster::adopt(root, data, env)
+    }
+
+    /// Takes over an existing data directory (a base backup or a restore), giving it a fresh port.
+    pub fn adopt(root: &Path, data: PathBuf, env: &[(String, String)]) -> PgCluster {
+        give_to_postgres(&data);
+        std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o700)).unwrap();
+        let name = data.file_name().unwrap().to_string_lossy().into_owned();
+        let sockdir = root.join(format!("{name}.sock"));
+        std::fs::create_dir_all(&sockdir).unwrap();
+        give_to_postgres(&sockdir);
+        let cluster = PgCluster {
+            port: free_port(),
+            logfile: root.join(format!("{name}.log")),
+            sockdir,
+            data,
+            env: env.to_vec(),
+            running: false,
+        };
+        cluster.set(&[
+            ("port", &cluster.port.to_string()),
+            ("listen_addresses", "'127.0.0.1'"),
+            (
+                "unix_socket_directories",
+                &format!("'{}'", cluster.sockdir.display()),
+            ),
+            ("fsync", "off"),
+            ("log_line_prefix", "'%m [%p] '"),
+        ]);
+        cluster
+    }
+
+    /// Appends settings to postgresql.conf (later lines win).
+    pub fn set(&self, settings: &[(&str, &str)]) {
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(self.data.join("postgresql.conf"))
+            .unwrap();
+        for (k, v) in settings {
+            writeln!(f, "{k} = {v}").unwrap();
+        }
+    }
+
+    pub fn start(&mut self) {
+        let out = as_postgres(pg_bin("pg_ctl"), &self.env)
+            .arg("-D")
+            .arg(&self.data)
+            .arg("-l")
+            .arg(&self.logfile)
+            .args(["-w", "-t", "120", "start"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .unwrap();
+        self.running = true;
+        assert!(
+            out.success(),
+            "pg_ctl start failed; server log:\n{}",
+            self.log()
+        );
+    }
+
+    /// Stops with the given mode (`fast`, `immediate`, `smart`).
+    pub fn stop(&mut self, mode: &str) {
+        if !self.running {
+            return;
+        }
+        let out = as_postgres(pg_bin("pg_ctl"), &[])
+            .arg("-D")
+            .arg(&self.data)
+            .args(["-w", "-t", "120", "-m", mode, "stop"])
+            .output()
+            .unwrap();
+        self.running = false;
+        assert!(
+            out.status.success(),
+            "pg_ctl stop failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// Runs SQL through psql (over TCP, as the superuser); returns trimmed unaligned output.
+    pub fn psql(&self, sql: &str) -> String {
+        let out = self.try_psql(sql);
+        assert!(
+            out.status.success(),
+            "psql failed on {sql:?}: {}\nserver log:\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            self.log()
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+
+    pub fn try_psql(&self, sql: &str) -> Output {
+        Command::new("psql")
+            .args([
+                "-X",
+                "-A",
+                "-t",
+                "-q",
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-h",
+                "127.0.0.1",
+                "-U",
+                "postgres",
+            ])
+            .args(["-p", &self.port.to_string(), "-d", "postgres", "-c", sql])
+            .env("PGCONNECT_TIMEOUT", "10")
+            .output()
+            .unwrap()
+    }
+
+    /// The server log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.logfile).unwrap_or_default()
+    }
+
+    /// Switches to a new WAL segment and waits until the segment it closed is archived.
+    /// Returns that segment's name.
+    pub fn switch_and_wait_archived(&self) -> String {
+        let seg = self.psql("select pg_walfile_name(pg_switch_wal())");
+        self.wait_archived(&seg);
+        seg
+    }
+
+    /// Waits until the archiver has archived `segment` (or a later one).
+    pub fn wait_archived(&self, segment: &str) {
+        wait_for(
+            &format!("{segment} to be archived"),
+            Duration::from_secs(120),
+            || {
+                let last =
+                    self.psql("select coalesce(last_archived_wal, '') from pg_stat_archiver");
+                // Names of one timeline sort in WAL order.
+                (last.len() >= 24 && last[..24] >= *segment).then_some(())
+            },
+        );
+    }
+
+    /// A checksum of every row of `table`, in primary-key order, and the row count.
+    pub fn table_checksum(&self, table: &str) -> String {
+        self.psql(&format!("select count(*) || ' ' || md5(coalesce(string_agg(x::text, '|' order by x.id), '')) from {table} x"))
+    }
+}
+
+impl Drop for PgCluster {
+    fn drop(&mut self) {
+        if self.running {
+            let _ = as_postgres(pg_bin("pg_ctl"), &[])
+                .arg("-D")
+                .arg(&self.data)
+                .args(["-w", "-t", "60", "-m", "immediate", "stop"])
+                .output();
+        }
+    }
+}
+
+/// The s3s-fs binary: on PATH, in ~/.cargo/bin, or PGKEEP_TEST_S3S_FS. `scripts/test.sh` installs it.
+fn s3s_fs_binary() -> PathBuf {
+    if let Ok(p) = std::env::var("PGKEEP_TEST_S3S_FS") {
+        return PathBuf::from(p);
+    }
+    let mut candidates: Vec<PathBuf> = std::env::var_os("PATH")
+        .map(|p| {
+            std::env::split_paths(&p)
+                .map(|d| d.join("s3s-fs"))
+                .collect()
+        })
+        .unwrap_or_default();
+    if let Some(home) = std::env::var_os("HOME") {
+        candidates.push(PathBuf::from(home).join(".cargo/bin/s3s-fs"));
+    }
+    candidates
+        .into_iter()
+        .find(|p| p.is_file())
+        .expect("s3s-fs is not installed: run scripts/test.sh, which installs it (cargo install s3s-fs@0.14.1 --features binary --locked)")
+}
+
+/// A real S3-compatible server (s3s-fs, which checks request signatures) on loopback with one bucket.
+pub struct S3Server {
+    child: Child,
+    pub port: u16,
+    /// The folder s3s-fs serves; bucket `b` is the folder `dir/b`.
+    pub dir: PathBuf,
+    pub bucket: String,
+    access_key: String,
+    secret_key: String,
+}
+
+impl S3Server {
+    pub fn start(root: &Path) -> S3Server {
+        let dir = root.join("s3");
+        let bucket = "pgkeep-test".to_string();
+        std::fs::create_dir_all(dir.join(&bucket)).unwrap();
+        let (access_key, secret_key) = (
+            "pgkeeptest".to_string(),
+            "pgkeep-test-secret-key".to_string(),
+        );
+        for _ in 0..5 {
+            let port = free_port();
+            let mut child = Command::new(s3s_fs_binary())
+                .args(["--host", "127.0.0.1", "--port", &port.to_string()])
+                .args(["--access-key", &access_key, "--secret-key", &secret_key])
+                .arg(&dir)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("start s3s-fs");
+            let start = Instant::now();
+            while start.elapsed() < Duration::from_secs(10) {
+                if let Ok(Some(_)) = child.try_wait() {
+                    break; // port taken, most likely: try another
+                }
+                if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                    return S3Server {
+                        child,
+                        port,
+                        dir,
+                        bucket,
+                        access_key,
+                        secret_key,
+                    };
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        panic!("s3s-fs did not start");
+    }
+
+    /// The standard AWS variables object_store reads.
+    pub fn env(&self) -> Vec<(String, String)> {
+        [
+            ("AWS_ACCESS_KEY_ID", self.access_key.clone()),
+            ("AWS_SECRET_ACCESS_KEY", self.secret_key.clone()),
+            ("AWS_ENDPOINT", format!("http://127.0.0.1:{}", self.port)),
+            ("AWS_ALLOW_HTTP", "true".into()),
+            ("AWS_REGION", "us-east-1".into()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect()
+    }
+}
+
+impl Drop for S3Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Which storage backend a test runs against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    File,
+    S3,
+}
+
+/// A storage location for one test, with the config file and environment pgkeep needs to use it.
+pub struct Storage {
+    pub backend: Backend,
+    pub url: String,
+    /// Environment for pgkeep (credentials, endpoint).
+    pub env: Vec<(String, String)>,
+    /// The config file naming this storage.
+    pub config: PathBuf,
+    /// Where the objects land on this machine's disk (both backends are file-backed here).
+    pub objects_dir: PathBuf,
+    pub s3: Option<S3Server>,
+}
+
+impl Storage {
+    pub fn new(backend: Backend, dir: &TestDir) -> Storage {
+        let (url, env, objects_dir, s3) = match backend {
+            Backend::File => {
+                let root = dir.mkdir("archive");
+                (format!("file://{}", root.display()), vec![], root, None)
+            }
+            Backend::S3 => {
+                let s3 = S3Server::start(dir.path());
+                let prefix = "prod/db1";
+                let url = format!("s3://{}/{prefix}", s3.bucket);
+                let objects = s3.dir.join(&s3.bucket).join(prefix);
+                (url, s3.env(), objects, Some(s3))
+            }
+        };
+        let config = dir.path().join("pgkeep.toml");
+        std::fs::write(&config, format!("storage = \"{url}\"\n")).unwrap();
+        Storage {
+            backend,
+            url,
+            env,
+            config,
+            objects_dir,
+            s3,
+        }
+    }
+
+    /// The file on disk that holds the object `key` (relative to the storage URL).
+    pub fn object_file(&self, key: &str) -> PathBuf {
+        self.objects_dir.join(key)
+    }
+
+    /// Runs `bin --config <config> args...` as the current user with this storage's environment.
+    pub fn pgkeep(&self, bin: &Path, args: &[&str]) -> Output {
+        self.pgkeep_in(bin, args, None, &[])
+    }
+
+    /// As [`Storage::pgkeep`], in `cwd` and with extra environment.
+    pub fn pgkeep_in(
+        &self,
+        bin: &Path,
+        args: &[&str],
+        cwd: Option<&Path>,
+        extra: &[(&str, &str)],
+    ) -> Output {
+        let mut c = Command::new(bin);
+        c.arg("--config").arg(&self.config).args(args);
+        c.env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default());
+        c.envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+        c.envs(extra.iter().copied());
+        if let Some(d) = cwd {
+            c.current_dir(d);
+        }
+        c.output().unwrap()
+    }
+}
+
+/// Lists the object keys (relative to the storage URL) of files under the objects folder.
+pub fn stored_keys(storage: &Storage) -> Vec<String> {
+    fn walk(base: &Path, dir: &Path, out: &mut Vec<String>) {
+        let Ok(rd) = std::fs::read_dir(dir) else {
+            return;
+        };
+        for e in rd.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                walk(base, &p, out);
+            } else {
+                out.push(p.strip_prefix(base).unwrap().to_string_lossy().into_owned());
+            }
+        }
+    }
+    let mut out = vec![];
+    walk(&storage.objects_dir, &storage.objects_dir, &mut out);
+    out.sort();
+    out
+}
+
+pub fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
