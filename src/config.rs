@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::codec::Codec;
+use crate::pg::conninfo::PgConnInfo;
 
 /// A bad setting: which key, from where, and what is wrong.
 #[derive(Debug, thiserror::Error)]
@@ -38,6 +39,10 @@ const KEYS: &[(&str, Kind)] = &[
     ("verify_uploads", Kind::Bool),
     ("log_format", Kind::Str),
     ("log_level", Kind::Str),
+    ("pg", Kind::Str),
+    ("backup_chunk_size_mb", Kind::Int),
+    ("parallelism", Kind::Int),
+    ("backup_wal_timeout_secs", Kind::Int),
 ];
 
 /// Environment variables with the `PGKEEP_` prefix that are not settings.
@@ -184,6 +189,17 @@ pub struct Config {
     pub log_level: String,
     /// The config file this came from, if any (passed on to commands pgkeep writes for Postgres).
     pub file: Option<PathBuf>,
+    /// How to reach Postgres (`pg` setting, then libpq's variables, then libpq's defaults).
+    pub pg: PgConnInfo,
+    /// Size of the pieces a base backup's archives are cut into (each compressed and uploaded alone).
+    pub backup_chunk_bytes: usize,
+    /// How many chunks are compressed and uploaded (or downloaded and decoded) at once.
+    pub parallelism: usize,
+    /// How long `backup` waits for the WAL its backup needs to reach storage.
+    pub backup_wal_timeout: Duration,
+    /// The `PGKEEP_*` variables this configuration was built from (restore passes them on to the
+    /// restore_command it writes).
+    pub env_settings: Vec<(String, String)>,
 }
 
 /// A raw value and where it came from.
@@ -198,6 +214,7 @@ impl Config {
         file: Option<&Path>,
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Config, ConfigError> {
+        let env: Vec<(String, String)> = env.into_iter().collect();
         let mut raw: BTreeMap<&'static str, Raw> = BTreeMap::new();
         let known = || KEYS.iter().map(|(k, _)| *k).collect::<Vec<_>>().join(", ");
 
@@ -229,7 +246,8 @@ impl Config {
         }
 
         let mut pgdata_env = None;
-        for (name, value) in env {
+        let mut env_settings = vec![];
+        for (name, value) in env.iter().cloned() {
             if name == "PGDATA" {
                 pgdata_env = Some(value);
                 continue;
@@ -248,6 +266,7 @@ impl Config {
                 });
             };
             let origin = format!("{name} (environment)");
+            env_settings.push((name.clone(), value.clone()));
             let value = match kind {
                 Kind::Str => toml::Value::String(value),
                 Kind::Int => value
@@ -271,8 +290,10 @@ impl Config {
             };
             raw.insert(k, Raw { value, origin });
         }
+        // Postgres exports PGDATA as given to `pg_ctl -D`, possibly relative to a directory we cannot
+        // know; a relative one is ignored (archive_command and restore_command run in PGDATA anyway).
         if !raw.contains_key("pgdata")
-            && let Some(p) = pgdata_env.filter(|p| !p.is_empty())
+            && let Some(p) = pgdata_env.filter(|p| p.starts_with('/'))
         {
             raw.insert(
                 "pgdata",
@@ -282,12 +303,15 @@ impl Config {
                 },
             );
         }
-        Self::from_raw(raw, file)
+        let lookup = |k: &str| env.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
+        Self::from_raw(raw, file, lookup, env_settings)
     }
 
     fn from_raw(
         raw: BTreeMap<&'static str, Raw>,
         file: Option<&Path>,
+        lookup: impl Fn(&str) -> Option<String>,
+        env_settings: Vec<(String, String)>,
     ) -> Result<Config, ConfigError> {
         let get = |key: &str| -> Result<Option<(&toml::Value, &str)>, ConfigError> {
             let Some(r) = raw.get(key) else {
@@ -413,7 +437,26 @@ impl Config {
                 s
             }
         };
+        let pg = match string("pg")? {
+            None => PgConnInfo::resolve(None, &lookup)
+                .map_err(|m| bad("PGHOST/PGPORT/PGUSER (environment)", m))?,
+            Some((s, o)) => PgConnInfo::resolve(Some(&s), &lookup).map_err(|m| bad(&o, m))?,
+        };
+        let cores = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(2);
+        let parallelism = match int("parallelism", 0..=256, 0)? {
+            0 => cores,
+            n => n as usize,
+        };
         Ok(Config {
+            pg,
+            backup_chunk_bytes: (int("backup_chunk_size_mb", 1..=1024, 16)? as usize) << 20,
+            parallelism,
+            backup_wal_timeout: Duration::from_secs(
+                int("backup_wal_timeout_secs", 1..=86400, 300)? as u64,
+            ),
+            env_settings,
             storage,
             codec,
             system_identifier,
@@ -528,6 +571,13 @@ mod tests {
                 "{key} undocumented"
             );
         }
+    }
+
+    #[test]
+    fn a_relative_pgdata_from_postgres_is_ignored() {
+        // Postgres exports PGDATA exactly as `pg_ctl -D primary` was given.
+        let c = Config::load(None, env(&[("PGDATA", "primary")])).unwrap();
+        assert_eq!(c.pgdata, None);
     }
 
     #[test]

@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use pgkeep::config::{Config, LogFormat};
 use pgkeep::wal::archive::{self, FetchError};
+use pgkeep::{backup, list, restore};
 
 /// What `wal-fetch` returns when the file is not in the archive: Postgres ends archive recovery.
 const EXIT_NOT_IN_ARCHIVE: u8 = 1;
@@ -39,6 +40,17 @@ enum LogFormatArg {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Take one base backup now (over the replication protocol) and wait until it is in storage.
+    Backup,
+    /// List the base backups, newest first, and the recoverable window.
+    List {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Restore a base backup into an empty data directory and write the recovery settings
+    /// (the init container). Leaves a directory that already holds a cluster alone.
+    Restore(RestoreArgs),
     /// Archive one WAL file (for archive_command = 'pgkeep archive-push %p').
     ArchivePush {
         /// The file to archive (%p).
@@ -52,6 +64,104 @@ enum Command {
         /// Where to write it (%p).
         dest: PathBuf,
     },
+}
+
+#[derive(clap::Args)]
+#[command(group(clap::ArgGroup::new("target").args(["target_time", "target_lsn", "target_xid", "target_name"])))]
+struct RestoreArgs {
+    /// The data directory to restore into (default: PGDATA).
+    #[arg(long, value_name = "DIR")]
+    target_dir: Option<PathBuf>,
+    /// The backup to restore: an id from `pgkeep list`, or `latest`.
+    #[arg(long, value_name = "ID|latest", default_value = "latest")]
+    backup: String,
+    /// Recover up to this time (with a time zone); chooses the newest backup that ended before it.
+    #[arg(long, value_name = "TIME")]
+    target_time: Option<String>,
+    /// Recover up to this LSN; chooses the newest backup that ended before it.
+    #[arg(long, value_name = "LSN")]
+    target_lsn: Option<String>,
+    /// Recover up to this transaction id (uses the latest backup unless --backup says otherwise).
+    #[arg(long, value_name = "XID")]
+    target_xid: Option<String>,
+    /// Recover up to this named restore point (uses the latest backup unless --backup says otherwise).
+    #[arg(long, value_name = "NAME")]
+    target_name: Option<String>,
+    /// What the server does at the target.
+    #[arg(long, value_enum, default_value = "promote", requires = "target")]
+    target_action: TargetActionArg,
+    /// Start as a standby (standby.signal) that keeps fetching WAL, instead of recovering and promoting.
+    #[arg(long, conflicts_with = "target")]
+    standby: bool,
+    /// Replace whatever the directory holds (never needed on an empty or interrupted one).
+    #[arg(long)]
+    overwrite: bool,
+    /// Fail (instead of exiting 0) when storage holds no backup.
+    #[arg(long)]
+    require_backup: bool,
+    /// Restore a tablespace at another place: OLD=NEW (repeatable).
+    #[arg(long, value_name = "OLD=NEW")]
+    tablespace_map: Vec<String>,
+    /// The pgkeep executable restore_command should run (default: this one).
+    #[arg(long, value_name = "PATH")]
+    pgkeep_path: Option<PathBuf>,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum TargetActionArg {
+    Promote,
+    Pause,
+    Shutdown,
+}
+
+fn restore_options(args: RestoreArgs, cfg: &Config) -> anyhow::Result<restore::RestoreOptions> {
+    use anyhow::{Context, anyhow};
+    use restore::{BackupChoice, RecoveryTarget, TargetAction};
+    let target_dir = args
+        .target_dir
+        .or_else(|| cfg.pgdata.clone())
+        .ok_or_else(|| anyhow!("no target directory: give --target-dir or set PGDATA"))?;
+    let backup = match args.backup.as_str() {
+        "latest" => BackupChoice::Latest,
+        id => BackupChoice::Id(id.parse().map_err(|e: String| anyhow!("--backup: {e}"))?),
+    };
+    let target = if let Some(t) = &args.target_time {
+        Some(RecoveryTarget::parse_time(t)?)
+    } else if let Some(l) = &args.target_lsn {
+        Some(RecoveryTarget::Lsn(l.parse().context("--target-lsn")?))
+    } else if let Some(x) = &args.target_xid {
+        Some(RecoveryTarget::parse_xid(x)?)
+    } else {
+        args.target_name.clone().map(RecoveryTarget::Name)
+    };
+    let tablespace_map = args
+        .tablespace_map
+        .iter()
+        .map(|m| {
+            let (old, new) = m
+                .split_once('=')
+                .filter(|(o, n)| o.starts_with('/') && n.starts_with('/'))
+                .ok_or_else(|| {
+                    anyhow!("--tablespace-map {m:?}: expected OLD=NEW with two absolute paths")
+                })?;
+            Ok((PathBuf::from(old), PathBuf::from(new)))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    Ok(restore::RestoreOptions {
+        target_dir,
+        backup,
+        target,
+        target_action: match args.target_action {
+            TargetActionArg::Promote => TargetAction::Promote,
+            TargetActionArg::Pause => TargetAction::Pause,
+            TargetActionArg::Shutdown => TargetAction::Shutdown,
+        },
+        standby: args.standby,
+        overwrite: args.overwrite,
+        require_backup: args.require_backup,
+        tablespace_map,
+        pgkeep_path: args.pgkeep_path,
+    })
 }
 
 fn main() -> ExitCode {
@@ -98,6 +208,46 @@ fn main() -> ExitCode {
     };
     runtime.block_on(async {
         match cli.command {
+            Command::Backup => match backup::take_backup(&cfg).await {
+                Ok(meta) => {
+                    println!("{}", meta.id);
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    tracing::error!("backup failed: {e:#}");
+                    ExitCode::from(1)
+                }
+            },
+            Command::List { json } => match list::inventory(&cfg).await {
+                Ok(inv) if json => {
+                    println!(
+                        "{}",
+                        serde_json::to_string_pretty(&inv).expect("serialisable")
+                    );
+                    ExitCode::SUCCESS
+                }
+                Ok(inv) => {
+                    print!("{}", list::render(&inv));
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    tracing::error!("list failed: {e:#}");
+                    ExitCode::from(1)
+                }
+            },
+            Command::Restore(args) => {
+                let result = match restore_options(args, &cfg) {
+                    Ok(opts) => restore::restore(&cfg, &opts).await,
+                    Err(e) => Err(e),
+                };
+                match result {
+                    Ok(_) => ExitCode::SUCCESS,
+                    Err(e) => {
+                        tracing::error!("restore failed: {e:#}");
+                        ExitCode::from(1)
+                    }
+                }
+            }
             Command::ArchivePush { path } => match archive::archive_push(&cfg, &path).await {
                 Ok(_) => ExitCode::SUCCESS,
                 Err(e) => {

@@ -4,3 +4,5 @@ pub mod lsn;
 pub mod walheader;
 
 pub use lsn::{Lsn, ParseError, SegmentNo, TimelineId, WalFileKind, WalFileName, WalSegSize};
+pub mod conninfo;
+pub mod replication;

@@ -5,6 +5,9 @@
 //! pgkeep.json                                  format marker: {"format": "pgkeep", "layout_version": 1}
 //! clusters/<system identifier>/cluster.json    which cluster this is (system identifier, segment size)
 //! clusters/<system identifier>/wal/<TLI>/<WAL file name>
+//! clusters/<system identifier>/basebackups/<backup id>/backup.json       written last: the backup exists
+//! clusters/<system identifier>/basebackups/<backup id>/backup_manifest
+//! clusters/<system identifier>/basebackups/<backup id>/data/<archive>/<chunk number, 6 digits>
 //! ```
 //!
 //! Every cluster lives under its own system identifier, so two clusters never mix.
@@ -59,6 +62,124 @@ impl ClusterLayout {
     }
 }
 
+impl ClusterLayout {
+    pub fn backups_dir(&self) -> Path {
+        self.root().join("basebackups")
+    }
+
+    pub fn backup_dir(&self, id: &BackupId) -> Path {
+        self.backups_dir().join(id.as_str())
+    }
+
+    /// The metadata object whose presence makes a backup exist.
+    pub fn backup_meta(&self, id: &BackupId) -> Path {
+        self.backup_dir(id).join("backup.json")
+    }
+
+    pub fn backup_manifest(&self, id: &BackupId) -> Path {
+        self.backup_dir(id).join("backup_manifest")
+    }
+
+    /// Chunk `seq` of the tar archive `archive` (`base.tar`, or `<tablespace oid>.tar`).
+    pub fn backup_chunk(&self, id: &BackupId, archive: &ArchiveName, seq: usize) -> Path {
+        self.backup_dir(id)
+            .join("data")
+            .join(archive.stem())
+            .join(format!("{seq:06}"))
+    }
+}
+
+/// A backup's id: the UTC time it started, `YYYYMMDDTHHMMSSZ`, so ids sort by age.
+#[derive(
+    Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
+#[serde(try_from = "String", into = "String")]
+pub struct BackupId(String);
+
+impl BackupId {
+    pub fn from_time(t: chrono::DateTime<chrono::Utc>) -> BackupId {
+        BackupId(t.format("%Y%m%dT%H%M%SZ").to_string())
+    }
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::str::FromStr for BackupId {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        chrono::NaiveDateTime::parse_from_str(s, "%Y%m%dT%H%M%SZ")
+            .ok()
+            .filter(|_| s.len() == 16)
+            .map(|_| BackupId(s.to_string()))
+            .ok_or_else(|| {
+                format!(
+                    "{:?} is not a backup id (like 20261121T234512Z)",
+                    s.chars().take(40).collect::<String>()
+                )
+            })
+    }
+}
+
+impl TryFrom<String> for BackupId {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        s.parse()
+    }
+}
+
+impl From<BackupId> for String {
+    fn from(id: BackupId) -> String {
+        id.0
+    }
+}
+
+impl std::fmt::Display for BackupId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// The name of one of a base backup's tar archives, as the server sends it: `base.tar` for the data
+/// directory, `<oid>.tar` for a tablespace. Anything else is refused before it becomes a key.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct ArchiveName(String);
+
+impl ArchiveName {
+    pub fn stem(&self) -> &str {
+        self.0.strip_suffix(".tar").expect("validated")
+    }
+    /// The tablespace's OID, or None for the data directory's archive.
+    pub fn tablespace_oid(&self) -> Option<u32> {
+        self.stem().parse().ok()
+    }
+}
+
+impl TryFrom<String> for ArchiveName {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        let ok = match s.strip_suffix(".tar") {
+            Some("base") => true,
+            Some(oid) => {
+                !oid.is_empty() && oid.len() <= 10 && oid.bytes().all(|b| b.is_ascii_digit())
+            }
+            None => false,
+        };
+        if ok {
+            Ok(ArchiveName(s))
+        } else {
+            Err(format!("unexpected archive name {s:?} in a base backup"))
+        }
+    }
+}
+
+impl From<ArchiveName> for String {
+    fn from(a: ArchiveName) -> String {
+        a.0
+    }
+}
+
 /// The system identifier of a cluster folder's name, if it is one.
 pub fn parse_cluster_dir(name: &str) -> Option<u64> {
     (!name.is_empty() && name.bytes().all(|b| b.is_ascii_digit()) && !name.starts_with('0'))
@@ -88,6 +209,47 @@ mod tests {
             "clusters/7312345678901234567/wal/00000002/00000002.history"
         );
         assert_eq!(format_marker().as_ref(), "pgkeep.json");
+    }
+
+    #[test]
+    fn backup_keys() {
+        let c = ClusterLayout::new(42);
+        let id: BackupId = "20261121T234512Z".parse().unwrap();
+        let base = ArchiveName::try_from("base.tar".to_string()).unwrap();
+        let ts = ArchiveName::try_from("16385.tar".to_string()).unwrap();
+        assert_eq!(
+            c.backup_meta(&id).as_ref(),
+            "clusters/42/basebackups/20261121T234512Z/backup.json"
+        );
+        assert_eq!(
+            c.backup_chunk(&id, &base, 3).as_ref(),
+            "clusters/42/basebackups/20261121T234512Z/data/base/000003"
+        );
+        assert_eq!(
+            c.backup_chunk(&id, &ts, 0).as_ref(),
+            "clusters/42/basebackups/20261121T234512Z/data/16385/000000"
+        );
+        assert_eq!(ts.tablespace_oid(), Some(16385));
+        assert_eq!(base.tablespace_oid(), None);
+        for bad in [
+            "../x.tar",
+            "base",
+            "pg_wal.tar",
+            ".tar",
+            "12a.tar",
+            "base.tar/x",
+        ] {
+            assert!(ArchiveName::try_from(bad.to_string()).is_err(), "{bad}");
+        }
+        for bad in [
+            "",
+            "2026",
+            "20261321T000000Z",
+            "20261121T234512Z/..",
+            "x0261121T234512Z",
+        ] {
+            assert!(bad.parse::<BackupId>().is_err(), "{bad}");
+        }
     }
 
     #[test]

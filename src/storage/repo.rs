@@ -274,6 +274,12 @@ impl Repo {
         codec: Codec,
     ) -> Result<u64, StorageError> {
         let (_, stored) = object::seal(codec, plain);
+        self.put_sealed(key, stored).await
+    }
+
+    /// Stores an object already built by [`object::seal`], replacing whatever is there; verified
+    /// and durable on return. Returns the stored size.
+    pub async fn put_sealed(&self, key: &Path, stored: Vec<u8>) -> Result<u64, StorageError> {
         let stored_len = stored.len() as u64;
         let sent_sha: [u8; 32] = Sha256::digest(&stored).into();
         self.store
@@ -305,7 +311,10 @@ impl Repo {
     /// The verified plain content of `key`.
     pub async fn get(&self, key: &Path) -> Result<Vec<u8>, StorageError> {
         let stored = self.fetch_raw(key).await?;
-        object::open(&stored)
+        // Decoding and hashing are CPU work: keep them off the async threads.
+        tokio::task::spawn_blocking(move || object::open(&stored))
+            .await
+            .expect("decoding does not panic")
             .map(|(_, plain)| plain)
             .map_err(|reason| StorageError::Corrupt {
                 key: key.to_string(),
@@ -332,6 +341,29 @@ impl Repo {
             Err(object_store::Error::NotFound { .. }) => Ok(false),
             Err(e) => Err(StorageError::backend(key, "look-up", e)),
         }
+    }
+
+    /// Deletes `key`; deleting a missing object is not an error.
+    pub async fn delete(&self, key: &Path) -> Result<(), StorageError> {
+        match self.store.delete(key).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(StorageError::backend(key, "delete", e)),
+        }
+    }
+
+    /// Every object below `dir` with its size and modification time, sorted by key.
+    pub async fn list_meta(
+        &self,
+        dir: &Path,
+    ) -> Result<Vec<object_store::ObjectMeta>, StorageError> {
+        let mut metas: Vec<object_store::ObjectMeta> = self
+            .store
+            .list(Some(dir))
+            .try_collect()
+            .await
+            .map_err(|e| StorageError::backend(dir, "listing", e))?;
+        metas.sort_by(|a, b| a.location.cmp(&b.location));
+        Ok(metas)
     }
 
     /// The names of the folders directly below `dir`.

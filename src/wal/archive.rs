@@ -1,28 +1,20 @@
 //! `archive-push` (for `archive_command`) and `wal-fetch` (for `restore_command`).
 
 use std::path::{Path, PathBuf};
+
 use std::time::Instant;
 
 use anyhow::{Context, anyhow, bail};
 
+use crate::cluster::{self, local_system_identifier};
 use crate::config::Config;
 use crate::fsutil;
 use crate::pg::walheader::{self, SegmentHeader};
-use crate::pg::{WalFileKind, WalFileName, control};
+use crate::pg::{WalFileKind, WalFileName};
 use crate::storage::{ClusterInfo, ClusterLayout, PutOutcome, Repo, StorageError};
 
 /// Largest history or backup-label file accepted: real ones are a few hundred bytes.
 const MAX_SMALL_FILE: u64 = 16 << 20;
-
-/// The data directory whose `global/pg_control` identifies the cluster: the configured one, or the
-/// current directory, where Postgres runs `archive_command` and `restore_command`.
-fn local_system_identifier(cfg: &Config) -> anyhow::Result<Option<(u64, PathBuf)>> {
-    let dir = match &cfg.pgdata {
-        Some(p) => p.clone(),
-        None => std::env::current_dir().context("reading the current directory")?,
-    };
-    Ok(control::system_identifier(&dir)?.map(|id| (id, dir)))
-}
 
 /// What `archive-push` did.
 #[derive(Debug)]
@@ -148,7 +140,7 @@ pub async fn wal_fetch(cfg: &Config, name: &str, dest: &Path) -> Result<FetchRep
     // A missing marker or cluster means misconfiguration (wrong URL, wrong cluster), never "this WAL
     // file does not exist": answering 1 there would end recovery early and silently.
     repo.check_format().await?;
-    let system_identifier = fetch_system_identifier(cfg, &repo).await?;
+    let system_identifier = cluster::resolve_system_identifier(cfg, &repo).await?;
     let cluster = ClusterLayout::new(system_identifier);
     if !repo.exists(&cluster.info()).await? {
         return Err(anyhow!(
@@ -176,28 +168,4 @@ pub async fn wal_fetch(cfg: &Config, name: &str, dest: &Path) -> Result<FetchRep
         name,
         bytes: data.len(),
     })
-}
-
-/// The cluster to fetch for: the setting, else the data directory's control file, else the only
-/// cluster in storage.
-async fn fetch_system_identifier(cfg: &Config, repo: &Repo) -> anyhow::Result<u64> {
-    if let Some(id) = cfg.system_identifier {
-        return Ok(id);
-    }
-    if let Some((id, _)) = local_system_identifier(cfg)? {
-        return Ok(id);
-    }
-    match repo.clusters().await?.as_slice() {
-        [only] => Ok(*only),
-        [] => bail!("storage {} holds no cluster's archive", repo.url()),
-        many => bail!(
-            "storage {} holds the archives of {} clusters ({}): set system_identifier or run in the data directory",
-            repo.url(),
-            many.len(),
-            many.iter()
-                .map(u64::to_string)
-                .collect::<Vec<_>>()
-                .join(", ")
-        ),
-    }
 }

@@ -1,0 +1,469 @@
+//! A small client of Postgres' replication protocol: startup with `replication=true`,
+//! authentication (trust, cleartext, md5, SCRAM-SHA-256), simple queries, and CopyOut/CopyBoth
+//! streams. Upstream tokio-postgres cannot open a replication connection, so this frames messages
+//! itself and leaves the message codecs to `postgres-protocol` (whose parser does not know the
+//! CopyBothResponse tag 'W', handled here).
+
+use std::collections::HashMap;
+use std::pin::Pin;
+
+use bytes::{Buf, Bytes, BytesMut};
+use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
+use postgres_protocol::message::backend::Message;
+use postgres_protocol::message::frontend;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use super::conninfo::{PgConnInfo, PgHost};
+
+/// Largest message accepted from the server (CopyData of a base backup is far smaller).
+const MAX_MESSAGE: usize = 256 << 20;
+
+/// A failure talking to Postgres.
+#[derive(Debug, thiserror::Error)]
+pub enum PgError {
+    #[error("cannot connect to Postgres at {target}: {source}")]
+    Connect {
+        target: String,
+        source: std::io::Error,
+    },
+    #[error("Postgres connection failed: {0}")]
+    Io(#[from] std::io::Error),
+    /// An ErrorResponse, with Postgres' own message and SQLSTATE code.
+    #[error("Postgres said: {severity} {code}: {message}{}", detail.as_deref().map(|d| format!(" ({d})")).unwrap_or_default())]
+    Server {
+        severity: String,
+        code: String,
+        message: String,
+        detail: Option<String>,
+    },
+    #[error("authentication failed: {0}")]
+    Auth(String),
+    #[error("protocol error: {0}")]
+    Protocol(String),
+}
+
+impl PgError {
+    fn protocol(msg: impl Into<String>) -> PgError {
+        PgError::Protocol(msg.into())
+    }
+}
+
+trait Io: AsyncRead + AsyncWrite + Send + Unpin {}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin> Io for T {}
+
+/// One result set of a simple query, as text.
+#[derive(Debug, Default, Clone)]
+pub struct ResultSet {
+    pub columns: Vec<String>,
+    pub rows: Vec<Vec<Option<String>>>,
+}
+
+impl ResultSet {
+    /// The value of `column` in the first row.
+    pub fn first(&self, column: &str) -> Option<&str> {
+        let i = self.columns.iter().position(|c| c == column)?;
+        self.rows.first()?.get(i)?.as_deref()
+    }
+}
+
+/// What the server sends while a query runs.
+#[derive(Debug)]
+pub enum Event {
+    /// A complete result set (RowDescription, DataRows, CommandComplete).
+    Rows(ResultSet),
+    /// A CopyOut or CopyBoth stream starts; read it with [`ReplConnection::next_copy_data`].
+    CopyStart { both: bool },
+    /// The query finished (ReadyForQuery).
+    Done,
+}
+
+/// A replication connection (`replication=true`).
+pub struct ReplConnection {
+    io: Pin<Box<dyn Io>>,
+    rbuf: BytesMut,
+    wbuf: BytesMut,
+    /// ParameterStatus values the server reported (server_version, ...).
+    pub params: HashMap<String, String>,
+}
+
+/// The answer to IDENTIFY_SYSTEM.
+#[derive(Debug, Clone)]
+pub struct SystemInfo {
+    pub system_identifier: u64,
+    pub timeline: u32,
+    pub xlogpos: super::Lsn,
+}
+
+enum Incoming {
+    Message(Message),
+    CopyBothResponse,
+}
+
+impl ReplConnection {
+    /// Connects and authenticates as a physical replication client.
+    pub async fn connect(info: &PgConnInfo) -> Result<ReplConnection, PgError> {
+        let target = info.to_string();
+        let connect = async {
+            let io: Pin<Box<dyn Io>> = match &info.host {
+                PgHost::Tcp(h) => {
+                    let s = tokio::net::TcpStream::connect((h.as_str(), info.port)).await?;
+                    s.set_nodelay(true)?;
+                    Box::pin(s)
+                }
+                PgHost::Unix(dir) => Box::pin(
+                    tokio::net::UnixStream::connect(dir.join(format!(".s.PGSQL.{}", info.port)))
+                        .await?,
+                ),
+            };
+            Ok::<_, std::io::Error>(io)
+        };
+        let io = match tokio::time::timeout(info.connect_timeout, connect).await {
+            Ok(Ok(io)) => io,
+            Ok(Err(source)) => return Err(PgError::Connect { target, source }),
+            Err(_) => {
+                return Err(PgError::Connect {
+                    target,
+                    source: std::io::Error::new(std::io::ErrorKind::TimedOut, "timed out"),
+                });
+            }
+        };
+        let mut conn = ReplConnection {
+            io,
+            rbuf: BytesMut::with_capacity(64 << 10),
+            wbuf: BytesMut::new(),
+            params: HashMap::new(),
+        };
+        frontend::startup_message(
+            [
+                ("user", info.user.as_str()),
+                ("database", info.dbname.as_str()),
+                ("replication", "true"),
+                ("application_name", "pgkeep"),
+            ],
+            &mut conn.wbuf,
+        )?;
+        conn.flush().await?;
+        conn.authenticate(info).await?;
+        loop {
+            match conn.read().await? {
+                Incoming::Message(Message::ReadyForQuery(_)) => return Ok(conn),
+                Incoming::Message(Message::ParameterStatus(p)) => {
+                    conn.params
+                        .insert(p.name()?.to_string(), p.value()?.to_string());
+                }
+                Incoming::Message(Message::BackendKeyData(_) | Message::NoticeResponse(_)) => {}
+                Incoming::Message(Message::ErrorResponse(e)) => return Err(server_error(e)),
+                _ => return Err(PgError::protocol("unexpected message during startup")),
+            }
+        }
+    }
+
+    async fn authenticate(&mut self, info: &PgConnInfo) -> Result<(), PgError> {
+        let password = || {
+            info.password.as_deref().ok_or_else(|| {
+                PgError::Auth(format!(
+                    "the server asks user {:?} for a password: set PGPASSWORD or a password in the pg setting",
+                    info.user
+                ))
+            })
+        };
+        let mut scram: Option<ScramSha256> = None;
+        loop {
+            match self.read().await? {
+                Incoming::Message(Message::AuthenticationOk) => return Ok(()),
+                Incoming::Message(Message::AuthenticationCleartextPassword) => {
+                    frontend::password_message(password()?.as_bytes(), &mut self.wbuf)?;
+                }
+                Incoming::Message(Message::AuthenticationMd5Password(body)) => {
+                    let hash = postgres_protocol::authentication::md5_hash(
+                        info.user.as_bytes(),
+                        password()?.as_bytes(),
+                        body.salt(),
+                    );
+                    frontend::password_message(hash.as_bytes(), &mut self.wbuf)?;
+                }
+                Incoming::Message(Message::AuthenticationSasl(body)) => {
+                    let mut mechs = body.mechanisms();
+                    let mut found = false;
+                    while let Some(m) = fallible_iterator::FallibleIterator::next(&mut mechs)? {
+                        found |= m == "SCRAM-SHA-256";
+                    }
+                    if !found {
+                        return Err(PgError::Auth(
+                            "the server offers no SASL mechanism pgkeep supports".into(),
+                        ));
+                    }
+                    let s = ScramSha256::new(password()?.as_bytes(), ChannelBinding::unsupported());
+                    frontend::sasl_initial_response("SCRAM-SHA-256", s.message(), &mut self.wbuf)?;
+                    scram = Some(s);
+                }
+                Incoming::Message(Message::AuthenticationSaslContinue(body)) => {
+                    let s = scram
+                        .as_mut()
+                        .ok_or_else(|| PgError::protocol("SASL continue before start"))?;
+                    s.update(body.data())
+                        .map_err(|e| PgError::Auth(e.to_string()))?;
+                    frontend::sasl_response(s.message(), &mut self.wbuf)?;
+                }
+                Incoming::Message(Message::AuthenticationSaslFinal(body)) => {
+                    let s = scram
+                        .as_mut()
+                        .ok_or_else(|| PgError::protocol("SASL final before start"))?;
+                    s.finish(body.data())
+                        .map_err(|e| PgError::Auth(e.to_string()))?;
+                    continue;
+                }
+                Incoming::Message(Message::ErrorResponse(e)) => return Err(server_error(e)),
+                Incoming::Message(_) => {
+                    return Err(PgError::Auth(
+                        "the server asks for an authentication method pgkeep does not support"
+                            .into(),
+                    ));
+                }
+                Incoming::CopyBothResponse => {
+                    return Err(PgError::protocol("CopyBoth during authentication"));
+                }
+            }
+            self.flush().await?;
+        }
+    }
+
+    /// Sends a simple query; read what follows with [`ReplConnection::next_event`].
+    pub async fn send_query(&mut self, sql: &str) -> Result<(), PgError> {
+        frontend::query(sql, &mut self.wbuf)?;
+        self.flush().await
+    }
+
+    /// The next result set, copy start or end of the query. An ErrorResponse is read through to
+    /// ReadyForQuery and returned as [`PgError::Server`].
+    pub async fn next_event(&mut self) -> Result<Event, PgError> {
+        let mut set: Option<ResultSet> = None;
+        loop {
+            match self.read().await? {
+                Incoming::CopyBothResponse => return Ok(Event::CopyStart { both: true }),
+                Incoming::Message(m) => match m {
+                    Message::RowDescription(body) => {
+                        let mut cols = vec![];
+                        let mut fields = body.fields();
+                        while let Some(f) = fallible_iterator::FallibleIterator::next(&mut fields)?
+                        {
+                            cols.push(f.name().to_string());
+                        }
+                        set = Some(ResultSet {
+                            columns: cols,
+                            rows: vec![],
+                        });
+                    }
+                    Message::DataRow(body) => {
+                        let s = set
+                            .as_mut()
+                            .ok_or_else(|| PgError::protocol("DataRow without RowDescription"))?;
+                        let buf = body.buffer();
+                        let mut row = vec![];
+                        let mut ranges = body.ranges();
+                        while let Some(r) = fallible_iterator::FallibleIterator::next(&mut ranges)?
+                        {
+                            row.push(r.map(|r| String::from_utf8_lossy(&buf[r]).into_owned()));
+                        }
+                        s.rows.push(row);
+                    }
+                    Message::CommandComplete(_) => {
+                        if let Some(s) = set.take() {
+                            return Ok(Event::Rows(s));
+                        }
+                    }
+                    Message::CopyOutResponse(_) => return Ok(Event::CopyStart { both: false }),
+                    Message::ReadyForQuery(_) => return Ok(Event::Done),
+                    Message::ErrorResponse(e) => {
+                        let err = server_error(e);
+                        // Drain to ReadyForQuery so the connection stays usable.
+                        loop {
+                            if let Incoming::Message(Message::ReadyForQuery(_)) =
+                                self.read().await?
+                            {
+                                break;
+                            }
+                        }
+                        return Err(err);
+                    }
+                    Message::ParameterStatus(p) => {
+                        self.params
+                            .insert(p.name()?.to_string(), p.value()?.to_string());
+                    }
+                    Message::NoticeResponse(_) | Message::EmptyQueryResponse => {}
+                    _ => return Err(PgError::protocol("unexpected message in query response")),
+                },
+            }
+        }
+    }
+
+    /// The next CopyData payload of a copy stream, or `None` at CopyDone.
+    pub async fn next_copy_data(&mut self) -> Result<Option<Bytes>, PgError> {
+        loop {
+            match self.read().await? {
+                Incoming::Message(Message::CopyData(d)) => return Ok(Some(d.into_bytes())),
+                Incoming::Message(Message::CopyDone) => return Ok(None),
+                Incoming::Message(Message::NoticeResponse(_)) => {}
+                Incoming::Message(Message::ParameterStatus(p)) => {
+                    self.params
+                        .insert(p.name()?.to_string(), p.value()?.to_string());
+                }
+                Incoming::Message(Message::ErrorResponse(e)) => {
+                    let err = server_error(e);
+                    loop {
+                        if let Incoming::Message(Message::ReadyForQuery(_)) = self.read().await? {
+                            break;
+                        }
+                    }
+                    return Err(err);
+                }
+                _ => return Err(PgError::protocol("unexpected message in a copy stream")),
+            }
+        }
+    }
+
+    /// Sends one CopyData message (CopyBoth streams: standby status updates).
+    pub async fn send_copy_data(&mut self, data: &[u8]) -> Result<(), PgError> {
+        frontend::CopyData::new(data)?.write(&mut self.wbuf);
+        self.flush().await
+    }
+
+    /// Ends our side of a CopyBoth stream.
+    pub async fn send_copy_done(&mut self) -> Result<(), PgError> {
+        frontend::copy_done(&mut self.wbuf);
+        self.flush().await
+    }
+
+    /// Runs a query whose answer is result sets only, and returns them.
+    pub async fn simple_query(&mut self, sql: &str) -> Result<Vec<ResultSet>, PgError> {
+        self.send_query(sql).await?;
+        let mut sets = vec![];
+        loop {
+            match self.next_event().await? {
+                Event::Rows(s) => sets.push(s),
+                Event::Done => return Ok(sets),
+                Event::CopyStart { .. } => {
+                    return Err(PgError::protocol(format!("{sql} started a copy stream")));
+                }
+            }
+        }
+    }
+
+    pub async fn identify_system(&mut self) -> Result<SystemInfo, PgError> {
+        let sets = self.simple_query("IDENTIFY_SYSTEM").await?;
+        let set = sets
+            .first()
+            .ok_or_else(|| PgError::protocol("IDENTIFY_SYSTEM returned nothing"))?;
+        let get = |c: &str| {
+            set.first(c)
+                .ok_or_else(|| PgError::protocol(format!("IDENTIFY_SYSTEM lacks {c}")))
+        };
+        Ok(SystemInfo {
+            system_identifier: get("systemid")?
+                .parse()
+                .map_err(|_| PgError::protocol("bad systemid"))?,
+            timeline: get("timeline")?
+                .parse()
+                .map_err(|_| PgError::protocol("bad timeline"))?,
+            xlogpos: get("xlogpos")?
+                .parse()
+                .map_err(|_| PgError::protocol("bad xlogpos"))?,
+        })
+    }
+
+    /// The value of a setting (`SHOW name`), as the server prints it.
+    pub async fn show(&mut self, name: &str) -> Result<String, PgError> {
+        let sets = self.simple_query(&format!("SHOW {name}")).await?;
+        sets.first()
+            .and_then(|s| s.rows.first())
+            .and_then(|r| r.first().cloned().flatten())
+            .ok_or_else(|| PgError::protocol(format!("SHOW {name} returned nothing")))
+    }
+
+    async fn flush(&mut self) -> Result<(), PgError> {
+        self.io.write_all(&self.wbuf).await?;
+        self.wbuf.clear();
+        self.io.flush().await?;
+        Ok(())
+    }
+
+    async fn read(&mut self) -> Result<Incoming, PgError> {
+        loop {
+            if self.rbuf.len() >= 5 {
+                let tag = self.rbuf[0];
+                let len = i32::from_be_bytes(self.rbuf[1..5].try_into().unwrap());
+                if len < 4 || len as usize > MAX_MESSAGE {
+                    return Err(PgError::protocol(format!("message length {len}")));
+                }
+                let total = 1 + len as usize;
+                if self.rbuf.len() >= total {
+                    if tag == b'W' {
+                        self.rbuf.advance(total);
+                        return Ok(Incoming::CopyBothResponse);
+                    }
+                    return match Message::parse(&mut self.rbuf)? {
+                        Some(m) => Ok(Incoming::Message(m)),
+                        None => Err(PgError::protocol("incomplete message")),
+                    };
+                }
+                self.rbuf.reserve(total - self.rbuf.len());
+            }
+            if self.io.read_buf(&mut self.rbuf).await? == 0 {
+                return Err(PgError::Io(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "the server closed the connection",
+                )));
+            }
+        }
+    }
+}
+
+fn server_error(body: postgres_protocol::message::backend::ErrorResponseBody) -> PgError {
+    let (mut severity, mut code, mut message, mut detail) =
+        (String::new(), String::new(), String::new(), None);
+    let mut fields = body.fields();
+    while let Ok(Some(f)) = fallible_iterator::FallibleIterator::next(&mut fields) {
+        let v = String::from_utf8_lossy(f.value_bytes()).into_owned();
+        match f.type_() {
+            b'S' => severity = v,
+            b'C' => code = v,
+            b'M' => message = v,
+            b'D' => detail = Some(v),
+            _ => {}
+        }
+    }
+    PgError::Server {
+        severity,
+        code,
+        message,
+        detail,
+    }
+}
+
+/// Parses a size as Postgres prints it (`16MB`, `1GB`, `8kB`) into bytes.
+pub fn parse_pg_size(s: &str) -> Option<u64> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (n, unit) = s.split_at(split);
+    let n: u64 = n.parse().ok()?;
+    let mult = match unit.trim() {
+        "" | "B" => 1,
+        "kB" => 1 << 10,
+        "MB" => 1 << 20,
+        "GB" => 1 << 30,
+        "TB" => 1 << 40,
+        _ => return None,
+    };
+    n.checked_mul(mult)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn pg_sizes() {
+        assert_eq!(super::parse_pg_size("16MB"), Some(16 << 20));
+        assert_eq!(super::parse_pg_size("1GB"), Some(1 << 30));
+        assert_eq!(super::parse_pg_size("8kB"), Some(8192));
+        assert_eq!(super::parse_pg_size("12 parsecs"), None);
+    }
+}

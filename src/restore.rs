@@ -1,0 +1,679 @@
+//! `pgkeep restore`, the init container: chooses a base backup, downloads, verifies and unpacks it in
+//! parallel into an empty data directory, and writes the recovery settings. Safe to run on every pod
+//! start: a directory that already holds a cluster is left alone, and an interrupted restore (its
+//! marker is written first and removed last) is redone.
+
+use std::io::Read;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{Context, anyhow, bail};
+use chrono::{DateTime, FixedOffset, Utc};
+use futures::StreamExt;
+
+use crate::backup::{self, ArchiveMeta, BackupMeta};
+use crate::cluster;
+use crate::config::{Config, StorageUrl};
+use crate::fsutil;
+use crate::pg::walheader;
+use crate::pg::{Lsn, WalFileName};
+use crate::progress::{Progress, human_bytes};
+use crate::storage::layout::BackupId;
+use crate::storage::{ClusterLayout, Repo, StorageError};
+
+/// Written into the target directory before anything else and removed after everything else.
+pub const MARKER: &str = ".pgkeep-restore-in-progress";
+
+/// Which backup to restore.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BackupChoice {
+    Latest,
+    Id(BackupId),
+}
+
+/// Where recovery stops.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RecoveryTarget {
+    Time {
+        at: DateTime<FixedOffset>,
+        text: String,
+    },
+    Lsn(Lsn),
+    Xid(String),
+    Name(String),
+}
+
+impl RecoveryTarget {
+    /// Parses a recovery target time. A time zone is required: without one Postgres would read it in
+    /// the server's zone, which pgkeep cannot know when it chooses the backup.
+    pub fn parse_time(text: &str) -> anyhow::Result<RecoveryTarget> {
+        let t = text.trim();
+        let at = DateTime::parse_from_rfc3339(t)
+            .or_else(|_| DateTime::parse_from_str(t, "%Y-%m-%d %H:%M:%S%.f%#z"))
+            .or_else(|_| DateTime::parse_from_str(t, "%Y-%m-%d %H:%M:%S%.f %#z"))
+            .map_err(|_| {
+                anyhow!("--target-time {t:?}: expected a time with a time zone, like 2026-11-21 23:45:00+00 or 2026-11-21T23:45:00Z")
+            })?;
+        Ok(RecoveryTarget::Time {
+            at,
+            text: t.to_string(),
+        })
+    }
+
+    pub fn parse_xid(text: &str) -> anyhow::Result<RecoveryTarget> {
+        text.trim()
+            .parse::<u64>()
+            .map(|x| RecoveryTarget::Xid(x.to_string()))
+            .map_err(|_| {
+                anyhow!("--target-xid {text:?}: expected a transaction id (a whole number)")
+            })
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TargetAction {
+    Promote,
+    Pause,
+    Shutdown,
+}
+
+#[derive(Debug, Clone)]
+pub struct RestoreOptions {
+    pub target_dir: PathBuf,
+    pub backup: BackupChoice,
+    pub target: Option<RecoveryTarget>,
+    pub target_action: TargetAction,
+    pub standby: bool,
+    pub overwrite: bool,
+    pub require_backup: bool,
+    /// Tablespace locations to move: (old, new).
+    pub tablespace_map: Vec<(PathBuf, PathBuf)>,
+    /// The pgkeep that restore_command runs (default: this executable).
+    pub pgkeep_path: Option<PathBuf>,
+}
+
+#[derive(Debug)]
+pub enum RestoreOutcome {
+    /// The directory already holds a cluster; nothing was done.
+    AlreadyACluster,
+    /// Storage holds no backup; nothing was done.
+    NoBackup,
+    Restored(Box<BackupMeta>),
+}
+
+/// What the target directory holds before we start.
+enum TargetState {
+    Empty,
+    Interrupted,
+    Cluster,
+    Other,
+}
+
+fn inspect(dir: &Path) -> anyhow::Result<TargetState> {
+    if dir.join(MARKER).exists() {
+        return Ok(TargetState::Interrupted);
+    }
+    if dir.join("PG_VERSION").exists() {
+        return Ok(TargetState::Cluster);
+    }
+    let mut entries =
+        std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))?;
+    // A fresh volume often holds lost+found, which is not ours to judge.
+    if entries.any(|e| e.map(|e| e.file_name() != "lost+found").unwrap_or(true)) {
+        return Ok(TargetState::Other);
+    }
+    Ok(TargetState::Empty)
+}
+
+/// Restores a backup into `opts.target_dir`.
+pub async fn restore(cfg: &Config, opts: &RestoreOptions) -> anyhow::Result<RestoreOutcome> {
+    let dir = &opts.target_dir;
+    if !dir.is_absolute() {
+        bail!(
+            "the target directory {} must be an absolute path",
+            dir.display()
+        );
+    }
+    if !dir.exists() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let state = inspect(dir)?;
+    match state {
+        TargetState::Cluster if !opts.overwrite => {
+            tracing::info!(dir = %dir.display(), "the target directory already holds a cluster (PG_VERSION); leaving it alone");
+            return Ok(RestoreOutcome::AlreadyACluster);
+        }
+        TargetState::Cluster | TargetState::Other
+            if opts.overwrite && dir.join("postmaster.pid").exists() =>
+        {
+            bail!(
+                "{} has a postmaster.pid: a server may be running there; stop it (or remove the stale file) before --overwrite",
+                dir.display()
+            )
+        }
+        TargetState::Other if !opts.overwrite => bail!(
+            "{} is not empty and holds no cluster: refusing to write into it (--overwrite replaces its contents)",
+            dir.display()
+        ),
+        TargetState::Interrupted => {
+            tracing::warn!(dir = %dir.display(), "an earlier restore into this directory was interrupted; redoing it")
+        }
+        _ => {}
+    }
+
+    let repo = match (Repo::open(cfg, false), &cfg.storage) {
+        (Ok(r), _) => Some(r),
+        // A file:// archive that was never written holds no backup.
+        (Err(StorageError::Setup { .. }), StorageUrl::File { root }) if !root.exists() => None,
+        (Err(e), _) => return Err(e.into()),
+    };
+    let chosen = match repo {
+        Some(repo) => choose_backup(cfg, &repo, opts)
+            .await?
+            .map(|(m, c)| (repo, m, c)),
+        None => None,
+    };
+    let Some((repo, meta, cluster)) = chosen else {
+        if opts.require_backup {
+            bail!(
+                "storage {} holds no base backup to restore (--require-backup)",
+                cfg.storage
+            );
+        }
+        tracing::info!(storage = %cfg.storage, "storage holds no base backup: nothing to restore; Postgres may initialise a new cluster");
+        return Ok(RestoreOutcome::NoBackup);
+    };
+    let missing = backup::missing_wal(&repo, &cluster, &meta.required_wal()).await?;
+    if !missing.is_empty() {
+        bail!(
+            "backup {} cannot be restored: the WAL it needs is not in storage (missing {})",
+            meta.id,
+            missing
+                .iter()
+                .map(|n| n.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+
+    let started = Instant::now();
+    // The marker goes first: from here on, an interruption is detected and the restore redone.
+    fsutil::write_atomic(&dir.join(MARKER), meta.id.as_str().as_bytes())
+        .context("writing the restore marker")?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+        .with_context(|| format!("setting the permissions of {}", dir.display()))?;
+    if !matches!(state, TargetState::Empty) {
+        clear_dir(dir, &[MARKER, "lost+found"])?;
+    }
+    let map = Arc::new(opts.tablespace_map.clone());
+    let total: u64 = meta.archives.iter().map(|a| a.plain_bytes).sum();
+    let mut progress = Progress::new("restore", Some(total));
+    let mut tablespace_dirs = vec![];
+    for archive in &meta.archives {
+        let dest = match &archive.location {
+            None => dir.clone(),
+            Some(loc) => {
+                let dest = map_location(&map, Path::new(loc));
+                prepare_tablespace_dir(&dest, &state, opts.overwrite)?;
+                tablespace_dirs.push(dest.clone());
+                dest
+            }
+        };
+        unpack_archive(
+            &repo,
+            &cluster,
+            &meta,
+            archive,
+            dest,
+            map.clone(),
+            cfg.parallelism,
+            &mut progress,
+        )
+        .await?;
+    }
+    let took = progress.finish();
+
+    // The manifest, so pg_verifybackup can check the result.
+    let manifest = repo.get(&cluster.backup_manifest(&meta.id)).await?;
+    if hex::encode(
+        crate::storage::object::Header::for_content(crate::codec::Codec::None, &manifest)
+            .plain_sha256,
+    ) != meta.manifest_sha256
+    {
+        bail!(
+            "{}: does not match the checksum recorded in the backup's metadata",
+            cluster.backup_manifest(&meta.id)
+        );
+    }
+    fsutil::write_atomic(&dir.join("backup_manifest"), &manifest)?;
+    // The WAL from the backup's start to its end, so the directory is consistent by itself.
+    let pg_wal = dir.join("pg_wal");
+    std::fs::create_dir_all(&pg_wal)?;
+    for name in meta.required_wal() {
+        fetch_segment(
+            &repo,
+            &cluster,
+            &meta,
+            &name,
+            &pg_wal.join(name.to_string()),
+        )
+        .await?;
+    }
+    write_recovery_settings(cfg, opts, &meta, dir)?;
+    for d in std::iter::once(dir).chain(tablespace_dirs.iter()) {
+        syncfs(d)?;
+    }
+    std::fs::remove_file(dir.join(MARKER)).context("removing the restore marker")?;
+    std::fs::File::open(dir)?.sync_all()?;
+    tracing::info!(
+        backup = %meta.id,
+        dir = %dir.display(),
+        size = %human_bytes(total),
+        seconds = took.as_secs_f64(),
+        mb_per_s = total as f64 / 1048576.0 / took.as_secs_f64().max(0.001),
+        total_seconds = started.elapsed().as_secs_f64(),
+        "restored; start Postgres to recover"
+    );
+    Ok(RestoreOutcome::Restored(Box::new(meta)))
+}
+
+/// Finds the backup to restore; None when storage holds none.
+async fn choose_backup(
+    cfg: &Config,
+    repo: &Repo,
+    opts: &RestoreOptions,
+) -> anyhow::Result<Option<(BackupMeta, ClusterLayout)>> {
+    match repo.check_format().await {
+        Ok(()) => {}
+        Err(StorageError::Setup { .. })
+            if !repo
+                .exists(&crate::storage::layout::format_marker())
+                .await? =>
+        {
+            return Ok(None);
+        }
+        Err(e) => return Err(e.into()),
+    }
+    let system_identifier = match cfg.system_identifier {
+        Some(id) => id,
+        None => match repo.clusters().await?.len() {
+            0 => return Ok(None),
+            _ => cluster::resolve_from_storage(repo).await?,
+        },
+    };
+    let cluster = ClusterLayout::new(system_identifier);
+    let backups = backup::list_backups(repo, &cluster).await?;
+    if backups.is_empty() {
+        return Ok(None);
+    }
+    let chosen = match (&opts.backup, &opts.target) {
+        (BackupChoice::Id(id), _) => backups.iter().find(|b| b.id == *id).ok_or_else(|| {
+            anyhow!(
+                "there is no backup {id}; the backups are: {}",
+                backups
+                    .iter()
+                    .map(|b| b.id.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        })?,
+        (BackupChoice::Latest, None) => &backups[0],
+        (BackupChoice::Latest, Some(RecoveryTarget::Time { at, text })) => backups
+            .iter()
+            .find(|b| b.end_time <= at.with_timezone(&Utc))
+            .ok_or_else(|| {
+                anyhow!(
+                    "no backup ended before {text}; the oldest ended at {}",
+                    backups.last().unwrap().end_time
+                )
+            })?,
+        (BackupChoice::Latest, Some(RecoveryTarget::Lsn(l))) => {
+            backups.iter().find(|b| b.end() <= *l).ok_or_else(|| {
+                anyhow!(
+                    "no backup ended before LSN {l}; the oldest ended at {}",
+                    backups.last().unwrap().end_lsn
+                )
+            })?
+        }
+        (BackupChoice::Latest, Some(t)) => {
+            tracing::info!(
+                "the backups' metadata cannot tell which of them precede {t:?}: using the latest; \
+                 if recovery cannot reach the target, choose an older one with --backup"
+            );
+            &backups[0]
+        }
+    };
+    tracing::info!(backup = %chosen.id, end_lsn = %chosen.end_lsn, end_time = %chosen.end_time, "chosen backup");
+    Ok(Some((chosen.clone(), cluster)))
+}
+
+fn map_location(map: &[(PathBuf, PathBuf)], loc: &Path) -> PathBuf {
+    map.iter()
+        .find(|(old, _)| old == loc)
+        .map(|(_, new)| new.clone())
+        .unwrap_or_else(|| loc.to_path_buf())
+}
+
+fn prepare_tablespace_dir(dest: &Path, state: &TargetState, overwrite: bool) -> anyhow::Result<()> {
+    if !dest.exists() {
+        std::fs::create_dir_all(dest)
+            .with_context(|| format!("creating the tablespace directory {}", dest.display()))?;
+    } else if std::fs::read_dir(dest)?.next().is_some() {
+        if matches!(state, TargetState::Interrupted) || overwrite {
+            clear_dir(dest, &[])?;
+        } else {
+            bail!(
+                "the tablespace directory {} is not empty: refusing to write into it (move it with --tablespace-map OLD=NEW, or --overwrite)",
+                dest.display()
+            );
+        }
+    }
+    std::fs::set_permissions(dest, std::fs::Permissions::from_mode(0o700))?;
+    Ok(())
+}
+
+/// Removes everything in `dir` except the names in `keep`.
+fn clear_dir(dir: &Path, keep: &[&str]) -> anyhow::Result<()> {
+    for e in std::fs::read_dir(dir)? {
+        let e = e?;
+        if keep.iter().any(|k| e.file_name() == *k) {
+            continue;
+        }
+        let p = e.path();
+        let ft = e.file_type()?;
+        if ft.is_dir() {
+            std::fs::remove_dir_all(&p)
+        } else {
+            std::fs::remove_file(&p)
+        }
+        .with_context(|| format!("removing {}", p.display()))?;
+    }
+    Ok(())
+}
+
+/// Feeds decoded chunks, in order, to the blocking tar reader.
+struct ChunkReader {
+    rx: tokio::sync::mpsc::Receiver<Vec<u8>>,
+    cur: Vec<u8>,
+    pos: usize,
+}
+
+impl Read for ChunkReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        while self.pos == self.cur.len() {
+            match self.rx.blocking_recv() {
+                Some(next) => {
+                    self.cur = next;
+                    self.pos = 0;
+                }
+                None => return Ok(0),
+            }
+        }
+        let n = buf.len().min(self.cur.len() - self.pos);
+        buf[..n].copy_from_slice(&self.cur[self.pos..self.pos + n]);
+        self.pos += n;
+        Ok(n)
+    }
+}
+
+/// Downloads and verifies `archive`'s chunks, `parallelism` at a time, and unpacks them in order.
+#[allow(clippy::too_many_arguments)]
+async fn unpack_archive(
+    repo: &Repo,
+    cluster: &ClusterLayout,
+    meta: &BackupMeta,
+    archive: &ArchiveMeta,
+    dest: PathBuf,
+    map: Arc<Vec<(PathBuf, PathBuf)>>,
+    parallelism: usize,
+    progress: &mut Progress,
+) -> anyhow::Result<()> {
+    let (tx, rx) = tokio::sync::mpsc::channel::<Vec<u8>>(1);
+    let is_base = archive.name.tablespace_oid().is_none();
+    let extractor = tokio::task::spawn_blocking(move || {
+        extract(
+            ChunkReader {
+                rx,
+                cur: vec![],
+                pos: 0,
+            },
+            &dest,
+            is_base,
+            &map,
+        )
+    });
+    let fetches = archive.chunks.iter().enumerate().map(|(seq, chunk)| {
+        let key = cluster.backup_chunk(&meta.id, &archive.name, seq);
+        let repo = repo.clone();
+        async move {
+            let data = repo.get(&key).await?;
+            if data.len() as u64 != chunk.plain_len
+                || hex::encode(
+                    crate::storage::object::Header::for_content(crate::codec::Codec::None, &data)
+                        .plain_sha256,
+                ) != chunk.sha256
+            {
+                bail!("{key}: does not match the checksum recorded in the backup's metadata");
+            }
+            Ok::<_, anyhow::Error>(data)
+        }
+    });
+    let mut stream = futures::stream::iter(fetches).buffered(parallelism.max(1));
+    let mut failure = None;
+    while let Some(r) = stream.next().await {
+        match r {
+            Ok(data) => {
+                let n = data.len() as u64;
+                if tx.send(data).await.is_err() {
+                    break; // the extractor stopped: its error says why
+                }
+                progress.add(n);
+            }
+            Err(e) => {
+                failure = Some(e);
+                break;
+            }
+        }
+    }
+    drop(tx);
+    let extracted = extractor.await.context("the unpacking task")?;
+    if let Some(e) = failure {
+        return Err(e.context(format!("restoring backup {}", meta.id)));
+    }
+    extracted.with_context(|| {
+        format!(
+            "unpacking {} of backup {}",
+            String::from(archive.name.clone()),
+            meta.id
+        )
+    })
+}
+
+/// Unpacks one tar stream into `dest`. In the data directory's archive, tablespace links
+/// (`pg_tblspc/<oid>`) are recreated pointing at their (mapped) locations.
+fn extract(
+    reader: impl Read,
+    dest: &Path,
+    is_base: bool,
+    map: &[(PathBuf, PathBuf)],
+) -> anyhow::Result<()> {
+    let mut ar = tar::Archive::new(reader);
+    ar.set_preserve_permissions(true);
+    ar.set_preserve_mtime(true);
+    ar.set_unpack_xattrs(false);
+    ar.set_overwrite(true);
+    for entry in ar.entries()? {
+        let mut e = entry?;
+        let path = e.path()?.into_owned();
+        if is_base && e.header().entry_type().is_symlink() && path.starts_with("pg_tblspc") {
+            let oid = path
+                .strip_prefix("pg_tblspc")
+                .ok()
+                .and_then(|p| p.to_str())
+                .unwrap_or("");
+            if oid.is_empty() || !oid.bytes().all(|b| b.is_ascii_digit()) {
+                bail!(
+                    "unexpected tablespace link {} in the backup",
+                    path.display()
+                );
+            }
+            let target = e
+                .link_name()?
+                .ok_or_else(|| anyhow!("tablespace link {} has no target", path.display()))?
+                .into_owned();
+            let link = dest.join(&path);
+            std::fs::create_dir_all(link.parent().expect("has a parent"))?;
+            let _ = std::fs::remove_file(&link);
+            std::os::unix::fs::symlink(map_location(map, &target), &link)
+                .with_context(|| format!("creating the tablespace link {}", link.display()))?;
+            continue;
+        }
+        if !e
+            .unpack_in(dest)
+            .with_context(|| format!("unpacking {}", path.display()))?
+        {
+            bail!(
+                "refusing the archive entry {} outside the target directory",
+                path.display()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Downloads one of the backup's WAL segments into pg_wal, verified.
+async fn fetch_segment(
+    repo: &Repo,
+    cluster: &ClusterLayout,
+    meta: &BackupMeta,
+    name: &WalFileName,
+    dest: &Path,
+) -> anyhow::Result<()> {
+    let data = repo.get(&cluster.wal(name)).await?;
+    let sysid: u64 = meta.system_identifier.parse()?;
+    walheader::check_segment(name, &data, Some(sysid))?;
+    fsutil::write_atomic(dest, &data)?;
+    Ok(())
+}
+
+/// Quotes a word for the shell `restore_command` runs in.
+fn shell_quote(s: &str) -> String {
+    if !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"_./:=@,+-%".contains(&b))
+    {
+        s.to_string()
+    } else {
+        format!("'{}'", s.replace('\'', "'\\''"))
+    }
+}
+
+/// A value in postgresql.conf quotes.
+fn guc_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "''"))
+}
+
+/// The restore_command that fetches through pgkeep with the same configuration this restore used.
+pub fn restore_command(cfg: &Config, pgkeep: &Path) -> String {
+    let mut words: Vec<String> = cfg
+        .env_settings
+        .iter()
+        .filter(|(k, _)| k != "PGKEEP_PGDATA")
+        .map(|(k, v)| format!("{k}={}", shell_quote(v)))
+        .collect();
+    words.push(shell_quote(&pgkeep.to_string_lossy()));
+    if let Some(f) = &cfg.file {
+        words.push("--config".into());
+        words.push(shell_quote(&f.to_string_lossy()));
+    }
+    words.push("wal-fetch %f %p".into());
+    words.join(" ")
+}
+
+fn write_recovery_settings(
+    cfg: &Config,
+    opts: &RestoreOptions,
+    meta: &BackupMeta,
+    dir: &Path,
+) -> anyhow::Result<()> {
+    let pgkeep = match &opts.pgkeep_path {
+        Some(p) => p.clone(),
+        None => std::env::current_exe().context("finding the pgkeep executable")?,
+    };
+    let mut conf = format!(
+        "\n# Added by pgkeep restore of backup {} at {}\nrestore_command = {}\nrecovery_target_timeline = 'latest'\n",
+        meta.id,
+        Utc::now().to_rfc3339(),
+        guc_quote(&restore_command(cfg, &pgkeep))
+    );
+    if let Some(t) = &opts.target {
+        let (key, value) = match t {
+            RecoveryTarget::Time { text, .. } => ("recovery_target_time", text.clone()),
+            RecoveryTarget::Lsn(l) => ("recovery_target_lsn", l.to_string()),
+            RecoveryTarget::Xid(x) => ("recovery_target_xid", x.clone()),
+            RecoveryTarget::Name(n) => ("recovery_target_name", n.clone()),
+        };
+        let action = match opts.target_action {
+            TargetAction::Promote => "promote",
+            TargetAction::Pause => "pause",
+            TargetAction::Shutdown => "shutdown",
+        };
+        conf.push_str(&format!(
+            "{key} = {}\nrecovery_target_action = '{action}'\n",
+            guc_quote(&value)
+        ));
+    }
+    let auto = dir.join("postgresql.auto.conf");
+    let mut text = std::fs::read_to_string(&auto).unwrap_or_default();
+    text.push_str(&conf);
+    fsutil::write_atomic(&auto, text.as_bytes())?;
+    let signal = if opts.standby {
+        "standby.signal"
+    } else {
+        "recovery.signal"
+    };
+    fsutil::write_atomic(&dir.join(signal), b"")?;
+    Ok(())
+}
+
+/// Flushes the whole file system holding `dir` (one call instead of an fsync per restored file).
+fn syncfs(dir: &Path) -> anyhow::Result<()> {
+    let f = std::fs::File::open(dir)?;
+    // SAFETY: syncfs takes any open file descriptor; `f` outlives the call.
+    let rc = unsafe { libc::syncfs(std::os::unix::io::AsRawFd::as_raw_fd(&f)) };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error())
+            .with_context(|| format!("syncfs {}", dir.display()));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn recovery_target_times_need_a_zone() {
+        for ok in [
+            "2026-11-21 23:45:00+00",
+            "2026-11-21 23:45:00.123456+00",
+            "2026-11-21T23:45:00Z",
+            "2026-11-21 23:45:00+05:30",
+        ] {
+            assert!(RecoveryTarget::parse_time(ok).is_ok(), "{ok}");
+        }
+        for bad in ["2026-11-21 23:45:00", "yesterday", ""] {
+            assert!(RecoveryTarget::parse_time(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn shell_and_guc_quoting() {
+        assert_eq!(shell_quote("/usr/bin/pgkeep"), "/usr/bin/pgkeep");
+        assert_eq!(shell_quote("a b"), "'a b'");
+        assert_eq!(shell_quote("it's"), "'it'\\''s'");
+        assert_eq!(guc_quote("it's"), "'it''s'");
+    }
+}
