@@ -274,10 +274,26 @@ pub async fn take_backup(cfg: &Config) -> anyhow::Result<BackupMeta> {
     )
     .await?;
 
-    let start_time = Utc::now();
-    let id = BackupId::from_time(start_time);
+    // Ids are start times to the second. One already taken (a backup running, or the leftovers of one
+    // that was killed) is skipped by waiting for the next second.
+    let mut start_time = Utc::now();
+    let mut id = BackupId::from_time(start_time);
+    for _ in 0..5 {
+        if repo.list(&cluster.backup_dir(&id)).await?.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(
+            1000 - u64::from(start_time.timestamp_subsec_millis()).min(999),
+        ))
+        .await;
+        start_time = Utc::now();
+        id = BackupId::from_time(start_time);
+    }
     if !repo.list(&cluster.backup_dir(&id)).await?.is_empty() {
-        bail!("a backup with id {id} is already being written; try again in a second");
+        bail!(
+            "no free backup id: objects exist under {}",
+            cluster.backup_dir(&id)
+        );
     }
     let label = format!("pgkeep {id}");
     tracing::info!(backup = %id, system_identifier = sys.system_identifier, "starting base backup");

@@ -48,6 +48,12 @@ const KEYS: &[(&str, Kind)] = &[
 /// Environment variables with the `PGKEEP_` prefix that are not settings.
 const NOT_SETTINGS: &[&str] = &["PGKEEP_CONFIG"];
 
+/// Kubernetes gives every pod variables for each Service in its namespace (`<NAME>_SERVICE_HOST`,
+/// `<NAME>_PORT_16000_TCP`, ...): a Service named `pgkeep` must not make pgkeep refuse to start.
+fn is_service_link(key: &str) -> bool {
+    key == "PORT" || key.starts_with("PORT_") || key.starts_with("SERVICE_")
+}
+
 pub const DEFAULT_STORAGE: &str = "file:///var/lib/pgkeep/archive";
 
 /// Where the object store is, parsed from `storage`.
@@ -255,7 +261,7 @@ impl Config {
             let Some(key) = name.strip_prefix("PGKEEP_") else {
                 continue;
             };
-            if NOT_SETTINGS.contains(&name.as_str()) {
+            if NOT_SETTINGS.contains(&name.as_str()) || is_service_link(key) {
                 continue;
             }
             let lower = key.to_ascii_lowercase();
@@ -571,6 +577,20 @@ mod tests {
                 "{key} undocumented"
             );
         }
+    }
+
+    #[test]
+    fn kubernetes_service_variables_are_not_settings() {
+        let c = Config::load(
+            None,
+            env(&[
+                ("PGKEEP_SERVICE_HOST", "10.0.0.1"),
+                ("PGKEEP_SERVICE_PORT", "16000"),
+                ("PGKEEP_PORT", "tcp://10.0.0.1:16000"),
+                ("PGKEEP_PORT_16000_TCP_PROTO", "tcp"),
+            ]),
+        );
+        assert!(c.is_ok(), "{:?}", c.err());
     }
 
     #[test]

@@ -12,10 +12,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-/// Where the Postgres 15 server binaries are (override with PGKEEP_TEST_PG_BIN).
+/// Where the Postgres 15 server binaries are (override with PGKEEPTEST_PG_BIN).
 pub fn pg_bin(program: &str) -> PathBuf {
     let dir =
-        std::env::var("PGKEEP_TEST_PG_BIN").unwrap_or_else(|_| "/usr/lib/postgresql/15/bin".into());
+        std::env::var("PGKEEPTEST_PG_BIN").unwrap_or_else(|_| "/usr/lib/postgresql/15/bin".into());
     PathBuf::from(dir).join(program)
 }
 
@@ -109,7 +109,7 @@ pub fn wait_for<T>(what: &str, timeout: Duration, mut check: impl FnMut() -> Opt
 }
 
 /// A temporary folder under /tmp that the postgres user can use; removed on drop
-/// (kept when PGKEEP_TEST_KEEP is set, for debugging).
+/// (kept when PGKEEPTEST_KEEP is set, for debugging).
 pub struct TestDir {
     dir: Option<tempfile::TempDir>,
     path: PathBuf,
@@ -153,7 +153,7 @@ impl TestDir {
 
 impl Drop for TestDir {
     fn drop(&mut self) {
-        if std::env::var_os("PGKEEP_TEST_KEEP").is_some()
+        if std::env::var_os("PGKEEPTEST_KEEP").is_some()
             && let Some(d) = self.dir.take()
         {
             eprintln!("keeping {}", d.keep().display());
@@ -339,9 +339,52 @@ impl PgCluster {
         );
     }
 
-    /// A checksum of every row of `table`, in primary-key order, and the row count.
+    /// libpq variables that point a client (pgkeep, pgbench) at this cluster.
+    pub fn client_env(&self) -> Vec<(String, String)> {
+        vec![
+            ("PGHOST".into(), "127.0.0.1".into()),
+            ("PGPORT".into(), self.port.to_string()),
+            ("PGUSER".into(), "postgres".into()),
+        ]
+    }
+
+    /// Runs pgbench against this cluster.
+    pub fn pgbench(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(pg_bin("pgbench"));
+        c.args([
+            "-h",
+            "127.0.0.1",
+            "-U",
+            "postgres",
+            "-p",
+            &self.port.to_string(),
+        ])
+        .args(args)
+        .arg("postgres")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+        c
+    }
+
+    /// Waits until the server has left recovery (promoted).
+    pub fn wait_promoted(&self) {
+        wait_for(
+            "the server to finish recovery",
+            Duration::from_secs(180),
+            || {
+                let out = self.try_psql("select pg_is_in_recovery()");
+                (out.status.success() && String::from_utf8_lossy(&out.stdout).trim() == "f")
+                    .then_some(())
+            },
+        );
+    }
+
+    /// The row count and an order-independent checksum of every row of `table` (a sum of 60-bit
+    /// prefixes of each row's md5: cheap on a million rows, and any changed row changes it).
     pub fn table_checksum(&self, table: &str) -> String {
-        self.psql(&format!("select count(*) || ' ' || md5(coalesce(string_agg(x::text, '|' order by x.id), '')) from {table} x"))
+        self.psql(&format!(
+            "select count(*) || ' ' || coalesce(sum(('x' || substr(md5(x::text), 1, 15))::bit(60)::bigint), 0) from {table} x"
+        ))
     }
 }
 
@@ -357,9 +400,9 @@ impl Drop for PgCluster {
     }
 }
 
-/// The s3s-fs binary: on PATH, in ~/.cargo/bin, or PGKEEP_TEST_S3S_FS. `scripts/test.sh` installs it.
+/// The s3s-fs binary: on PATH, in ~/.cargo/bin, or PGKEEPTEST_S3S_FS. `scripts/test.sh` installs it.
 fn s3s_fs_binary() -> PathBuf {
-    if let Ok(p) = std::env::var("PGKEEP_TEST_S3S_FS") {
+    if let Ok(p) = std::env::var("PGKEEPTEST_S3S_FS") {
         return PathBuf::from(p);
     }
     let mut candidates: Vec<PathBuf> = std::env::var_os("PATH")
@@ -508,6 +551,20 @@ impl Storage {
     /// Runs `bin --config <config> args...` as the current user with this storage's environment.
     pub fn pgkeep(&self, bin: &Path, args: &[&str]) -> Output {
         self.pgkeep_in(bin, args, None, &[])
+    }
+
+    /// Runs `bin --config <config> args...` as the postgres user (as an init container or sidecar
+    /// would run), with this storage's environment and `extra`.
+    pub fn pgkeep_pg(&self, bin: &Path, args: &[&str], extra: &[(String, String)]) -> Output {
+        let mut env = self.env.clone();
+        env.extend(extra.iter().cloned());
+        as_postgres(bin, &env)
+            .arg("--config")
+            .arg(&self.config)
+            .args(args)
+            .current_dir("/")
+            .output()
+            .unwrap()
     }
 
     /// As [`Storage::pgkeep`], in `cwd` and with extra environment.

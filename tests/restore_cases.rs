@@ -1,0 +1,271 @@
+//! Restore as an init container meets it, on both storage backends: re-run on a restored cluster
+//! (no-op), an interrupted restore (redone), a non-empty target (refused), no backup (exit 0, or 1
+//! with --require-backup), a corrupted chunk (fails, names the object), and a backup killed midway
+//! (not listed, not restorable, and the next backup works).
+
+mod common;
+
+use std::path::Path;
+use std::time::Duration;
+
+use common::*;
+
+struct Setup {
+    dir: TestDir,
+    storage: Storage,
+    bin: std::path::PathBuf,
+    primary: PgCluster,
+}
+
+fn setup(backend: Backend, label: &str) -> Setup {
+    let dir = TestDir::new(label);
+    let storage = Storage::new(backend, &dir);
+    let bin = dir.install_pgkeep();
+    let archive_command = format!(
+        "'{} --config {} archive-push %p'",
+        bin.display(),
+        storage.config.display()
+    );
+    let mut primary = PgCluster::init(dir.path(), "primary", 1, &storage.env);
+    primary.set(&[
+        ("archive_mode", "on"),
+        ("archive_command", &archive_command),
+    ]);
+    primary.start();
+    Setup {
+        dir,
+        storage,
+        bin,
+        primary,
+    }
+}
+
+fn restore(s: &Setup, target: &Path, extra: &[&str]) -> std::process::Output {
+    let mut args = vec!["restore", "--target-dir", target.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    s.storage.pgkeep_pg(&s.bin, &args, &[])
+}
+
+#[track_caller]
+fn assert_ok(out: &std::process::Output) -> String {
+    assert!(
+        out.status.success(),
+        "failed ({}): {}",
+        out.status,
+        stderr(out)
+    );
+    stderr(out)
+}
+
+#[track_caller]
+fn assert_fails(out: &std::process::Output, needles: &[&str]) {
+    assert!(!out.status.success(), "should have failed: {}", stderr(out));
+    for n in needles {
+        assert!(
+            stderr(out).contains(n),
+            "stderr should mention {n:?}: {}",
+            stderr(out)
+        );
+    }
+}
+
+fn start_and_check(s: &Setup, target: &Path, expected: &str) {
+    let mut c = PgCluster::adopt(s.dir.path(), target.to_path_buf(), &s.storage.env);
+    c.set(&[("archive_mode", "off")]);
+    c.start();
+    c.wait_promoted();
+    assert_eq!(c.table_checksum("t"), expected);
+}
+
+fn cases(backend: Backend) {
+    let s = setup(backend, "restore-cases");
+
+    // No backup yet: exit 0 with a message (Postgres may initialise a new cluster), or 1 on demand.
+    let empty = s.dir.mkdir("empty");
+    let out = restore(&s, &empty, &[]);
+    assert!(
+        assert_ok(&out).contains("no base backup"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(
+        std::fs::read_dir(&empty).unwrap().next().is_none(),
+        "restore wrote into the directory"
+    );
+    assert_fails(
+        &restore(&s, &empty, &["--require-backup"]),
+        &["no base backup"],
+    );
+
+    s.primary
+        .psql("create table t (id serial primary key, v text)");
+    s.primary
+        .psql("insert into t (v) select md5(g::text) from generate_series(1, 20000) g");
+    assert_ok(
+        &s.storage
+            .pgkeep_pg(&s.bin, &["backup"], &s.primary.client_env()),
+    );
+    s.primary
+        .psql("insert into t (v) select 'after' || g from generate_series(1, 1000) g");
+    let expected = s.primary.table_checksum("t");
+    s.primary.switch_and_wait_archived();
+
+    // A non-empty directory that is not a cluster is refused and left as it was.
+    let busy = s.dir.mkdir("busy");
+    std::fs::write(busy.join("notes.txt"), "mine").unwrap();
+    give_to_postgres(&busy);
+    assert_fails(&restore(&s, &busy, &[]), &["not empty", "--overwrite"]);
+    assert_eq!(
+        std::fs::read_to_string(busy.join("notes.txt")).unwrap(),
+        "mine"
+    );
+    assert_eq!(std::fs::read_dir(&busy).unwrap().count(), 1);
+    // ...unless --overwrite says so.
+    assert_ok(&restore(&s, &busy, &["--overwrite"]));
+    assert!(!busy.join("notes.txt").exists());
+
+    // A restore, then the same init container on the next pod start: a no-op.
+    let target = s.dir.mkdir("pgdata");
+    assert_ok(&restore(&s, &target, &[]));
+    let before = std::fs::read(target.join("postgresql.auto.conf")).unwrap();
+    std::fs::write(target.join("sentinel"), "x").unwrap();
+    let out = restore(&s, &target, &[]);
+    assert!(
+        assert_ok(&out).contains("already holds a cluster"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(
+        std::fs::read(target.join("postgresql.auto.conf")).unwrap(),
+        before
+    );
+    assert!(target.join("sentinel").exists());
+    std::fs::remove_file(target.join("sentinel")).unwrap();
+
+    // An interrupted restore: the marker is still there and part of the files are missing or junk.
+    std::fs::write(target.join(pgkeep::restore::MARKER), "interrupted").unwrap();
+    std::fs::remove_dir_all(target.join("base")).unwrap();
+    std::fs::write(target.join("global/pg_control"), "torn").unwrap();
+    let out = restore(&s, &target, &[]);
+    assert!(assert_ok(&out).contains("interrupted"), "{}", stderr(&out));
+    assert!(!target.join(pgkeep::restore::MARKER).exists());
+    run_ok(std::process::Command::new(pg_bin("pg_verifybackup")).arg(&target));
+    start_and_check(&s, &target, &expected);
+
+    // A corrupted chunk: the restore fails, names the object, and leaves the marker so the next
+    // attempt starts over.
+    let chunk = stored_keys(&s.storage)
+        .into_iter()
+        .find(|k| k.contains("/data/base/"))
+        .expect("a chunk of base.tar");
+    let path = s.storage.object_file(&chunk);
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[30] ^= 0x01;
+    std::fs::write(&path, &bytes).unwrap();
+    let bad = s.dir.mkdir("bad");
+    assert_fails(&restore(&s, &bad, &[]), &[&chunk, "corrupted"]);
+    assert!(
+        bad.join(pgkeep::restore::MARKER).exists(),
+        "an unusable restore must stay marked as interrupted"
+    );
+    assert!(!bad.join("recovery.signal").exists());
+}
+
+#[test]
+fn file_storage_restore_cases() {
+    cases(Backend::File);
+}
+
+#[test]
+fn s3_storage_restore_cases() {
+    cases(Backend::S3);
+}
+
+/// A backup killed midway is not listed, not restorable, and does not stop the next one.
+fn killed_backup(backend: Backend) {
+    let s = setup(backend, "killed-backup");
+    run_ok(&mut s.primary.pgbench(&["-i", "-s", "4", "-q"]));
+    // Small chunks, one at a time, so there is time to kill it after the first is stored.
+    let slow = [
+        ("PGKEEP_BACKUP_CHUNK_SIZE_MB".to_string(), "1".to_string()),
+        ("PGKEEP_PARALLELISM".to_string(), "1".to_string()),
+    ];
+    let mut env = s.storage.env.clone();
+    env.extend(s.primary.client_env());
+    env.extend(slow.iter().cloned());
+    let mut child = as_postgres(&s.bin, &env)
+        .arg("--config")
+        .arg(&s.storage.config)
+        .arg("backup")
+        .current_dir("/")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for("the first chunk", Duration::from_secs(60), || {
+        stored_keys(&s.storage)
+            .iter()
+            .any(|k| k.contains("/data/base/000001"))
+            .then_some(())
+    });
+    // SIGKILL: no cleanup runs. The pattern names the backup alone: killing an archive-push too
+    // would make the server's archiver pause for a minute.
+    let pattern = format!(
+        "{} --config {} backup",
+        s.bin.display(),
+        s.storage.config.display()
+    );
+    run_ok(std::process::Command::new("pkill").args(["-KILL", "-f", &pattern]));
+    let _ = child.wait();
+    assert!(
+        stored_keys(&s.storage)
+            .iter()
+            .any(|k| k.contains("/basebackups/")),
+        "the test killed it too early"
+    );
+    assert!(
+        !stored_keys(&s.storage)
+            .iter()
+            .any(|k| k.ends_with("backup.json"))
+    );
+
+    let out = s.storage.pgkeep_pg(&s.bin, &["list"], &[]);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("0 base backup(s)"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let target = s.dir.mkdir("target");
+    let out = restore(&s, &target, &["--require-backup"]);
+    assert_fails(&out, &["no base backup"]);
+
+    // The next backup works and restores.
+    s.primary
+        .psql("create table t (id serial primary key, v text)");
+    s.primary
+        .psql("insert into t (v) select md5(g::text) from generate_series(1, 5000) g");
+    assert_ok(
+        &s.storage
+            .pgkeep_pg(&s.bin, &["backup"], &s.primary.client_env()),
+    );
+    let expected = s.primary.table_checksum("t");
+    s.primary.switch_and_wait_archived();
+    let out = s.storage.pgkeep_pg(&s.bin, &["list"], &[]);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("1 base backup(s)"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert_ok(&restore(&s, &target, &[]));
+    start_and_check(&s, &target, &expected);
+}
+
+#[test]
+fn file_storage_killed_backup() {
+    killed_backup(Backend::File);
+}
+
+#[test]
+fn s3_storage_killed_backup() {
+    killed_backup(Backend::S3);
+}
