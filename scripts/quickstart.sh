@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # pgkeep quickstart, on the embedded default (a local Postgres 15 and file:// storage):
 #   1. starts a Postgres cluster whose archive_command is `pgkeep archive-push %p`,
-#   2. writes data, takes a base backup (without WAL), writes more,
-#   3. stops it, and restores a second cluster from the base backup whose restore_command is
-#      `pgkeep wal-fetch %f %p`, which replays the archived WAL,
+#   2. writes data, takes a base backup with `pgkeep backup`, writes more,
+#   3. destroys the cluster, and restores it with `pgkeep restore` into an empty directory: Postgres
+#      then replays the archived WAL through `restore_command = pgkeep wal-fetch %f %p`,
 #   4. checks that the restored cluster holds exactly the same rows, and shows what is in storage.
 # Everything lives in $PGKEEP_QUICKSTART_DIR (default /tmp/pgkeep-quickstart); both clusters are
 # stopped at the end (or on error). Runs as root (clusters then run as the postgres user) or not.
@@ -60,11 +60,11 @@ archive_command = '$PGKEEP archive-push %p'
 CONF
 as_pg "$PGBIN/pg_ctl" -D "$WORK/primary" -l "$WORK/primary.log" -w start >/dev/null
 
-say "writing 20000 rows, then a base backup without WAL (pg_basebackup -X none)"
+say "writing 20000 rows, then a base backup: $PGKEEP backup"
 sql "$P1" "create table orders (id bigserial primary key, item text, at timestamptz default now())"
 sql "$P1" "insert into orders (item) select 'before-backup-' || g from generate_series(1, 20000) g"
-sql "$P1" "select pg_switch_wal()" >/dev/null
-as_pg "$PGBIN/pg_basebackup" -h 127.0.0.1 -p "$P1" -U postgres -D "$WORK/restored" -X none -c fast
+as_pg env PGHOST=127.0.0.1 PGPORT="$P1" PGUSER=postgres $PGKEEP backup
+$PGKEEP list
 
 say "writing 20000 more rows after the backup; they exist only in the archived WAL"
 sql "$P1" "insert into orders (item) select 'after-backup-' || g from generate_series(1, 20000) g"
@@ -77,15 +77,20 @@ done
 [ "$DONE" = t ] || { echo "WAL $LAST was not archived; see $WORK/primary.log" >&2; exit 1; }
 EXPECTED=$(sql "$P1" "select count(*) || ' rows, md5 ' || md5(string_agg(o::text, '|' order by id)) from orders o")
 echo "primary: $EXPECTED; archived up to $LAST"
+say "destroying the primary (stop, delete its data directory)"
 as_pg "$PGBIN/pg_ctl" -D "$WORK/primary" -m fast -w stop >/dev/null
+rm -rf "$WORK/primary"
 
-say "restoring: base backup + restore_command = '$PGKEEP wal-fetch %f %p' (port $P2)"
+say "restoring into an empty directory: $PGKEEP restore --target-dir $WORK/restored"
+as_pg mkdir "$WORK/restored"
+as_pg $PGKEEP restore --target-dir "$WORK/restored"
+"$PGBIN/pg_verifybackup" "$WORK/restored"
+echo "what restore appended to postgresql.auto.conf:"; grep -A3 'pgkeep restore' "$WORK/restored/postgresql.auto.conf"
 cat >> "$WORK/restored/postgresql.conf" <<CONF
 port = $P2
-restore_command = '$PGKEEP wal-fetch %f %p'
 archive_mode = off
 CONF
-as_pg touch "$WORK/restored/recovery.signal"
+say "starting the restored cluster (port $P2); it replays the archived WAL through pgkeep wal-fetch"
 as_pg "$PGBIN/pg_ctl" -D "$WORK/restored" -l "$WORK/restored.log" -w start >/dev/null
 for _ in $(seq 1 1200); do
   [ "$(sql "$P2" "select pg_is_in_recovery()" 2>/dev/null || true)" = f ] && break
@@ -100,6 +105,7 @@ say "what is in storage ($WORK/archive)"
 
 if [ "$GOT" = "$EXPECTED" ]; then
   say "OK: the restored cluster holds every row, including the 20000 written after the base backup"
+  $PGKEEP list
 else
   say "MISMATCH: expected $EXPECTED" >&2
   exit 1

@@ -214,7 +214,7 @@ impl Uploader {
             })
             .await
             .expect("sealing does not panic");
-            let stored_len = repo.put_sealed(&key, sealed).await?;
+            let stored_len = repo.put_sealed_deferred(&key, sealed).await?;
             Ok(Uploaded {
                 archive: index,
                 seq,
@@ -576,6 +576,8 @@ async fn wait_for_wal(
 ) -> anyhow::Result<()> {
     let needed = required_wal(tli, size, start, end);
     let deadline = tokio::time::Instant::now() + cfg.backup_wal_timeout;
+    // The archiver usually delivers the last segment within moments: look again soon, then less often.
+    let mut pause = Duration::from_millis(50);
     loop {
         let missing = missing_wal(repo, cluster, &needed).await?;
         if missing.is_empty() {
@@ -595,8 +597,11 @@ async fn wait_for_wal(
                 needed.last().unwrap()
             );
         }
-        tracing::info!(missing = missing.len(), first = %missing[0], "waiting for the backup's WAL to reach storage");
-        tokio::time::sleep(Duration::from_secs(1)).await;
+        if pause >= Duration::from_secs(1) {
+            tracing::info!(missing = missing.len(), first = %missing[0], "waiting for the backup's WAL to reach storage");
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_secs(2));
     }
 }
 

@@ -31,6 +31,17 @@ pub fn write_atomic(dest: &Path, data: &[u8]) -> std::io::Result<()> {
     result
 }
 
+/// Flushes the whole file system holding `path` (one call instead of an fsync per file).
+pub fn syncfs(path: &Path) -> std::io::Result<()> {
+    let f = std::fs::File::open(path)?;
+    // SAFETY: syncfs takes any open file descriptor; `f` outlives the call.
+    let rc = unsafe { libc::syncfs(std::os::unix::io::AsRawFd::as_raw_fd(&f)) };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

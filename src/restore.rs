@@ -263,7 +263,7 @@ pub async fn restore(cfg: &Config, opts: &RestoreOptions) -> anyhow::Result<Rest
     }
     write_recovery_settings(cfg, opts, &meta, dir)?;
     for d in std::iter::once(dir).chain(tablespace_dirs.iter()) {
-        syncfs(d)?;
+        fsutil::syncfs(d).with_context(|| format!("syncfs {}", d.display()))?;
     }
     std::fs::remove_file(dir.join(MARKER)).context("removing the restore marker")?;
     std::fs::File::open(dir)?.sync_all()?;
@@ -448,12 +448,11 @@ async fn unpack_archive(
         let key = cluster.backup_chunk(&meta.id, &archive.name, seq);
         let repo = repo.clone();
         async move {
-            let data = repo.get(&key).await?;
-            if data.len() as u64 != chunk.plain_len
-                || hex::encode(
-                    crate::storage::object::Header::for_content(crate::codec::Codec::None, &data)
-                        .plain_sha256,
-                ) != chunk.sha256
+            // The object's own header checksum was verified against the content; it must also be the
+            // checksum the metadata recorded for this chunk (a chunk swapped for another is caught).
+            let (header, data) = repo.get_with_header(&key).await?;
+            if header.plain_len != chunk.plain_len
+                || hex::encode(header.plain_sha256) != chunk.sha256
             {
                 bail!("{key}: does not match the checksum recorded in the backup's metadata");
             }
@@ -635,18 +634,6 @@ fn write_recovery_settings(
         "recovery.signal"
     };
     fsutil::write_atomic(&dir.join(signal), b"")?;
-    Ok(())
-}
-
-/// Flushes the whole file system holding `dir` (one call instead of an fsync per restored file).
-fn syncfs(dir: &Path) -> anyhow::Result<()> {
-    let f = std::fs::File::open(dir)?;
-    // SAFETY: syncfs takes any open file descriptor; `f` outlives the call.
-    let rc = unsafe { libc::syncfs(std::os::unix::io::AsRawFd::as_raw_fd(&f)) };
-    if rc != 0 {
-        return Err(std::io::Error::last_os_error())
-            .with_context(|| format!("syncfs {}", dir.display()));
-    }
     Ok(())
 }
 

@@ -16,7 +16,6 @@ use object_store::{
     BackoffConfig, ClientConfigKey, ObjectStore, ObjectStoreExt, PutPayload, RetryConfig,
 };
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 
 use super::layout::{self, ClusterLayout};
 use super::object::{self, HEADER_LEN, Header};
@@ -112,6 +111,8 @@ pub struct Repo {
     url: String,
     /// For `file://` storage: the directory, so that writes can be fsynced.
     local_root: Option<PathBuf>,
+    /// Folders below `local_root` whose entry in their parent is known to be fsynced.
+    durable_dirs: Arc<std::sync::Mutex<std::collections::HashSet<PathBuf>>>,
     verify_uploads: bool,
 }
 
@@ -207,6 +208,7 @@ impl Repo {
             store,
             url,
             local_root,
+            durable_dirs: Default::default(),
             verify_uploads: cfg.verify_uploads,
         })
     }
@@ -280,13 +282,53 @@ impl Repo {
     /// Stores an object already built by [`object::seal`], replacing whatever is there; verified
     /// and durable on return. Returns the stored size.
     pub async fn put_sealed(&self, key: &Path, stored: Vec<u8>) -> Result<u64, StorageError> {
+        self.put_sealed_opt(key, stored, true).await
+    }
+
+    /// As [`Repo::put_sealed`], but for `file://` storage the object is not fsynced yet: for the many
+    /// pieces of one larger unit (a base backup's chunks) that is acknowledged later, after one
+    /// [`Repo::sync_all`] instead of two fsyncs per piece.
+    pub async fn put_sealed_deferred(
+        &self,
+        key: &Path,
+        stored: Vec<u8>,
+    ) -> Result<u64, StorageError> {
+        self.put_sealed_opt(key, stored, false).await
+    }
+
+    /// Makes everything written so far durable (`file://`: one syncfs of the storage's file system;
+    /// cloud stores acknowledge durably on each write).
+    pub async fn sync_all(&self) -> Result<(), StorageError> {
+        let Some(root) = self.local_root.clone() else {
+            return Ok(());
+        };
+        let url = self.url.clone();
+        tokio::task::spawn_blocking(move || {
+            crate::fsutil::syncfs(&root).map_err(|e| StorageError::Setup {
+                url,
+                message: format!("syncfs of {} failed: {e}", root.display()),
+            })
+        })
+        .await
+        .expect("syncfs does not panic")
+    }
+
+    async fn put_sealed_opt(
+        &self,
+        key: &Path,
+        stored: Vec<u8>,
+        sync_now: bool,
+    ) -> Result<u64, StorageError> {
         let stored_len = stored.len() as u64;
-        let sent_sha: [u8; 32] = Sha256::digest(&stored).into();
+        // Kept (a cheap shared reference) to compare the read-back copy byte for byte.
+        let stored = bytes::Bytes::from(stored);
         self.store
-            .put(key, PutPayload::from(stored))
+            .put(key, PutPayload::from(stored.clone()))
             .await
             .map_err(|e| StorageError::backend(key, "upload", e))?;
-        self.sync_local(key)?;
+        if sync_now {
+            self.sync_local(key).await?;
+        }
         if self.verify_uploads {
             let back = self.fetch_raw(key).await.map_err(|e| match e {
                 StorageError::NotFound { key } => StorageError::VerifyFailed {
@@ -295,7 +337,7 @@ impl Repo {
                 },
                 e => e,
             })?;
-            if <[u8; 32]>::from(Sha256::digest(&back)) != sent_sha {
+            if back != stored {
                 return Err(StorageError::VerifyFailed {
                     key: key.to_string(),
                     reason: format!(
@@ -310,12 +352,16 @@ impl Repo {
 
     /// The verified plain content of `key`.
     pub async fn get(&self, key: &Path) -> Result<Vec<u8>, StorageError> {
+        Ok(self.get_with_header(key).await?.1)
+    }
+
+    /// The verified plain content of `key` with its header (whose checksum it was verified against).
+    pub async fn get_with_header(&self, key: &Path) -> Result<(Header, Vec<u8>), StorageError> {
         let stored = self.fetch_raw(key).await?;
         // Decoding and hashing are CPU work: keep them off the async threads.
         tokio::task::spawn_blocking(move || object::open(&stored))
             .await
             .expect("decoding does not panic")
-            .map(|(_, plain)| plain)
             .map_err(|reason| StorageError::Corrupt {
                 key: key.to_string(),
                 reason,
@@ -464,44 +510,51 @@ impl Repo {
         Ok(ids)
     }
 
-    async fn fetch_raw(&self, key: &Path) -> Result<Vec<u8>, StorageError> {
+    async fn fetch_raw(&self, key: &Path) -> Result<bytes::Bytes, StorageError> {
         let got = self
             .store
             .get(key)
             .await
             .map_err(|e| StorageError::backend(key, "download", e))?;
-        let bytes = got
-            .bytes()
+        got.bytes()
             .await
-            .map_err(|e| StorageError::backend(key, "download", e))?;
-        Ok(bytes.to_vec())
+            .map_err(|e| StorageError::backend(key, "download", e))
     }
 
-    /// For `file://` storage: fsync the object and its folders up to the root, so an acknowledged
-    /// object survives a power loss.
-    fn sync_local(&self, key: &Path) -> Result<(), StorageError> {
-        let Some(root) = &self.local_root else {
+    /// For `file://` storage: fsync the object and its folder, and each new folder's own entry up
+    /// to the root (once per process), so an acknowledged object survives a power loss.
+    async fn sync_local(&self, key: &Path) -> Result<(), StorageError> {
+        let Some(root) = self.local_root.clone() else {
             return Ok(());
         };
         let mut path = root.clone();
         for part in key.parts() {
             path.push(part.as_ref());
         }
-        let sync =
-            |p: &std::path::Path| -> std::io::Result<()> { std::fs::File::open(p)?.sync_all() };
-        let fail = |p: &std::path::Path, e: std::io::Error| StorageError::Setup {
-            url: self.url.clone(),
-            message: format!("fsync of {} failed: {e}", p.display()),
-        };
-        sync(&path).map_err(|e| fail(&path, e))?;
-        let mut dir = path.parent();
-        while let Some(d) = dir {
-            sync(d).map_err(|e| fail(d, e))?;
-            if d == root.as_path() {
-                break;
+        let durable = self.durable_dirs.clone();
+        let url = self.url.clone();
+        tokio::task::spawn_blocking(move || {
+            let sync = |p: &std::path::Path| {
+                std::fs::File::open(p)
+                    .and_then(|f| f.sync_all())
+                    .map_err(|e| StorageError::Setup {
+                        url: url.clone(),
+                        message: format!("fsync of {} failed: {e}", p.display()),
+                    })
+            };
+            sync(&path)?;
+            let mut dir = path.parent().expect("an object has a folder").to_path_buf();
+            sync(&dir)?;
+            // `dir`'s own entry lives in its parent: sync that unless already known durable.
+            while dir != root && !durable.lock().expect("not poisoned").contains(&dir) {
+                let parent = dir.parent().expect("below the root").to_path_buf();
+                sync(&parent)?;
+                durable.lock().expect("not poisoned").insert(dir);
+                dir = parent;
             }
-            dir = d.parent();
-        }
-        Ok(())
+            Ok(())
+        })
+        .await
+        .expect("fsync does not panic")
     }
 }

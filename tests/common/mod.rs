@@ -241,24 +241,36 @@ impl PgCluster {
         }
     }
 
+    /// Starts the server. The port was free when it was picked, but parallel tests pick ports too:
+    /// if another process took it meanwhile, a new one is picked and the start retried.
     pub fn start(&mut self) {
-        let out = as_postgres(pg_bin("pg_ctl"), &self.env)
-            .arg("-D")
-            .arg(&self.data)
-            .arg("-l")
-            .arg(&self.logfile)
-            .args(["-w", "-t", "120", "start"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .unwrap();
-        self.running = true;
-        assert!(
-            out.success(),
-            "pg_ctl start failed; server log:\n{}",
-            self.log()
-        );
+        for attempt in 0..4 {
+            let log_before = self.log().len();
+            let ok = as_postgres(pg_bin("pg_ctl"), &self.env)
+                .arg("-D")
+                .arg(&self.data)
+                .arg("-l")
+                .arg(&self.logfile)
+                .args(["-w", "-t", "120", "start"])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .unwrap()
+                .success();
+            self.running = true;
+            if ok {
+                return;
+            }
+            let log = self.log();
+            let new = &log[log_before.min(log.len())..];
+            if attempt < 3 && new.contains("could not bind") {
+                self.port = free_port();
+                self.set(&[("port", &self.port.to_string())]);
+                continue;
+            }
+            panic!("pg_ctl start failed; server log:\n{log}");
+        }
     }
 
     /// Stops with the given mode (`fast`, `immediate`, `smart`).

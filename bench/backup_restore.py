@@ -1,0 +1,175 @@
+#!/usr/bin/python3
+"""Benchmark: pgkeep backup and restore beside pg_basebackup -Ft and a plain tar, on pgbench clusters.
+
+For each scale it initialises a pgbench cluster, then measures, in one run on the same cluster:
+  backup:  pgkeep backup (file:// storage, snappy)  |  pg_basebackup -Ft -X fetch (it fsyncs, as pgkeep does)  |  tar -cf of PGDATA
+  restore: pgkeep restore                            |  tar -xf of pg_basebackup's base.tar (+ sync)
+and prints wall time, MB/s (of the database size, pg_wal excluded) and peak RSS, with ratios against
+pg_basebackup (backup) and tar -xf followed by sync (restore: pgkeep restore syncs before it
+reports success). Peak RSS across scales shows whether memory grows with the database.
+
+Usage: bench/backup_restore.py [--scales 10,50] [--pgkeep target/release/pgkeep] [--workdir /tmp/pgkeep-bench]
+Runs as root (clusters and pgkeep then run as the postgres user) or as a normal user.
+"""
+import argparse
+import json
+import os
+import resource
+import shutil
+import socket
+import subprocess
+import sys
+import time
+
+PGBIN = os.environ.get("PGBIN", "/usr/lib/postgresql/15/bin")
+ROOT = os.getuid() == 0
+
+
+def as_pg(cmd, env=None):
+    extra = [f"{k}={v}" for k, v in (env or {}).items()]
+    if ROOT:
+        return ["runuser", "-u", "postgres", "--", "env", *extra, *cmd]
+    return ["env", *extra, *cmd]
+
+
+def run(cmd, **kw):
+    subprocess.run(cmd, check=True, **kw)
+
+
+REPEAT = 1
+
+
+def measure(cmd, cwd="/", prepare=None):
+    """Runs cmd REPEAT times (after prepare()); returns the best (seconds, peak RSS in bytes)."""
+    best = None
+    for _ in range(REPEAT):
+        if prepare:
+            prepare()
+        r = measure_once(cmd, cwd)
+        best = r if best is None or r[0] < best[0] else (best[0], max(best[1], r[1]))
+    return best
+
+
+def measure_once(cmd, cwd):
+    start = time.monotonic()
+    proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(proc.pid, 0)
+    took = time.monotonic() - start
+    err = proc.stderr.read().decode(errors="replace")
+    if os.waitstatus_to_exitcode(status) != 0:
+        sys.exit(f"{' '.join(cmd)} failed:\n{err}")
+    return took, usage.ru_maxrss * 1024
+
+
+def free_port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def dir_size(path, skip=()):
+    total = 0
+    for root, dirs, files in os.walk(path):
+        dirs[:] = [d for d in dirs if os.path.join(root, d) not in skip]
+        for f in files:
+            p = os.path.join(root, f)
+            if not os.path.islink(p):
+                total += os.path.getsize(p)
+    return total
+
+
+def fresh_dir(path):
+    if os.path.exists(path):
+        shutil.rmtree(path)
+    os.makedirs(path)
+    if ROOT:
+        shutil.chown(path, "postgres", "postgres")
+    return path
+
+
+def bench_scale(scale, pgkeep, work):
+    work = fresh_dir(os.path.join(work, f"scale{scale}"))
+    os.chmod(work, 0o755)
+    data, archive = os.path.join(work, "data"), fresh_dir(os.path.join(work, "archive"))
+    port = free_port()
+    conf = os.path.join(work, "pgkeep.toml")
+    with open(conf, "w") as f:
+        f.write(f'storage = "file://{archive}"\n')
+    bin_copy = os.path.join(work, "pgkeep")
+    shutil.copy(pgkeep, bin_copy)
+    os.chmod(bin_copy, 0o755)
+    run(as_pg([f"{PGBIN}/initdb", "-D", data, "-A", "trust", "-U", "postgres", "--no-sync"]), stdout=subprocess.DEVNULL)
+    with open(os.path.join(data, "postgresql.conf"), "a") as f:
+        f.write(f"port = {port}\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = '{work}'\n"
+                f"archive_mode = on\narchive_command = '{bin_copy} --config {conf} archive-push %p'\n"
+                "max_wal_size = '4GB'\n")
+    run(as_pg([f"{PGBIN}/pg_ctl", "-D", data, "-l", os.path.join(work, "pg.log"), "-w", "start"]), stdout=subprocess.DEVNULL)
+    try:
+        run([f"{PGBIN}/pgbench", "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", "-i", "-s", str(scale), "-q", "postgres"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        run(["psql", "-X", "-q", "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", "-c", "checkpoint", "postgres"])
+        size = dir_size(data, skip=(os.path.join(data, "pg_wal"),))
+        pgenv = {"PGHOST": "127.0.0.1", "PGPORT": str(port), "PGUSER": "postgres"}
+        rows = []
+
+        t, rss = measure(as_pg([bin_copy, "--config", conf, "backup"], pgenv))
+        rows.append(("backup", "pgkeep backup", t, rss))
+        # The same without compression: what the CPU spent on snappy, on this machine's cores.
+        t, rss = measure(as_pg([bin_copy, "--config", conf, "backup"], {**pgenv, "PGKEEP_COMPRESSION": "none"}))
+        rows.append(("backup", "pgkeep backup (none)", t, rss))
+        bb = os.path.join(work, "basebackup")
+        t, rss = measure(as_pg([f"{PGBIN}/pg_basebackup", "-h", "127.0.0.1", "-p", str(port), "-U", "postgres",
+                                "-D", bb, "-Ft", "-X", "fetch", "-c", "fast", "--no-manifest"]),
+                         prepare=lambda: fresh_dir(bb))
+        rows.append(("backup", "pg_basebackup -Ft", t, rss))
+        t, rss = measure(["tar", "-cf", os.path.join(work, "plain.tar"), "-C", data, "."])
+        rows.append(("backup", "tar -cf PGDATA", t, rss))
+
+        target = os.path.join(work, "restored")
+        t, rss = measure(as_pg([bin_copy, "--config", conf, "restore", "--target-dir", target]),
+                         prepare=lambda: fresh_dir(target))
+        rows.append(("restore", "pgkeep restore", t, rss))
+        untar = os.path.join(work, "untarred")
+        t, rss = measure(["tar", "-xf", os.path.join(bb, "base.tar"), "-C", untar], prepare=lambda: fresh_dir(untar))
+        rows.append(("restore", "tar -xf base.tar", t, rss))
+        # pgkeep restore syncs before it reports success; the honest baseline does too.
+        t, rss = measure(["sh", "-c", f"tar -xf {os.path.join(bb, 'base.tar')} -C {untar} && sync -f {untar}"],
+                         prepare=lambda: fresh_dir(untar))
+        rows.append(("restore", "tar -xf + sync", t, rss))
+        listing = subprocess.run(as_pg([bin_copy, "--config", conf, "list", "--json"]), check=True,
+                                 capture_output=True, text=True, cwd="/").stdout
+        stored = next(b["stored_bytes"] for b in json.loads(listing)["backups"] if b["codec"] == "snappy")
+    finally:
+        run(as_pg([f"{PGBIN}/pg_ctl", "-D", data, "-m", "immediate", "stop"]), stdout=subprocess.DEVNULL)
+    return size, stored, rows
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--scales", default="10,50")
+    ap.add_argument("--pgkeep", default="target/release/pgkeep")
+    ap.add_argument("--workdir", default="/tmp/pgkeep-bench")
+    ap.add_argument("--repeat", type=int, default=2, help="runs of each command; the fastest counts")
+    args = ap.parse_args()
+    global REPEAT
+    REPEAT = args.repeat
+    if not os.path.exists(args.pgkeep):
+        run(["cargo", "build", "--release", "--bin", "pgkeep"])
+    fresh_dir(args.workdir)
+    os.chmod(args.workdir, 0o755)
+    mb = 1024 * 1024
+    print(f"{'scale':>5} {'db MB':>7} {'what':<22} {'seconds':>8} {'MB/s':>8} {'peak RSS MB':>11} {'time vs baseline':>17}")
+    for scale in [int(s) for s in args.scales.split(",")]:
+        size, stored, rows = bench_scale(scale, os.path.abspath(args.pgkeep), args.workdir)
+        base = {"backup": next(r[2] for r in rows if r[1] == "pg_basebackup -Ft"),
+                "restore": next(r[2] for r in rows if r[1] == "tar -xf + sync")}
+        for kind, what, t, rss in rows:
+            print(f"{scale:>5} {size / mb:>7.0f} {what:<22} {t:>8.2f} {size / mb / t:>8.0f} {rss / mb:>11.1f} {t / base[kind]:>16.2f}x")
+        print(f"{scale:>5} one pgkeep backup stored: {stored / mb:.0f} MB ({stored / size:.0%} of the database, snappy)")
+    shutil.rmtree(args.workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
