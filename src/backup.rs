@@ -103,13 +103,15 @@ impl BackupMeta {
         self.end_lsn.parse::<Lsn>().map_err(|e| e.to_string())?;
         WalSegSize::new(self.wal_segment_size).ok_or("bad wal_segment_size")?;
         TimelineId::new(self.timeline).ok_or("timeline 0")?;
+        // The server sends each tablespace's archive, then base.tar.
         if self
             .archives
-            .first()
-            .map(|a| a.name.tablespace_oid().is_none())
-            != Some(true)
+            .iter()
+            .filter(|a| a.name.tablespace_oid().is_none())
+            .count()
+            != 1
         {
-            return Err("the first archive must be base.tar".into());
+            return Err("a backup holds exactly one base.tar".into());
         }
         Ok(())
     }

@@ -199,27 +199,58 @@ pub async fn restore(cfg: &Config, opts: &RestoreOptions) -> anyhow::Result<Rest
     }
 
     let started = Instant::now();
-    // The marker goes first: from here on, an interruption is detected and the restore redone.
-    fsutil::write_atomic(&dir.join(MARKER), meta.id.as_str().as_bytes())
-        .context("writing the restore marker")?;
+    let map = Arc::new(opts.tablespace_map.clone());
+    // Every tablespace directory is checked before anything is written: one that holds data we did
+    // not write (say, the live cluster's own tablespace) is refused, never cleared.
+    let earlier = match state {
+        TargetState::Interrupted => read_marker(dir),
+        _ => Marker::default(),
+    };
+    let mut tablespace_dirs = vec![];
+    for loc in meta.archives.iter().filter_map(|a| a.location.as_deref()) {
+        let dest = map_location(&map, Path::new(loc));
+        let ours = opts.overwrite || earlier.tablespace_dirs.contains(&dest);
+        if !ours && dest.exists() && std::fs::read_dir(&dest)?.next().is_some() {
+            bail!(
+                "the tablespace directory {} is not empty: refusing to write into it (restore it elsewhere \
+                 with --tablespace-map {}=NEW, or replace it with --overwrite)",
+                dest.display(),
+                loc
+            );
+        }
+        tablespace_dirs.push(dest);
+    }
+    // The marker goes first: from here on, an interruption is detected and the restore redone. It
+    // names the tablespace directories this restore writes, so a redo may clear them.
+    let marker = Marker {
+        backup: meta.id.to_string(),
+        tablespace_dirs: tablespace_dirs.clone(),
+    };
+    fsutil::write_atomic(
+        &dir.join(MARKER),
+        &serde_json::to_vec(&marker).expect("serialisable"),
+    )
+    .context("writing the restore marker")?;
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
         .with_context(|| format!("setting the permissions of {}", dir.display()))?;
     if !matches!(state, TargetState::Empty) {
         clear_dir(dir, &[MARKER, "lost+found"])?;
     }
-    let map = Arc::new(opts.tablespace_map.clone());
+    for d in &tablespace_dirs {
+        if d.exists() {
+            clear_dir(d, &[])?;
+        } else {
+            std::fs::create_dir_all(d)
+                .with_context(|| format!("creating the tablespace directory {}", d.display()))?;
+        }
+        std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o700))?;
+    }
     let total: u64 = meta.archives.iter().map(|a| a.plain_bytes).sum();
     let mut progress = Progress::new("restore", Some(total));
-    let mut tablespace_dirs = vec![];
     for archive in &meta.archives {
         let dest = match &archive.location {
             None => dir.clone(),
-            Some(loc) => {
-                let dest = map_location(&map, Path::new(loc));
-                prepare_tablespace_dir(&dest, &state, opts.overwrite)?;
-                tablespace_dirs.push(dest.clone());
-                dest
-            }
+            Some(loc) => map_location(&map, Path::new(loc)),
         };
         unpack_archive(
             &repo,
@@ -356,22 +387,19 @@ fn map_location(map: &[(PathBuf, PathBuf)], loc: &Path) -> PathBuf {
         .unwrap_or_else(|| loc.to_path_buf())
 }
 
-fn prepare_tablespace_dir(dest: &Path, state: &TargetState, overwrite: bool) -> anyhow::Result<()> {
-    if !dest.exists() {
-        std::fs::create_dir_all(dest)
-            .with_context(|| format!("creating the tablespace directory {}", dest.display()))?;
-    } else if std::fs::read_dir(dest)?.next().is_some() {
-        if matches!(state, TargetState::Interrupted) || overwrite {
-            clear_dir(dest, &[])?;
-        } else {
-            bail!(
-                "the tablespace directory {} is not empty: refusing to write into it (move it with --tablespace-map OLD=NEW, or --overwrite)",
-                dest.display()
-            );
-        }
-    }
-    std::fs::set_permissions(dest, std::fs::Permissions::from_mode(0o700))?;
-    Ok(())
+/// What the marker file records.
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
+struct Marker {
+    backup: String,
+    tablespace_dirs: Vec<PathBuf>,
+}
+
+/// The marker of an interrupted restore (an unreadable one names no tablespace directory).
+fn read_marker(dir: &Path) -> Marker {
+    std::fs::read(dir.join(MARKER))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default()
 }
 
 /// Removes everything in `dir` except the names in `keep`.
@@ -522,7 +550,8 @@ fn extract(
                 .link_name()?
                 .ok_or_else(|| anyhow!("tablespace link {} has no target", path.display()))?
                 .into_owned();
-            let link = dest.join(&path);
+            // Postgres names the entry `pg_tblspc/<oid>/`; a trailing slash would make symlink() fail.
+            let link = dest.join("pg_tblspc").join(oid);
             std::fs::create_dir_all(link.parent().expect("has a parent"))?;
             let _ = std::fs::remove_file(&link);
             std::os::unix::fs::symlink(map_location(map, &target), &link)

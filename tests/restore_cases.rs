@@ -269,3 +269,79 @@ fn file_storage_killed_backup() {
 fn s3_storage_killed_backup() {
     killed_backup(Backend::S3);
 }
+
+/// A tablespace is backed up as its own archive and restored where --tablespace-map says, with the
+/// pg_tblspc link pointing there.
+fn tablespaces(backend: Backend) {
+    let s = setup(backend, "tablespace");
+    let old_loc = s.dir.mkdir("ts_old");
+    s.primary.psql(&format!(
+        "create tablespace extra location '{}'",
+        old_loc.display()
+    ));
+    s.primary
+        .psql("create table t (id serial primary key, v text) tablespace extra");
+    s.primary
+        .psql("insert into t (v) select md5(g::text) from generate_series(1, 20000) g");
+    assert_ok(
+        &s.storage
+            .pgkeep_pg(&s.bin, &["backup"], &s.primary.client_env()),
+    );
+    s.primary
+        .psql("insert into t (v) select 'after' || g from generate_series(1, 500) g");
+    let expected = s.primary.table_checksum("t");
+    s.primary.switch_and_wait_archived();
+
+    // The old location is still in use by the primary: restoring there is refused before anything
+    // is written, however often it is tried, and the primary's tablespace is untouched.
+    let target = s.dir.mkdir("ts_target");
+    let live_before = std::fs::read_dir(&old_loc).unwrap().count();
+    for _ in 0..2 {
+        assert_fails(
+            &restore(&s, &target, &[]),
+            &["tablespace directory", "not empty", "--tablespace-map"],
+        );
+        assert!(
+            std::fs::read_dir(&target).unwrap().next().is_none(),
+            "the refused restore wrote into the target"
+        );
+    }
+    assert_eq!(std::fs::read_dir(&old_loc).unwrap().count(), live_before);
+    assert_eq!(s.primary.table_checksum("t"), expected);
+
+    let new_loc = s.dir.path().join("ts_new");
+    let map = format!("{}={}", old_loc.display(), new_loc.display());
+    assert_ok(&restore(&s, &target, &["--tablespace-map", &map]));
+    let links: Vec<_> = std::fs::read_dir(target.join("pg_tblspc"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(links.len(), 1, "{links:?}");
+    assert_eq!(std::fs::read_link(&links[0]).unwrap(), new_loc);
+    assert!(
+        new_loc.join("PG_15_202209061").is_dir(),
+        "the tablespace's files are at the new location"
+    );
+    s.primary.psql("select 1"); // the primary keeps its own tablespace untouched
+    let mut primary = s.primary;
+    primary.stop("fast");
+    let mut c = PgCluster::adopt(s.dir.path(), target.clone(), &s.storage.env);
+    c.set(&[("archive_mode", "off")]);
+    c.start();
+    c.wait_promoted();
+    assert_eq!(c.table_checksum("t"), expected);
+    assert_eq!(
+        c.psql("select pg_tablespace_location(oid) from pg_tablespace where spcname = 'extra'"),
+        new_loc.display().to_string()
+    );
+}
+
+#[test]
+fn file_storage_tablespaces() {
+    tablespaces(Backend::File);
+}
+
+#[test]
+fn s3_storage_tablespaces() {
+    tablespaces(Backend::S3);
+}
