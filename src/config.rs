@@ -43,6 +43,12 @@ const KEYS: &[(&str, Kind)] = &[
     ("backup_chunk_size_mb", Kind::Int),
     ("parallelism", Kind::Int),
     ("backup_wal_timeout_secs", Kind::Int),
+    ("slot_name", Kind::Str),
+    ("spool_dir", Kind::Str),
+    ("listen", Kind::Str),
+    ("status_interval_secs", Kind::Int),
+    ("partial_upload_secs", Kind::Int),
+    ("shutdown_timeout_secs", Kind::Int),
 ];
 
 /// Environment variables with the `PGKEEP_` prefix that are not settings.
@@ -203,6 +209,18 @@ pub struct Config {
     pub parallelism: usize,
     /// How long `backup` waits for the WAL its backup needs to reach storage.
     pub backup_wal_timeout: Duration,
+    /// The physical replication slot the daemon streams through.
+    pub slot_name: String,
+    /// Where the daemon keeps the WAL it is receiving.
+    pub spool_dir: PathBuf,
+    /// The daemon's HTTP address.
+    pub listen: std::net::SocketAddr,
+    /// How often the daemon reports its positions to Postgres.
+    pub status_interval: Duration,
+    /// How often the open WAL segment is uploaded as `.partial`.
+    pub partial_upload_interval: Duration,
+    /// How long the daemon drains WAL after SIGTERM before it gives up.
+    pub shutdown_timeout: Duration,
     /// The `PGKEEP_*` variables this configuration was built from (restore passes them on to the
     /// restore_command it writes).
     pub env_settings: Vec<(String, String)>,
@@ -455,7 +473,50 @@ impl Config {
             0 => cores,
             n => n as usize,
         };
+        let slot_name = match string("slot_name")? {
+            None => "pgkeep".to_string(),
+            Some((s, o)) => {
+                if s.is_empty()
+                    || s.len() > 63
+                    || !s
+                        .bytes()
+                        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+                {
+                    return Err(bad(
+                        &o,
+                        format!(
+                            "{s:?}: a slot name is 1 to 63 lower-case letters, digits or underscores"
+                        ),
+                    ));
+                }
+                s
+            }
+        };
+        let spool_dir = match string("spool_dir")? {
+            None => PathBuf::from("/var/lib/pgkeep/spool"),
+            Some((s, _)) if s.starts_with('/') => PathBuf::from(s),
+            Some((s, o)) => return Err(bad(&o, format!("{s:?} must be an absolute path"))),
+        };
+        let listen = match string("listen")? {
+            None => "127.0.0.1:16000".parse().expect("valid"),
+            Some((s, o)) => s.parse().map_err(|_| {
+                bad(
+                    &o,
+                    format!("{s:?} is not an address and port, like 127.0.0.1:16000"),
+                )
+            })?,
+        };
         Ok(Config {
+            slot_name,
+            spool_dir,
+            listen,
+            status_interval: Duration::from_secs(int("status_interval_secs", 1..=3600, 10)? as u64),
+            partial_upload_interval: Duration::from_secs(
+                int("partial_upload_secs", 1..=3600, 5)? as u64
+            ),
+            shutdown_timeout: Duration::from_secs(
+                int("shutdown_timeout_secs", 1..=86400, 60)? as u64
+            ),
             pg,
             backup_chunk_bytes: (int("backup_chunk_size_mb", 1..=1024, 16)? as usize) << 20,
             parallelism,

@@ -40,6 +40,8 @@ enum LogFormatArg {
 
 #[derive(Subcommand)]
 enum Command {
+    /// The sidecar: stream WAL through a replication slot to storage and serve the HTTP API.
+    Daemon,
     /// Take one base backup now (over the replication protocol) and wait until it is in storage.
     Backup,
     /// List the base backups, newest first, and the recoverable window.
@@ -222,6 +224,13 @@ fn main() -> ExitCode {
     };
     runtime.block_on(async {
         match cli.command {
+            Command::Daemon => match pgkeep::daemon::run(cfg.clone()).await {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!("daemon: {e:#}");
+                    ExitCode::from(1)
+                }
+            },
             Command::Backup => match backup::take_backup(&cfg).await {
                 Ok(meta) => {
                     println!("{}", meta.id);

@@ -302,7 +302,10 @@ impl ReplConnection {
         loop {
             match self.read().await? {
                 Incoming::Message(Message::CopyData(d)) => return Ok(Some(d.into_bytes())),
-                Incoming::Message(Message::CopyDone) => return Ok(None),
+                // A walsender leaving at shutdown may end with CommandComplete alone.
+                Incoming::Message(Message::CopyDone | Message::CommandComplete(_)) => {
+                    return Ok(None);
+                }
                 Incoming::Message(Message::NoticeResponse(_)) => {}
                 Incoming::Message(Message::ParameterStatus(p)) => {
                     self.params

@@ -149,15 +149,30 @@ pub async fn wal_fetch(cfg: &Config, name: &str, dest: &Path) -> Result<FetchRep
         )
         .into());
     }
-    let data = match repo.get(&cluster.wal(&name)).await {
-        Ok(d) => d,
+    let (data, served) = match repo.get(&cluster.wal(&name)).await {
+        Ok(d) => (d, name),
+        // A segment that exists only as the .partial the daemon streamed (the last WAL before a
+        // crash or shutdown): Postgres replays it up to its valid end, then ends recovery there.
+        Err(StorageError::NotFound { .. }) if name.kind == WalFileKind::Segment => {
+            let partial = name.with_kind(WalFileKind::Partial);
+            match repo.get(&cluster.wal(&partial)).await {
+                Ok(d) => {
+                    tracing::info!(wal = %name, "only the partial segment is in the archive: serving it");
+                    (d, partial)
+                }
+                Err(StorageError::NotFound { .. }) => {
+                    return Err(FetchError::NotInArchive(name.to_string()));
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
         Err(StorageError::NotFound { .. }) => {
             return Err(FetchError::NotInArchive(name.to_string()));
         }
         Err(e) => return Err(e.into()),
     };
-    if matches!(name.kind, WalFileKind::Segment | WalFileKind::Partial) {
-        walheader::check_segment(&name, &data, Some(system_identifier))
+    if matches!(served.kind, WalFileKind::Segment | WalFileKind::Partial) {
+        walheader::check_segment(&served, &data, Some(system_identifier))
             .map_err(anyhow::Error::from)?;
     }
     fsutil::write_atomic(dest, &data)

@@ -624,3 +624,137 @@ pub fn stored_keys(storage: &Storage) -> Vec<String> {
 pub fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
+
+/// A plain HTTP/1.1 request on loopback: (status code, body).
+pub fn http(method: &str, port: u16, path: &str) -> (u16, Vec<u8>) {
+    use std::io::{Read, Write};
+    let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect to the daemon");
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut raw = vec![];
+    s.read_to_end(&mut raw).unwrap();
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("an HTTP response");
+    let head = String::from_utf8_lossy(&raw[..split]).into_owned();
+    let code = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .expect("a status code");
+    (code, raw[split + 4..].to_vec())
+}
+
+/// `pgkeep daemon` running as the postgres user; killed on drop.
+pub struct Daemon {
+    child: Child,
+    pub port: u16,
+    pub spool: PathBuf,
+}
+
+impl Daemon {
+    pub fn start(
+        dir: &TestDir,
+        storage: &Storage,
+        bin: &Path,
+        pg: &PgCluster,
+        extra: &[(&str, &str)],
+    ) -> Daemon {
+        let port = free_port();
+        let spool = dir.mkdir("spool");
+        let mut env = storage.env.clone();
+        env.extend(pg.client_env());
+        env.push(("PGKEEP_LISTEN".into(), format!("127.0.0.1:{port}")));
+        env.push(("PGKEEP_SPOOL_DIR".into(), spool.display().to_string()));
+        env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        let log = std::fs::File::create(dir.path().join(format!("daemon-{port}.log"))).unwrap();
+        let child = as_postgres(bin, &env)
+            .arg("--config")
+            .arg(&storage.config)
+            .arg("daemon")
+            .current_dir("/")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let d = Daemon { child, port, spool };
+        wait_for("the daemon to be ready", Duration::from_secs(30), || {
+            TcpStream::connect(("127.0.0.1", port)).ok()?;
+            (http("GET", port, "/readyz").0 == 200).then_some(())
+        });
+        d
+    }
+
+    /// The daemon's /status as JSON text fields.
+    pub fn status(&self) -> String {
+        String::from_utf8_lossy(&http("GET", self.port, "/status").1).into_owned()
+    }
+
+    /// The durable LSN the daemon reports, as a number.
+    pub fn durable(&self) -> u64 {
+        let s = self.status();
+        let lsn = s
+            .split("\"durable_lsn\":\"")
+            .nth(1)
+            .and_then(|r| r.split('"').next())
+            .expect("durable_lsn");
+        parse_lsn(lsn)
+    }
+
+    /// Sends a signal to the pgkeep process (not to runuser around it).
+    pub fn signal(&self, sig: &str) {
+        // The pgkeep process is the child of runuser (when root) or the child itself.
+        let pid = if is_root() {
+            let out = run_ok(Command::new("pgrep").args(["-P", &self.child.id().to_string()]));
+            out.trim().to_string()
+        } else {
+            self.child.id().to_string()
+        };
+        run_ok(Command::new("kill").args([&format!("-{sig}"), &pid]));
+    }
+
+    /// Waits for the daemon to exit; its exit status.
+    pub fn wait(&mut self, timeout: Duration) -> std::process::ExitStatus {
+        wait_for("the daemon to exit", timeout, || {
+            self.child.try_wait().unwrap()
+        })
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            let _ = self.signal_quiet("KILL");
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+impl Daemon {
+    fn signal_quiet(&self, sig: &str) -> Option<()> {
+        let out = Command::new("pgrep")
+            .args(["-P", &self.child.id().to_string()])
+            .output()
+            .ok()?;
+        let pid = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        if !pid.is_empty() {
+            Command::new("kill")
+                .args([&format!("-{sig}"), &pid])
+                .status()
+                .ok()?;
+        }
+        Some(())
+    }
+}
+
+/// An LSN `X/Y` as a number.
+pub fn parse_lsn(s: &str) -> u64 {
+    let (hi, lo) = s.trim().split_once('/').expect("X/Y");
+    (u64::from_str_radix(hi, 16).unwrap() << 32) | u64::from_str_radix(lo, 16).unwrap()
+}

@@ -1,0 +1,90 @@
+//! `pgkeep daemon`, the sidecar: WAL streaming and the HTTP API, supervised; SIGTERM drains WAL
+//! (bounded by `shutdown_timeout_secs`) instead of dropping it.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use anyhow::Context;
+use tokio::sync::watch;
+
+use crate::config::Config;
+use crate::http::{AppState, router};
+use crate::storage::Repo;
+use crate::wal::streamer::{self, StreamState};
+
+pub async fn run(cfg: Config) -> anyhow::Result<()> {
+    let repo = Repo::open(&cfg, true)?;
+    let stream = Arc::new(StreamState::default());
+    let sysid = Arc::new(AtomicU64::new(cfg.system_identifier.unwrap_or(0)));
+    let (stop_tx, stop_rx) = watch::channel(false);
+
+    let listener = tokio::net::TcpListener::bind(cfg.listen)
+        .await
+        .with_context(|| format!("listening on {}", cfg.listen))?;
+    tracing::info!(listen = %cfg.listen, storage = %cfg.storage, slot = %cfg.slot_name, "pgkeep daemon starting");
+    let app = router(AppState {
+        stream: stream.clone(),
+        repo: repo.clone(),
+        system_identifier: sysid.clone(),
+    });
+    let mut http_stop = stop_rx.clone();
+    let http = tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async move {
+                let _ = http_stop.wait_for(|s| *s).await;
+            })
+            .await
+    });
+
+    // The cluster's identity, for serving WAL, once the streamer has learned it.
+    let ident_cfg = cfg.clone();
+    let ident = tokio::spawn({
+        let sysid = sysid.clone();
+        async move {
+            while sysid.load(Ordering::Acquire) == 0 {
+                if let Ok(mut c) =
+                    crate::pg::replication::ReplConnection::connect(&ident_cfg.pg).await
+                    && let Ok(sys) = c.identify_system().await
+                {
+                    sysid.store(sys.system_identifier, Ordering::Release);
+                    break;
+                }
+                tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+            }
+        }
+    });
+
+    let mut streaming = tokio::spawn(streamer::run(cfg.clone(), stream.clone(), stop_rx.clone()));
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+    let result = tokio::select! {
+        r = &mut streaming => Some(r),
+        _ = term.recv() => None,
+        _ = int.recv() => None,
+    };
+    let _ = stop_tx.send(true);
+    ident.abort();
+    let outcome = match result {
+        Some(r) => r.context("the streaming task")?,
+        None => {
+            tracing::info!(
+                timeout_s = cfg.shutdown_timeout.as_secs(),
+                "signal received: draining WAL"
+            );
+            match tokio::time::timeout(cfg.shutdown_timeout, &mut streaming).await {
+                Ok(r) => r.context("the streaming task")?,
+                Err(_) => {
+                    streaming.abort();
+                    Err(anyhow::anyhow!(
+                        "the WAL stream did not end within shutdown_timeout_secs ({}s); WAL up to {} is in storage",
+                        cfg.shutdown_timeout.as_secs(),
+                        stream.durable_lsn()
+                    ))
+                }
+            }
+        }
+    };
+    let _ = http.await;
+    tracing::info!(durable = %stream.durable_lsn(), "pgkeep daemon stopped");
+    outcome
+}

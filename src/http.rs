@@ -1,0 +1,190 @@
+//! The daemon's HTTP API (loopback by default): health, status, Prometheus metrics, and WAL files
+//! for restore_command. Names are validated before they reach storage; one error type maps to
+//! status codes.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use axum::Router;
+use axum::extract::{Path, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+
+use crate::pg::WalFileName;
+use crate::storage::{ClusterLayout, Repo, StorageError};
+use crate::wal::streamer::StreamState;
+
+#[derive(Clone)]
+pub struct AppState {
+    pub stream: Arc<StreamState>,
+    pub repo: Repo,
+    /// The cluster served (set once the streamer has identified the server, or from the config).
+    pub system_identifier: Arc<std::sync::atomic::AtomicU64>,
+}
+
+/// Every failure of a request, with its status code.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("{0} is not in the archive")]
+    NotFound(String),
+    #[error("not ready: {0}")]
+    Unavailable(String),
+    #[error("storage: {0}")]
+    Storage(String),
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let code = match &self {
+            ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Storage(_) => StatusCode::BAD_GATEWAY,
+        };
+        (code, format!("{self}\n")).into_response()
+    }
+}
+
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/status", get(status))
+        .route("/metrics", get(metrics))
+        .route("/wal/{name}", get(wal))
+        .with_state(state)
+}
+
+async fn readyz(State(s): State<AppState>) -> Result<&'static str, ApiError> {
+    if s.stream.timeline.load(Ordering::Acquire) == 0 {
+        return Err(ApiError::Unavailable(
+            "WAL streaming has not started".into(),
+        ));
+    }
+    Ok("ready\n")
+}
+
+async fn status(State(s): State<AppState>) -> impl IntoResponse {
+    let st = &s.stream;
+    let received = st.received_lsn();
+    let durable = st.durable_lsn();
+    axum::Json(serde_json::json!({
+        "system_identifier": s.system_identifier.load(Ordering::Acquire).to_string(),
+        "timeline": st.timeline.load(Ordering::Acquire),
+        "received_lsn": received.to_string(),
+        "durable_lsn": durable.to_string(),
+        "lag_bytes": received.0.saturating_sub(durable.0),
+        "segments_uploaded": st.segments_uploaded.load(Ordering::Relaxed),
+        "partial_uploads": st.partial_uploads.load(Ordering::Relaxed),
+        "upload_errors": st.upload_errors.load(Ordering::Relaxed),
+        "reconnects": st.reconnects.load(Ordering::Relaxed),
+        "last_upload_unix": st.last_upload_unix.load(Ordering::Relaxed),
+    }))
+}
+
+async fn metrics(State(s): State<AppState>) -> impl IntoResponse {
+    let st = &s.stream;
+    let received = st.received_lsn().0;
+    let durable = st.durable_lsn().0;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs();
+    let last = st.last_upload_unix.load(Ordering::Relaxed);
+    let mut out = String::new();
+    let mut metric = |name: &str, kind: &str, help: &str, value: f64| {
+        out.push_str(&format!(
+            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n"
+        ));
+    };
+    metric(
+        "pgkeep_timeline",
+        "gauge",
+        "Timeline being streamed.",
+        st.timeline.load(Ordering::Acquire) as f64,
+    );
+    metric(
+        "pgkeep_received_lsn_bytes",
+        "gauge",
+        "Highest WAL position received.",
+        received as f64,
+    );
+    metric(
+        "pgkeep_durable_lsn_bytes",
+        "gauge",
+        "WAL position up to which everything is in storage.",
+        durable as f64,
+    );
+    metric(
+        "pgkeep_replication_lag_bytes",
+        "gauge",
+        "Received but not yet in storage.",
+        received.saturating_sub(durable) as f64,
+    );
+    metric(
+        "pgkeep_seconds_since_last_wal_upload",
+        "gauge",
+        "Seconds since the last completed segment reached storage (-1: none yet).",
+        if last == 0 {
+            -1.0
+        } else {
+            now.saturating_sub(last) as f64
+        },
+    );
+    metric(
+        "pgkeep_wal_segments_uploaded_total",
+        "counter",
+        "Segments streamed to storage.",
+        st.segments_uploaded.load(Ordering::Relaxed) as f64,
+    );
+    metric(
+        "pgkeep_wal_partial_uploads_total",
+        "counter",
+        "Uploads of the open segment as .partial.",
+        st.partial_uploads.load(Ordering::Relaxed) as f64,
+    );
+    metric(
+        "pgkeep_upload_errors_total",
+        "counter",
+        "Failed uploads (each is retried by reconnecting).",
+        st.upload_errors.load(Ordering::Relaxed) as f64,
+    );
+    metric(
+        "pgkeep_bytes_uploaded_total",
+        "counter",
+        "Bytes stored for streamed segments.",
+        st.bytes_uploaded.load(Ordering::Relaxed) as f64,
+    );
+    metric(
+        "pgkeep_stream_reconnects_total",
+        "counter",
+        "Reconnections of the WAL stream.",
+        st.reconnects.load(Ordering::Relaxed) as f64,
+    );
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out)
+}
+
+/// `GET|HEAD /wal/{name}`: the verified bytes of a WAL file (axum answers HEAD from the GET route
+/// without a body).
+async fn wal(State(s): State<AppState>, Path(name): Path<String>) -> Result<Response, ApiError> {
+    let name: WalFileName = name
+        .parse()
+        .map_err(|e: crate::pg::ParseError| ApiError::BadRequest(e.to_string()))?;
+    let sysid = s.system_identifier.load(Ordering::Acquire);
+    if sysid == 0 {
+        return Err(ApiError::Unavailable(
+            "the cluster is not identified yet".into(),
+        ));
+    }
+    let cluster = ClusterLayout::new(sysid);
+    match s.repo.get(&cluster.wal(&name)).await {
+        Ok(data) => {
+            Ok(([(header::CONTENT_TYPE, "application/octet-stream")], data).into_response())
+        }
+        Err(StorageError::NotFound { .. }) => Err(ApiError::NotFound(name.to_string())),
+        Err(e) => Err(ApiError::Storage(e.to_string())),
+    }
+}

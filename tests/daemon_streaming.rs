@@ -1,0 +1,165 @@
+//! The sidecar on both storage backends: WAL streamed through the slot (no archive_command) is
+//! byte-equal to Postgres' own segments, the slot never releases WAL that is not in storage, the
+//! HTTP API validates names and speaks Prometheus, and SIGTERM drains: after the daemon and then
+//! Postgres stop, a restore from storage alone holds every committed row.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+
+fn streaming(backend: Backend) {
+    let dir = TestDir::new("daemon");
+    let storage = Storage::new(backend, &dir);
+    let bin = dir.install_pgkeep();
+    let mut pg = PgCluster::init(dir.path(), "primary", 1, &storage.env);
+    // Keep every segment in pg_wal for the comparison; no archive_command: streaming alone.
+    pg.set(&[("wal_keep_size", "'2GB'"), ("max_wal_size", "'2GB'")]);
+    pg.start();
+    let mut daemon = Daemon::start(
+        &dir,
+        &storage,
+        &bin,
+        &pg,
+        &[
+            ("PGKEEP_STATUS_INTERVAL_SECS", "1"),
+            ("PGKEEP_PARTIAL_UPLOAD_SECS", "1"),
+        ],
+    );
+
+    // Under pgbench, sample the slot: its restart_lsn never passes what the daemon has in storage.
+    run_ok(&mut pg.pgbench(&["-i", "-s", "2", "-q"]));
+    let mut load = pg.pgbench(&["-c", "2", "-T", "6", "-n"]).spawn().unwrap();
+    let mut samples = 0;
+    while load.try_wait().unwrap().is_none() {
+        let restart = pg.psql("select coalesce(restart_lsn::text, '0/0') from pg_replication_slots where slot_name = 'pgkeep'");
+        let durable = daemon.durable();
+        assert!(
+            parse_lsn(&restart) <= durable,
+            "slot restart_lsn {restart} passed the durable position {durable:X}"
+        );
+        samples += 1;
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(samples >= 10, "only {samples} samples");
+    assert!(load.wait().unwrap().success());
+
+    // Backups work with WAL that only streaming delivers.
+    let out = storage.pgkeep_pg(&bin, &["backup"], &pg.client_env());
+    assert!(out.status.success(), "backup: {}", stderr(&out));
+
+    // Every completed segment in storage equals Postgres' own.
+    let last = pg.psql("select pg_walfile_name(pg_switch_wal())");
+    let end = parse_lsn(&pg.psql("select pg_current_wal_lsn()"));
+    wait_for(
+        "the switched segment to be durable",
+        Duration::from_secs(60),
+        || (daemon.durable() >= end).then_some(()),
+    );
+    let fetched = dir.path().join("fetched");
+    let mut compared = 0;
+    for key in stored_keys(&storage) {
+        let name = key.rsplit('/').next().unwrap();
+        if name.len() != 24 {
+            continue;
+        }
+        let out = storage.pgkeep(&bin, &["wal-fetch", name, fetched.to_str().unwrap()]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        assert!(
+            std::fs::read(&fetched).unwrap()
+                == std::fs::read(pg.data.join("pg_wal").join(name)).unwrap(),
+            "{name} differs"
+        );
+        compared += 1;
+    }
+    assert!(
+        compared >= 10,
+        "only {compared} segments streamed (last {last})"
+    );
+
+    // HTTP: the WAL itself, bad names, unknown names, metrics.
+    let (code, body) = http("GET", daemon.port, &format!("/wal/{last}"));
+    assert_eq!(code, 200);
+    assert!(body == std::fs::read(pg.data.join("pg_wal").join(&last)).unwrap());
+    assert_eq!(http("HEAD", daemon.port, &format!("/wal/{last}")).0, 200);
+    for bad in [
+        "/wal/..%2F..%2Fetc%2Fpasswd",
+        "/wal/000000010000000000000001%2F..",
+        "/wal/RECOVERYXLOG",
+        "/wal/0000000100000000000000zz",
+    ] {
+        assert_eq!(http("GET", daemon.port, bad).0, 400, "{bad}");
+    }
+    assert_eq!(
+        http("GET", daemon.port, "/wal/0000000100000000000000F0").0,
+        404
+    );
+    let (code, metrics) = http("GET", daemon.port, "/metrics");
+    assert_eq!(code, 200);
+    let metrics = String::from_utf8(metrics).unwrap();
+    let mut seen = 0;
+    for line in metrics
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+    {
+        let (name, value) = line.split_once(' ').expect("name value");
+        assert!(
+            name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_'),
+            "{line}"
+        );
+        value.parse::<f64>().unwrap_or_else(|_| panic!("{line}"));
+        seen += 1;
+    }
+    assert!(
+        seen >= 8 && metrics.contains("pgkeep_durable_lsn_bytes"),
+        "{metrics}"
+    );
+
+    // Rows committed after the last switch exist only in the open segment. SIGTERM the daemon, then
+    // stop Postgres: the daemon drains until the walsender ends, so Postgres stops promptly.
+    pg.psql("create table last_rows as select generate_series(1, 777) g");
+    let expected = pg.table_checksum("pgbench_accounts");
+    daemon.signal("TERM");
+    let stop_started = std::time::Instant::now();
+    pg.stop("fast");
+    assert!(
+        stop_started.elapsed() < Duration::from_secs(30),
+        "Postgres took {:?} to stop",
+        stop_started.elapsed()
+    );
+    assert!(
+        daemon.wait(Duration::from_secs(60)).success(),
+        "the daemon failed to drain"
+    );
+    std::fs::remove_dir_all(&pg.data).unwrap();
+
+    // From storage alone: the base backup, the streamed segments and the final .partial.
+    let target = dir.mkdir("restored");
+    let out = storage.pgkeep_pg(
+        &bin,
+        &["restore", "--target-dir", target.to_str().unwrap()],
+        &[],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let mut restored = PgCluster::adopt(dir.path(), target, &storage.env);
+    restored.start();
+    restored.wait_promoted();
+    assert_eq!(
+        restored.psql("select count(*) from last_rows"),
+        "777",
+        "{}",
+        restored.log()
+    );
+    assert_eq!(restored.table_checksum("pgbench_accounts"), expected);
+}
+
+#[test]
+fn file_storage_streaming() {
+    streaming(Backend::File);
+}
+
+#[test]
+fn s3_storage_streaming() {
+    streaming(Backend::S3);
+}
