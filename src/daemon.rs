@@ -26,6 +26,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         stream: stream.clone(),
         repo: repo.clone(),
         system_identifier: sysid.clone(),
+        cfg: Arc::new(cfg.clone()),
     });
     let mut http_stop = stop_rx.clone();
     let http = tokio::spawn(async move {

@@ -21,6 +21,7 @@ pub struct AppState {
     pub repo: Repo,
     /// The cluster served (set once the streamer has identified the server, or from the config).
     pub system_identifier: Arc<std::sync::atomic::AtomicU64>,
+    pub cfg: Arc<crate::config::Config>,
 }
 
 /// Every failure of a request, with its status code.
@@ -55,16 +56,38 @@ pub fn router(state: AppState) -> Router {
         .route("/status", get(status))
         .route("/metrics", get(metrics))
         .route("/wal/{name}", get(wal))
+        .route("/wal-switch", axum::routing::post(wal_switch))
         .with_state(state)
 }
 
+/// Ready once the cluster is identified: WAL can be served (streaming may still wait for a
+/// promotion).
 async fn readyz(State(s): State<AppState>) -> Result<&'static str, ApiError> {
-    if s.stream.timeline.load(Ordering::Acquire) == 0 {
+    if s.system_identifier.load(Ordering::Acquire) == 0 {
         return Err(ApiError::Unavailable(
-            "WAL streaming has not started".into(),
+            "the cluster is not identified yet".into(),
         ));
     }
     Ok("ready\n")
+}
+
+/// `POST /wal-switch`: pg_switch_wal(), answered once that WAL is durable in storage (504 after 60 s).
+async fn wal_switch(State(s): State<AppState>) -> Result<Response, ApiError> {
+    let stream = s.stream.clone();
+    let result =
+        crate::wal::switch::switch_and_wait(&s.cfg, std::time::Duration::from_secs(60), || {
+            let d = stream.durable_lsn();
+            async move { Ok(d) }
+        })
+        .await;
+    match result {
+        Ok(target) => Ok(axum::Json(serde_json::json!({
+            "switched_to": target.map(|t| t.to_string()),
+            "durable_lsn": s.stream.durable_lsn().to_string(),
+        }))
+        .into_response()),
+        Err(e) => Ok((StatusCode::GATEWAY_TIMEOUT, format!("{e:#}\n")).into_response()),
+    }
 }
 
 async fn status(State(s): State<AppState>) -> impl IntoResponse {

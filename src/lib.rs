@@ -8,6 +8,7 @@ pub mod config;
 pub mod daemon;
 pub mod fsutil;
 pub mod http;
+pub mod http_client;
 pub mod list;
 pub mod logging;
 pub mod pg;

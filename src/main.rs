@@ -42,6 +42,12 @@ enum LogFormatArg {
 enum Command {
     /// The sidecar: stream WAL through a replication slot to storage and serve the HTTP API.
     Daemon,
+    /// The preStop hook: pg_switch_wal(), then wait until the daemon has that WAL in storage.
+    WalSwitch {
+        /// Give up (exit 1) after this many seconds.
+        #[arg(long, default_value_t = 60, value_name = "SECS")]
+        timeout: u64,
+    },
     /// Take one base backup now (over the replication protocol) and wait until it is in storage.
     Backup,
     /// List the base backups, newest first, and the recoverable window.
@@ -231,6 +237,20 @@ fn main() -> ExitCode {
                     ExitCode::from(1)
                 }
             },
+            Command::WalSwitch { timeout } => {
+                let wait = std::time::Duration::from_secs(timeout);
+                match pgkeep::wal::switch::switch_and_wait(&cfg, wait, || {
+                    pgkeep::wal::switch::daemon_durable(&cfg)
+                })
+                .await
+                {
+                    Ok(_) => ExitCode::SUCCESS,
+                    Err(e) => {
+                        tracing::error!("wal-switch: {e:#}");
+                        ExitCode::from(1)
+                    }
+                }
+            }
             Command::Backup => match backup::take_backup(&cfg).await {
                 Ok(meta) => {
                     println!("{}", meta.id);

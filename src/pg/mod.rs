@@ -6,3 +6,4 @@ pub mod walheader;
 pub use lsn::{Lsn, ParseError, SegmentNo, TimelineId, WalFileKind, WalFileName, WalSegSize};
 pub mod conninfo;
 pub mod replication;
+pub mod sql;

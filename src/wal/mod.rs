@@ -1,3 +1,4 @@
 //! WAL archiving: `archive_command` and `restore_command` today; the streamer and spool later.
 pub mod archive;
 pub mod streamer;
+pub mod switch;

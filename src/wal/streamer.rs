@@ -111,6 +111,21 @@ async fn stream_once(
     state: &StreamState,
     stop: &mut watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
+    // A server in recovery (just restored, or a standby) is not streamed from: its WAL is the
+    // archive's own. Streaming starts once it is a primary, on its new timeline.
+    let sql = crate::pg::sql::connect(&cfg.pg).await?;
+    let mut said = false;
+    while crate::pg::sql::is_in_recovery(&sql).await? {
+        if !said {
+            tracing::info!("Postgres is in recovery: WAL streaming waits until it is promoted");
+            said = true;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = stop.changed() => return Ok(()),
+        }
+    }
+    drop(sql);
     let mut conn = ReplConnection::connect(&cfg.pg).await?;
     let sys = conn.identify_system().await?;
     let size = conn.show("wal_segment_size").await?;

@@ -273,6 +273,17 @@ impl PgCluster {
         }
     }
 
+    /// kill -9 of the postmaster, as a crash would; its children notice and exit on their own.
+    pub fn kill9(&mut self) {
+        let pid = std::fs::read_to_string(self.data.join("postmaster.pid")).unwrap();
+        let pid = pid.lines().next().unwrap().trim().to_string();
+        run_ok(Command::new("kill").args(["-KILL", &pid]));
+        self.running = false;
+        // The children notice the postmaster's death within moments (their process titles do not
+        // say which cluster they belong to, so there is nothing precise to wait for).
+        std::thread::sleep(Duration::from_secs(1));
+    }
+
     /// Stops with the given mode (`fast`, `immediate`, `smart`).
     pub fn stop(&mut self, mode: &str) {
         if !self.running {

@@ -1,0 +1,69 @@
+//! A minimal HTTP/1.1 client for talking to the local daemon (loopback only): enough for
+//! `wal-fetch` and `wal-switch`, without pulling a TLS-capable client into their start-up.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::{Context, anyhow, bail};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// A response: status code, headers (lower-case names), body.
+pub struct Response {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl Response {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// Sends `method path` to `addr` and reads the whole response (bounded by `limit` bytes), all
+/// within `timeout`.
+pub async fn request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    timeout: Duration,
+    limit: usize,
+) -> anyhow::Result<Response> {
+    tokio::time::timeout(timeout, async {
+        let mut s = tokio::net::TcpStream::connect(addr).await.with_context(|| format!("connecting to {addr}"))?;
+        s.write_all(format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: 0\r\n\r\n").as_bytes())
+            .await?;
+        let mut raw = Vec::new();
+        (&mut s).take(limit as u64 + 64 * 1024).read_to_end(&mut raw).await?;
+        let split = raw
+            .windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .ok_or_else(|| anyhow!("not an HTTP response"))?;
+        let head = std::str::from_utf8(&raw[..split]).context("response head")?;
+        let mut lines = head.split("\r\n");
+        let status = lines
+            .next()
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|c| c.parse().ok())
+            .ok_or_else(|| anyhow!("no status line"))?;
+        let headers: Vec<(String, String)> = lines
+            .filter_map(|l| l.split_once(':'))
+            .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_string()))
+            .collect();
+        let body = raw[split + 4..].to_vec();
+        if let Some(len) = headers.iter().find(|(n, _)| n == "content-length").and_then(|(_, v)| v.parse::<usize>().ok())
+            && len != body.len()
+        {
+            bail!("truncated response: {} of {len} bytes", body.len());
+        }
+        if headers.iter().any(|(n, v)| n == "transfer-encoding" && v.contains("chunked")) {
+            bail!("chunked responses are not expected from the daemon");
+        }
+        Ok(Response { status, headers, body })
+    })
+    .await
+    .map_err(|_| anyhow!("no answer from {addr} within {timeout:?}"))?
+}

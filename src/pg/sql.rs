@@ -1,0 +1,43 @@
+//! Ordinary SQL connections (tokio-postgres), for what the replication protocol cannot do.
+
+use anyhow::Context;
+use tokio_postgres::NoTls;
+
+use super::Lsn;
+use super::conninfo::PgConnInfo;
+
+/// Connects; the connection task runs in the background until the client is dropped.
+pub async fn connect(info: &PgConnInfo) -> anyhow::Result<tokio_postgres::Client> {
+    let (client, conn) = info
+        .to_tokio_postgres()
+        .connect(NoTls)
+        .await
+        .with_context(|| format!("connecting to Postgres ({info})"))?;
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            tracing::debug!("SQL connection ended: {e}");
+        }
+    });
+    Ok(client)
+}
+
+pub async fn is_in_recovery(client: &tokio_postgres::Client) -> anyhow::Result<bool> {
+    Ok(client
+        .query_one("select pg_is_in_recovery()", &[])
+        .await?
+        .get(0))
+}
+
+/// `pg_switch_wal()`: closes the current segment; returns the position everything before which
+/// must reach storage for the switch to be complete.
+pub async fn switch_wal(client: &tokio_postgres::Client) -> anyhow::Result<Lsn> {
+    let row = client
+        .query_one(
+            "select pg_switch_wal()::text, pg_current_wal_lsn()::text",
+            &[],
+        )
+        .await
+        .context("pg_switch_wal()")?;
+    let switch: Lsn = row.get::<_, String>(0).parse()?;
+    Ok(switch)
+}

@@ -1,0 +1,212 @@
+//! The sidecar's hard days, on both storage backends:
+//! - kill -9 of the daemon under load, and a restart: no gap, every segment equal to Postgres' own;
+//! - the preStop hook (`pgkeep wal-switch`) returns once the switched WAL is in storage;
+//! - kill -9 of Postgres: what was committed more than the partial-upload interval before is in the
+//!   `.partial` in storage, and a restore from storage alone recovers it;
+//! - a restored standby: the daemon streams nothing while it is in recovery, follows it onto
+//!   timeline 2 once promoted (storing 00000002.history), and a later restore to latest lands on
+//!   timeline 2 with every row.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+
+fn count(pg: &PgCluster, table: &str) -> String {
+    pg.psql(&format!("select count(*) from {table}"))
+}
+
+fn lifecycle(backend: Backend) {
+    let dir = TestDir::new("lifecycle");
+    let storage = Storage::new(backend, &dir);
+    let bin = dir.install_pgkeep();
+    let fast = [
+        ("PGKEEP_STATUS_INTERVAL_SECS", "1"),
+        ("PGKEEP_PARTIAL_UPLOAD_SECS", "1"),
+    ];
+    let mut pg = PgCluster::init(dir.path(), "primary", 1, &storage.env);
+    pg.set(&[("wal_keep_size", "'2GB'"), ("max_wal_size", "'2GB'")]);
+    pg.start();
+    let daemon = Daemon::start(&dir, &storage, &bin, &pg, &fast);
+    run_ok(&mut pg.pgbench(&["-i", "-s", "2", "-q"]));
+    let out = storage.pgkeep_pg(&bin, &["backup"], &pg.client_env());
+    assert!(out.status.success(), "backup: {}", stderr(&out));
+
+    // kill -9 the daemon under load, then start it again.
+    let mut load = pg.pgbench(&["-c", "2", "-T", "5", "-n"]).spawn().unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    daemon.signal("KILL");
+    drop(daemon);
+    std::thread::sleep(Duration::from_millis(500));
+    let daemon = Daemon::start(&dir, &storage, &bin, &pg, &fast);
+    assert!(load.wait().unwrap().success());
+
+    // The preStop hook: once it returns, the switched segment is in storage as a whole segment.
+    let mut env = storage.env.clone();
+    env.extend(pg.client_env());
+    env.push(("PGKEEP_LISTEN".into(), format!("127.0.0.1:{}", daemon.port)));
+    let out = storage.pgkeep_pg(&bin, &["wal-switch", "--timeout", "60"], &env);
+    assert!(out.status.success(), "wal-switch: {}", stderr(&out));
+    let current = pg.psql("select pg_walfile_name(pg_current_wal_lsn())");
+    let last_done = format!(
+        "{}{:08X}",
+        &current[..16],
+        u32::from_str_radix(&current[16..], 16).unwrap() - 1
+    );
+
+    // No gap: every segment from the first streamed to the switched one is in storage, equal to pg_wal.
+    let names: Vec<String> = stored_keys(&storage)
+        .iter()
+        .filter_map(|k| {
+            k.rsplit('/')
+                .next()
+                .filter(|n| n.len() == 24)
+                .map(str::to_string)
+        })
+        .collect();
+    assert!(names.contains(&last_done), "{last_done} not in {names:?}");
+    let first = u32::from_str_radix(&names[0][16..], 16).unwrap();
+    let last = u32::from_str_radix(&last_done[16..], 16).unwrap();
+    let fetched = dir.path().join("fetched");
+    for seg in first..=last {
+        let name = format!("{}{seg:08X}", &names[0][..16]);
+        let out = storage.pgkeep(&bin, &["wal-fetch", &name, fetched.to_str().unwrap()]);
+        assert!(out.status.success(), "gap at {name}: {}", stderr(&out));
+        assert!(
+            std::fs::read(&fetched).unwrap()
+                == std::fs::read(pg.data.join("pg_wal").join(&name)).unwrap(),
+            "{name} differs"
+        );
+    }
+
+    // kill -9 Postgres: rows committed well before it are in the .partial.
+    pg.psql("create table before_kill as select generate_series(1, 1234) g");
+    let expected = pg.table_checksum("pgbench_accounts");
+    std::thread::sleep(Duration::from_millis(3500));
+    pg.kill9();
+    daemon.signal("TERM");
+    drop(daemon);
+    std::fs::remove_dir_all(&pg.data).unwrap();
+
+    // From storage alone, as a standby first: the daemon must not stream while it is in recovery.
+    let target = dir.mkdir("restored");
+    let out = storage.pgkeep_pg(
+        &bin,
+        &[
+            "restore",
+            "--standby",
+            "--target-dir",
+            target.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let mut restored = PgCluster::adopt(dir.path(), target, &storage.env);
+    restored.start();
+    wait_for(
+        "the standby to replay the archive",
+        Duration::from_secs(60),
+        || {
+            let out = restored.try_psql("select count(*) from before_kill");
+            (out.status.success() && String::from_utf8_lossy(&out.stdout).trim() == "1234")
+                .then_some(())
+        },
+    );
+    assert_eq!(restored.table_checksum("pgbench_accounts"), expected);
+    let before: Vec<String> = stored_keys(&storage);
+    let daemon = Daemon::start(&dir, &storage, &bin, &restored, &fast);
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(
+        stored_keys(&storage),
+        before,
+        "the daemon wrote to storage while Postgres was in recovery"
+    );
+
+    // Promotion: timeline 2, followed by the daemon.
+    restored.psql("select pg_promote()");
+    restored.wait_promoted();
+    restored.psql("create table on_timeline_2 as select generate_series(1, 4321) g");
+    let mut env = storage.env.clone();
+    env.extend(restored.client_env());
+    env.push(("PGKEEP_LISTEN".into(), format!("127.0.0.1:{}", daemon.port)));
+    let out = storage.pgkeep_pg(&bin, &["wal-switch", "--timeout", "60"], &env);
+    assert!(
+        out.status.success(),
+        "wal-switch on timeline 2: {}",
+        stderr(&out)
+    );
+    let keys = stored_keys(&storage);
+    assert!(
+        keys.iter()
+            .any(|k| k.ends_with("/wal/00000002/00000002.history")),
+        "{keys:?}"
+    );
+    assert!(
+        keys.iter()
+            .any(|k| k.contains("/wal/00000002/00000002") && k.len() > 30),
+        "{keys:?}"
+    );
+    let expected_tl2 = restored.table_checksum("on_timeline_2");
+    daemon.signal("TERM");
+    restored.stop("fast");
+    drop(daemon);
+
+    // A later restore to latest follows timeline 2 and holds every row.
+    let again = dir.mkdir("again");
+    let out = storage.pgkeep_pg(
+        &bin,
+        &["restore", "--target-dir", again.to_str().unwrap()],
+        &[],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let mut latest = PgCluster::adopt(dir.path(), again, &storage.env);
+    latest.set(&[("archive_mode", "off")]);
+    latest.start();
+    latest.wait_promoted();
+    assert_eq!(
+        latest.table_checksum("on_timeline_2"),
+        expected_tl2,
+        "{}",
+        latest.log()
+    );
+    assert_eq!(count(&latest, "before_kill"), "1234");
+    assert!(
+        latest
+            .log()
+            .contains("restored log file \"00000002.history\" from archive"),
+        "{}",
+        latest.log()
+    );
+}
+
+#[test]
+fn file_storage_daemon_lifecycle() {
+    lifecycle(Backend::File);
+}
+
+#[test]
+fn s3_storage_daemon_lifecycle() {
+    lifecycle(Backend::S3);
+}
+
+/// wal-switch without a daemon: fails after its timeout and says so.
+#[test]
+fn wal_switch_without_a_daemon_times_out() {
+    let dir = TestDir::new("walswitch");
+    let storage = Storage::new(Backend::File, &dir);
+    let bin = dir.install_pgkeep();
+    let mut pg = PgCluster::init(dir.path(), "pg", 1, &[]);
+    pg.start();
+    let mut env = pg.client_env();
+    env.push(("PGKEEP_LISTEN".into(), format!("127.0.0.1:{}", free_port())));
+    let started = std::time::Instant::now();
+    let out = storage.pgkeep_pg(&bin, &["wal-switch", "--timeout", "2"], &env);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("did not reach storage within 2s"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(started.elapsed() < Duration::from_secs(20));
+}
