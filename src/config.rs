@@ -49,6 +49,7 @@ const KEYS: &[(&str, Kind)] = &[
     ("status_interval_secs", Kind::Int),
     ("partial_upload_secs", Kind::Int),
     ("shutdown_timeout_secs", Kind::Int),
+    ("prefetch_segments", Kind::Int),
 ];
 
 /// Environment variables with the `PGKEEP_` prefix that are not settings.
@@ -221,6 +222,8 @@ pub struct Config {
     pub partial_upload_interval: Duration,
     /// How long the daemon drains WAL after SIGTERM before it gives up.
     pub shutdown_timeout: Duration,
+    /// How many segments after a requested one the daemon downloads ahead.
+    pub prefetch_segments: usize,
     /// The `PGKEEP_*` variables this configuration was built from (restore passes them on to the
     /// restore_command it writes).
     pub env_settings: Vec<(String, String)>,
@@ -517,6 +520,7 @@ impl Config {
             shutdown_timeout: Duration::from_secs(
                 int("shutdown_timeout_secs", 1..=86400, 60)? as u64
             ),
+            prefetch_segments: int("prefetch_segments", 0..=256, 8)? as usize,
             pg,
             backup_chunk_bytes: (int("backup_chunk_size_mb", 1..=1024, 16)? as usize) << 20,
             parallelism,

@@ -27,6 +27,15 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         repo: repo.clone(),
         system_identifier: sysid.clone(),
         cfg: Arc::new(cfg.clone()),
+        prefetch: Arc::new(
+            crate::wal::prefetch::Prefetcher::new(
+                cfg.spool_dir.join("prefetch"),
+                cfg.prefetch_segments,
+            )
+            .with_context(|| {
+                format!("creating the prefetch cache in {}", cfg.spool_dir.display())
+            })?,
+        ),
     });
     let mut http_stop = stop_rx.clone();
     let http = tokio::spawn(async move {

@@ -12,7 +12,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 
 use crate::pg::WalFileName;
-use crate::storage::{ClusterLayout, Repo, StorageError};
+use crate::storage::{ClusterLayout, Repo};
 use crate::wal::streamer::StreamState;
 
 #[derive(Clone)]
@@ -22,6 +22,7 @@ pub struct AppState {
     /// The cluster served (set once the streamer has identified the server, or from the config).
     pub system_identifier: Arc<std::sync::atomic::AtomicU64>,
     pub cfg: Arc<crate::config::Config>,
+    pub prefetch: Arc<crate::wal::prefetch::Prefetcher>,
 }
 
 /// Every failure of a request, with its status code.
@@ -35,6 +36,8 @@ pub enum ApiError {
     Unavailable(String),
     #[error("storage: {0}")]
     Storage(String),
+    #[error("{0}")]
+    Conflict(String),
 }
 
 impl IntoResponse for ApiError {
@@ -44,6 +47,7 @@ impl IntoResponse for ApiError {
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Storage(_) => StatusCode::BAD_GATEWAY,
+            ApiError::Conflict(_) => StatusCode::CONFLICT,
         };
         (code, format!("{self}\n")).into_response()
     }
@@ -187,12 +191,42 @@ async fn metrics(State(s): State<AppState>) -> impl IntoResponse {
         "Reconnections of the WAL stream.",
         st.reconnects.load(Ordering::Relaxed) as f64,
     );
+    let pf = &s.prefetch;
+    metric(
+        "pgkeep_wal_served_total",
+        "counter",
+        "WAL files served to restore_command.",
+        pf.served.load(Ordering::Relaxed) as f64,
+    );
+    metric(
+        "pgkeep_wal_prefetched_total",
+        "counter",
+        "Segments downloaded ahead of their request.",
+        pf.prefetched.load(Ordering::Relaxed) as f64,
+    );
+    metric(
+        "pgkeep_wal_prefetch_hits_total",
+        "counter",
+        "WAL requests answered from the prefetch cache.",
+        pf.hits.load(Ordering::Relaxed) as f64,
+    );
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out)
 }
 
+#[derive(serde::Deserialize)]
+pub struct WalQuery {
+    /// The cluster the client expects; another one is refused (409) so the client reads storage.
+    system_identifier: Option<u64>,
+}
+
 /// `GET|HEAD /wal/{name}`: the verified bytes of a WAL file (axum answers HEAD from the GET route
-/// without a body).
-async fn wal(State(s): State<AppState>, Path(name): Path<String>) -> Result<Response, ApiError> {
+/// without a body), with `x-pgkeep-sha256` of the content and `x-pgkeep-served`, the name it was
+/// stored under (a segment's `.partial` when only that exists).
+async fn wal(
+    State(s): State<AppState>,
+    Path(name): Path<String>,
+    axum::extract::Query(q): axum::extract::Query<WalQuery>,
+) -> Result<Response, ApiError> {
     let name: WalFileName = name
         .parse()
         .map_err(|e: crate::pg::ParseError| ApiError::BadRequest(e.to_string()))?;
@@ -202,12 +236,36 @@ async fn wal(State(s): State<AppState>, Path(name): Path<String>) -> Result<Resp
             "the cluster is not identified yet".into(),
         ));
     }
+    if let Some(want) = q.system_identifier
+        && want != sysid
+    {
+        return Err(ApiError::Conflict(format!(
+            "this daemon serves cluster {sysid}, not {want}"
+        )));
+    }
     let cluster = ClusterLayout::new(sysid);
-    match s.repo.get(&cluster.wal(&name)).await {
-        Ok(data) => {
-            Ok(([(header::CONTENT_TYPE, "application/octet-stream")], data).into_response())
+    match s.prefetch.get(&s.repo, &cluster, &name).await {
+        Ok((data, served)) => {
+            let sha = hex::encode(
+                crate::storage::object::Header::for_content(crate::codec::Codec::None, &data)
+                    .plain_sha256,
+            );
+            Ok((
+                [
+                    (header::CONTENT_TYPE, "application/octet-stream".to_string()),
+                    (header::HeaderName::from_static("x-pgkeep-sha256"), sha),
+                    (
+                        header::HeaderName::from_static("x-pgkeep-served"),
+                        served.to_string(),
+                    ),
+                ],
+                data,
+            )
+                .into_response())
         }
-        Err(StorageError::NotFound { .. }) => Err(ApiError::NotFound(name.to_string())),
-        Err(e) => Err(ApiError::Storage(e.to_string())),
+        Err(crate::wal::archive::FetchError::NotInArchive(_)) => {
+            Err(ApiError::NotFound(name.to_string()))
+        }
+        Err(e) => Err(ApiError::Storage(format!("{e:#}"))),
     }
 }

@@ -210,3 +210,79 @@ fn wal_switch_without_a_daemon_times_out() {
     );
     assert!(started.elapsed() < Duration::from_secs(20));
 }
+
+/// Recovery served by the daemon: restore_command (pgkeep wal-fetch) asks the daemon, which
+/// prefetches the following segments; all rows arrive and the prefetch shows in /metrics. The same
+/// recovery straight from storage is timed beside it.
+fn served_recovery(backend: Backend) {
+    let dir = TestDir::new("served");
+    let storage = Storage::new(backend, &dir);
+    let bin = dir.install_pgkeep();
+    let fast = [
+        ("PGKEEP_STATUS_INTERVAL_SECS", "1"),
+        ("PGKEEP_PARTIAL_UPLOAD_SECS", "1"),
+    ];
+    let mut pg = PgCluster::init(dir.path(), "primary", 1, &storage.env);
+    pg.start();
+    let daemon = Daemon::start(&dir, &storage, &bin, &pg, &fast);
+    run_ok(&mut pg.pgbench(&["-i", "-s", "1", "-q"]));
+    let out = storage.pgkeep_pg(&bin, &["backup"], &pg.client_env());
+    assert!(out.status.success(), "backup: {}", stderr(&out));
+    run_ok(&mut pg.pgbench(&["-c", "2", "-t", "3000", "-n"]));
+    let expected = pg.table_checksum("pgbench_accounts");
+    let mut env = storage.env.clone();
+    env.extend(pg.client_env());
+    env.push(("PGKEEP_LISTEN".into(), format!("127.0.0.1:{}", daemon.port)));
+    let out = storage.pgkeep_pg(&bin, &["wal-switch"], &env);
+    assert!(out.status.success(), "wal-switch: {}", stderr(&out));
+    pg.stop("fast");
+
+    let mut timings = vec![];
+    for (label, port) in [
+        ("via the daemon", daemon.port),
+        ("straight from storage", free_port()),
+    ] {
+        let target = dir.mkdir(&format!("restored-{port}"));
+        let listen = [("PGKEEP_LISTEN".to_string(), format!("127.0.0.1:{port}"))];
+        let out = storage.pgkeep_pg(
+            &bin,
+            &["restore", "--target-dir", target.to_str().unwrap()],
+            &listen,
+        );
+        assert!(out.status.success(), "{}", stderr(&out));
+        let mut c = PgCluster::adopt(dir.path(), target, &storage.env);
+        c.set(&[("archive_mode", "off")]);
+        let started = std::time::Instant::now();
+        c.start();
+        c.wait_promoted();
+        let took = started.elapsed();
+        assert_eq!(c.table_checksum("pgbench_accounts"), expected, "{label}");
+        let replayed = c.log().matches("restored log file").count();
+        timings.push(format!(
+            "{label}: {replayed} files in {:.2}s",
+            took.as_secs_f64()
+        ));
+        c.stop("fast");
+    }
+    eprintln!("recovery replay: {}", timings.join("; "));
+    let metrics = String::from_utf8(http("GET", daemon.port, "/metrics").1).unwrap();
+    let value = |name: &str| -> f64 {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} ")))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("{name} missing: {metrics}"))
+    };
+    assert!(value("pgkeep_wal_served_total") >= 10.0, "{metrics}");
+    assert!(value("pgkeep_wal_prefetch_hits_total") >= 5.0, "{metrics}");
+}
+
+#[test]
+fn file_storage_served_recovery() {
+    served_recovery(Backend::File);
+}
+
+#[test]
+fn s3_storage_served_recovery() {
+    served_recovery(Backend::S3);
+}

@@ -132,10 +132,88 @@ pub struct FetchReport {
 }
 
 /// Downloads one WAL file, verifies it (object checksum; for segments also the page header against
-/// the name and the cluster) and writes it to `dest` atomically.
+/// the name and the cluster) and writes it to `dest` atomically. Asks the local daemon first (it
+/// may have prefetched the file) and falls back to storage when no daemon answers for this cluster.
 pub async fn wal_fetch(cfg: &Config, name: &str, dest: &Path) -> Result<FetchReport, FetchError> {
     let started = Instant::now();
     let name: WalFileName = name.parse().map_err(anyhow::Error::from)?;
+    let local = match cfg.system_identifier {
+        Some(id) => Some(id),
+        None => local_system_identifier(cfg)?.map(|(id, _)| id),
+    };
+    let (data, via) = match from_daemon(cfg, &name, local).await {
+        Some(Ok(data)) => (data, "daemon"),
+        Some(Err(e)) => return Err(e),
+        None => (from_storage(cfg, &name).await?, "storage"),
+    };
+    fsutil::write_atomic(dest, &data)
+        .with_context(|| format!("writing {}", dest.display()))
+        .map_err(FetchError::Failed)?;
+    tracing::info!(wal = %name, bytes = data.len(), via, ms = started.elapsed().as_millis(), dest = %dest.display(), "fetched");
+    Ok(FetchReport {
+        name,
+        bytes: data.len(),
+    })
+}
+
+/// Asks the daemon at `listen`. None: no daemon answered for this cluster (use storage);
+/// Some(Err(NotInArchive)): the daemon looked in storage and the file is not there.
+async fn from_daemon(
+    cfg: &Config,
+    name: &WalFileName,
+    sysid: Option<u64>,
+) -> Option<Result<Vec<u8>, FetchError>> {
+    let sysid = sysid?;
+    let path = format!("/wal/{name}?system_identifier={sysid}");
+    let r = match crate::http_client::request(
+        cfg.listen,
+        "GET",
+        &path,
+        cfg.retry.request_timeout,
+        1 << 30,
+    )
+    .await
+    {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::debug!("no daemon at {}: {e:#}", cfg.listen);
+            return None;
+        }
+    };
+    match r.status {
+        200 => {
+            // Verified again here: the daemon's copy crossed a socket and a cache.
+            let want = r.header("x-pgkeep-sha256").unwrap_or_default().to_string();
+            let got = hex::encode(
+                crate::storage::object::Header::for_content(crate::codec::Codec::None, &r.body)
+                    .plain_sha256,
+            );
+            let served: Option<WalFileName> =
+                r.header("x-pgkeep-served").and_then(|n| n.parse().ok());
+            let served = served.filter(|s| s.timeline == name.timeline && s.stem() == name.stem());
+            if want != got || served.is_none() {
+                tracing::warn!(wal = %name, "the daemon's answer did not verify; reading storage directly");
+                return None;
+            }
+            let served = served.expect("checked");
+            if matches!(served.kind, WalFileKind::Segment | WalFileKind::Partial)
+                && let Err(e) = walheader::check_segment(&served, &r.body, Some(sysid))
+            {
+                tracing::warn!(wal = %name, "the daemon's copy is not this segment ({e}); reading storage directly");
+                return None;
+            }
+            Some(Ok(r.body))
+        }
+        404 => Some(Err(FetchError::NotInArchive(name.to_string()))),
+        code => {
+            tracing::debug!(wal = %name, code, "the daemon cannot serve it; reading storage directly");
+            None
+        }
+    }
+}
+
+/// Reads a WAL file straight from storage.
+async fn from_storage(cfg: &Config, name: &WalFileName) -> Result<Vec<u8>, FetchError> {
     let repo = Repo::open(cfg, false)?;
     // A missing marker or cluster means misconfiguration (wrong URL, wrong cluster), never "this WAL
     // file does not exist": answering 1 there would end recovery early and silently.
@@ -149,10 +227,19 @@ pub async fn wal_fetch(cfg: &Config, name: &str, dest: &Path) -> Result<FetchRep
         )
         .into());
     }
-    let (data, served) = match repo.get(&cluster.wal(&name)).await {
-        Ok(d) => (d, name),
-        // A segment that exists only as the .partial the daemon streamed (the last WAL before a
-        // crash or shutdown): Postgres replays it up to its valid end, then ends recovery there.
+    Ok(fetch_verified(&repo, &cluster, name).await?.0)
+}
+
+/// The verified content of a WAL file and the name it was stored under: a segment that exists only
+/// as the `.partial` the daemon streamed (the last WAL before a crash or shutdown) is served from
+/// that, and Postgres replays it up to its valid end, then ends recovery there.
+pub async fn fetch_verified(
+    repo: &Repo,
+    cluster: &ClusterLayout,
+    name: &WalFileName,
+) -> Result<(Vec<u8>, WalFileName), FetchError> {
+    let (data, served) = match repo.get(&cluster.wal(name)).await {
+        Ok(d) => (d, *name),
         Err(StorageError::NotFound { .. }) if name.kind == WalFileKind::Segment => {
             let partial = name.with_kind(WalFileKind::Partial);
             match repo.get(&cluster.wal(&partial)).await {
@@ -172,15 +259,8 @@ pub async fn wal_fetch(cfg: &Config, name: &str, dest: &Path) -> Result<FetchRep
         Err(e) => return Err(e.into()),
     };
     if matches!(served.kind, WalFileKind::Segment | WalFileKind::Partial) {
-        walheader::check_segment(&served, &data, Some(system_identifier))
+        walheader::check_segment(&served, &data, Some(cluster.system_identifier))
             .map_err(anyhow::Error::from)?;
     }
-    fsutil::write_atomic(dest, &data)
-        .with_context(|| format!("writing {}", dest.display()))
-        .map_err(FetchError::Failed)?;
-    tracing::info!(wal = %name, bytes = data.len(), ms = started.elapsed().as_millis(), dest = %dest.display(), "fetched");
-    Ok(FetchReport {
-        name,
-        bytes: data.len(),
-    })
+    Ok((data, served))
 }
