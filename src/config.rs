@@ -50,6 +50,9 @@ const KEYS: &[(&str, Kind)] = &[
     ("partial_upload_secs", Kind::Int),
     ("shutdown_timeout_secs", Kind::Int),
     ("prefetch_segments", Kind::Int),
+    ("backup_count", Kind::Int),
+    ("backup_max_age_hours", Kind::Int),
+    ("backup_interval_hours", Kind::Int),
 ];
 
 /// Environment variables with the `PGKEEP_` prefix that are not settings.
@@ -224,6 +227,12 @@ pub struct Config {
     pub shutdown_timeout: Duration,
     /// How many segments after a requested one the daemon downloads ahead.
     pub prefetch_segments: usize,
+    /// Retention keeps at least this many base backups...
+    pub backup_count: usize,
+    /// ...and every backup younger than this (0: no age rule).
+    pub backup_max_age_hours: u64,
+    /// The daemon takes a base backup this often (0: never on its own).
+    pub backup_interval_hours: u64,
     /// The `PGKEEP_*` variables this configuration was built from (restore passes them on to the
     /// restore_command it writes).
     pub env_settings: Vec<(String, String)>,
@@ -521,6 +530,9 @@ impl Config {
                 int("shutdown_timeout_secs", 1..=86400, 60)? as u64
             ),
             prefetch_segments: int("prefetch_segments", 0..=256, 8)? as usize,
+            backup_count: int("backup_count", 1..=10000, 3)? as usize,
+            backup_max_age_hours: int("backup_max_age_hours", 0..=1_000_000, 168)? as u64,
+            backup_interval_hours: int("backup_interval_hours", 0..=100_000, 24)? as u64,
             pg,
             backup_chunk_bytes: (int("backup_chunk_size_mb", 1..=1024, 16)? as usize) << 20,
             parallelism,

@@ -14,5 +14,6 @@ pub mod logging;
 pub mod pg;
 pub mod progress;
 pub mod restore;
+pub mod retention;
 pub mod storage;
 pub mod wal;

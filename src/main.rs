@@ -56,6 +56,13 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Apply retention: delete backups beyond backup_count/backup_max_age_hours and the WAL no kept
+    /// backup needs.
+    Prune {
+        /// Say what would be deleted, delete nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// Restore a base backup into an empty data directory and write the recovery settings
     /// (the init container). Leaves a directory that already holds a cluster alone.
     Restore(RestoreArgs),
@@ -251,6 +258,16 @@ fn main() -> ExitCode {
                     }
                 }
             }
+            Command::Prune { dry_run } => match pgkeep::retention::prune(&cfg, dry_run).await {
+                Ok(plan) => {
+                    print!("{}", pgkeep::retention::render(&plan, dry_run));
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    tracing::error!("prune failed: {e:#}");
+                    ExitCode::from(1)
+                }
+            },
             Command::Backup => match backup::take_backup(&cfg).await {
                 Ok(meta) => {
                     println!("{}", meta.id);

@@ -1,0 +1,137 @@
+//! Retention on both storage backends: with backup_count = 2 (and no age rule), after three backups
+//! `pgkeep prune --dry-run` changes nothing, `pgkeep prune` deletes the oldest backup and the WAL
+//! before the oldest kept backup, and each kept backup still restores to latest with every row.
+
+mod common;
+
+use common::*;
+
+fn retention(backend: Backend) {
+    let dir = TestDir::new("retention");
+    let storage = Storage::new(backend, &dir);
+    let bin = dir.install_pgkeep();
+    let archive_command = format!(
+        "'{} --config {} archive-push %p'",
+        bin.display(),
+        storage.config.display()
+    );
+    let mut pg = PgCluster::init(dir.path(), "primary", 1, &storage.env);
+    pg.set(&[
+        ("archive_mode", "on"),
+        ("archive_command", &archive_command),
+    ]);
+    pg.start();
+    pg.psql("create table t (id serial primary key, v text)");
+    let mut ids = vec![];
+    for round in 0..3 {
+        pg.psql(&format!(
+            "insert into t (v) select 'r{round}-' || md5(g::text) from generate_series(1, 20000) g"
+        ));
+        let out = storage.pgkeep_pg(&bin, &["backup"], &pg.client_env());
+        assert!(out.status.success(), "backup: {}", stderr(&out));
+        ids.push(String::from_utf8_lossy(&out.stdout).trim().to_string());
+        pg.psql("select pg_switch_wal()");
+        std::thread::sleep(std::time::Duration::from_millis(1100)); // ids are per second
+    }
+    pg.psql("insert into t (v) select 'last-' || g from generate_series(1, 100) g");
+    let expected = pg.table_checksum("t");
+    pg.switch_and_wait_archived();
+    let oldest_wal_before: Vec<String> = stored_keys(&storage)
+        .into_iter()
+        .filter(|k| k.contains("/wal/"))
+        .collect();
+
+    let settings = [
+        ("PGKEEP_BACKUP_COUNT".to_string(), "2".to_string()),
+        ("PGKEEP_BACKUP_MAX_AGE_HOURS".to_string(), "0".to_string()),
+    ];
+    let before = stored_keys(&storage);
+    let out = storage.pgkeep_pg(&bin, &["prune", "--dry-run"], &settings);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        said.contains(&format!("would delete 1 backup(s): {}", ids[0])),
+        "{said}"
+    );
+    assert_eq!(stored_keys(&storage), before, "--dry-run changed storage");
+
+    let out = storage.pgkeep_pg(&bin, &["prune"], &settings);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let after = stored_keys(&storage);
+    assert!(
+        !after.iter().any(|k| k.contains(&ids[0])),
+        "the oldest backup is still there"
+    );
+    for id in &ids[1..] {
+        assert!(
+            after
+                .iter()
+                .any(|k| k.ends_with(&format!("{id}/backup.json"))),
+            "{id} was deleted"
+        );
+    }
+    let out = storage.pgkeep_pg(&bin, &["list", "--json"], &[]);
+    let listed: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(listed["backups"].as_array().unwrap().len(), 2);
+    // WAL before the second backup's start is gone; from it on, all of it is still there.
+    let second_start = listed["backups"][1]["start_lsn"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let start_seg = parse_lsn(&second_start) >> 20; // 1 MiB segments
+    let wal_after: Vec<&String> = after.iter().filter(|k| k.contains("/wal/")).collect();
+    let mut deleted = 0;
+    for k in &oldest_wal_before {
+        let name = k.rsplit('/').next().unwrap();
+        let kept = wal_after.contains(&k);
+        if name.ends_with(".history") {
+            assert!(kept, "{name}");
+            continue;
+        }
+        let seg = u64::from_str_radix(&name[16..24], 16).unwrap()
+            + (u64::from_str_radix(&name[8..16], 16).unwrap() << 12);
+        assert_eq!(
+            kept,
+            seg >= start_seg,
+            "{name} (the oldest kept backup starts in segment {start_seg:X})"
+        );
+        deleted += usize::from(!kept);
+    }
+    assert!(deleted > 0, "no WAL was deleted");
+    // A second prune finds nothing more to do.
+    let out = storage.pgkeep_pg(&bin, &["prune"], &settings);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("deleted 0 backup(s)"));
+    pg.stop("fast");
+
+    for id in &ids[1..] {
+        let target = dir.mkdir(&format!("restore-{id}"));
+        let out = storage.pgkeep_pg(
+            &bin,
+            &[
+                "restore",
+                "--backup",
+                id,
+                "--target-dir",
+                target.to_str().unwrap(),
+            ],
+            &[],
+        );
+        assert!(out.status.success(), "{}", stderr(&out));
+        let mut c = PgCluster::adopt(dir.path(), target, &storage.env);
+        c.set(&[("archive_mode", "off")]);
+        c.start();
+        c.wait_promoted();
+        assert_eq!(c.table_checksum("t"), expected, "restore of {id}");
+        c.stop("fast");
+    }
+}
+
+#[test]
+fn file_storage_retention() {
+    retention(Backend::File);
+}
+
+#[test]
+fn s3_storage_retention() {
+    retention(Backend::S3);
+}
