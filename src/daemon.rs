@@ -65,6 +65,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     });
 
     let mut streaming = tokio::spawn(streamer::run(cfg.clone(), stream.clone(), stop_rx.clone()));
+    let schedule = tokio::spawn(schedule(cfg.clone(), stream.clone(), stop_rx.clone()));
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
     let result = tokio::select! {
@@ -74,6 +75,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     };
     let _ = stop_tx.send(true);
     ident.abort();
+    schedule.abort();
     let outcome = match result {
         Some(r) => r.context("the streaming task")?,
         None => {
@@ -97,4 +99,76 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let _ = http.await;
     tracing::info!(durable = %stream.durable_lsn(), "pgkeep daemon stopped");
     outcome
+}
+
+/// Takes a base backup (and then applies retention) every `backup_interval_hours`, and at start
+/// when storage holds none; never while Postgres is in recovery.
+async fn schedule(cfg: Config, state: Arc<StreamState>, mut stop: watch::Receiver<bool>) {
+    if cfg.backup_interval_hours == 0 {
+        return;
+    }
+    let interval = chrono::Duration::hours(cfg.backup_interval_hours as i64);
+    loop {
+        let pause = match due(&cfg, interval).await {
+            Ok(false) => std::time::Duration::from_secs(60),
+            Ok(true) => match take_and_prune(&cfg, &state).await {
+                Ok(_) => std::time::Duration::from_secs(60),
+                Err(e) => {
+                    state.backup_failures.fetch_add(1, Ordering::Relaxed);
+                    tracing::error!("scheduled backup failed: {e:#}; trying again in 5 minutes");
+                    std::time::Duration::from_secs(300)
+                }
+            },
+            Err(e) => {
+                tracing::debug!("backup schedule: {e:#}");
+                std::time::Duration::from_secs(10)
+            }
+        };
+        tokio::select! {
+            _ = tokio::time::sleep(pause) => {}
+            _ = stop.changed() => return,
+        }
+    }
+}
+
+/// Whether a backup is due: Postgres is a primary, and the newest backup is older than the interval
+/// (or there is none).
+async fn due(cfg: &Config, interval: chrono::Duration) -> anyhow::Result<bool> {
+    let sql = crate::pg::sql::connect(&cfg.pg).await?;
+    if crate::pg::sql::is_in_recovery(&sql).await? {
+        return Ok(false);
+    }
+    let sys = crate::pg::replication::ReplConnection::connect(&cfg.pg)
+        .await?
+        .identify_system()
+        .await?;
+    let repo = Repo::open(cfg, true)?;
+    let cluster = crate::storage::ClusterLayout::new(sys.system_identifier);
+    let newest = crate::backup::list_backups(&repo, &cluster)
+        .await?
+        .into_iter()
+        .next();
+    Ok(newest.is_none_or(|b| chrono::Utc::now() - b.end_time >= interval))
+}
+
+/// Takes one backup now and applies retention; returns the backup's id.
+pub async fn take_and_prune(cfg: &Config, state: &StreamState) -> anyhow::Result<String> {
+    let started = std::time::Instant::now();
+    let meta = crate::backup::take_backup(cfg).await?;
+    state
+        .last_backup_ms
+        .store(started.elapsed().as_millis() as u64, Ordering::Relaxed);
+    state
+        .last_backup_unix
+        .store(meta.end_time.timestamp().max(0) as u64, Ordering::Relaxed);
+    let plan = crate::retention::prune(cfg, false).await?;
+    if !plan.delete_backups.is_empty() || !plan.delete_wal.is_empty() {
+        tracing::info!(
+            "retention: {}",
+            crate::retention::render(&plan, false)
+                .trim()
+                .replace('\n', "; ")
+        );
+    }
+    Ok(meta.id.to_string())
 }

@@ -61,6 +61,7 @@ pub fn router(state: AppState) -> Router {
         .route("/metrics", get(metrics))
         .route("/wal/{name}", get(wal))
         .route("/wal-switch", axum::routing::post(wal_switch))
+        .route("/backups", get(list_backups).post(take_backup))
         .with_state(state)
 }
 
@@ -191,6 +192,29 @@ async fn metrics(State(s): State<AppState>) -> impl IntoResponse {
         "Reconnections of the WAL stream.",
         st.reconnects.load(Ordering::Relaxed) as f64,
     );
+    let last_backup = st.last_backup_unix.load(Ordering::Relaxed);
+    metric(
+        "pgkeep_seconds_since_last_backup",
+        "gauge",
+        "Seconds since this daemon's last successful base backup (-1: none yet).",
+        if last_backup == 0 {
+            -1.0
+        } else {
+            now.saturating_sub(last_backup) as f64
+        },
+    );
+    metric(
+        "pgkeep_last_backup_duration_seconds",
+        "gauge",
+        "How long the last base backup took.",
+        st.last_backup_ms.load(Ordering::Relaxed) as f64 / 1000.0,
+    );
+    metric(
+        "pgkeep_backup_failures_total",
+        "counter",
+        "Failed base backups.",
+        st.backup_failures.load(Ordering::Relaxed) as f64,
+    );
     let pf = &s.prefetch;
     metric(
         "pgkeep_wal_served_total",
@@ -211,6 +235,29 @@ async fn metrics(State(s): State<AppState>) -> impl IntoResponse {
         pf.hits.load(Ordering::Relaxed) as f64,
     );
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out)
+}
+
+/// `GET /backups`: what `pgkeep list --json` prints.
+async fn list_backups(State(s): State<AppState>) -> Result<Response, ApiError> {
+    let inv = crate::list::inventory(&s.cfg)
+        .await
+        .map_err(|e| ApiError::Storage(format!("{e:#}")))?;
+    Ok(axum::Json(inv).into_response())
+}
+
+/// `POST /backups`: takes a base backup now (then applies retention); answers when it exists.
+async fn take_backup(State(s): State<AppState>) -> Result<Response, ApiError> {
+    match crate::daemon::take_and_prune(&s.cfg, &s.stream).await {
+        Ok(id) => Ok((
+            StatusCode::CREATED,
+            axum::Json(serde_json::json!({ "id": id })),
+        )
+            .into_response()),
+        Err(e) => {
+            s.stream.backup_failures.fetch_add(1, Ordering::Relaxed);
+            Err(ApiError::Storage(format!("{e:#}")))
+        }
+    }
 }
 
 #[derive(serde::Deserialize)]

@@ -286,3 +286,57 @@ fn file_storage_served_recovery() {
 fn s3_storage_served_recovery() {
     served_recovery(Backend::S3);
 }
+
+/// The schedule: with no backup in storage the daemon takes one at start; POST /backups takes
+/// another; /backups lists them and /metrics reports the last one.
+fn scheduled_backups(backend: Backend) {
+    let dir = TestDir::new("schedule");
+    let storage = Storage::new(backend, &dir);
+    let bin = dir.install_pgkeep();
+    let mut pg = PgCluster::init(dir.path(), "primary", 1, &storage.env);
+    pg.start();
+    pg.psql("create table t as select generate_series(1, 10000) g");
+    let daemon = Daemon::start(
+        &dir,
+        &storage,
+        &bin,
+        &pg,
+        &[
+            ("PGKEEP_BACKUP_INTERVAL_HOURS", "24"),
+            ("PGKEEP_PARTIAL_UPLOAD_SECS", "1"),
+        ],
+    );
+    // Until the first object is stored, /backups answers 502 (storage holds no archive yet).
+    let listed = || -> serde_json::Value {
+        serde_json::from_slice(&http("GET", daemon.port, "/backups").1).unwrap_or_default()
+    };
+    wait_for(
+        "the first scheduled backup",
+        Duration::from_secs(90),
+        || (listed()["backups"].as_array().map(|b| b.len()) == Some(1)).then_some(()),
+    );
+    let (code, body) = http("POST", daemon.port, "/backups");
+    assert_eq!(code, 201, "{}", String::from_utf8_lossy(&body));
+    let id: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(listed()["backups"][0]["id"], id["id"]);
+    assert_eq!(listed()["backups"].as_array().unwrap().len(), 2);
+    let metrics = String::from_utf8(http("GET", daemon.port, "/metrics").1).unwrap();
+    let since: f64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("pgkeep_seconds_since_last_backup "))
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((0.0..60.0).contains(&since), "{metrics}");
+    pg.stop("fast");
+}
+
+#[test]
+fn file_storage_scheduled_backups() {
+    scheduled_backups(Backend::File);
+}
+
+#[test]
+fn s3_storage_scheduled_backups() {
+    scheduled_backups(Backend::S3);
+}

@@ -37,6 +37,11 @@ pub struct StreamState {
     pub partial_uploads: AtomicU64,
     pub upload_errors: AtomicU64,
     pub reconnects: AtomicU64,
+    /// Unix time (s) the last scheduled or requested base backup finished (0: none by this daemon).
+    pub last_backup_unix: AtomicU64,
+    /// How long that backup took, in milliseconds.
+    pub last_backup_ms: AtomicU64,
+    pub backup_failures: AtomicU64,
 }
 
 impl StreamState {

@@ -677,11 +677,13 @@ impl Daemon {
         extra: &[(&str, &str)],
     ) -> Daemon {
         let port = free_port();
-        let spool = dir.mkdir("spool");
+        let spool = dir.mkdir(&format!("spool-{port}"));
         let mut env = storage.env.clone();
         env.extend(pg.client_env());
         env.push(("PGKEEP_LISTEN".into(), format!("127.0.0.1:{port}")));
         env.push(("PGKEEP_SPOOL_DIR".into(), spool.display().to_string()));
+        // No scheduled backups unless a test asks for them (later settings win).
+        env.push(("PGKEEP_BACKUP_INTERVAL_HOURS".into(), "0".into()));
         env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
         let log = std::fs::File::create(dir.path().join(format!("daemon-{port}.log"))).unwrap();
         let child = as_postgres(bin, &env)
