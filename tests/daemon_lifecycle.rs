@@ -222,7 +222,18 @@ fn served_recovery(backend: Backend) {
         ("PGKEEP_STATUS_INTERVAL_SECS", "1"),
         ("PGKEEP_PARTIAL_UPLOAD_SECS", "1"),
     ];
+    // archive_command pushes into the same storage as the daemon streams: identical content is
+    // accepted from either, and neither ever fails.
+    let archive_command = format!(
+        "'{} --config {} archive-push %p'",
+        bin.display(),
+        storage.config.display()
+    );
     let mut pg = PgCluster::init(dir.path(), "primary", 1, &storage.env);
+    pg.set(&[
+        ("archive_mode", "on"),
+        ("archive_command", &archive_command),
+    ]);
     pg.start();
     let daemon = Daemon::start(&dir, &storage, &bin, &pg, &fast);
     run_ok(&mut pg.pgbench(&["-i", "-s", "1", "-q"]));
@@ -235,6 +246,17 @@ fn served_recovery(backend: Backend) {
     env.push(("PGKEEP_LISTEN".into(), format!("127.0.0.1:{}", daemon.port)));
     let out = storage.pgkeep_pg(&bin, &["wal-switch"], &env);
     assert!(out.status.success(), "wal-switch: {}", stderr(&out));
+    pg.switch_and_wait_archived();
+    assert_eq!(
+        pg.psql("select failed_count from pg_stat_archiver"),
+        "0",
+        "{}",
+        pg.log()
+    );
+    assert!(
+        pg.log().contains("already archived with identical content"),
+        "the two writers never met"
+    );
     pg.stop("fast");
 
     let mut timings = vec![];
