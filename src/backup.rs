@@ -15,7 +15,7 @@ use tokio::task::JoinSet;
 
 use crate::codec::Codec;
 use crate::config::Config;
-use crate::pg::replication::{Event, ReplConnection, ResultSet, parse_pg_size};
+use crate::pg::replication::{Event, ReplConnection, ResultSet};
 use crate::pg::{Lsn, TimelineId, WalFileName, WalSegSize};
 use crate::progress::{Progress, human_bytes};
 use crate::storage::layout::{ArchiveName, BackupId};
@@ -250,11 +250,7 @@ impl Uploader {
 pub async fn take_backup(cfg: &Config) -> anyhow::Result<BackupMeta> {
     let mut conn = ReplConnection::connect(&cfg.pg).await?;
     let sys = conn.identify_system().await?;
-    let seg_size = conn.show("wal_segment_size").await?;
-    let seg_size = parse_pg_size(&seg_size)
-        .and_then(|b| u32::try_from(b).ok())
-        .and_then(WalSegSize::new)
-        .ok_or_else(|| anyhow!("the server reports an invalid wal_segment_size {seg_size:?}"))?;
+    let seg_size = conn.wal_segment_size().await?;
     let version_num: u32 = conn.show("server_version_num").await?.parse().unwrap_or(0);
     if version_num < 150000 {
         bail!("pgkeep backup needs Postgres 15 or later (the server is {version_num})");

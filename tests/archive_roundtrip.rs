@@ -13,11 +13,7 @@ fn roundtrip(backend: Backend, wal_segsize_mb: u32) {
     let dir = TestDir::new("roundtrip");
     let storage = Storage::new(backend, &dir);
     let bin = dir.install_pgkeep();
-    let archive_command = format!(
-        "'{} --config {} archive-push %p'",
-        bin.display(),
-        storage.config.display()
-    );
+    let archive_command = archive_command(&bin, &storage);
     let restore_command = format!(
         "'{} --config {} wal-fetch %f %p'",
         bin.display(),

@@ -40,11 +40,9 @@ fn restore_and_start(
     assert!(out.status.success(), "restore {args:?}: {}", stderr(&out));
     assert!(!target.join(pgkeep::restore::MARKER).exists());
     run_ok(std::process::Command::new(pg_bin("pg_verifybackup")).arg(&target));
-    let mut cluster = PgCluster::adopt(dir.path(), target, &storage.env);
-    cluster.set(&[("archive_mode", "off")]);
-    cluster.start();
-    cluster.wait_promoted();
-    Restored { cluster }
+    Restored {
+        cluster: start_restored(dir, storage, target),
+    }
 }
 
 fn markers(c: &PgCluster) -> Vec<String> {
@@ -59,17 +57,8 @@ fn backup_and_restore(backend: Backend) {
     let dir = TestDir::new("backup");
     let storage = Storage::new(backend, &dir);
     let bin = dir.install_pgkeep();
-    let archive_command = format!(
-        "'{} --config {} archive-push %p'",
-        bin.display(),
-        storage.config.display()
-    );
-    let mut primary = PgCluster::init(dir.path(), "primary", 16, &storage.env);
-    primary.set(&[
-        ("archive_mode", "on"),
-        ("archive_command", &archive_command),
-        ("max_wal_size", "'1GB'"),
-    ]);
+    let mut primary = archiving_cluster(&dir, &storage, &bin, "primary", 16);
+    primary.set(&[("max_wal_size", "'1GB'")]);
     primary.start();
     run_ok(&mut primary.pgbench(&["-i", "-s", "10", "-q"]));
     primary.psql("create table markers (id serial primary key, name text not null)");

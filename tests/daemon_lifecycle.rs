@@ -160,10 +160,7 @@ fn lifecycle(backend: Backend) {
         &[],
     );
     assert!(out.status.success(), "{}", stderr(&out));
-    let mut latest = PgCluster::adopt(dir.path(), again, &storage.env);
-    latest.set(&[("archive_mode", "off")]);
-    latest.start();
-    latest.wait_promoted();
+    let latest = start_restored(&dir, &storage, again);
     assert_eq!(
         latest.table_checksum("on_timeline_2"),
         expected_tl2,
@@ -224,16 +221,7 @@ fn served_recovery(backend: Backend) {
     ];
     // archive_command pushes into the same storage as the daemon streams: identical content is
     // accepted from either, and neither ever fails.
-    let archive_command = format!(
-        "'{} --config {} archive-push %p'",
-        bin.display(),
-        storage.config.display()
-    );
-    let mut pg = PgCluster::init(dir.path(), "primary", 1, &storage.env);
-    pg.set(&[
-        ("archive_mode", "on"),
-        ("archive_command", &archive_command),
-    ]);
+    let mut pg = archiving_cluster(&dir, &storage, &bin, "primary", 1);
     pg.start();
     let daemon = Daemon::start(&dir, &storage, &bin, &pg, &fast);
     run_ok(&mut pg.pgbench(&["-i", "-s", "1", "-q"]));

@@ -21,16 +21,7 @@ fn setup(backend: Backend, label: &str) -> Setup {
     let dir = TestDir::new(label);
     let storage = Storage::new(backend, &dir);
     let bin = dir.install_pgkeep();
-    let archive_command = format!(
-        "'{} --config {} archive-push %p'",
-        bin.display(),
-        storage.config.display()
-    );
-    let mut primary = PgCluster::init(dir.path(), "primary", 1, &storage.env);
-    primary.set(&[
-        ("archive_mode", "on"),
-        ("archive_command", &archive_command),
-    ]);
+    let mut primary = archiving_cluster(&dir, &storage, &bin, "primary", 1);
     primary.start();
     Setup {
         dir,
@@ -70,10 +61,7 @@ fn assert_fails(out: &std::process::Output, needles: &[&str]) {
 }
 
 fn start_and_check(s: &Setup, target: &Path, expected: &str) {
-    let mut c = PgCluster::adopt(s.dir.path(), target.to_path_buf(), &s.storage.env);
-    c.set(&[("archive_mode", "off")]);
-    c.start();
-    c.wait_promoted();
+    let c = start_restored(&s.dir, &s.storage, target.to_path_buf());
     assert_eq!(c.table_checksum("t"), expected);
 }
 
@@ -325,10 +313,7 @@ fn tablespaces(backend: Backend) {
     s.primary.psql("select 1"); // the primary keeps its own tablespace untouched
     let mut primary = s.primary;
     primary.stop("fast");
-    let mut c = PgCluster::adopt(s.dir.path(), target.clone(), &s.storage.env);
-    c.set(&[("archive_mode", "off")]);
-    c.start();
-    c.wait_promoted();
+    let c = start_restored(&s.dir, &s.storage, target.clone());
     assert_eq!(c.table_checksum("t"), expected);
     assert_eq!(
         c.psql("select pg_tablespace_location(oid) from pg_tablespace where spcname = 'extra'"),

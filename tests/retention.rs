@@ -10,16 +10,7 @@ fn retention(backend: Backend) {
     let dir = TestDir::new("retention");
     let storage = Storage::new(backend, &dir);
     let bin = dir.install_pgkeep();
-    let archive_command = format!(
-        "'{} --config {} archive-push %p'",
-        bin.display(),
-        storage.config.display()
-    );
-    let mut pg = PgCluster::init(dir.path(), "primary", 1, &storage.env);
-    pg.set(&[
-        ("archive_mode", "on"),
-        ("archive_command", &archive_command),
-    ]);
+    let mut pg = archiving_cluster(&dir, &storage, &bin, "primary", 1);
     pg.start();
     pg.psql("create table t (id serial primary key, v text)");
     let mut ids = vec![];
@@ -117,10 +108,7 @@ fn retention(backend: Backend) {
             &[],
         );
         assert!(out.status.success(), "{}", stderr(&out));
-        let mut c = PgCluster::adopt(dir.path(), target, &storage.env);
-        c.set(&[("archive_mode", "off")]);
-        c.start();
-        c.wait_promoted();
+        let mut c = start_restored(&dir, &storage, target);
         assert_eq!(c.table_checksum("t"), expected, "restore of {id}");
         c.stop("fast");
     }

@@ -383,6 +383,19 @@ impl ReplConnection {
             .ok_or_else(|| PgError::protocol(format!("SHOW {name} returned nothing")))
     }
 
+    /// The server's WAL segment size (`SHOW wal_segment_size`), validated.
+    pub async fn wal_segment_size(&mut self) -> Result<super::WalSegSize, PgError> {
+        let shown = self.show("wal_segment_size").await?;
+        parse_pg_size(&shown)
+            .and_then(|b| u32::try_from(b).ok())
+            .and_then(super::WalSegSize::new)
+            .ok_or_else(|| {
+                PgError::protocol(format!(
+                    "the server reports an invalid wal_segment_size {shown:?}"
+                ))
+            })
+    }
+
     async fn flush(&mut self) -> Result<(), PgError> {
         self.io.write_all(&self.wbuf).await?;
         self.wbuf.clear();

@@ -17,7 +17,7 @@ use tokio::sync::watch;
 
 use crate::codec::Codec;
 use crate::config::Config;
-use crate::pg::replication::{Event, PgError, ReplConnection, parse_pg_size};
+use crate::pg::replication::{Event, PgError, ReplConnection};
 use crate::pg::walheader;
 use crate::pg::{Lsn, SegmentNo, TimelineId, WalFileKind, WalFileName, WalSegSize};
 use crate::storage::{ClusterInfo, ClusterLayout, PutOutcome, Repo};
@@ -133,11 +133,7 @@ async fn stream_once(
     drop(sql);
     let mut conn = ReplConnection::connect(&cfg.pg).await?;
     let sys = conn.identify_system().await?;
-    let size = conn.show("wal_segment_size").await?;
-    let size = parse_pg_size(&size)
-        .and_then(|b| u32::try_from(b).ok())
-        .and_then(WalSegSize::new)
-        .ok_or_else(|| anyhow!("invalid wal_segment_size {size:?}"))?;
+    let size = conn.wal_segment_size().await?;
     let tli =
         TimelineId::new(sys.timeline).ok_or_else(|| anyhow!("the server reports timeline 0"))?;
     let cluster = ClusterLayout::new(sys.system_identifier);

@@ -771,3 +771,38 @@ pub fn parse_lsn(s: &str) -> u64 {
     let (hi, lo) = s.trim().split_once('/').expect("X/Y");
     (u64::from_str_radix(hi, 16).unwrap() << 32) | u64::from_str_radix(lo, 16).unwrap()
 }
+
+/// `archive_command` running the copied pgkeep with this storage's config.
+pub fn archive_command(bin: &Path, storage: &Storage) -> String {
+    format!(
+        "'{} --config {} archive-push %p'",
+        bin.display(),
+        storage.config.display()
+    )
+}
+
+/// A new cluster (not started) that archives its WAL through `pgkeep archive-push`.
+pub fn archiving_cluster(
+    dir: &TestDir,
+    storage: &Storage,
+    bin: &Path,
+    name: &str,
+    wal_segsize_mb: u32,
+) -> PgCluster {
+    let pg = PgCluster::init(dir.path(), name, wal_segsize_mb, &storage.env);
+    pg.set(&[
+        ("archive_mode", "on"),
+        ("archive_command", &archive_command(bin, storage)),
+    ]);
+    pg
+}
+
+/// Starts a restored data directory with archiving off (a copy must not archive into the
+/// original's storage) and waits until it has recovered and been promoted.
+pub fn start_restored(dir: &TestDir, storage: &Storage, data: PathBuf) -> PgCluster {
+    let mut c = PgCluster::adopt(dir.path(), data, &storage.env);
+    c.set(&[("archive_mode", "off")]);
+    c.start();
+    c.wait_promoted();
+    c
+}
