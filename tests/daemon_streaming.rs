@@ -25,6 +25,7 @@ fn streaming(backend: Backend) {
         &[
             ("PGKEEP_STATUS_INTERVAL_SECS", "1"),
             ("PGKEEP_PARTIAL_UPLOAD_SECS", "1"),
+            ("PGKEEP_LOG_FORMAT", "json"),
         ],
     );
 
@@ -131,6 +132,23 @@ fn streaming(backend: Backend) {
     assert!(
         daemon.wait(Duration::from_secs(60)).success(),
         "the daemon failed to drain"
+    );
+    // JSON logs: one object a line; a streamed segment's event carries its timeline and segment.
+    let log = daemon.log();
+    let events: Vec<serde_json::Value> = log
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    let streamed = events
+        .iter()
+        .find(|e| e["message"] == "segment streamed to storage")
+        .expect("a segment event");
+    assert_eq!(streamed["spans"][0]["timeline"], 1, "{streamed}");
+    assert!(
+        streamed["span"]["wal"]
+            .as_str()
+            .is_some_and(|w| w.len() == 24),
+        "{streamed}"
     );
     std::fs::remove_dir_all(&pg.data).unwrap();
 

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, anyhow, bail};
 use bytes::Buf;
 use tokio::sync::watch;
+use tracing::Instrument;
 
 use crate::codec::Codec;
 use crate::config::Config;
@@ -197,173 +198,180 @@ async fn stream_once(
     state.received.fetch_max(start.0, Ordering::AcqRel);
     // Anything spooled before a restart is superseded: the server sends it again from `start`.
     clean_spool(&spool)?;
-    tracing::info!(slot, timeline = tli.get(), start = %start, "starting WAL streaming");
-    conn.send_query(&format!(
-        "START_REPLICATION SLOT \"{slot}\" PHYSICAL {start} TIMELINE {}",
-        tli.get()
-    ))
-    .await?;
-    match conn.next_event().await? {
-        Event::CopyStart { both: true } => {}
-        other => bail!("START_REPLICATION answered {other:?}"),
-    }
+    // Every event of this session carries the timeline and slot; segment events add the segment.
+    let span = tracing::info_span!("stream", timeline = tli.get(), slot = %slot);
+    async {
+        tracing::info!(slot, timeline = tli.get(), start = %start, "starting WAL streaming");
+        conn.send_query(&format!(
+            "START_REPLICATION SLOT \"{slot}\" PHYSICAL {start} TIMELINE {}",
+            tli.get()
+        ))
+        .await?;
+        match conn.next_event().await? {
+            Event::CopyStart { both: true } => {}
+            other => bail!("START_REPLICATION answered {other:?}"),
+        }
 
-    let mut open: Option<OpenSegment> = None;
-    let mut durable = start;
-    let mut received = start;
-    let status_every = cfg.status_interval;
-    let mut last_status = Instant::now() - status_every;
-    let mut last_partial = Instant::now();
-    let mut stopping = false;
-    // The server hung up: while stopping that is the normal end (the walsender leaves once our
-    // flush report reaches what it sent), otherwise an error to reconnect from.
-    let mut hung_up = false;
-    macro_rules! status {
-        ($recv:expr, $flush:expr) => {
-            match send_status(&mut conn, $recv, $flush, false).await {
-                Ok(()) => {}
-                Err(e) if stopping => {
-                    tracing::info!("the server closed the stream: {e}");
-                    hung_up = true;
-                }
-                Err(e) => return Err(e.into()),
-            }
-        };
-    }
-    loop {
-        if last_status.elapsed() >= status_every {
-            status!(received, durable);
-            last_status = Instant::now();
-        }
-        if last_partial.elapsed() >= cfg.partial_upload_interval || (stopping && received > durable)
-        {
-            if let Some(o) = open.as_mut() {
-                // A partial in storage is as durable as a segment: the slot may advance to its end.
-                let upto =
-                    upload_partial(repo, &cluster, o, sys.system_identifier, cfg.codec, state)
-                        .await?;
-                if upto > durable {
-                    durable = upto;
-                    state.durable.store(durable.0, Ordering::Release);
-                    status!(received, durable);
-                    last_status = Instant::now();
-                }
-            }
-            last_partial = Instant::now();
-        }
-        if !stopping && *stop.borrow() {
-            // Shutdown: keep receiving until the walsender ends the stream after Postgres' shutdown
-            // checkpoint (or the deadline in the daemon ends this), then keep what was received.
-            stopping = true;
-            tracing::info!("stopping: draining WAL until the server ends the stream");
-        }
-        let tick = status_every
-            .saturating_sub(last_status.elapsed())
-            .min(
-                cfg.partial_upload_interval
-                    .saturating_sub(last_partial.elapsed()),
-            )
-            .max(Duration::from_millis(10));
-        let msg = if hung_up {
-            Ok(None)
-        } else {
-            tokio::select! {
-                m = conn.next_copy_data() => m,
-                _ = tokio::time::sleep(tick) => continue,
-                _ = stop.changed(), if !stopping => continue,
-            }
-        };
-        let Some(mut msg) = (match msg {
-            Ok(m) => m,
-            Err(e) if stopping => {
-                tracing::info!("the server closed the stream: {e}");
-                None
-            }
-            Err(e) => return Err(e.into()),
-        }) else {
-            // The stream ended (end of timeline, or shutdown): keep what we have.
-            if let Some(o) = open.as_mut() {
-                let upto =
-                    upload_partial(repo, &cluster, o, sys.system_identifier, cfg.codec, state)
-                        .await?;
-                state.durable.fetch_max(upto.0, Ordering::AcqRel);
-            }
-            if stopping {
-                tracing::info!(durable = %state.durable_lsn(), "WAL stream drained");
-                return Ok(());
-            }
-            bail!(
-                "the server ended the WAL stream (end of timeline {})",
-                tli.get()
-            );
-        };
-        match msg.first() {
-            Some(b'w') if msg.len() >= 25 => {
-                msg.advance(1);
-                let data_start = Lsn(msg.get_u64());
-                let _wal_end = msg.get_u64();
-                let _send_time = msg.get_i64();
-                let mut at = data_start;
-                let mut data: &[u8] = &msg;
-                while !data.is_empty() {
-                    let seg_no = size.segment_of(at);
-                    if open.as_ref().map(|o| o.name)
-                        != Some(WalFileName::segment(tli, seg_no, size))
-                    {
-                        if let Some(o) = &open
-                            && o.written != u64::from(size.bytes())
-                        {
-                            bail!(
-                                "WAL for {} arrived before {} was complete",
-                                seg_no.0,
-                                o.name
-                            );
-                        }
-                        open = Some(open_segment(&spool, tli, seg_no, size)?);
+        let mut open: Option<OpenSegment> = None;
+        let mut durable = start;
+        let mut received = start;
+        let status_every = cfg.status_interval;
+        let mut last_status = Instant::now() - status_every;
+        let mut last_partial = Instant::now();
+        let mut stopping = false;
+        // The server hung up: while stopping that is the normal end (the walsender leaves once our
+        // flush report reaches what it sent), otherwise an error to reconnect from.
+        let mut hung_up = false;
+        macro_rules! status {
+            ($recv:expr, $flush:expr) => {
+                match send_status(&mut conn, $recv, $flush, false).await {
+                    Ok(()) => {}
+                    Err(e) if stopping => {
+                        tracing::info!("the server closed the stream: {e}");
+                        hung_up = true;
                     }
-                    let o = open.as_mut().expect("just opened");
-                    let offset = at.0 - o.start.0;
-                    if offset != o.written {
-                        bail!(
-                            "WAL stream gap: expected {} got {at}",
-                            Lsn(o.start.0 + o.written)
-                        );
-                    }
-                    let room = u64::from(size.bytes()) - offset;
-                    let n = room.min(data.len() as u64) as usize;
-                    std::os::unix::fs::FileExt::write_all_at(&o.file, &data[..n], offset)?;
-                    o.written += n as u64;
-                    data = &data[n..];
-                    at = Lsn(at.0 + n as u64);
-                    if o.written == u64::from(size.bytes()) {
-                        let done = open.take().expect("open");
-                        durable = complete_segment(
-                            repo,
-                            &cluster,
-                            done,
-                            sys.system_identifier,
-                            cfg.codec,
-                            state,
-                        )
-                        .await?;
+                    Err(e) => return Err(e.into()),
+                }
+            };
+        }
+        loop {
+            if last_status.elapsed() >= status_every {
+                status!(received, durable);
+                last_status = Instant::now();
+            }
+            if last_partial.elapsed() >= cfg.partial_upload_interval
+                || (stopping && received > durable)
+            {
+                if let Some(o) = open.as_mut() {
+                    // A partial in storage is as durable as a segment: the slot may advance to its end.
+                    let upto =
+                        upload_partial(repo, &cluster, o, sys.system_identifier, cfg.codec, state)
+                            .await?;
+                    if upto > durable {
+                        durable = upto;
                         state.durable.store(durable.0, Ordering::Release);
-                        // Report at once: the slot may now release this segment.
-                        status!(at, durable);
+                        status!(received, durable);
                         last_status = Instant::now();
                     }
                 }
-                received = at;
-                state.received.store(received.0, Ordering::Release);
+                last_partial = Instant::now();
             }
-            Some(b'k') if msg.len() >= 18 => {
-                if msg[17] == 1 && !(stopping && received > durable) {
-                    status!(received, durable);
-                    last_status = Instant::now();
+            if !stopping && *stop.borrow() {
+                // Shutdown: keep receiving until the walsender ends the stream after Postgres' shutdown
+                // checkpoint (or the deadline in the daemon ends this), then keep what was received.
+                stopping = true;
+                tracing::info!("stopping: draining WAL until the server ends the stream");
+            }
+            let tick = status_every
+                .saturating_sub(last_status.elapsed())
+                .min(
+                    cfg.partial_upload_interval
+                        .saturating_sub(last_partial.elapsed()),
+                )
+                .max(Duration::from_millis(10));
+            let msg = if hung_up {
+                Ok(None)
+            } else {
+                tokio::select! {
+                    m = conn.next_copy_data() => m,
+                    _ = tokio::time::sleep(tick) => continue,
+                    _ = stop.changed(), if !stopping => continue,
                 }
+            };
+            let Some(mut msg) = (match msg {
+                Ok(m) => m,
+                Err(e) if stopping => {
+                    tracing::info!("the server closed the stream: {e}");
+                    None
+                }
+                Err(e) => return Err(e.into()),
+            }) else {
+                // The stream ended (end of timeline, or shutdown): keep what we have.
+                if let Some(o) = open.as_mut() {
+                    let upto =
+                        upload_partial(repo, &cluster, o, sys.system_identifier, cfg.codec, state)
+                            .await?;
+                    state.durable.fetch_max(upto.0, Ordering::AcqRel);
+                }
+                if stopping {
+                    tracing::info!(durable = %state.durable_lsn(), "WAL stream drained");
+                    return Ok(());
+                }
+                bail!(
+                    "the server ended the WAL stream (end of timeline {})",
+                    tli.get()
+                );
+            };
+            match msg.first() {
+                Some(b'w') if msg.len() >= 25 => {
+                    msg.advance(1);
+                    let data_start = Lsn(msg.get_u64());
+                    let _wal_end = msg.get_u64();
+                    let _send_time = msg.get_i64();
+                    let mut at = data_start;
+                    let mut data: &[u8] = &msg;
+                    while !data.is_empty() {
+                        let seg_no = size.segment_of(at);
+                        if open.as_ref().map(|o| o.name)
+                            != Some(WalFileName::segment(tli, seg_no, size))
+                        {
+                            if let Some(o) = &open
+                                && o.written != u64::from(size.bytes())
+                            {
+                                bail!(
+                                    "WAL for {} arrived before {} was complete",
+                                    seg_no.0,
+                                    o.name
+                                );
+                            }
+                            open = Some(open_segment(&spool, tli, seg_no, size)?);
+                        }
+                        let o = open.as_mut().expect("just opened");
+                        let offset = at.0 - o.start.0;
+                        if offset != o.written {
+                            bail!(
+                                "WAL stream gap: expected {} got {at}",
+                                Lsn(o.start.0 + o.written)
+                            );
+                        }
+                        let room = u64::from(size.bytes()) - offset;
+                        let n = room.min(data.len() as u64) as usize;
+                        std::os::unix::fs::FileExt::write_all_at(&o.file, &data[..n], offset)?;
+                        o.written += n as u64;
+                        data = &data[n..];
+                        at = Lsn(at.0 + n as u64);
+                        if o.written == u64::from(size.bytes()) {
+                            let done = open.take().expect("open");
+                            durable = complete_segment(
+                                repo,
+                                &cluster,
+                                done,
+                                sys.system_identifier,
+                                cfg.codec,
+                                state,
+                            )
+                            .await?;
+                            state.durable.store(durable.0, Ordering::Release);
+                            // Report at once: the slot may now release this segment.
+                            status!(at, durable);
+                            last_status = Instant::now();
+                        }
+                    }
+                    received = at;
+                    state.received.store(received.0, Ordering::Release);
+                }
+                Some(b'k') if msg.len() >= 18 => {
+                    if msg[17] == 1 && !(stopping && received > durable) {
+                        status!(received, durable);
+                        last_status = Instant::now();
+                    }
+                }
+                _ => bail!("unexpected message in the WAL stream"),
             }
-            _ => bail!("unexpected message in the WAL stream"),
         }
     }
+    .instrument(span)
+    .await
 }
 
 /// Sends a standby status update: written up to `received`, flushed (= durable in storage) up to
@@ -413,6 +421,7 @@ fn open_segment(
 
 /// A complete segment: fsync, rename in the spool, check, upload, verify, then drop it from the
 /// spool and remove its `.partial` object. Returns the new durable position (the segment's end).
+#[tracing::instrument(skip_all, fields(wal = %seg.name, start = %seg.start))]
 async fn complete_segment(
     repo: &Repo,
     cluster: &ClusterLayout,
@@ -452,7 +461,7 @@ async fn complete_segment(
         repo.delete(&cluster.wal(&seg.name.with_kind(WalFileKind::Partial)))
             .await?;
     }
-    tracing::info!(wal = %seg.name, "segment streamed to storage");
+    tracing::info!("segment streamed to storage");
     Ok(Lsn(seg.start.0 + data.len() as u64))
 }
 

@@ -666,6 +666,7 @@ pub struct Daemon {
     child: Child,
     pub port: u16,
     pub spool: PathBuf,
+    log: PathBuf,
 }
 
 impl Daemon {
@@ -685,7 +686,8 @@ impl Daemon {
         // No scheduled backups unless a test asks for them (later settings win).
         env.push(("PGKEEP_BACKUP_INTERVAL_HOURS".into(), "0".into()));
         env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
-        let log = std::fs::File::create(dir.path().join(format!("daemon-{port}.log"))).unwrap();
+        let log_path = dir.path().join(format!("daemon-{port}.log"));
+        let log = std::fs::File::create(&log_path).unwrap();
         let child = as_postgres(bin, &env)
             .arg("--config")
             .arg(&storage.config)
@@ -695,12 +697,22 @@ impl Daemon {
             .stderr(log)
             .spawn()
             .unwrap();
-        let d = Daemon { child, port, spool };
+        let d = Daemon {
+            child,
+            port,
+            spool,
+            log: log_path,
+        };
         wait_for("the daemon to be ready", Duration::from_secs(30), || {
             TcpStream::connect(("127.0.0.1", port)).ok()?;
             (http("GET", port, "/readyz").0 == 200).then_some(())
         });
         d
+    }
+
+    /// What the daemon logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
     /// The daemon's /status as JSON text fields.
