@@ -604,11 +604,13 @@ fn guc_quote(s: &str) -> String {
 }
 
 /// The restore_command that fetches through pgkeep with the same configuration this restore used.
+/// The Postgres connection (`PGKEEP_PG`, which may hold a password) is left out: wal-fetch does not
+/// connect to Postgres, and postgresql.auto.conf and Postgres' log must not hold a secret.
 pub fn restore_command(cfg: &Config, pgkeep: &Path) -> String {
     let mut words: Vec<String> = cfg
         .env_settings
         .iter()
-        .filter(|(k, _)| k != "PGKEEP_PGDATA")
+        .filter(|(k, _)| k != "PGKEEP_PGDATA" && k != "PGKEEP_PG")
         .map(|(k, v)| format!("{k}={}", shell_quote(v)))
         .collect();
     words.push(shell_quote(&pgkeep.to_string_lossy()));
@@ -683,6 +685,27 @@ mod tests {
         for bad in ["2026-11-21 23:45:00", "yesterday", ""] {
             assert!(RecoveryTarget::parse_time(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn restore_command_carries_the_settings_but_no_secret() {
+        let env = [
+            ("PGKEEP_STORAGE", "s3://bucket/with space"),
+            ("PGKEEP_PG", "host=db password=hunter2"),
+            ("PGKEEP_PGDATA", "/pgdata"),
+            ("PGKEEP_LISTEN", "127.0.0.1:16001"),
+        ];
+        let cfg = Config::load(
+            None,
+            env.iter().map(|(k, v)| (k.to_string(), v.to_string())),
+        )
+        .unwrap();
+        let cmd = restore_command(&cfg, Path::new("/usr/local/bin/pgkeep"));
+        assert_eq!(
+            cmd,
+            "PGKEEP_STORAGE='s3://bucket/with space' PGKEEP_LISTEN=127.0.0.1:16001 /usr/local/bin/pgkeep wal-fetch %f %p"
+        );
+        assert!(!cmd.contains("hunter2"));
     }
 
     #[test]
