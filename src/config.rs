@@ -671,6 +671,21 @@ mod tests {
     }
 
     #[test]
+    fn every_example_config_loads() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config");
+        let mut n = 0;
+        for e in std::fs::read_dir(&dir).unwrap() {
+            let path = e.unwrap().path();
+            if path.extension().is_some_and(|x| x == "toml") {
+                Config::load(Some(&path), env(&[]))
+                    .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+                n += 1;
+            }
+        }
+        assert!(n >= 7, "only {n} example configs");
+    }
+
+    #[test]
     fn a_relative_pgdata_from_postgres_is_ignored() {
         // Postgres exports PGDATA exactly as `pg_ctl -D primary` was given.
         let c = Config::load(None, env(&[("PGDATA", "primary")])).unwrap();
