@@ -49,7 +49,9 @@ pub async fn plan(
     if let Some(oldest) = keep.iter().min_by_key(|b| b.start()) {
         let size: WalSegSize = oldest.seg_size();
         let first_needed = size.segment_of(oldest.start());
-        for key in repo.list(&cluster.root().join("wal")).await? {
+        let mut keys = repo.list(&cluster.root().join("wal")).await?;
+        keys.extend(repo.list(&cluster.root().join("streaming")).await?);
+        for key in keys {
             let Some(Ok(name)) = key.filename().map(str::parse::<WalFileName>) else {
                 continue;
             };

@@ -152,6 +152,20 @@ fn streaming(backend: Backend) {
     );
     std::fs::remove_dir_all(&pg.data).unwrap();
 
+    // The last rows are only in the daemon's upload of its open segment, kept apart from WAL that
+    // Postgres archives.
+    let keys = stored_keys(&storage);
+    assert!(
+        keys.iter()
+            .any(|k| k.contains("/streaming/00000001/") && k.ends_with(".partial")),
+        "{keys:?}"
+    );
+    assert!(
+        !keys
+            .iter()
+            .any(|k| k.contains("/wal/") && k.ends_with(".partial")),
+        "{keys:?}"
+    );
     // From storage alone: the base backup, the streamed segments and the final .partial.
     let target = dir.mkdir("restored");
     let out = storage.pgkeep_pg(

@@ -5,6 +5,7 @@
 //! pgkeep.json                                  format marker: {"format": "pgkeep", "layout_version": 1}
 //! clusters/<system identifier>/cluster.json    which cluster this is (system identifier, segment size)
 //! clusters/<system identifier>/wal/<TLI>/<WAL file name>
+//! clusters/<system identifier>/streaming/<TLI>/<segment>.partial     the daemon's open segment
 //! clusters/<system identifier>/basebackups/<backup id>/backup.json       written last: the backup exists
 //! clusters/<system identifier>/basebackups/<backup id>/backup_manifest
 //! clusters/<system identifier>/basebackups/<backup id>/data/<archive>/<chunk number, 6 digits>
@@ -53,6 +54,16 @@ impl ClusterLayout {
         self.root()
             .join("wal")
             .join(format!("{:08X}", timeline.get()))
+    }
+
+    /// The daemon's upload of the segment it is still receiving (`<segment>.partial`), kept apart
+    /// from the `.partial` files Postgres archives so that the two writers never meet.
+    pub fn streaming_partial(&self, segment: &WalFileName) -> Path {
+        let partial = segment.with_kind(crate::pg::WalFileKind::Partial);
+        self.root()
+            .join("streaming")
+            .join(format!("{:08X}", segment.timeline.get()))
+            .join(partial.to_string())
     }
 
     /// A WAL file's key: segments, `.partial`, `.history` and `.backup` files all live in their
@@ -209,6 +220,10 @@ mod tests {
             "clusters/7312345678901234567/wal/00000002/00000002.history"
         );
         assert_eq!(format_marker().as_ref(), "pgkeep.json");
+        assert_eq!(
+            c.streaming_partial(&seg).as_ref(),
+            "clusters/7312345678901234567/streaming/00000002/00000002000000000000000A.partial"
+        );
     }
 
     #[test]

@@ -242,15 +242,25 @@ pub async fn fetch_verified(
         Ok(d) => (d, *name),
         Err(StorageError::NotFound { .. }) if name.kind == WalFileKind::Segment => {
             let partial = name.with_kind(WalFileKind::Partial);
-            match repo.get(&cluster.wal(&partial)).await {
-                Ok(d) => {
+            // Postgres' own .partial (archived at the end of a timeline), else the daemon's upload
+            // of the segment it was receiving.
+            let mut found = None;
+            for key in [cluster.wal(&partial), cluster.streaming_partial(name)] {
+                match repo.get(&key).await {
+                    Ok(d) => {
+                        found = Some(d);
+                        break;
+                    }
+                    Err(StorageError::NotFound { .. }) => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            match found {
+                Some(d) => {
                     tracing::info!(wal = %name, "only the partial segment is in the archive: serving it");
                     (d, partial)
                 }
-                Err(StorageError::NotFound { .. }) => {
-                    return Err(FetchError::NotInArchive(name.to_string()));
-                }
-                Err(e) => return Err(e.into()),
+                None => return Err(FetchError::NotInArchive(name.to_string())),
             }
         }
         Err(StorageError::NotFound { .. }) => {

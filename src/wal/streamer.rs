@@ -458,8 +458,7 @@ async fn complete_segment(
     );
     std::fs::remove_file(&done)?;
     if seg.uploaded_partial > 0 {
-        repo.delete(&cluster.wal(&seg.name.with_kind(WalFileKind::Partial)))
-            .await?;
+        repo.delete(&cluster.streaming_partial(&seg.name)).await?;
     }
     tracing::info!("segment streamed to storage");
     Ok(Lsn(seg.start.0 + data.len() as u64))
@@ -482,7 +481,10 @@ async fn upload_partial(
     let data = std::fs::read(&seg.path)?;
     let name = seg.name.with_kind(WalFileKind::Partial);
     walheader::check_segment(&name, &data, Some(sysid))?;
-    if let Err(e) = repo.put_overwrite(&cluster.wal(&name), &data, codec).await {
+    if let Err(e) = repo
+        .put_overwrite(&cluster.streaming_partial(&seg.name), &data, codec)
+        .await
+    {
         state.upload_errors.fetch_add(1, Ordering::Relaxed);
         return Err(e.into());
     }
