@@ -115,125 +115,123 @@ async fn status(State(s): State<AppState>) -> impl IntoResponse {
 
 async fn metrics(State(s): State<AppState>) -> impl IntoResponse {
     let st = &s.stream;
+    let pf = &s.prefetch;
+    let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed) as f64;
     let received = st.received_lsn().0;
     let durable = st.durable_lsn().0;
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or_default()
         .as_secs();
-    let last = st.last_upload_unix.load(Ordering::Relaxed);
+    // -1 for "never", else the seconds since the recorded Unix time.
+    let since = |a: &std::sync::atomic::AtomicU64| match a.load(Ordering::Relaxed) {
+        0 => -1.0,
+        t => now.saturating_sub(t) as f64,
+    };
+    let metrics: [(&str, &str, &str, f64); 16] = [
+        (
+            "pgkeep_timeline",
+            "gauge",
+            "Timeline being streamed.",
+            load(&st.timeline),
+        ),
+        (
+            "pgkeep_received_lsn_bytes",
+            "gauge",
+            "Highest WAL position received.",
+            received as f64,
+        ),
+        (
+            "pgkeep_durable_lsn_bytes",
+            "gauge",
+            "WAL position up to which everything is in storage.",
+            durable as f64,
+        ),
+        (
+            "pgkeep_replication_lag_bytes",
+            "gauge",
+            "Received but not yet in storage.",
+            received.saturating_sub(durable) as f64,
+        ),
+        (
+            "pgkeep_seconds_since_last_wal_upload",
+            "gauge",
+            "Seconds since the last completed segment reached storage (-1: none yet).",
+            since(&st.last_upload_unix),
+        ),
+        (
+            "pgkeep_wal_segments_uploaded_total",
+            "counter",
+            "Segments streamed to storage.",
+            load(&st.segments_uploaded),
+        ),
+        (
+            "pgkeep_wal_partial_uploads_total",
+            "counter",
+            "Uploads of the open segment as .partial.",
+            load(&st.partial_uploads),
+        ),
+        (
+            "pgkeep_upload_errors_total",
+            "counter",
+            "Failed uploads (each is retried by reconnecting).",
+            load(&st.upload_errors),
+        ),
+        (
+            "pgkeep_bytes_uploaded_total",
+            "counter",
+            "Bytes stored for streamed segments.",
+            load(&st.bytes_uploaded),
+        ),
+        (
+            "pgkeep_stream_reconnects_total",
+            "counter",
+            "Reconnections of the WAL stream.",
+            load(&st.reconnects),
+        ),
+        (
+            "pgkeep_seconds_since_last_backup",
+            "gauge",
+            "Seconds since this daemon's last successful base backup (-1: none yet).",
+            since(&st.last_backup_unix),
+        ),
+        (
+            "pgkeep_last_backup_duration_seconds",
+            "gauge",
+            "How long the last base backup took.",
+            load(&st.last_backup_ms) / 1000.0,
+        ),
+        (
+            "pgkeep_backup_failures_total",
+            "counter",
+            "Failed base backups.",
+            load(&st.backup_failures),
+        ),
+        (
+            "pgkeep_wal_served_total",
+            "counter",
+            "WAL files served to restore_command.",
+            load(&pf.served),
+        ),
+        (
+            "pgkeep_wal_prefetched_total",
+            "counter",
+            "Segments downloaded ahead of their request.",
+            load(&pf.prefetched),
+        ),
+        (
+            "pgkeep_wal_prefetch_hits_total",
+            "counter",
+            "WAL requests answered from the prefetch cache.",
+            load(&pf.hits),
+        ),
+    ];
     let mut out = String::new();
-    let mut metric = |name: &str, kind: &str, help: &str, value: f64| {
+    for (name, kind, help, value) in metrics {
         out.push_str(&format!(
             "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n"
         ));
-    };
-    metric(
-        "pgkeep_timeline",
-        "gauge",
-        "Timeline being streamed.",
-        st.timeline.load(Ordering::Acquire) as f64,
-    );
-    metric(
-        "pgkeep_received_lsn_bytes",
-        "gauge",
-        "Highest WAL position received.",
-        received as f64,
-    );
-    metric(
-        "pgkeep_durable_lsn_bytes",
-        "gauge",
-        "WAL position up to which everything is in storage.",
-        durable as f64,
-    );
-    metric(
-        "pgkeep_replication_lag_bytes",
-        "gauge",
-        "Received but not yet in storage.",
-        received.saturating_sub(durable) as f64,
-    );
-    metric(
-        "pgkeep_seconds_since_last_wal_upload",
-        "gauge",
-        "Seconds since the last completed segment reached storage (-1: none yet).",
-        if last == 0 {
-            -1.0
-        } else {
-            now.saturating_sub(last) as f64
-        },
-    );
-    metric(
-        "pgkeep_wal_segments_uploaded_total",
-        "counter",
-        "Segments streamed to storage.",
-        st.segments_uploaded.load(Ordering::Relaxed) as f64,
-    );
-    metric(
-        "pgkeep_wal_partial_uploads_total",
-        "counter",
-        "Uploads of the open segment as .partial.",
-        st.partial_uploads.load(Ordering::Relaxed) as f64,
-    );
-    metric(
-        "pgkeep_upload_errors_total",
-        "counter",
-        "Failed uploads (each is retried by reconnecting).",
-        st.upload_errors.load(Ordering::Relaxed) as f64,
-    );
-    metric(
-        "pgkeep_bytes_uploaded_total",
-        "counter",
-        "Bytes stored for streamed segments.",
-        st.bytes_uploaded.load(Ordering::Relaxed) as f64,
-    );
-    metric(
-        "pgkeep_stream_reconnects_total",
-        "counter",
-        "Reconnections of the WAL stream.",
-        st.reconnects.load(Ordering::Relaxed) as f64,
-    );
-    let last_backup = st.last_backup_unix.load(Ordering::Relaxed);
-    metric(
-        "pgkeep_seconds_since_last_backup",
-        "gauge",
-        "Seconds since this daemon's last successful base backup (-1: none yet).",
-        if last_backup == 0 {
-            -1.0
-        } else {
-            now.saturating_sub(last_backup) as f64
-        },
-    );
-    metric(
-        "pgkeep_last_backup_duration_seconds",
-        "gauge",
-        "How long the last base backup took.",
-        st.last_backup_ms.load(Ordering::Relaxed) as f64 / 1000.0,
-    );
-    metric(
-        "pgkeep_backup_failures_total",
-        "counter",
-        "Failed base backups.",
-        st.backup_failures.load(Ordering::Relaxed) as f64,
-    );
-    let pf = &s.prefetch;
-    metric(
-        "pgkeep_wal_served_total",
-        "counter",
-        "WAL files served to restore_command.",
-        pf.served.load(Ordering::Relaxed) as f64,
-    );
-    metric(
-        "pgkeep_wal_prefetched_total",
-        "counter",
-        "Segments downloaded ahead of their request.",
-        pf.prefetched.load(Ordering::Relaxed) as f64,
-    );
-    metric(
-        "pgkeep_wal_prefetch_hits_total",
-        "counter",
-        "WAL requests answered from the prefetch cache.",
-        pf.hits.load(Ordering::Relaxed) as f64,
-    );
+    }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out)
 }
 

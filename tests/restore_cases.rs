@@ -60,6 +60,25 @@ fn assert_fails(out: &std::process::Output, needles: &[&str]) {
     }
 }
 
+/// Table `t` (created with `table_options`) gets rows, a backup is taken, more rows follow and are
+/// archived; returns the table's checksum.
+fn rows_backup_rows(s: &Setup, table_options: &str) -> String {
+    s.primary.psql(&format!(
+        "create table t (id serial primary key, v text) {table_options}"
+    ));
+    s.primary
+        .psql("insert into t (v) select md5(g::text) from generate_series(1, 20000) g");
+    assert_ok(
+        &s.storage
+            .pgkeep_pg(&s.bin, &["backup"], &s.primary.client_env()),
+    );
+    s.primary
+        .psql("insert into t (v) select 'after' || g from generate_series(1, 1000) g");
+    let expected = s.primary.table_checksum("t");
+    s.primary.switch_and_wait_archived();
+    expected
+}
+
 fn start_and_check(s: &Setup, target: &Path, expected: &str) {
     let c = start_restored(&s.dir, &s.storage, target.to_path_buf());
     assert_eq!(c.table_checksum("t"), expected);
@@ -85,18 +104,7 @@ fn cases(backend: Backend) {
         &["no base backup"],
     );
 
-    s.primary
-        .psql("create table t (id serial primary key, v text)");
-    s.primary
-        .psql("insert into t (v) select md5(g::text) from generate_series(1, 20000) g");
-    assert_ok(
-        &s.storage
-            .pgkeep_pg(&s.bin, &["backup"], &s.primary.client_env()),
-    );
-    s.primary
-        .psql("insert into t (v) select 'after' || g from generate_series(1, 1000) g");
-    let expected = s.primary.table_checksum("t");
-    s.primary.switch_and_wait_archived();
+    let expected = rows_backup_rows(&s, "");
 
     // A non-empty directory that is not a cluster is refused and left as it was.
     let busy = s.dir.mkdir("busy");
@@ -267,18 +275,7 @@ fn tablespaces(backend: Backend) {
         "create tablespace extra location '{}'",
         old_loc.display()
     ));
-    s.primary
-        .psql("create table t (id serial primary key, v text) tablespace extra");
-    s.primary
-        .psql("insert into t (v) select md5(g::text) from generate_series(1, 20000) g");
-    assert_ok(
-        &s.storage
-            .pgkeep_pg(&s.bin, &["backup"], &s.primary.client_env()),
-    );
-    s.primary
-        .psql("insert into t (v) select 'after' || g from generate_series(1, 500) g");
-    let expected = s.primary.table_checksum("t");
-    s.primary.switch_and_wait_archived();
+    let expected = rows_backup_rows(&s, "tablespace extra");
 
     // The old location is still in use by the primary: restoring there is refused before anything
     // is written, however often it is tried, and the primary's tablespace is untouched.
