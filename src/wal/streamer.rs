@@ -216,7 +216,9 @@ async fn stream_once(
         let mut durable = start;
         let mut received = start;
         let status_every = cfg.status_interval;
-        let mut last_status = Instant::now() - status_every;
+        let mut last_status = Instant::now()
+            .checked_sub(status_every)
+            .unwrap_or_else(Instant::now);
         let mut last_partial = Instant::now();
         let mut stopping = false;
         // The server hung up: while stopping that is the normal end (the walsender leaves once our
