@@ -96,7 +96,11 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             }
         }
     };
-    let _ = http.await;
+    match http.await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::error!("the HTTP server failed: {e}"),
+        Err(e) => tracing::error!("the HTTP server task failed: {e}"),
+    }
     tracing::info!(durable = %stream.durable_lsn(), "pgkeep daemon stopped");
     outcome
 }

@@ -32,10 +32,7 @@ pub async fn is_in_recovery(client: &tokio_postgres::Client) -> anyhow::Result<b
 /// must reach storage for the switch to be complete.
 pub async fn switch_wal(client: &tokio_postgres::Client) -> anyhow::Result<Lsn> {
     let row = client
-        .query_one(
-            "select pg_switch_wal()::text, pg_current_wal_lsn()::text",
-            &[],
-        )
+        .query_one("select pg_switch_wal()::text", &[])
         .await
         .context("pg_switch_wal()")?;
     let switch: Lsn = row.get::<_, String>(0).parse()?;

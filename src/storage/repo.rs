@@ -18,7 +18,7 @@ use object_store::{
 use serde::{Deserialize, Serialize};
 
 use super::layout::{self, ClusterLayout};
-use super::object::{self, HEADER_LEN, Header};
+use super::object::{self, Header};
 use crate::codec::Codec;
 use crate::config::{CloudScheme, Config, StorageUrl};
 
@@ -366,19 +366,6 @@ impl Repo {
                 key: key.to_string(),
                 reason,
             })
-    }
-
-    /// The header of `key` alone (a ranged read), for cheap comparisons.
-    pub async fn head_object(&self, key: &Path) -> Result<Header, StorageError> {
-        let bytes = self
-            .store
-            .get_range(key, 0..HEADER_LEN as u64)
-            .await
-            .map_err(|e| StorageError::backend(key, "read", e))?;
-        Header::parse(&bytes).map_err(|reason| StorageError::Corrupt {
-            key: key.to_string(),
-            reason,
-        })
     }
 
     pub async fn exists(&self, key: &Path) -> Result<bool, StorageError> {

@@ -29,7 +29,8 @@ pub struct StreamState {
     pub timeline: AtomicU64,
     /// Highest LSN received from the server.
     pub received: AtomicU64,
-    /// Everything before this LSN is in storage (reported to Postgres as flushed).
+    /// Everything before this LSN is in storage (reported to Postgres as flushed). Only ever
+    /// grows, also across reconnects, which restart at a segment boundary below it.
     pub durable: AtomicU64,
     /// Unix time (s) of the last successful segment upload.
     pub last_upload_unix: AtomicU64,
@@ -251,7 +252,7 @@ async fn stream_once(
                             .await?;
                     if upto > durable {
                         durable = upto;
-                        state.durable.store(durable.0, Ordering::Release);
+                        state.durable.fetch_max(durable.0, Ordering::AcqRel);
                         status!(received, durable);
                         last_status = Instant::now();
                     }
@@ -353,14 +354,14 @@ async fn stream_once(
                                 state,
                             )
                             .await?;
-                            state.durable.store(durable.0, Ordering::Release);
+                            state.durable.fetch_max(durable.0, Ordering::AcqRel);
                             // Report at once: the slot may now release this segment.
                             status!(at, durable);
                             last_status = Instant::now();
                         }
                     }
                     received = at;
-                    state.received.store(received.0, Ordering::Release);
+                    state.received.fetch_max(received.0, Ordering::AcqRel);
                 }
                 Some(b'k') if msg.len() >= 18 => {
                     if msg[17] == 1 && !(stopping && received > durable) {

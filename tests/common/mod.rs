@@ -665,7 +665,6 @@ pub fn http(method: &str, port: u16, path: &str) -> (u16, Vec<u8>) {
 pub struct Daemon {
     child: Child,
     pub port: u16,
-    pub spool: PathBuf,
     log: PathBuf,
 }
 
@@ -700,7 +699,6 @@ impl Daemon {
         let d = Daemon {
             child,
             port,
-            spool,
             log: log_path,
         };
         wait_for("the daemon to be ready", Duration::from_secs(30), || {
