@@ -17,6 +17,9 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let stream = Arc::new(StreamState::default());
     let sysid = Arc::new(AtomicU64::new(cfg.system_identifier.unwrap_or(0)));
     let (stop_tx, stop_rx) = watch::channel(false);
+    // The HTTP server outlives the drain: the preStop hook (`wal-switch`) polls /status while the
+    // daemon drains, and a pod's containers get SIGTERM at the same time.
+    let (http_stop_tx, http_stop_rx) = watch::channel(false);
 
     let listener = tokio::net::TcpListener::bind(cfg.listen)
         .await
@@ -37,7 +40,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             })?,
         ),
     });
-    let mut http_stop = stop_rx.clone();
+    let mut http_stop = http_stop_rx;
     let http = tokio::spawn(async move {
         axum::serve(listener, app)
             .with_graceful_shutdown(async move {
@@ -96,6 +99,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             }
         }
     };
+    let _ = http_stop_tx.send(true);
     match http.await {
         Ok(Ok(())) => {}
         Ok(Err(e)) => tracing::error!("the HTTP server failed: {e}"),

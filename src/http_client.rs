@@ -25,6 +25,21 @@ impl Response {
 
 /// Sends `method path` to `addr` and reads the whole response (bounded by `limit` bytes), all
 /// within `timeout`.
+/// The address to dial for a daemon that listens on `addr`: a wildcard listen address (`0.0.0.0`,
+/// `::`, as in a pod whose metrics are scraped) is reached through loopback.
+pub fn dial_address(addr: SocketAddr) -> SocketAddr {
+    use std::net::{Ipv4Addr, Ipv6Addr};
+    match addr.ip() {
+        std::net::IpAddr::V4(ip) if ip.is_unspecified() => {
+            (Ipv4Addr::LOCALHOST, addr.port()).into()
+        }
+        std::net::IpAddr::V6(ip) if ip.is_unspecified() => {
+            (Ipv6Addr::LOCALHOST, addr.port()).into()
+        }
+        _ => addr,
+    }
+}
+
 pub async fn request(
     addr: SocketAddr,
     method: &str,
@@ -32,6 +47,7 @@ pub async fn request(
     timeout: Duration,
     limit: usize,
 ) -> anyhow::Result<Response> {
+    let addr = dial_address(addr);
     tokio::time::timeout(timeout, async {
         let mut s = tokio::net::TcpStream::connect(addr).await.with_context(|| format!("connecting to {addr}"))?;
         s.write_all(format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: 0\r\n\r\n").as_bytes())
@@ -66,4 +82,25 @@ pub async fn request(
     })
     .await
     .map_err(|_| anyhow!("no answer from {addr} within {timeout:?}"))?
+}
+
+#[cfg(test)]
+mod dial_tests {
+    use super::dial_address;
+
+    #[test]
+    fn wildcard_listen_addresses_are_dialled_on_loopback() {
+        assert_eq!(
+            dial_address("0.0.0.0:16000".parse().unwrap()).to_string(),
+            "127.0.0.1:16000"
+        );
+        assert_eq!(
+            dial_address("[::]:7".parse().unwrap()).to_string(),
+            "[::1]:7"
+        );
+        assert_eq!(
+            dial_address("10.1.2.3:9".parse().unwrap()).to_string(),
+            "10.1.2.3:9"
+        );
+    }
 }
