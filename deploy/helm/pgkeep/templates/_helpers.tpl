@@ -1,0 +1,164 @@
+{{/* The release's base name: <release>-pgkeep, or the release name when it already says pgkeep. */}}
+{{- define "pgkeep.fullname" -}}
+{{- if .Values.fullnameOverride -}}
+{{- .Values.fullnameOverride | trunc 52 | trimSuffix "-" -}}
+{{- else if contains "pgkeep" .Release.Name -}}
+{{- .Release.Name | trunc 52 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-pgkeep" .Release.Name | trunc 52 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "pgkeep.selectorLabels" -}}
+app.kubernetes.io/name: pgkeep
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end -}}
+
+{{- define "pgkeep.labels" -}}
+{{ include "pgkeep.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
+{{- end -}}
+
+{{/* The Secret that holds PGPASSWORD and the storage credentials (one env var per key). */}}
+{{- define "pgkeep.secretName" -}}
+{{- .Values.secret.existingSecret | default (include "pgkeep.fullname" .) -}}
+{{- end -}}
+
+{{- define "pgkeep.image" -}}
+{{- printf "%s:%s" .Values.image.repository (.Values.image.tag | default .Chart.AppVersion) -}}
+{{- end -}}
+
+{{/* The Postgres password: the value given, else the one the release's Secret already holds
+     (so an upgrade keeps it), else a new random one. */}}
+{{- define "pgkeep.postgresPassword" -}}
+{{- if .Values.secret.postgresPassword -}}
+{{- .Values.secret.postgresPassword -}}
+{{- else -}}
+{{- $existing := lookup "v1" "Secret" .Release.Namespace (include "pgkeep.fullname" .) -}}
+{{- if and $existing $existing.data (hasKey $existing.data "PGPASSWORD") -}}
+{{- index $existing.data "PGPASSWORD" | b64dec -}}
+{{- else -}}
+{{- randAlphaNum 32 -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Secret data: PGPASSWORD and the storage credentials (secret.env). */}}
+{{- define "pgkeep.secretData" -}}
+PGPASSWORD: {{ include "pgkeep.postgresPassword" . | b64enc | quote }}
+{{ include "pgkeep.storageSecretData" . }}
+{{- end -}}
+
+{{- define "pgkeep.storageSecretData" -}}
+{{- range $k, $v := .Values.secret.env }}
+{{ $k }}: {{ $v | toString | b64enc | quote }}
+{{- end }}
+{{- end -}}
+
+{{/* pgkeep.toml: the settings every container of the release reads (PGKEEP_CONFIG). */}}
+{{- define "pgkeep.config" -}}
+# pgkeep settings for release {{ .Release.Name }}; every key is described in docs/configuration.md.
+# Credentials are not here: they come from the Secret as environment variables.
+storage = {{ required "storage.url is required (s3://, gs://, az:// or file://)" .Values.storage.url | toJson }}
+spool_dir = "/var/lib/pgkeep/spool"
+listen = {{ printf "%s:%d" .Values.daemon.listenAddress (int .Values.daemon.port) | toJson }}
+pg = {{ printf "host=127.0.0.1 port=%d user=%s dbname=postgres" (int .Values.postgres.port) .Values.postgres.user | toJson }}
+{{- range $k, $v := .Values.config }}
+{{ $k }} = {{ $v | toJson }}
+{{- end }}
+{{- end -}}
+
+{{/* Starts Postgres: initdb when the data directory holds no cluster (and initdb is allowed),
+     then postgres with the given -c settings. SIGTERM is turned into a fast shutdown (SIGINT), so a
+     pod stops within its grace period whatever the image's STOPSIGNAL. */}}
+{{- define "pgkeep.startPostgres" -}}
+#!/bin/sh
+set -eu
+: "${PGDATA:?PGDATA must be set}"
+if [ ! -s "$PGDATA/PG_VERSION" ]; then
+  if [ "${INITDB_IF_EMPTY:-false}" != true ]; then
+    echo "start-postgres: $PGDATA holds no cluster, and this pod must not create one (a standby is restored from a backup: is there one in storage?)" >&2
+    exit 1
+  fi
+  echo "start-postgres: $PGDATA holds no cluster and storage held no backup: creating a new cluster"
+  pwfile="$PGDATA.pw"
+  (umask 077; printf '%s' "${PGPASSWORD:?PGPASSWORD must be set}" > "$pwfile")
+  initdb -D "$PGDATA" --username="${PGUSER:-postgres}" --pwfile="$pwfile" --auth-local=trust --auth-host=scram-sha-256 --data-checksums --encoding=UTF8
+  rm -f "$pwfile"
+  printf '%s\n' "host all all all scram-sha-256" "host replication all all scram-sha-256" >> "$PGDATA/pg_hba.conf"
+fi
+postgres "$@" &
+pid=$!
+trap 'kill -INT "$pid" 2>/dev/null || true' TERM INT
+status=0
+wait "$pid" || status=$?
+if kill -0 "$pid" 2>/dev/null; then
+  status=0
+  wait "$pid" || status=$?
+fi
+exit "$status"
+{{- end -}}
+
+{{/* "true" when file:// storage lives on the chart's own archive volume. */}}
+{{- define "pgkeep.archiveVolume" -}}
+{{- if and .Values.storage.archiveVolume.enabled (hasPrefix "file://" .Values.storage.url) -}}true{{- end -}}
+{{- end -}}
+
+{{/* Environment every pgkeep process of the release gets (besides the Secret). */}}
+{{- define "pgkeep.env" -}}
+- {name: PGKEEP_CONFIG, value: /etc/pgkeep/pgkeep.toml}
+{{- range $k, $v := .Values.storage.env }}
+- {name: {{ $k }}, value: {{ $v | toString | quote }}}
+{{- end }}
+{{- end -}}
+
+{{- define "pgkeep.containerSecurity" -}}
+allowPrivilegeEscalation: false
+readOnlyRootFilesystem: true
+capabilities:
+  drop: [ALL]
+{{- end -}}
+
+{{/* The sidecar: `pgkeep daemon`. A native sidecar (init container with restartPolicy: Always)
+     or an ordinary container, as daemon.nativeSidecar says. */}}
+{{- define "pgkeep.daemonContainer" -}}
+- name: pgkeep
+  image: {{ include "pgkeep.image" . }}
+  imagePullPolicy: {{ .Values.image.pullPolicy }}
+  command: ["pgkeep", "daemon"]
+  {{- if .Values.daemon.nativeSidecar }}
+  restartPolicy: Always
+  {{- end }}
+  env:
+    {{- include "pgkeep.env" . | nindent 4 }}
+  envFrom:
+    - secretRef:
+        name: {{ include "pgkeep.secretName" . }}
+  ports:
+    - name: http
+      containerPort: {{ .Values.daemon.port }}
+  startupProbe:
+    httpGet: {path: /healthz, port: http}
+    periodSeconds: 2
+    failureThreshold: 30
+  livenessProbe:
+    httpGet: {path: /healthz, port: http}
+    periodSeconds: 10
+    failureThreshold: 6
+  readinessProbe:
+    httpGet: {path: /readyz, port: http}
+    periodSeconds: 5
+  resources:
+    {{- toYaml .Values.daemon.resources | nindent 4 }}
+  securityContext:
+    {{- include "pgkeep.containerSecurity" . | nindent 4 }}
+  volumeMounts:
+    - {name: config, mountPath: /etc/pgkeep, readOnly: true}
+    - {name: spool, mountPath: /var/lib/pgkeep/spool}
+    - {name: tmp, mountPath: /tmp}
+    {{- if include "pgkeep.archiveVolume" . }}
+    - {name: archive, mountPath: /var/lib/pgkeep/archive}
+    {{- end }}
+{{- end }}
