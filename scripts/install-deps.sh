@@ -2,7 +2,9 @@
 # Installs what pgkeep's quickstart and tests need, when it is missing:
 #   postgres  PostgreSQL 15 server and client (Debian packages)
 #   s3s-fs    the S3-compatible test server (crates.io; about 3 minutes to build)
-# Usage: scripts/install-deps.sh [postgres] [s3s-fs]
+#   helm      a Python environment (target/pyenv) with helm-python-sdk (Helm's engine: renders and
+#             lints the chart offline), kubernetes-validate and PyYAML (PyPI), for the chart tests
+# Usage: scripts/install-deps.sh [postgres] [s3s-fs] [helm]
 set -euo pipefail
 PGBIN=${PGBIN:-/usr/lib/postgresql/15/bin}
 S3S_FS_VERSION=0.14.1   # newer versions need a newer rustc than this machine's
@@ -21,6 +23,16 @@ for what in "$@"; do
       if ! command -v s3s-fs >/dev/null || ! s3s-fs --version 2>/dev/null | grep -q "$S3S_FS_VERSION"; then
         echo "installing s3s-fs $S3S_FS_VERSION (cargo install; a few minutes)"
         cargo install "s3s-fs@$S3S_FS_VERSION" --features binary --locked --quiet
+      fi
+      ;;
+    helm)
+      root=$(cd "$(dirname "$0")/.." && pwd)
+      venv=${PGKEEP_PYENV:-$root/target/pyenv}
+      want="helm-python-sdk==0.2.2 kubernetes-validate==1.37.0 PyYAML==6.0.3"
+      if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c 'import helm_python, yaml, kubernetes_validate' 2>/dev/null; then
+        echo "installing $want into $venv (pip)"
+        python3 -m venv "$venv"
+        "$venv/bin/pip" install --quiet --disable-pip-version-check $want
       fi
       ;;
     *) echo "unknown dependency: $what" >&2; exit 2 ;;

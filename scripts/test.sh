@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# Runs every check and test of pgkeep: installs what the tests need (PostgreSQL 15, s3s-fs), then
+# Runs every check and test of pgkeep: installs what the tests need (PostgreSQL 15, s3s-fs, the chart tools), then
 # formatting, lints, and the whole test suite (unit tests, and end-to-end tests against real
 # Postgres clusters and a real S3-compatible server on loopback).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$HOME/.cargo/bin:$PATH"
 
-scripts/install-deps.sh postgres s3s-fs
+scripts/install-deps.sh postgres s3s-fs helm
 cargo fmt --all -- --check
 cargo clippy --all-targets --quiet -- -D warnings
 if cargo nextest --version >/dev/null 2>&1; then

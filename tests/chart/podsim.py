@@ -1,0 +1,744 @@
+"""The Helm chart, checked offline and its pod's life simulated on this machine.
+
+  podsim.py check
+      Lints the chart (strict), renders it with the default values and with each example values file
+      (deploy/helm/examples/values-*.yaml), and validates every rendered object with
+      `kubernetes-validate --strict`. First proves the validator rejects a broken object.
+
+  podsim.py simulate --scenario primary|standby --pgkeep BIN --workdir DIR [--storage s3|file]
+      Renders the chart and runs, as the postgres user, exactly the commands, arguments and
+      environment the rendered StatefulSet's containers declare, in pod order (init containers,
+      native sidecars with their startup probes, main containers with theirs, preStop hooks, SIGTERM
+      in Kubernetes' order), with each volume a folder of its own: the mount paths in commands,
+      arguments, environment and ConfigMap files are mapped onto those folders, and the pgkeep
+      image's /usr/local/bin/pgkeep onto the binary under test. Nothing else is adapted: a flag the
+      binary does not know, an environment variable the chart forgets, a path no volume provides,
+      each fails the run.
+        primary: pod 1 (empty storage: initdb, the daemon's first backup) -> a write load -> the
+        rendered pre-upgrade Job (`pgkeep backup`) -> more writes -> preStop -> SIGTERM -> pod 2 on
+        empty volumes restores and recovers -> every committed row is there.
+        standby: a primary pod, then a second release with the standby values restored with
+        --standby; rows written on the primary appear on the standby.
+      S3 settings come from the environment (AWS_*) and PGKEEP_SIM_BUCKET, as the Rust test that
+      starts the S3 server passes them. Prints one JSON line of findings last.
+Needs helm-python-sdk, kubernetes-validate and PyYAML (scripts/install-deps.sh helm).
+"""
+import argparse
+import base64
+import json
+import os
+import re
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+
+import helm_python
+import yaml
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+CHART = os.path.join(ROOT, "deploy", "helm", "pgkeep")
+EXAMPLES = os.path.join(ROOT, "deploy", "helm", "examples")
+PGBIN = os.environ.get("PGKEEPTEST_PG_BIN", "/usr/lib/postgresql/15/bin")
+IS_ROOT = os.getuid() == 0
+
+
+def log(msg):
+    print(f"[podsim {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def fail(msg):
+    raise SystemExit(f"podsim: {msg}")
+
+
+# ---------------------------------------------------------------- rendering, lint, validation
+
+def load_values(paths):
+    merged = {}
+    for p in paths:
+        with open(p) as f:
+            merged = deep_merge(merged, yaml.safe_load(f) or {})
+    return merged
+
+
+def deep_merge(a, b):
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def render(values, name, namespace="default", upgrade=False):
+    """The chart's objects (hooks included) and NOTES.txt."""
+    chart = helm_python.Chart.load(os.environ.get("PGKEEP_SIM_CHART", CHART))
+    out = chart.render(values, name=name, namespace=namespace, is_install=not upgrade, is_upgrade=upgrade)
+    objects, notes = [], ""
+    for path, text in sorted(out.items()):
+        if path.endswith("NOTES.txt"):
+            notes = text
+            continue
+        for doc in yaml.safe_load_all(text):
+            if doc:
+                objects.append(doc)
+    return objects, notes
+
+
+def validate(objects, label):
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, f"{label}.yaml")
+        with open(path, "w") as f:
+            yaml.safe_dump_all(objects, f)
+        validator = os.path.join(os.path.dirname(sys.executable), "kubernetes-validate")
+        r = subprocess.run([validator, "--strict", "--quiet", path], capture_output=True, text=True)
+        return r.returncode, r.stdout + r.stderr
+
+
+def check():
+    # The validator must be able to say no, or its yes means nothing.
+    bad = [{"apiVersion": "apps/v1", "kind": "StatefulSet", "metadata": {"name": "x"},
+            "spec": {"serviceName": "x", "selector": {"matchLabels": {"a": "b"}},
+                     "template": {"metadata": {"labels": {"a": "b"}},
+                                  "spec": {"containers": [{"name": "c", "image": "i", "comand": ["x"]}]}}}}]
+    code, out = validate(bad, "negative-control")
+    if code == 0:
+        fail("kubernetes-validate --strict accepted a misspelt field: the check would prove nothing")
+    sets = [("default", [])] + [
+        (f, [os.path.join(EXAMPLES, f)]) for f in sorted(os.listdir(EXAMPLES)) if f.endswith(".yaml")
+    ]
+    rendered = {}
+    for label, files in sets:
+        values = load_values(files)
+        lint = helm_python.lint(CHART, values, strict=True)
+        if lint.get("errors") or lint.get("messages"):
+            fail(f"{label}: helm lint --strict: {json.dumps(lint, indent=1)}")
+        for upgrade in (False, True):
+            objects, notes = render(values, name="db", namespace="pg", upgrade=upgrade)
+            kinds = sorted(f"{o['kind']}/{o['metadata']['name']}" for o in objects)
+            code, out = validate(objects, label)
+            if code != 0:
+                fail(f"{label}: kubernetes-validate --strict failed:\n{out}")
+            if not notes.strip():
+                fail(f"{label}: no NOTES.txt")
+        rendered[label] = kinds
+        log(f"{label}: lints clean; {len(objects)} objects render and validate --strict: {', '.join(kinds)}")
+    print(json.dumps({"rendered": rendered}))
+
+
+# ---------------------------------------------------------------- the pod simulation
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def postgres_ids():
+    import pwd
+    p = pwd.getpwnam("postgres")
+    return p.pw_uid, p.pw_gid
+
+
+def give_to_postgres(path):
+    if IS_ROOT:
+        uid, gid = postgres_ids()
+        for dirpath, dirnames, filenames in os.walk(path):
+            os.chown(dirpath, uid, gid)
+            for n in filenames:
+                os.chown(os.path.join(dirpath, n), uid, gid)
+
+
+class Release:
+    """A rendered release and the objects it puts in the (simulated) namespace."""
+
+    def __init__(self, sim, name, values):
+        self.sim, self.name, self.values = sim, name, values
+        self.objects, self.notes = render(values, name=name, upgrade=False)
+        self.hooks, _ = render(values, name=name, upgrade=True)
+        for o in self.objects:
+            if o["kind"] in ("Secret", "ConfigMap", "Service"):
+                sim.namespace[(o["kind"], o["metadata"]["name"])] = o
+
+    def one(self, kind, objects=None):
+        found = [o for o in (objects or self.objects) if o["kind"] == kind
+                 and "helm.sh/hook" not in (o["metadata"].get("annotations") or {})]
+        if len(found) != 1:
+            fail(f"expected one {kind} in release {self.name}, found {len(found)}")
+        return found[0]
+
+    def hook_objects(self, event):
+        return [o for o in self.hooks
+                if event in (o["metadata"].get("annotations") or {}).get("helm.sh/hook", "").split(",")]
+
+
+class Process:
+    def __init__(self, name, popen, logpath):
+        self.name, self.popen, self.logpath = name, popen, logpath
+
+    def tail(self, n=40):
+        try:
+            with open(self.logpath, errors="replace") as f:
+                return "".join(f.readlines()[-n:])
+        except OSError:
+            return ""
+
+
+class Pod:
+    """One pod of the StatefulSet (or a Job's pod): its volumes are folders under `root`."""
+
+    def __init__(self, sim, release, pod_spec, name, root, claims):
+        self.sim, self.release, self.spec, self.name, self.root = sim, release, pod_spec, name, root
+        self.claims = claims  # volume name -> folder (PVCs, outlive the pod)
+        self.procs = {}
+        os.makedirs(root, exist_ok=True)
+        self.volumes = {}
+        for v in pod_spec.get("volumes", []):
+            if "emptyDir" in v:
+                self.volumes[v["name"]] = ("dir", self.fresh_dir(f"emptydir-{v['name']}"))
+            elif "configMap" in v:
+                self.volumes[v["name"]] = ("configmap", v["configMap"]["name"])
+            elif "persistentVolumeClaim" in v:
+                claim = v["persistentVolumeClaim"]["claimName"]
+                self.volumes[v["name"]] = ("dir", sim.claim_dir(claim))
+            else:
+                fail(f"{name}: volume kind not simulated: {v}")
+        for vol, folder in claims.items():
+            self.volumes.setdefault(vol, ("dir", folder))
+
+    def fresh_dir(self, label):
+        d = os.path.join(self.root, label)
+        shutil.rmtree(d, ignore_errors=True)
+        os.makedirs(d)
+        os.chmod(d, 0o777 if not IS_ROOT else 0o750)
+        give_to_postgres(d)
+        return d
+
+    def mounts(self, c):
+        """(container path, folder, read-only) for container c; its ConfigMaps are written out."""
+        out = []
+        for m in c.get("volumeMounts", []):
+            kind, what = self.volumes.get(m["name"], (None, None))
+            if kind is None:
+                fail(f"{c['name']}: mounts volume {m['name']}, which the pod does not declare")
+            if kind == "configmap":
+                cm = self.sim.namespace.get(("ConfigMap", what))
+                if cm is None:
+                    fail(f"{c['name']}: ConfigMap {what} does not exist in the namespace")
+                # Written once per container: a running container's mount keeps pointing here
+                # while probes and hooks start more processes in it.
+                folder = os.path.join(self.root, f"cm-{c['name']}-{m['name']}")
+                if os.path.isdir(folder):
+                    out.append((m["mountPath"], folder, True))
+                    continue
+                os.makedirs(folder)
+                for key, text in cm.get("data", {}).items():
+                    with open(os.path.join(folder, key), "w") as f:
+                        f.write(text)
+                    os.chmod(os.path.join(folder, key), 0o644)
+                os.chmod(folder, 0o755)
+                out.append((m["mountPath"], folder, True))
+            else:
+                out.append((m["mountPath"], what, bool(m.get("readOnly"))))
+        return out
+
+    def env(self, c):
+        env = {"HOSTNAME": self.name}
+        for ef in c.get("envFrom", []):
+            if "secretRef" in ef:
+                sec = self.sim.namespace.get(("Secret", ef["secretRef"]["name"]))
+                if sec is None:
+                    fail(f"{c['name']}: Secret {ef['secretRef']['name']} does not exist in the namespace")
+                for k, v in (sec.get("data") or {}).items():
+                    env[k] = base64.b64decode(v).decode()
+                for k, v in (sec.get("stringData") or {}).items():
+                    env[k] = v
+            elif "configMapRef" in ef:
+                cm = self.sim.namespace[("ConfigMap", ef["configMapRef"]["name"])]
+                env.update(cm.get("data", {}))
+        for e in c.get("env", []):
+            if "value" in e:
+                env[e["name"]] = str(e["value"])
+            elif "valueFrom" in e and "secretKeyRef" in e["valueFrom"]:
+                ref = e["valueFrom"]["secretKeyRef"]
+                sec = self.sim.namespace[("Secret", ref["name"])]
+                env[e["name"]] = base64.b64decode(sec["data"][ref["key"]]).decode()
+            else:
+                fail(f"{c['name']}: env {e} not simulated")
+        # The images' own PATH (docker/Dockerfile: Debian's; postgres:15: with its server binaries).
+        env.setdefault("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+                       + ("" if self.sim.is_pgkeep_image(c["image"]) else ":/usr/lib/postgresql/15/bin"))
+        return env
+
+    def spawn(self, c, words=None, label=None, stdout_path=None):
+        """Starts a process as container c would: in a mount namespace of its own whose root is a
+        fresh tmpfs with this machine's /usr (the images' programs: Debian's, Postgres 15's), the
+        pgkeep image's /usr/local/bin holding only the binary under test, the container's volumes
+        at their mount paths, /etc/hosts naming the namespace's Services (DNS), a read-only root
+        when the container asks for one, and exactly the declared environment, as the postgres
+        user. Nothing is translated: a path, flag or variable the chart gets wrong fails here."""
+        label = label or c["name"]
+        env = self.env(c)
+        words = words or (c.get("command", []) + c.get("args", []))
+        root = os.path.join(self.root, f"root-{label}")
+        os.makedirs(root, exist_ok=True)
+        hosts = os.path.join(self.root, f"hosts-{label}")
+        with open(hosts, "w") as f:
+            f.write("127.0.0.1 localhost " + " ".join([self.name] + self.sim.service_names()) + "\n::1 localhost\n")
+        os.chmod(hosts, 0o644)
+        q = shlex.quote
+        script = ["set -e", f"R={q(root)}", 'mount -t tmpfs -o mode=755 pod-root "$R"',
+                  'for d in bin sbin lib lib32 lib64 libx32; do',
+                  '  if [ -L "/$d" ]; then ln -s "$(readlink "/$d")" "$R/$d"; elif [ -d "/$d" ]; then mkdir "$R/$d"; mount --rbind "/$d" "$R/$d"; fi',
+                  'done',
+                  'mkdir "$R/usr" "$R/proc" "$R/dev" "$R/sys" "$R/etc" "$R/.host-etc" "$R/tmp" "$R/run" "$R/var"',
+                  'chmod 1777 "$R/tmp"',
+                  'mount --rbind /usr "$R/usr"; mount --rbind /proc "$R/proc"; mount --rbind /dev "$R/dev"; mount --rbind /sys "$R/sys"',
+                  'mount --rbind /etc "$R/.host-etc"',
+                  'for e in /etc/* /etc/.[!.]*; do [ -e "$e" ] || [ -L "$e" ] || continue; n=${e#/etc/}; [ "$n" = hosts ] || ln -s "/.host-etc/$n" "$R/etc/$n"; done',
+                  f'cp {q(hosts)} "$R/etc/hosts"',
+                  'ln -s ../run "$R/var/run"']
+        if self.sim.is_pgkeep_image(c["image"]):
+            script.append(f'mount --bind {q(os.path.dirname(self.sim.image_pgkeep))} "$R/usr/local/bin"')
+        for path, folder, ro in sorted(self.mounts(c), key=lambda m: len(m[0])):
+            script.append(f'if [ -L "$R"{q(path)} ]; then rm "$R"{q(path)}; fi; mkdir -p "$R"{q(path)}; mount --bind {q(folder)} "$R"{q(path)}')
+            if ro:
+                script.append(f'mount -o remount,bind,ro "$R"{q(path)}')
+        if (c.get("securityContext") or {}).get("readOnlyRootFilesystem"):
+            script.append('mount -o remount,ro pod-root "$R"')
+        user = ["setpriv", "--reuid=postgres", "--regid=postgres", "--init-groups"]
+        script.append('exec chroot "$R" ' + " ".join(q(w) for w in user + ["env", "-i"]
+                      + [f"{k}={v}" for k, v in env.items()] + [str(w) for w in words]))
+        logpath = os.path.join(self.root, f"{label}.log")
+        logf = open(logpath, "ab")
+        p = subprocess.Popen(["unshare", "--mount", "--propagation", "private", "/bin/sh", "-c", "\n".join(script)],
+                             cwd="/", stdout=open(stdout_path, "wb") if stdout_path else logf, stderr=logf,
+                             stdin=subprocess.DEVNULL)
+        return Process(label, p, logpath)
+
+    def run(self, c, words=None, label=None, timeout=120, check=True):
+        """Runs to completion (an init container, an exec probe, a hook, `kubectl exec`): exit
+        code, stdout, and what it logged (stderr)."""
+        label = label or c["name"]
+        stdout_path = os.path.join(self.root, f"{label}.out")
+        p = self.spawn(c, words, label, stdout_path=stdout_path)
+        try:
+            code = p.popen.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            p.popen.kill()
+            fail(f"{p.name} did not finish within {timeout}s:\n{p.tail()}")
+        if check and code != 0:
+            fail(f"{p.name} exited {code}:\n{p.tail()}")
+        with open(stdout_path, errors="replace") as f:
+            out = f.read()
+        with open(p.logpath, errors="replace") as f:
+            return code, out, f.read()
+
+    def probe(self, c, kind, limit=180):
+        pr = c.get(kind)
+        if not pr:
+            return
+        period = min(pr.get("periodSeconds", 10), 2)
+        deadline = time.monotonic() + min(limit, pr.get("periodSeconds", 10) * pr.get("failureThreshold", 3) + 5)
+        while True:
+            if self.probe_once(c, pr):
+                return
+            proc = self.procs.get(c["name"])
+            if proc and proc.popen.poll() is not None:
+                fail(f"{c['name']} exited {proc.popen.returncode} before its {kind} passed:\n{proc.tail()}")
+            if time.monotonic() > deadline:
+                fail(f"{c['name']}: {kind} did not pass:\n{proc.tail() if proc else ''}")
+            time.sleep(period)
+
+    def probe_once(self, c, pr):
+        if "httpGet" in pr:
+            port = pr["httpGet"]["port"]
+            if isinstance(port, str):
+                port = next(p["containerPort"] for p in c.get("ports", []) if p.get("name") == port)
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}{pr['httpGet']['path']}", timeout=5) as r:
+                    return 200 <= r.status < 400
+            except Exception:
+                return False
+        if "exec" in pr:
+            code, _, _ = self.run(c, pr["exec"]["command"], label=f"{c['name']}-probe", timeout=30, check=False)
+            return code == 0
+        fail(f"probe kind not simulated: {pr}")
+
+    def start(self):
+        """Init containers in order (native sidecars stay running once started), then the main
+        containers; returns once every startup and readiness probe passes."""
+        for c in self.spec.get("initContainers", []):
+            if c.get("restartPolicy") == "Always":
+                log(f"{self.name}: sidecar {c['name']} starts")
+                self.procs[c["name"]] = self.spawn(c)
+                self.probe(c, "startupProbe")
+            else:
+                log(f"{self.name}: init container {c['name']}: {' '.join(c.get('command', []) + c.get('args', []))}")
+                _, out, logged = self.run(c, timeout=600)
+                self.init_logs = getattr(self, "init_logs", {})
+                self.init_logs[c["name"]] = out + logged
+        for c in self.spec["containers"]:
+            log(f"{self.name}: container {c['name']} starts")
+            self.procs[c["name"]] = self.spawn(c)
+        for c in self.spec["containers"]:
+            self.probe(c, "startupProbe", limit=600)
+        for c in self.spec.get("initContainers", []) + self.spec["containers"]:
+            if c["name"] in self.procs:
+                self.probe(c, "readinessProbe", limit=300)
+        log(f"{self.name}: ready")
+
+    def container(self, name):
+        for c in self.spec.get("initContainers", []) + self.spec["containers"]:
+            if c["name"] == name:
+                return c
+        fail(f"no container {name} in {self.name}")
+
+    def stop(self):
+        """Kubernetes' order: main containers get their preStop hook, then SIGTERM (those without a
+        hook get SIGTERM at once); native sidecars get SIGTERM after every main container has
+        exited, in reverse order. Everything must exit 0 within the grace period."""
+        grace = self.spec.get("terminationGracePeriodSeconds", 30)
+        deadline = time.monotonic() + grace
+        mains = self.spec["containers"]
+        for c in mains:
+            if not c.get("lifecycle", {}).get("preStop"):
+                os.kill(self.procs[c["name"]].popen.pid, signal.SIGTERM)
+        results = {}
+        for c in mains:
+            hook = c.get("lifecycle", {}).get("preStop")
+            if hook:
+                t = time.monotonic()
+                code, _, out = self.run(c, hook["exec"]["command"], label=f"{c['name']}-preStop",
+                                     timeout=max(1, deadline - time.monotonic()), check=False)
+                results[f"{c['name']}-preStop"] = {"exit": code, "seconds": round(time.monotonic() - t, 2)}
+                if code != 0:
+                    fail(f"{self.name}: preStop of {c['name']} exited {code}:\n{out}")
+                os.kill(self.procs[c["name"]].popen.pid, signal.SIGTERM)
+        for c in mains:
+            results[c["name"]] = self.wait_exit(c["name"], deadline)
+        for c in reversed(self.spec.get("initContainers", [])):
+            if c["name"] in self.procs:
+                os.kill(self.procs[c["name"]].popen.pid, signal.SIGTERM)
+                results[c["name"]] = self.wait_exit(c["name"], deadline)
+        log(f"{self.name}: stopped {results}")
+        return results
+
+    def wait_exit(self, name, deadline):
+        p = self.procs[name]
+        t = time.monotonic()
+        try:
+            code = p.popen.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.popen.kill()
+            fail(f"{self.name}: {name} did not exit within the grace period:\n{p.tail()}")
+        if code != 0:
+            fail(f"{self.name}: {name} exited {code} on SIGTERM:\n{p.tail()}")
+        return {"exit": code, "seconds": round(time.monotonic() - t, 2)}
+
+    def kill(self):
+        for p in self.procs.values():
+            if p.popen.poll() is None:
+                p.popen.kill()
+                p.popen.wait()
+
+
+class Sim:
+    def __init__(self, pgkeep, workdir):
+        self.workdir = workdir
+        self.namespace = {}
+        self.claims = {}
+        bindir = os.path.join(workdir, "image-bin")
+        os.makedirs(bindir, exist_ok=True)
+        self.image_pgkeep = os.path.join(bindir, "pgkeep")
+        shutil.copy(pgkeep, self.image_pgkeep)
+        os.chmod(self.image_pgkeep, 0o755)
+        os.chmod(bindir, 0o755)
+        self.pgkeep_repo = None
+        self.pods = []
+
+    def is_pgkeep_image(self, image):
+        return image.split(":")[0] == self.pgkeep_repo
+
+    def claim_dir(self, claim):
+        if claim not in self.claims:
+            d = os.path.join(self.workdir, "pvc", claim)
+            os.makedirs(d)
+            give_to_postgres(d)
+            self.claims[claim] = d
+        return self.claims[claim]
+
+    def service_names(self):
+        """The namespace's Services, which its DNS resolves (here: to loopback)."""
+        return sorted(name for (kind, name) in self.namespace if kind == "Service")
+
+    def pod(self, release, ordinal, generation, keep=()):
+        """Pod <sts>-<ordinal>, with volume claims made for this generation (a new generation is a
+        pod on new, empty volumes: another node, a lost disk), but for the claims in `keep`, which
+        are generation 1's."""
+        sts = release.one("StatefulSet")
+        self.pgkeep_repo = release.values.get("image", {}).get("repository") or "ghcr.io/pgkeep/pgkeep"
+        name = f"{sts['metadata']['name']}-{ordinal}"
+        claims = {}
+        for t in sts["spec"].get("volumeClaimTemplates", []):
+            vol = t["metadata"]["name"]
+            claims[vol] = self.claim_dir(f"{vol}-{name}-g{1 if vol in keep else generation}")
+        spec = sts["spec"]["template"]["spec"]
+        p = Pod(self, release, spec, name, os.path.join(self.workdir, f"{name}-g{generation}"), claims)
+        self.pods.append(p)
+        return p
+
+    def run_job(self, release, job, generation):
+        """A Job's pod: its one container, run to completion, against the claims of the given
+        StatefulSet pod generation (what a Job mounts by claim name)."""
+        spec = job["spec"]["template"]["spec"]
+        for v in spec.get("volumes", []):
+            if "persistentVolumeClaim" in v:
+                claim = v["persistentVolumeClaim"]["claimName"]
+                self.claims.setdefault(claim, self.claims.get(f"{claim}-g{generation}", None) or self.claim_dir(claim))
+        p = Pod(self, release, spec, job["metadata"]["name"], os.path.join(self.workdir, job["metadata"]["name"]), {})
+        (c,) = spec["containers"]
+        _, out, _ = p.run(c, timeout=job["spec"].get("activeDeadlineSeconds", 600))
+        return out
+
+
+# ---------------------------------------------------------------- Postgres as a client sees it
+
+class Client:
+    def __init__(self, port, password):
+        self.port, self.password = port, password
+
+    def sql(self, query, db="postgres"):
+        r = subprocess.run(
+            [os.path.join(PGBIN, "psql"), "-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1",
+             "-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres", "-d", db, "-c", query],
+            capture_output=True, text=True, env={**os.environ, "PGPASSWORD": self.password, "PGCONNECT_TIMEOUT": "5"},
+            timeout=120)
+        if r.returncode != 0:
+            fail(f"psql {query!r}: {r.stderr}")
+        return r.stdout.strip()
+
+    def pgbench(self, *args):
+        r = subprocess.run([os.path.join(PGBIN, "pgbench"), "-h", "127.0.0.1", "-p", str(self.port),
+                            "-U", "postgres", *args, "postgres"],
+                           capture_output=True, text=True, env={**os.environ, "PGPASSWORD": self.password},
+                           timeout=300)
+        if r.returncode != 0:
+            fail(f"pgbench {args}: {r.stderr}")
+        return r.stdout
+
+    def checksum(self, table):
+        return self.sql(f"SELECT count(*) || ':' || coalesce(md5(string_agg(t::text, ',' ORDER BY t::text)), '') FROM {table} t")
+
+    def ledger(self):
+        return self.sql("SELECT coalesce(string_agg(id::text, ',' ORDER BY id), '') FROM ledger")
+
+
+def write_rows(client, first, count):
+    """Rows committed one by one; returns the ids Postgres acknowledged."""
+    acked = []
+    for i in range(first, first + count):
+        client.sql(f"INSERT INTO ledger (id, note) VALUES ({i}, 'row {i}')")
+        acked.append(i)
+    return acked
+
+
+# ---------------------------------------------------------------- scenarios
+
+ORDINARY_SIDECAR = False
+
+
+def values_for(storage, pg_port, daemon_port, extra_files=()):
+    """The documented values files, plus what a machine without a cluster must change: loopback
+    ports and addresses, and the S3 server's endpoint and keys."""
+    files = []
+    if storage == "s3":
+        files.append(os.path.join(EXAMPLES, "values-s3-compatible.yaml"))
+    files += [os.path.join(EXAMPLES, f) for f in extra_files]
+    values = load_values(files)
+    local = {
+        "postgres": {"port": pg_port, "listenAddresses": "127.0.0.1"},
+        "daemon": {"port": daemon_port, "listenAddress": "127.0.0.1"},
+        # Fast enough for a test: the open segment reaches storage within a second.
+        "config": {"partial_upload_secs": 1},
+    }
+    if ORDINARY_SIDECAR:
+        local["daemon"]["nativeSidecar"] = False
+    if storage == "s3":
+        local["storage"] = {
+            "url": f"s3://{os.environ['PGKEEP_SIM_BUCKET']}/db",
+            "env": {"AWS_ENDPOINT": os.environ["AWS_ENDPOINT"], "AWS_ALLOW_HTTP": "true",
+                    "AWS_REGION": os.environ.get("AWS_REGION", "us-east-1")},
+        }
+        local["secret"] = {"env": {"AWS_ACCESS_KEY_ID": os.environ["AWS_ACCESS_KEY_ID"],
+                                   "AWS_SECRET_ACCESS_KEY": os.environ["AWS_SECRET_ACCESS_KEY"]}}
+    return deep_merge(values, local)
+
+
+def backups(pod):
+    code, out, _ = pod.run(pod.container("pgkeep"), ["pgkeep", "list", "--json"], label="list", check=False)
+    if code != 0:
+        return []
+    return json.loads(out)["backups"]
+
+
+def wait(what, seconds, check):
+    deadline = time.monotonic() + seconds
+    while True:
+        v = check()
+        if v:
+            return v
+        if time.monotonic() > deadline:
+            fail(f"timed out after {seconds}s waiting for {what}")
+        time.sleep(0.5)
+
+
+def password_of(sim, release):
+    sec = sim.namespace[("Secret", release.values.get("secret", {}).get("existingSecret") or f"{release.name}-pgkeep")]
+    return base64.b64decode(sec["data"]["PGPASSWORD"]).decode()
+
+
+def start_primary(sim, storage):
+    pg_port, daemon_port = free_port(), free_port()
+    rel = Release(sim, "db", values_for(storage, pg_port, daemon_port))
+    pod = sim.pod(rel, 0, 1)
+    pod.start()
+    client = Client(pg_port, password_of(sim, rel))
+    if "holds no base backup" not in pod.init_logs.get("restore", ""):
+        fail(f"pod 1's restore should have found no backup:\n{pod.init_logs.get('restore')}")
+    # The daemon takes the first backup itself: storage held none.
+    first = wait("the daemon's first backup", 120, lambda: backups(pod))
+    log(f"first backup by the daemon: {first[0]['id']}")
+    return rel, pod, client
+
+
+def primary(sim, storage):
+    findings = {}
+    rel, pod, client = start_primary(sim, storage)
+    client.sql("CREATE TABLE ledger (id int PRIMARY KEY, note text)")
+    acked = write_rows(client, 1, 50)
+    client.pgbench("-i", "-s", "2", "-q")
+    client.pgbench("-c", "2", "-T", "4", "-n")
+    acked += write_rows(client, 51, 50)
+
+    # helm upgrade: the rendered pre-upgrade hooks, in weight order (the ConfigMap and Secret
+    # copies first, then the Job), against the running pod.
+    before = {b["id"] for b in backups(pod)}
+    hooks = sorted(rel.hook_objects("pre-upgrade"),
+                   key=lambda o: int(o["metadata"]["annotations"].get("helm.sh/hook-weight", "0")))
+    findings["pre_upgrade_hooks"] = [f"{o['kind']}/{o['metadata']['name']}" for o in hooks]
+    for o in hooks:
+        if o["kind"] in ("ConfigMap", "Secret"):
+            sim.namespace[(o["kind"], o["metadata"]["name"])] = o
+    job = next(o for o in hooks if o["kind"] == "Job")
+    out = sim.run_job(rel, job, 1)
+    after = {b["id"] for b in backups(pod)}
+    new = after - before
+    if len(new) != 1 or out.strip().splitlines()[-1].strip() not in new:
+        fail(f"the pre-upgrade Job should have made exactly one new backup (before {before}, after {after}):\n{out}")
+    findings["hook_backup"] = new.pop()
+    log(f"pre-upgrade Job made backup {findings['hook_backup']}")
+
+    acked += write_rows(client, 101, 50)
+    client.pgbench("-c", "2", "-T", "3", "-n")
+    acked += write_rows(client, 151, 10)
+    sums = {t: client.checksum(t) for t in ("pgbench_accounts", "pgbench_branches", "pgbench_tellers", "pgbench_history")}
+    findings["stop_pod1"] = pod.stop()
+
+    # A new pod on empty volumes: the init container restores, Postgres recovers from storage.
+    # With file:// storage on the pod's archive volume, that volume is what survives.
+    pod2 = sim.pod(rel, 0, 2, keep=("archive",))
+    pod2.start()
+    if "restored; start Postgres" not in pod2.init_logs.get("restore", ""):
+        fail(f"pod 2's init container did not restore:\n{pod2.init_logs.get('restore')}")
+    wait("Postgres to finish recovery", 180, lambda: client.sql("SELECT pg_is_in_recovery()") == "f")
+    got = client.ledger()
+    want = ",".join(map(str, acked))
+    if got != want:
+        fail(f"rows lost: committed {want}\nrestored  {got}")
+    for t, s in sums.items():
+        if client.checksum(t) != s:
+            fail(f"{t} differs after the restore")
+    findings["rows"] = len(acked)
+    findings["tables_equal"] = sorted(sums)
+    findings["timeline"] = client.sql("SELECT timeline_id FROM pg_control_checkpoint()")
+    # A restart on the same volumes: the init container leaves the cluster alone.
+    findings["stop_pod2"] = pod2.stop()
+    pod2b = Pod(sim, rel, pod2.spec, pod2.name, pod2.root + "-restart", pod2.claims)
+    pod2b.start()
+    if client.ledger() != want:
+        fail("rows differ after a restart on the same volumes")
+    if "already holds a cluster" not in pod2b.init_logs.get("restore", ""):
+        fail(f"the restart's init container did not leave the cluster alone:\n{pod2b.init_logs.get('restore')}")
+    pod2b.stop()
+    return findings
+
+
+def standby(sim, storage):
+    findings = {}
+    rel, pod, client = start_primary(sim, storage)
+    client.sql("CREATE TABLE ledger (id int PRIMARY KEY, note text)")
+    acked = write_rows(client, 1, 20)
+    sb_pg, sb_daemon = free_port(), free_port()
+    values = values_for(storage, sb_pg, sb_daemon, ["values-standby.yaml"])
+    srel = Release(sim, "replica", values)
+    spod = sim.pod(srel, 0, 1)
+    spod.start()
+    sclient = Client(sb_pg, password_of(sim, srel))
+    if sclient.sql("SELECT pg_is_in_recovery()") != "t":
+        fail("the standby is not in recovery")
+    acked += write_rows(client, 21, 30)
+    # The primary's daemon streams the open segment as .partial; a switch completes it.
+    client.sql("SELECT pg_switch_wal()")
+    want = ",".join(map(str, acked))
+    wait("the standby to replay the primary's rows", 120, lambda: sclient.sql(
+        "SELECT coalesce(string_agg(id::text, ',' ORDER BY id), '') FROM ledger") == want
+        if sclient.sql("SELECT to_regclass('ledger') IS NOT NULL") == "t" else False)
+    findings["standby_rows"] = len(acked)
+    status = lambda port: json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/status", timeout=5).read())
+    findings["standby_daemon_status"] = status(sb_daemon)
+    findings["primary_daemon_status"] = status(rel.values["daemon"]["port"])
+    findings["stop_standby"] = spod.stop()
+    findings["stop_primary"] = pod.stop()
+    return findings
+
+
+def simulate(args):
+    if not IS_ROOT:
+        fail("the pod simulation runs each container in a mount namespace of its own: run it as root")
+    workdir = os.path.abspath(args.workdir)
+    os.makedirs(workdir, exist_ok=True)
+    sim = Sim(args.pgkeep, workdir)
+    try:
+        findings = primary(sim, args.storage) if args.scenario == "primary" else standby(sim, args.storage)
+    finally:
+        for p in sim.pods:
+            p.kill()
+    print(json.dumps({"scenario": args.scenario, "storage": args.storage, **findings}, default=str))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("check")
+    s = sub.add_parser("simulate")
+    s.add_argument("--scenario", choices=["primary", "standby"], required=True)
+    s.add_argument("--storage", choices=["s3", "file"], default="s3")
+    s.add_argument("--pgkeep", required=True)
+    s.add_argument("--workdir", required=True)
+    s.add_argument("--chart", help="another copy of the chart (default: deploy/helm/pgkeep)")
+    s.add_argument("--ordinary-sidecar", action="store_true",
+                   help="daemon.nativeSidecar=false: the daemon is a container beside Postgres and gets SIGTERM with it")
+    args = ap.parse_args()
+    global ORDINARY_SIDECAR
+    ORDINARY_SIDECAR = getattr(args, "ordinary_sidecar", False)
+    if getattr(args, "chart", None):
+        os.environ["PGKEEP_SIM_CHART"] = args.chart
+    check() if args.cmd == "check" else simulate(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,238 @@
+//! The Helm chart (deploy/helm/pgkeep): it lints, renders and validates offline for every values
+//! file, and the pod it describes lives its life on this machine (tests/chart/podsim.py runs the
+//! rendered containers' own commands, arguments and environment in mount namespaces shaped like the
+//! pod), against the S3 server and against the default file:// storage, as a primary and as a
+//! standby replica, with the pre-upgrade backup Job.
+//!
+//! Needs root (mount namespaces) and the chart tools: `scripts/install-deps.sh helm`.
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use common::*;
+
+/// The Python environment with helm-python-sdk, kubernetes-validate and PyYAML.
+fn python() -> PathBuf {
+    let p = std::env::var_os("PGKEEPTEST_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("target/pyenv/bin/python"));
+    assert!(
+        p.is_file(),
+        "{} is missing: run scripts/install-deps.sh helm (scripts/test.sh does)",
+        p.display()
+    );
+    p
+}
+
+fn podsim(args: &[&str], env: &[(String, String)]) -> Output {
+    Command::new(python())
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/chart/podsim.py"))
+        .args(args)
+        .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .output()
+        .expect("run podsim.py")
+}
+
+/// The findings podsim prints as its last line, after checking it succeeded.
+fn findings(out: &Output) -> serde_json::Value {
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "podsim failed ({}):\n{stdout}\n{}",
+        out.status,
+        stderr(out)
+    );
+    let last = stdout.lines().last().expect("podsim printed nothing");
+    serde_json::from_str(last).unwrap_or_else(|e| panic!("{e}: {last}"))
+}
+
+fn simulate(scenario: &str, backend: Backend, extra: &[&str]) -> (serde_json::Value, TestDir) {
+    let dir = TestDir::new(&format!("pod-{scenario}"));
+    let bin = dir.install_pgkeep();
+    let mut env = vec![];
+    let s3 = (backend == Backend::S3).then(|| S3Server::start(dir.path()));
+    if let Some(s3) = &s3 {
+        env = s3.env();
+        env.push(("PGKEEP_SIM_BUCKET".into(), s3.bucket.clone()));
+    }
+    let work = dir.mkdir("sim");
+    let storage = if backend == Backend::S3 { "s3" } else { "file" };
+    let mut args = vec![
+        "simulate",
+        "--scenario",
+        scenario,
+        "--storage",
+        storage,
+        "--pgkeep",
+        bin.to_str().unwrap(),
+        "--workdir",
+        work.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    let out = podsim(&args, &env);
+    let f = findings(&out);
+    if let Some(s3) = &s3 {
+        // Backups of the cluster are in the bucket, under the chart's prefix.
+        let backups = std::fs::read_dir(s3.dir.join(&s3.bucket).join("db/clusters"))
+            .unwrap()
+            .map(|c| c.unwrap().path().join("basebackups"))
+            .filter(|p| p.is_dir())
+            .flat_map(|p| std::fs::read_dir(p).unwrap())
+            .count();
+        // The daemon's first backup, and the pre-upgrade Job's in the primary's upgrade.
+        let want = if scenario == "primary" { 2 } else { 1 };
+        assert!(
+            backups >= want,
+            "expected {want} backups in S3, found {backups}"
+        );
+    }
+    (f, dir)
+}
+
+fn assert_clean_stop(stop: &serde_json::Value) {
+    for c in ["postgres-preStop", "postgres", "pgkeep"] {
+        assert_eq!(stop[c]["exit"], 0, "{c} in {stop}");
+    }
+}
+
+fn assert_primary(f: &serde_json::Value) {
+    assert_eq!(
+        f["pre_upgrade_hooks"],
+        serde_json::json!([
+            "ConfigMap/db-pgkeep-backup-hook",
+            "Secret/db-pgkeep-backup-hook",
+            "Job/db-pgkeep-backup"
+        ]),
+        "the hook's config and credentials come before the Job"
+    );
+    assert!(f["hook_backup"].as_str().is_some_and(|id| !id.is_empty()));
+    assert_eq!(f["rows"], 160, "every committed row came back");
+    assert_eq!(f["tables_equal"].as_array().unwrap().len(), 4);
+    // Recovered past the end of the archive and promoted.
+    assert_eq!(f["timeline"], "2");
+    assert_clean_stop(&f["stop_pod1"]);
+    assert_clean_stop(&f["stop_pod2"]);
+}
+
+#[test]
+fn chart_lints_renders_and_validates_for_every_values_file() {
+    let f = findings(&podsim(&["check"], &[]));
+    let rendered = f["rendered"].as_object().unwrap();
+    let mut files: Vec<String> =
+        std::fs::read_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/helm/examples"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.ends_with(".yaml"))
+            .collect();
+    files.push("default".into());
+    for name in &files {
+        let kinds = rendered[name.as_str()]
+            .as_array()
+            .unwrap_or_else(|| panic!("{name} not rendered"));
+        assert!(
+            kinds.iter().any(|k| k == "StatefulSet/db-pgkeep"),
+            "{name}: {kinds:?}"
+        );
+    }
+    // The standby release takes no backups of its own, so it has no backup hook.
+    assert!(
+        rendered["default"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|k| k == "Job/db-pgkeep-backup")
+    );
+    assert!(
+        !rendered["values-standby.yaml"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|k| k == "Job/db-pgkeep-backup")
+    );
+}
+
+#[test]
+fn pod_lifecycle_primary_on_s3() {
+    let (f, _dir) = simulate("primary", Backend::S3, &[]);
+    assert_primary(&f);
+}
+
+/// With the daemon as an ordinary container (daemon.nativeSidecar=false) it gets SIGTERM while the
+/// preStop hook still waits for it: it must keep answering and drain.
+#[test]
+fn pod_lifecycle_primary_on_the_default_file_storage_with_an_ordinary_sidecar() {
+    let (f, _dir) = simulate("primary", Backend::File, &["--ordinary-sidecar"]);
+    assert_primary(&f);
+}
+
+#[test]
+fn pod_lifecycle_standby_replica_follows_the_primary_on_s3() {
+    let (f, _dir) = simulate("standby", Backend::S3, &[]);
+    assert_eq!(f["standby_rows"], 50);
+    // The standby's daemon serves the primary's cluster and uploads nothing of its own.
+    let (standby, primary) = (&f["standby_daemon_status"], &f["primary_daemon_status"]);
+    assert_eq!(standby["system_identifier"], primary["system_identifier"]);
+    assert_eq!(standby["segments_uploaded"], 0, "{standby}");
+    assert_eq!(standby["partial_uploads"], 0, "{standby}");
+    assert!(
+        primary["segments_uploaded"].as_u64().unwrap() > 0,
+        "{primary}"
+    );
+    assert_clean_stop(&f["stop_standby"]);
+    assert_clean_stop(&f["stop_primary"]);
+}
+
+/// The simulation is only worth something if it fails when the chart and the binary disagree.
+#[test]
+fn pod_simulation_fails_when_the_chart_and_the_binary_disagree() {
+    let chart = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/helm/pgkeep");
+    for (file, from, to, expect) in [
+        // A flag the binary does not know.
+        (
+            "templates/statefulset.yaml",
+            "--pgkeep-path=",
+            "--pgkeep-binary=",
+            "--pgkeep-binary",
+        ),
+        // An environment variable the binary does not read.
+        (
+            "templates/_helpers.tpl",
+            "name: PGKEEP_CONFIG,",
+            "name: PGKEEP_CONFIG_FILE,",
+            "PGKEEP_CONFIG_FILE",
+        ),
+    ] {
+        let dir = TestDir::new("pod-mutant");
+        let bin = dir.install_pgkeep();
+        let copy = dir.path().join("chart");
+        run_ok(Command::new("cp").arg("-r").arg(&chart).arg(&copy));
+        let path = copy.join(file);
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(text.contains(from), "{file} no longer holds {from:?}");
+        std::fs::write(&path, text.replace(from, to)).unwrap();
+        let work = dir.mkdir("sim");
+        let out = podsim(
+            &[
+                "simulate",
+                "--scenario",
+                "primary",
+                "--storage",
+                "file",
+                "--pgkeep",
+                bin.to_str().unwrap(),
+                "--workdir",
+                work.to_str().unwrap(),
+                "--chart",
+                copy.to_str().unwrap(),
+            ],
+            &[],
+        );
+        assert!(!out.status.success(), "the simulation passed with {to:?}");
+        let err = stderr(&out);
+        assert!(
+            err.contains(expect),
+            "the failure should name {expect:?}:\n{err}"
+        );
+    }
+}
