@@ -1,113 +1,166 @@
 #!/usr/bin/env bash
-# pgkeep quickstart, on the embedded default (a local Postgres 15 and file:// storage):
-#   1. starts a Postgres cluster whose archive_command is `pgkeep archive-push %p`,
-#   2. writes data, takes a base backup with `pgkeep backup`, writes more,
-#   3. destroys the cluster, and restores it with `pgkeep restore` into an empty directory: Postgres
-#      then replays the archived WAL through `restore_command = pgkeep wal-fetch %f %p`,
-#   4. checks that the restored cluster holds exactly the same rows, and shows what is in storage.
-# Everything lives in $PGKEEP_QUICKSTART_DIR (default /tmp/pgkeep-quickstart); both clusters are
-# stopped at the end (or on error). Runs as root (clusters then run as the postgres user) or not.
+# pgkeep quickstart on the embedded default: a local Postgres 15 with the pgkeep sidecar streaming
+# its WAL to file:// storage on this machine, as it would in a pod.
+#
+#   scripts/quickstart.sh           build pgkeep, start Postgres and `pgkeep daemon`, wait for the
+#                                   daemon's first base backup, write some data, print a tour
+#   scripts/quickstart.sh restore   restore the latest backup into a new directory, start it on
+#                                   another port (it replays the WAL through the daemon) and compare
+#   scripts/quickstart.sh stop      the preStop hook (`pgkeep wal-switch`), then stop everything
+#
+# Everything lives in $QUICKSTART_DIR (default /tmp/pgkeep-quickstart). Runs as root (Postgres
+# and pgkeep then run as the postgres user) or as a normal user. QUICKSTART_PGKEEP: use this pgkeep
+# instead of building one.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PGBIN=${PGBIN:-/usr/lib/postgresql/15/bin}
-WORK=${PGKEEP_QUICKSTART_DIR:-/tmp/pgkeep-quickstart}
+WORK=${QUICKSTART_DIR:-/tmp/pgkeep-quickstart}
 say() { printf '\n==> %s\n' "$*"; }
+if [ "$(id -u)" = 0 ]; then
+  # setpriv execs (no parent process in between), so $! of a background run is the program's pid.
+  AS_PG=(setpriv --reuid=postgres --regid=postgres --init-groups)
+else
+  AS_PG=()
+fi
+as_pg() { "${AS_PG[@]}" "$@"; }
+sql() { "$PGBIN/psql" -X -A -t -q -v ON_ERROR_STOP=1 -h 127.0.0.1 -U postgres -p "$1" -d postgres -c "$2"; }
+setting() { sed -n "s/^$1=//p" "$WORK/ports" 2>/dev/null; }
+PGKEEP="$WORK/pgkeep --config $WORK/pgkeep.toml"
+
+stop_all() {
+  if [ -f "$WORK/daemon.pid" ] && kill -0 "$(cat "$WORK/daemon.pid")" 2>/dev/null; then
+    say "preStop: $PGKEEP wal-switch (WAL up to now is in storage when it returns)"
+    as_pg $PGKEEP wal-switch --timeout 60 || echo "wal-switch failed; see $WORK/daemon.log" >&2
+  fi
+  for d in "$WORK/restored" "$WORK/primary"; do
+    if [ -f "$d/postmaster.pid" ]; then
+      say "stopping Postgres in $d"
+      as_pg "$PGBIN/pg_ctl" -D "$d" -m fast -w stop >/dev/null || true
+    fi
+  done
+  if [ -f "$WORK/daemon.pid" ]; then
+    pid=$(cat "$WORK/daemon.pid")
+    if kill -0 "$pid" 2>/dev/null; then
+      say "stopping pgkeep daemon (SIGTERM: it drains WAL first)"
+      kill -TERM "$pid"
+      for _ in $(seq 1 600); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+      if kill -0 "$pid" 2>/dev/null; then echo "the daemon did not stop within 60 s" >&2; exit 1; fi
+    fi
+    rm -f "$WORK/daemon.pid"
+  fi
+}
+
+case "${1:-start}" in
+  stop)
+    stop_all
+    echo "stopped; the files stay in $WORK"
+    exit 0
+    ;;
+  restore)
+    P1=$(setting pg); P3=$(setting restored)
+    [ -n "$P1" ] || { echo "run scripts/quickstart.sh first" >&2; exit 1; }
+    say "restoring the latest backup: $PGKEEP restore --target-dir $WORK/restored"
+    if [ -f "$WORK/restored/postmaster.pid" ]; then as_pg "$PGBIN/pg_ctl" -D "$WORK/restored" -m fast -w stop >/dev/null || true; fi
+    rm -rf "$WORK/restored"
+    EXPECTED=$(sql "$P1" "select count(*) || ' rows, md5 ' || md5(string_agg(o::text, '|' order by id)) from orders o")
+    as_pg $PGKEEP wal-switch --timeout 60 >/dev/null
+    as_pg $PGKEEP restore --target-dir "$WORK/restored"
+    "$PGBIN/pg_verifybackup" "$WORK/restored" >/dev/null && echo "pg_verifybackup: the restored files match the backup's manifest"
+    printf 'port = %s\n' "$P3" >> "$WORK/restored/postgresql.conf"
+    say "starting the copy on port $P3; it replays the WAL through pgkeep wal-fetch (served by the daemon)"
+    as_pg "$PGBIN/pg_ctl" -D "$WORK/restored" -l "$WORK/restored.log" -w -t 300 start >/dev/null
+    for _ in $(seq 1 1200); do
+      [ "$(sql "$P3" "select pg_is_in_recovery()" 2>/dev/null || true)" = f ] && break
+      sleep 0.1
+    done
+    GOT=$(sql "$P3" "select count(*) || ' rows, md5 ' || md5(string_agg(o::text, '|' order by id)) from orders o")
+    echo "primary:  $EXPECTED"
+    echo "restored: $GOT"
+    [ "$GOT" = "$EXPECTED" ] || { echo "MISMATCH" >&2; exit 1; }
+    say "OK: the copy holds every row. psql -h 127.0.0.1 -p $P3 -U postgres; stop all: scripts/quickstart.sh stop"
+    exit 0
+    ;;
+  start) ;;
+  *) echo "usage: scripts/quickstart.sh [start|restore|stop]" >&2; exit 2 ;;
+esac
 
 [ -x "$PGBIN/initdb" ] || scripts/install-deps.sh postgres
-say "building pgkeep"
-cargo build --bin pgkeep
-say "working in $WORK"
-if [ -d "$WORK" ]; then
-  for d in "$WORK/primary" "$WORK/restored"; do
-    [ -f "$d/postmaster.pid" ] && { "$PGBIN/pg_ctl" -D "$d" -m immediate stop >/dev/null 2>&1 || runuser -u postgres -- "$PGBIN/pg_ctl" -D "$d" -m immediate stop >/dev/null 2>&1 || true; }
-  done
-  rm -rf "$WORK"
+if [ -z "${QUICKSTART_PGKEEP:-}" ]; then
+  say "building pgkeep (release)"
+  cargo build --release --bin pgkeep
+  QUICKSTART_PGKEEP=target/release/pgkeep
 fi
+if [ -d "$WORK" ]; then stop_all >/dev/null 2>&1 || true; rm -rf "$WORK"; fi
 mkdir -p "$WORK"
-cp target/debug/pgkeep "$WORK/pgkeep"   # the postgres user cannot read a checkout under /root
-if [ "$(id -u)" = 0 ]; then
-  chown -R postgres: "$WORK"
-  as_pg() { runuser -u postgres -- "$@"; }
-else
-  as_pg() { "$@"; }
-fi
+cp "$QUICKSTART_PGKEEP" "$WORK/pgkeep"   # the postgres user cannot read a checkout under /root
 free_port() { /usr/bin/python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-P1=$(free_port); P2=$(free_port)
+P1=$(free_port); HTTP=$(free_port); P3=$(free_port)
+printf 'pg=%s\nhttp=%s\nrestored=%s\n' "$P1" "$HTTP" "$P3" > "$WORK/ports"
 cat > "$WORK/pgkeep.toml" <<TOML
-# The embedded default: WAL archived to a directory on this machine.
+# The embedded default: backups and WAL in a directory on this machine (in a pod: a bucket).
 storage = "file://$WORK/archive"
-compression = "snappy"
+spool_dir = "$WORK/spool"
+listen = "127.0.0.1:$HTTP"
+pg = "host=127.0.0.1 port=$P1 user=postgres dbname=postgres"
+# A base backup at start (storage holds none), then every day.
+backup_interval_hours = 24
+# The open WAL segment reaches storage every 5 seconds.
+partial_upload_secs = 5
 TOML
-chown --reference="$WORK" "$WORK/pgkeep.toml"
-PGKEEP="$WORK/pgkeep --config $WORK/pgkeep.toml"
-sql() { psql -X -A -t -q -v ON_ERROR_STOP=1 -h 127.0.0.1 -U postgres -p "$1" -d postgres -c "$2"; }
-cleanup() {
-  for d in "$WORK/primary" "$WORK/restored"; do
-    [ -f "$d/postmaster.pid" ] && as_pg "$PGBIN/pg_ctl" -D "$d" -m fast -w stop >/dev/null 2>&1 || true
-  done
-}
-trap cleanup EXIT
+[ "$(id -u)" = 0 ] && chown -R postgres: "$WORK"
 
-say "initdb a primary cluster (port $P1) with archive_command = '$PGKEEP archive-push %p'"
-as_pg "$PGBIN/initdb" -D "$WORK/primary" -A trust -U postgres --no-sync >/dev/null
+say "initdb and start Postgres 15 on port $P1 (wal_level = replica: what the sidecar needs)"
+as_pg "$PGBIN/initdb" -D "$WORK/primary" -A trust -U postgres --data-checksums >/dev/null
 cat >> "$WORK/primary/postgresql.conf" <<CONF
 port = $P1
 listen_addresses = '127.0.0.1'
 unix_socket_directories = '$WORK'
-archive_mode = on
-archive_command = '$PGKEEP archive-push %p'
+wal_level = replica
+max_wal_senders = 10
 CONF
-as_pg "$PGBIN/pg_ctl" -D "$WORK/primary" -l "$WORK/primary.log" -w start >/dev/null
+as_pg "$PGBIN/pg_ctl" -D "$WORK/primary" -l "$WORK/postgres.log" -w start >/dev/null
 
-say "writing 20000 rows, then a base backup: $PGKEEP backup"
-sql "$P1" "create table orders (id bigserial primary key, item text, at timestamptz default now())"
-sql "$P1" "insert into orders (item) select 'before-backup-' || g from generate_series(1, 20000) g"
-as_pg env PGHOST=127.0.0.1 PGPORT="$P1" PGUSER=postgres $PGKEEP backup
-$PGKEEP list
+say "start the sidecar: $PGKEEP daemon (log: $WORK/daemon.log)"
+"${AS_PG[@]}" $PGKEEP daemon >"$WORK/daemon.log" 2>&1 &
+echo $! > "$WORK/daemon.pid"
+for _ in $(seq 1 300); do
+  curl -sf "http://127.0.0.1:$HTTP/readyz" >/dev/null 2>&1 && break
+  kill -0 "$(cat "$WORK/daemon.pid")" 2>/dev/null || { echo "the daemon exited:" >&2; tail "$WORK/daemon.log" >&2; exit 1; }
+  sleep 0.1
+done
 
-say "writing 20000 more rows after the backup; they exist only in the archived WAL"
-sql "$P1" "insert into orders (item) select 'after-backup-' || g from generate_series(1, 20000) g"
-LAST=$(sql "$P1" "select pg_walfile_name(pg_switch_wal())")
+say "waiting for the daemon's first base backup (storage held none)"
 for _ in $(seq 1 600); do
-  DONE=$(sql "$P1" "select coalesce(last_archived_wal, '') >= '$LAST' from pg_stat_archiver")
-  [ "$DONE" = t ] && break
-  sleep 0.1
+  $PGKEEP list 2>/dev/null | grep -q '^20' && break
+  sleep 0.2
 done
-[ "$DONE" = t ] || { echo "WAL $LAST was not archived; see $WORK/primary.log" >&2; exit 1; }
-EXPECTED=$(sql "$P1" "select count(*) || ' rows, md5 ' || md5(string_agg(o::text, '|' order by id)) from orders o")
-echo "primary: $EXPECTED; archived up to $LAST"
-say "destroying the primary (stop, delete its data directory)"
-as_pg "$PGBIN/pg_ctl" -D "$WORK/primary" -m fast -w stop >/dev/null
-rm -rf "$WORK/primary"
+$PGKEEP list | grep -q '^20' || { echo "no backup yet; see $WORK/daemon.log" >&2; exit 1; }
 
-say "restoring into an empty directory: $PGKEEP restore --target-dir $WORK/restored"
-as_pg mkdir "$WORK/restored"
-as_pg $PGKEEP restore --target-dir "$WORK/restored"
-"$PGBIN/pg_verifybackup" "$WORK/restored"
-echo "what restore appended to postgresql.auto.conf:"; grep -A3 'pgkeep restore' "$WORK/restored/postgresql.auto.conf"
-cat >> "$WORK/restored/postgresql.conf" <<CONF
-port = $P2
-archive_mode = off
-CONF
-say "starting the restored cluster (port $P2); it replays the archived WAL through pgkeep wal-fetch"
-as_pg "$PGBIN/pg_ctl" -D "$WORK/restored" -l "$WORK/restored.log" -w start >/dev/null
-for _ in $(seq 1 1200); do
-  [ "$(sql "$P2" "select pg_is_in_recovery()" 2>/dev/null || true)" = f ] && break
-  sleep 0.1
-done
-GOT=$(sql "$P2" "select count(*) || ' rows, md5 ' || md5(string_agg(o::text, '|' order by id)) from orders o")
-echo "restored: $GOT"
-echo "replayed $(grep -c 'restored log file' "$WORK/restored.log") WAL files from the archive through pgkeep"
+say "writing data: 20000 orders and a pgbench run"
+sql "$P1" "create table orders (id bigserial primary key, item text, at timestamptz default now())"
+sql "$P1" "insert into orders (item) select 'order-' || g from generate_series(1, 20000) g"
+"$PGBIN/pgbench" -h 127.0.0.1 -p "$P1" -U postgres -i -s 1 -q postgres >/dev/null 2>&1
+"$PGBIN/pgbench" -h 127.0.0.1 -p "$P1" -U postgres -T 3 -n postgres >/dev/null 2>&1
+sleep 1
 
-say "what is in storage ($WORK/archive)"
-(cd "$WORK/archive" && find . -type f | sort | sed 's|^\./|  |')
+cat <<TOUR
 
-if [ "$GOT" = "$EXPECTED" ]; then
-  say "OK: the restored cluster holds every row, including the 20000 written after the base backup"
-  $PGKEEP list
-else
-  say "MISMATCH: expected $EXPECTED" >&2
-  exit 1
-fi
-echo "Logs: $WORK/primary.log, $WORK/restored.log. Try: $WORK/pgkeep --config $WORK/pgkeep.toml wal-fetch $LAST /tmp/$LAST"
+==> pgkeep is running: Postgres on 127.0.0.1:$P1, the sidecar on 127.0.0.1:$HTTP, storage file://$WORK/archive
+
+  status        curl -s http://127.0.0.1:$HTTP/status
+$(curl -s "http://127.0.0.1:$HTTP/status" | sed 's/^/                /')
+  metrics       curl -s http://127.0.0.1:$HTTP/metrics
+  backups       $PGKEEP list
+$($PGKEEP list | sed 's/^/                /')
+  a backup now  curl -s -X POST http://127.0.0.1:$HTTP/backups    (or: $PGKEEP backup)
+  a WAL file    curl -s -o /tmp/seg http://127.0.0.1:$HTTP/wal/<name>
+  psql          psql -h 127.0.0.1 -p $P1 -U postgres
+  restore       scripts/quickstart.sh restore
+                  (= $PGKEEP restore --target-dir DIR, then start Postgres on DIR:
+                   it replays the WAL through restore_command = pgkeep wal-fetch %f %p;
+                   --target-time/--target-lsn/--target-xid/--target-name for point in time)
+  stop          scripts/quickstart.sh stop   (wal-switch, as a pod's preStop hook, then SIGTERM)
+
+  Logs: $WORK/postgres.log, $WORK/daemon.log. Kubernetes: docs/kubernetes.md.
+TOUR

@@ -679,10 +679,23 @@ mod tests {
             if path.extension().is_some_and(|x| x == "toml") {
                 Config::load(Some(&path), env(&[]))
                     .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+                // Every key is explained: a comment on its line or on the line above.
+                let text = std::fs::read_to_string(&path).unwrap();
+                let mut prev = "";
+                for line in text.lines() {
+                    if !line.starts_with('#') && line.contains('=') {
+                        assert!(
+                            line.contains('#') || prev.starts_with('#'),
+                            "{}: {line:?} has no comment",
+                            path.display()
+                        );
+                    }
+                    prev = line;
+                }
                 n += 1;
             }
         }
-        assert!(n >= 7, "only {n} example configs");
+        assert!(n >= 8, "only {n} example configs");
     }
 
     #[test]

@@ -316,7 +316,7 @@ class Pod:
         logf = open(logpath, "ab")
         p = subprocess.Popen(["unshare", "--mount", "--propagation", "private", "/bin/sh", "-c", "\n".join(script)],
                              cwd="/", stdout=open(stdout_path, "wb") if stdout_path else logf, stderr=logf,
-                             stdin=subprocess.DEVNULL)
+                             stdin=subprocess.DEVNULL, start_new_session=True)
         return Process(label, p, logpath)
 
     def run(self, c, words=None, label=None, timeout=120, check=True):
@@ -440,10 +440,13 @@ class Pod:
         return {"exit": code, "seconds": round(time.monotonic() - t, 2)}
 
     def kill(self):
+        """What a deleted pod's cgroup gets: SIGKILL to every process of every container."""
         for p in self.procs.values():
-            if p.popen.poll() is None:
-                p.popen.kill()
-                p.popen.wait()
+            try:
+                os.killpg(p.popen.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            p.popen.wait()
 
 
 class Sim:
