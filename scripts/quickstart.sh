@@ -26,6 +26,12 @@ fi
 as_pg() { "${AS_PG[@]}" "$@"; }
 sql() { "$PGBIN/psql" -X -A -t -q -v ON_ERROR_STOP=1 -h 127.0.0.1 -U postgres -p "$1" -d postgres -c "$2"; }
 setting() { sed -n "s/^$1=//p" "$WORK/ports" 2>/dev/null; }
+# GET a URL's body (curl when the machine has it); fails on a non-2xx answer.
+http_get() {
+  if command -v curl >/dev/null; then curl -sf "$1"; else
+    /usr/bin/python3 -c 'import sys,urllib.request; sys.stdout.write(urllib.request.urlopen(sys.argv[1], timeout=5).read().decode())' "$1" 2>/dev/null
+  fi
+}
 PGKEEP="$WORK/pgkeep --config $WORK/pgkeep.toml"
 
 stop_all() {
@@ -125,7 +131,7 @@ say "start the sidecar: $PGKEEP daemon (log: $WORK/daemon.log)"
 "${AS_PG[@]}" $PGKEEP daemon >"$WORK/daemon.log" 2>&1 &
 echo $! > "$WORK/daemon.pid"
 for _ in $(seq 1 300); do
-  curl -sf "http://127.0.0.1:$HTTP/readyz" >/dev/null 2>&1 && break
+  http_get "http://127.0.0.1:$HTTP/readyz" >/dev/null 2>&1 && break
   kill -0 "$(cat "$WORK/daemon.pid")" 2>/dev/null || { echo "the daemon exited:" >&2; tail "$WORK/daemon.log" >&2; exit 1; }
   sleep 0.1
 done
@@ -149,7 +155,7 @@ cat <<TOUR
 ==> pgkeep is running: Postgres on 127.0.0.1:$P1, the sidecar on 127.0.0.1:$HTTP, storage file://$WORK/archive
 
   status        curl -s http://127.0.0.1:$HTTP/status
-$(curl -s "http://127.0.0.1:$HTTP/status" | sed 's/^/                /')
+$(http_get "http://127.0.0.1:$HTTP/status" | sed 's/^/                /')
   metrics       curl -s http://127.0.0.1:$HTTP/metrics
   backups       $PGKEEP list
 $($PGKEEP list | sed 's/^/                /')

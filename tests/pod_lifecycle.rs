@@ -236,3 +236,56 @@ fn pod_simulation_fails_when_the_chart_and_the_binary_disagree() {
         );
     }
 }
+
+/// No Docker engine runs here, so the image is checked against what the chart assumes of it: the
+/// binary where the chart's commands and copy step expect it, the user the chart runs as, a build
+/// pinned by the lock file, and the same Rust the project builds with.
+#[test]
+fn the_dockerfile_gives_the_chart_what_it_expects() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let docker = std::fs::read_to_string(root.join("docker/Dockerfile")).unwrap();
+    let values = std::fs::read_to_string(root.join("deploy/helm/pgkeep/values.yaml")).unwrap();
+    let sts = std::fs::read_to_string(root.join("deploy/helm/pgkeep/templates/statefulset.yaml"))
+        .unwrap();
+    let stages: Vec<&str> = docker.split("\nFROM ").collect();
+    assert_eq!(
+        stages.len(),
+        3,
+        "comments, a build stage and a runtime stage"
+    );
+    let runtime = stages[2];
+    assert!(
+        runtime.contains("COPY --from=build /src/target/release/pgkeep /usr/local/bin/pgkeep"),
+        "the runtime image has pgkeep at /usr/local/bin/pgkeep"
+    );
+    assert!(sts.contains(r#"["cp", "/usr/local/bin/pgkeep", "/pgkeep/bin/pgkeep"]"#));
+    let uid = values
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("runAsUser: "))
+        .expect("securityContext.runAsUser in values.yaml");
+    assert!(runtime.contains(&format!("USER {uid}:{uid}")), "USER {uid}");
+    assert!(docker.contains("cargo build --release --locked --bin pgkeep"));
+    let rustc = String::from_utf8(
+        Command::new("rustc")
+            .arg("--version")
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .unwrap();
+    let version: Vec<&str> = rustc
+        .split_whitespace()
+        .nth(1)
+        .unwrap()
+        .split('.')
+        .collect();
+    assert!(
+        docker.contains(&format!(
+            "FROM rust:{}.{}-slim-bookworm AS build",
+            version[0], version[1]
+        )),
+        "the build stage uses this machine's Rust ({rustc})"
+    );
+    // Nothing copied into the build that the build does not need; no secrets baked in.
+    assert!(!docker.contains("ENV PGKEEP_") && !docker.contains("AWS_"));
+}
