@@ -275,19 +275,26 @@ async fn wal(
     let name: WalFileName = name
         .parse()
         .map_err(|e: crate::pg::ParseError| ApiError::BadRequest(e.to_string()))?;
-    let sysid = s.system_identifier.load(Ordering::Acquire);
-    if sysid == 0 {
-        return Err(ApiError::Unavailable(
-            "the cluster is not identified yet".into(),
-        ));
-    }
-    if let Some(want) = q.system_identifier
-        && want != sysid
-    {
-        return Err(ApiError::Conflict(format!(
-            "this daemon serves cluster {sysid}, not {want}"
-        )));
-    }
+    // The cluster: the daemon's own once it has identified Postgres; before that (Postgres
+    // replaying WAL after a restore accepts no connection until it is consistent) the one the
+    // client names, from its pg_control: its WAL is what it asks for, checked against it.
+    let sysid = match (
+        s.system_identifier.load(Ordering::Acquire),
+        q.system_identifier,
+    ) {
+        (0, None) => {
+            return Err(ApiError::Unavailable(
+                "the cluster is not identified yet".into(),
+            ));
+        }
+        (0, Some(want)) => want,
+        (own, Some(want)) if want != own => {
+            return Err(ApiError::Conflict(format!(
+                "this daemon serves cluster {own}, not {want}"
+            )));
+        }
+        (own, _) => own,
+    };
     let cluster = ClusterLayout::new(sysid);
     match s.prefetch.get(&s.repo, &cluster, &name).await {
         Ok((data, served)) => {

@@ -108,6 +108,12 @@ fn assert_primary(f: &serde_json::Value) {
     );
     assert!(f["hook_backup"].as_str().is_some_and(|id| !id.is_empty()));
     assert_eq!(f["rows"], 160, "every committed row came back");
+    // Replay fetched WAL through the new pod's daemon (before Postgres is consistent, too).
+    assert!(
+        f["wal_fetched"]["daemon"].as_u64().unwrap() > 0,
+        "{}",
+        f["wal_fetched"]
+    );
     assert_eq!(f["tables_equal"].as_array().unwrap().len(), 4);
     // Recovered past the end of the archive and promoted.
     assert_eq!(f["timeline"], "2");

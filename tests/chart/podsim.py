@@ -665,6 +665,11 @@ def primary(sim, storage):
     for t, s in sums.items():
         if client.checksum(t) != s:
             fail(f"{t} differs after the restore")
+    # restore_command's wal-fetch logs to Postgres' log: the WAL came from the pod's daemon.
+    with open(pod2.procs["postgres"].logpath, errors="replace") as f:
+        replay_log = f.read()
+    findings["wal_fetched"] = {"daemon": replay_log.count('"via":"daemon"'),
+                               "storage": replay_log.count('"via":"storage"')}
     findings["rows"] = len(acked)
     findings["tables_equal"] = sorted(sums)
     findings["timeline"] = client.sql("SELECT timeline_id FROM pg_control_checkpoint()")
