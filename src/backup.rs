@@ -183,9 +183,23 @@ struct Uploader {
     permits: Arc<Semaphore>,
     tasks: JoinSet<Result<Uploaded, StorageError>>,
     done: Vec<Uploaded>,
+    /// Chunk buffers back from sealing, reused: a fresh 16 MB buffer costs a page fault per 4 KB
+    /// (measured: about a tenth of a backup's CPU). At most `parallelism + 2` exist at once anyway.
+    spare: Arc<std::sync::Mutex<Vec<Vec<u8>>>>,
 }
 
 impl Uploader {
+    /// An empty chunk buffer: a spare one when there is one.
+    fn buffer(&self) -> Vec<u8> {
+        match self.spare.lock().expect("not poisoned").pop() {
+            Some(mut b) => {
+                b.clear();
+                b
+            }
+            None => Vec::with_capacity(self.chunk_bytes),
+        }
+    }
+
     async fn submit(
         &mut self,
         archive: &ArchiveName,
@@ -202,16 +216,18 @@ impl Uploader {
             .await
             .expect("semaphore open");
         self.reap()?;
-        let (repo, key, codec) = (
+        let (repo, key, codec, spare) = (
             self.repo.clone(),
             self.cluster.backup_chunk(&self.id, archive, seq),
             self.codec,
+            self.spare.clone(),
         );
         self.tasks.spawn(async move {
             let _permit = permit;
             let plain_len = data.len() as u64;
             let (sha, sealed) = tokio::task::spawn_blocking(move || {
                 let (header, sealed) = object::seal(codec, &data);
+                spare.lock().expect("not poisoned").push(data);
                 (hex::encode(header.plain_sha256), sealed)
             })
             .await
@@ -414,6 +430,7 @@ async fn stream_backup(
         permits: Arc::new(Semaphore::new(cfg.parallelism.max(1))),
         tasks: JoinSet::new(),
         done: vec![],
+        spare: Arc::default(),
     };
     let mut archives: Vec<(ArchiveName, Option<String>, u64)> = vec![];
     let mut current: Option<Current> = None;
@@ -436,7 +453,7 @@ async fn stream_backup(
                 current = Some(Current {
                     index: archives.len() - 1,
                     seq: 0,
-                    buf: Vec::with_capacity(up.chunk_bytes),
+                    buf: up.buffer(),
                 });
             }
             b'd' => {
@@ -454,8 +471,7 @@ async fn stream_backup(
                     let take = room.min(data.len());
                     c.buf.extend_from_slice(&data.split_to(take));
                     if c.buf.len() == up.chunk_bytes {
-                        let full =
-                            std::mem::replace(&mut c.buf, Vec::with_capacity(up.chunk_bytes));
+                        let full = std::mem::replace(&mut c.buf, up.buffer());
                         up.submit(&archives[c.index].0, c.index, c.seq, full)
                             .await?;
                         c.seq += 1;

@@ -531,6 +531,7 @@ fn extract(
     ar.set_preserve_mtime(true);
     ar.set_unpack_xattrs(false);
     ar.set_overwrite(true);
+    let mut buf = vec![0u8; WRITE_PIECE];
     for entry in ar.entries()? {
         let mut e = entry?;
         let path = e.path()?.into_owned();
@@ -558,6 +559,11 @@ fn extract(
                 .with_context(|| format!("creating the tablespace link {}", link.display()))?;
             continue;
         }
+        if e.header().entry_type().is_file() {
+            write_file(&mut e, dest, &path, &mut buf)
+                .with_context(|| format!("unpacking {}", path.display()))?;
+            continue;
+        }
         if !e
             .unpack_in(dest)
             .with_context(|| format!("unpacking {}", path.display()))?
@@ -569,6 +575,76 @@ fn extract(
         }
     }
     Ok(())
+}
+
+/// Files are written in pieces this large, and each piece's writeback is started at once.
+const WRITE_PIECE: usize = 4 << 20;
+
+/// Writes a regular file of the archive under `dest`: in large pieces (the tar crate's own unpack
+/// writes 8 KB at a time), each handed to the disk as soon as it is written
+/// (`sync_file_range(SYNC_FILE_RANGE_WRITE)`, which does not wait), so the disk works while the
+/// rest unpacks and the final syncfs has little left to do. Only plain relative paths are taken.
+fn write_file(
+    e: &mut tar::Entry<impl Read>,
+    dest: &Path,
+    path: &Path,
+    buf: &mut [u8],
+) -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    use std::os::unix::io::AsRawFd;
+    if path.as_os_str().is_empty()
+        || !path
+            .components()
+            .all(|c| matches!(c, std::path::Component::Normal(_)))
+    {
+        bail!(
+            "refusing the archive entry {} outside the target directory",
+            path.display()
+        );
+    }
+    let target = dest.join(path);
+    if let Some(parent) = target.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    let mode = e.header().mode().unwrap_or(0o600) & 0o7777;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(mode)
+        .open(&target)?;
+    let (mut written, mut started) = (0i64, 0i64);
+    loop {
+        let n = e.read(buf)?;
+        if n == 0 {
+            break;
+        }
+        f.write_all(&buf[..n])?;
+        written += n as i64;
+        if written - started >= WRITE_PIECE as i64 {
+            start_writeback(f.as_raw_fd(), started, written - started);
+            started = written;
+        }
+    }
+    if written > started {
+        start_writeback(f.as_raw_fd(), started, written - started);
+    }
+    // The mode as recorded (creation applied the umask), and the recorded modification time.
+    f.set_permissions(std::fs::Permissions::from_mode(mode))?;
+    if let Ok(mtime) = e.header().mtime() {
+        f.set_modified(std::time::UNIX_EPOCH + std::time::Duration::from_secs(mtime))?;
+    }
+    Ok(())
+}
+
+/// Asks the kernel to start writing a file range to disk, without waiting. Advisory: durability
+/// comes from the syncfs before the restore reports success, so a failure here changes nothing.
+fn start_writeback(fd: std::os::unix::io::RawFd, offset: i64, len: i64) {
+    // SAFETY: sync_file_range only reads its integer arguments; `fd` is open for the call.
+    unsafe {
+        libc::sync_file_range(fd, offset, len, libc::SYNC_FILE_RANGE_WRITE);
+    }
 }
 
 /// Downloads one of the backup's WAL segments into pg_wal, verified.
@@ -672,6 +748,53 @@ fn write_recovery_settings(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A tar archive of one regular file, with the name written raw (tar's builder refuses `..`).
+    fn one_file_tar(name: &str, data: &[u8], mode: u32, mtime: u64) -> Vec<u8> {
+        let mut h = tar::Header::new_gnu();
+        h.as_old_mut().name[..name.len()].copy_from_slice(name.as_bytes());
+        h.set_size(data.len() as u64);
+        h.set_mode(mode);
+        h.set_mtime(mtime);
+        h.set_entry_type(tar::EntryType::Regular);
+        h.set_cksum();
+        let mut out = h.as_bytes().to_vec();
+        out.extend_from_slice(data);
+        out.resize(out.len().div_ceil(512) * 512 + 1024, 0);
+        out
+    }
+
+    #[test]
+    fn files_are_unpacked_with_their_mode_and_time_and_never_outside() {
+        use std::os::unix::fs::PermissionsExt;
+        let tmp = tempfile::tempdir().unwrap();
+        let dest = tmp.path().join("data");
+        std::fs::create_dir(&dest).unwrap();
+        let big: Vec<u8> = (0..(WRITE_PIECE * 2 + 12345))
+            .map(|i| (i % 253) as u8)
+            .collect();
+        let tar = one_file_tar("base/1/1259", &big, 0o600, 1_700_000_000);
+        extract(&tar[..], &dest, true, &[]).unwrap();
+        let f = dest.join("base/1/1259");
+        assert_eq!(std::fs::read(&f).unwrap(), big);
+        let m = std::fs::metadata(&f).unwrap();
+        assert_eq!(m.permissions().mode() & 0o7777, 0o600);
+        assert_eq!(
+            m.modified().unwrap(),
+            std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_700_000_000)
+        );
+        for evil in ["../escaped", "/tmp/absolute-escape", "base/../../escaped2"] {
+            let err =
+                extract(&one_file_tar(evil, b"x", 0o600, 0)[..], &dest, true, &[]).unwrap_err();
+            assert!(
+                format!("{err:#}").contains("outside the target directory"),
+                "{evil}: {err:#}"
+            );
+        }
+        assert!(!tmp.path().join("escaped").exists());
+        assert!(!tmp.path().join("escaped2").exists());
+        assert!(!Path::new("/tmp/absolute-escape").exists());
+    }
 
     #[test]
     fn recovery_target_times_need_a_zone() {

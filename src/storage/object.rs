@@ -90,8 +90,13 @@ impl Header {
 /// Builds the stored form of `plain`.
 pub fn seal(codec: Codec, plain: &[u8]) -> (Header, Vec<u8>) {
     let header = Header::for_content(codec, plain);
-    let mut out = header.to_bytes().to_vec();
-    out.extend_from_slice(&codec::encode(codec, plain));
+    let bound = match codec {
+        Codec::None => plain.len(),
+        _ => plain.len() / 2,
+    };
+    let mut out = Vec::with_capacity(HEADER_LEN + bound + 64);
+    out.extend_from_slice(&header.to_bytes());
+    codec::encode_into(codec, plain, &mut out);
     (header, out)
 }
 
