@@ -121,3 +121,35 @@ pub fn human_bytes(n: u64) -> String {
         format!("{v:.1} {}", units[u])
     }
 }
+
+#[cfg(test)]
+mod progress_tests {
+    use super::*;
+
+    #[test]
+    fn log_lines_say_bytes_rate_percentage_and_eta() {
+        let mut p = Progress::new("restore", Some(100 << 20));
+        p.bar = None; // the log-line form, as under a log collector
+        p.started = Instant::now() - Duration::from_secs(10);
+        p.add(25 << 20);
+        let line = p.line();
+        assert!(
+            line.starts_with("restore: 25.0 MB of 100.0 MB (25%), "),
+            "{line}"
+        );
+        assert!(line.contains("/s, ETA 30s"), "{line}");
+        // More than estimated: the total grows instead of passing 100%.
+        p.add(100 << 20);
+        assert!(
+            p.line().contains("125.0 MB of 125.0 MB (100%)"),
+            "{}",
+            p.line()
+        );
+        let unknown = Progress::new("backup", None);
+        assert!(
+            unknown.line().starts_with("backup: 0 B, "),
+            "{}",
+            unknown.line()
+        );
+    }
+}
