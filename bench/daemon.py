@@ -9,7 +9,7 @@ insert position and the daemon's durable position (GET /status). Reports:
     in storage (p50, p99, max), and the lag in bytes (p50, p99),
   - the pgbench TPS with and without the daemon streaming (the cost of streaming, as a ratio).
 
-Usage: bench/daemon.py [--scale 10] [--seconds 30] [--pgkeep target/release/pgkeep]
+Usage: bench/daemon.py [--scale 10] [--seconds 30] [--backup] [--pgkeep target/release/pgkeep]
 """
 import argparse
 import json
@@ -52,6 +52,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--scale", type=int, default=10)
     ap.add_argument("--seconds", type=int, default=30)
+    ap.add_argument("--backup", action="store_true",
+                    help="let the daemon take its first base backup during the run (peak RSS with a backup)")
     ap.add_argument("--pgkeep", default="target/release/pgkeep")
     ap.add_argument("--workdir", default="/tmp/pgkeep-bench-daemon")
     args = ap.parse_args()
@@ -87,7 +89,9 @@ def main():
         baseline = tps(min(10, args.seconds))
         env = {"PGHOST": "127.0.0.1", "PGPORT": str(port), "PGUSER": "postgres",
                "PGKEEP_STORAGE": f"file://{work}/archive", "PGKEEP_SPOOL_DIR": f"{work}/spool",
-               "PGKEEP_LISTEN": f"127.0.0.1:{http_port}", "PGKEEP_BACKUP_INTERVAL_HOURS": "0"}
+               "PGKEEP_LISTEN": f"127.0.0.1:{http_port}",
+               # --backup: the schedule's first backup (storage holds none) runs while pgbench writes.
+               "PGKEEP_BACKUP_INTERVAL_HOURS": "24" if args.backup else "0"}
         daemon = subprocess.Popen(as_pg([binary, "daemon"], env), cwd="/", stderr=open(f"{work}/daemon.log", "w"))
         status_url = f"http://127.0.0.1:{http_port}/status"
         for _ in range(300):
