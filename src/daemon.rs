@@ -116,19 +116,48 @@ async fn schedule(cfg: Config, state: Arc<StreamState>, mut stop: watch::Receive
         return;
     }
     let interval = chrono::Duration::hours(cfg.backup_interval_hours as i64);
+    // Consecutive failures: of backups (retried after 30 s, doubling up to 5 minutes, so a cluster
+    // without a backup gets one soon without a failing backup hammering Postgres), and of the check
+    // whether one is due (said as a warning once they last a minute).
+    let (mut failed, mut unsure) = (0u32, 0u32);
     loop {
+        // Not before the stream runs: a backup needs its WAL in storage, and a slot created after
+        // the backup started could begin past the backup's first segment, which would then never
+        // be streamed (seen under load: the first backup waited out its WAL timeout).
+        if state.timeline.load(Ordering::Acquire) == 0 {
+            tokio::select! {
+                _ = tokio::time::sleep(std::time::Duration::from_millis(500)) => continue,
+                _ = stop.changed() => return,
+            }
+        }
         let pause = match due(&cfg, interval).await {
-            Ok(false) => std::time::Duration::from_secs(60),
-            Ok(true) => match take_and_prune(&cfg, &state).await {
-                Ok(_) => std::time::Duration::from_secs(60),
-                Err(e) => {
-                    state.backup_failures.fetch_add(1, Ordering::Relaxed);
-                    tracing::error!("scheduled backup failed: {e:#}; trying again in 5 minutes");
-                    std::time::Duration::from_secs(300)
+            Ok(false) => {
+                unsure = 0;
+                std::time::Duration::from_secs(60)
+            }
+            Ok(true) => {
+                unsure = 0;
+                match take_and_prune(&cfg, &state).await {
+                    Ok(_) => {
+                        failed = 0;
+                        std::time::Duration::from_secs(60)
+                    }
+                    Err(e) => {
+                        failed += 1;
+                        state.backup_failures.fetch_add(1, Ordering::Relaxed);
+                        let retry = (30u64 << (failed - 1).min(4)).min(300);
+                        tracing::error!("scheduled backup failed: {e:#}; trying again in {retry}s");
+                        std::time::Duration::from_secs(retry)
+                    }
                 }
-            },
+            }
             Err(e) => {
-                tracing::debug!("backup schedule: {e:#}");
+                unsure += 1;
+                if unsure == 6 {
+                    tracing::warn!("cannot tell whether a backup is due (for a minute now): {e:#}");
+                } else {
+                    tracing::debug!("backup schedule: {e:#}");
+                }
                 std::time::Duration::from_secs(10)
             }
         };

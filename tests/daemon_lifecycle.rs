@@ -320,11 +320,15 @@ fn scheduled_backups(backend: Backend) {
     let listed = || -> serde_json::Value {
         serde_json::from_slice(&http("GET", daemon.port, "/backups").1).unwrap_or_default()
     };
-    wait_for(
-        "the first scheduled backup",
-        Duration::from_secs(90),
-        || (listed()["backups"].as_array().map(|b| b.len()) == Some(1)).then_some(()),
-    );
+    let start = std::time::Instant::now();
+    while listed()["backups"].as_array().map(|b| b.len()) != Some(1) {
+        assert!(
+            start.elapsed() < Duration::from_secs(90),
+            "no scheduled backup after 90 s; the daemon logged:\n{}",
+            daemon.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
     let (code, body) = http("POST", daemon.port, "/backups");
     assert_eq!(code, 201, "{}", String::from_utf8_lossy(&body));
     let id: serde_json::Value = serde_json::from_slice(&body).unwrap();

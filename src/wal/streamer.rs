@@ -26,6 +26,8 @@ use crate::storage::{ClusterInfo, ClusterLayout, PutOutcome, Repo};
 /// Shared, lock-free view of the streamer for status and metrics.
 #[derive(Debug, Default)]
 pub struct StreamState {
+    /// The timeline streamed; 0 until the slot reserves WAL for the stream (the backup schedule
+    /// waits for that, so a backup's WAL is always streamed).
     pub timeline: AtomicU64,
     /// Highest LSN received from the server.
     pub received: AtomicU64,
@@ -153,9 +155,6 @@ async fn stream_once(
         },
     )
     .await?;
-    state
-        .timeline
-        .store(u64::from(tli.get()), Ordering::Release);
     if tli.get() > 1 {
         store_history(&mut conn, repo, &cluster, tli, cfg.codec).await?;
     }
@@ -179,6 +178,10 @@ async fn stream_once(
         .and_then(|s| s.first("restart_lsn"))
         .ok_or_else(|| anyhow!("the slot {slot} has no restart_lsn"))?
         .parse()?;
+    // Set once the slot holds WAL for us: the backup schedule waits for it.
+    state
+        .timeline
+        .store(u64::from(tli.get()), Ordering::Release);
 
     // Start at the first segment, from the slot's restart point on, that storage does not hold yet.
     let spool = cfg.spool_dir.clone();
