@@ -42,11 +42,14 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     });
     let mut http_stop = http_stop_rx;
     let http = tokio::spawn(async move {
-        axum::serve(listener, app)
-            .with_graceful_shutdown(async move {
-                let _ = http_stop.wait_for(|s| *s).await;
-            })
-            .await
+        axum::serve(
+            listener,
+            app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
+        )
+        .with_graceful_shutdown(async move {
+            let _ = http_stop.wait_for(|s| *s).await;
+        })
+        .await
     });
 
     // The cluster's identity, for serving WAL, once the streamer has learned it.

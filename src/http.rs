@@ -38,6 +38,8 @@ pub enum ApiError {
     Storage(String),
     #[error("{0}")]
     Conflict(String),
+    #[error("{0}")]
+    Forbidden(String),
 }
 
 impl IntoResponse for ApiError {
@@ -48,12 +50,45 @@ impl IntoResponse for ApiError {
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Storage(_) => StatusCode::BAD_GATEWAY,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
+            ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
         };
         (code, format!("{self}\n")).into_response()
     }
 }
 
+/// What any peer may ask: health and readiness, and the numbers (`/status`, `/metrics`) a
+/// monitoring system scrapes when `listen` is a pod address.
+const OPEN_TO_THE_NETWORK: &[&str] = &["/healthz", "/readyz", "/status", "/metrics"];
+
+/// WAL (the database's content), backups and WAL switches are served to the daemon's own host or
+/// pod only (loopback peers: `wal-fetch`, `kubectl port-forward`), whatever `listen` says: a
+/// listen address opened for metrics scraping must not hand the database to the network.
+async fn loopback_only(request: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let peer = request
+        .extensions()
+        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+        .copied();
+    let local = peer.is_some_and(|p| p.0.ip().to_canonical().is_loopback());
+    if !local && !OPEN_TO_THE_NETWORK.contains(&request.uri().path()) {
+        let who = peer.map_or("an unknown peer".to_string(), |p| p.0.ip().to_string());
+        return ApiError::Forbidden(format!(
+            "{} is served to loopback clients only, not to {who}",
+            request.uri().path()
+        ))
+        .into_response();
+    }
+    next.run(request).await
+}
+
 pub fn router(state: AppState) -> Router {
+    with_loopback_guard(routes(state))
+}
+
+fn with_loopback_guard(r: Router) -> Router {
+    r.layer(axum::middleware::from_fn(loopback_only))
+}
+
+fn routes(state: AppState) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
@@ -319,5 +354,62 @@ async fn wal(
             Err(ApiError::NotFound(name.to_string()))
         }
         Err(e) => Err(ApiError::Storage(format!("{e:#}"))),
+    }
+}
+
+#[cfg(test)]
+mod guard_tests {
+    use super::*;
+    use axum::extract::ConnectInfo;
+    use tower::ServiceExt;
+
+    async fn status_of(path: &str, peer: Option<&str>) -> StatusCode {
+        let app = with_loopback_guard(
+            Router::new()
+                .route("/metrics", get(|| async { "m" }))
+                .route("/wal/{name}", get(|| async { "wal" }))
+                .route("/backups", axum::routing::post(|| async { "b" })),
+        );
+        let method = if path == "/backups" { "POST" } else { "GET" };
+        let mut req = axum::extract::Request::builder()
+            .method(method)
+            .uri(path)
+            .body(axum::body::Body::empty())
+            .unwrap();
+        if let Some(p) = peer {
+            req.extensions_mut()
+                .insert(ConnectInfo(p.parse::<std::net::SocketAddr>().unwrap()));
+        }
+        app.oneshot(req).await.unwrap().status()
+    }
+
+    #[tokio::test]
+    async fn wal_and_backups_are_for_loopback_peers_only() {
+        let wal = "/wal/000000010000000000000001";
+        for peer in ["127.0.0.1:5000", "[::1]:5000", "[::ffff:127.0.0.1]:5000"] {
+            assert_eq!(status_of(wal, Some(peer)).await, StatusCode::OK, "{peer}");
+            assert_eq!(
+                status_of("/backups", Some(peer)).await,
+                StatusCode::OK,
+                "{peer}"
+            );
+        }
+        for peer in [Some("10.1.2.3:5000"), Some("[fd00::1]:5000"), None] {
+            assert_eq!(
+                status_of(wal, peer).await,
+                StatusCode::FORBIDDEN,
+                "{peer:?}"
+            );
+            assert_eq!(
+                status_of("/backups", peer).await,
+                StatusCode::FORBIDDEN,
+                "{peer:?}"
+            );
+            assert_eq!(
+                status_of("/metrics", peer).await,
+                StatusCode::OK,
+                "{peer:?}"
+            );
+        }
     }
 }
