@@ -446,9 +446,33 @@ impl Repo {
             }
             Err(e) => return Err(e),
         }
-        if !self.exists(&cluster.info()).await? {
+        {
             let json = serde_json::to_vec_pretty(info).expect("serialisable");
-            self.put_new(&cluster.info(), &json, Codec::None).await?;
+            match self.put_new(&cluster.info(), &json, Codec::None).await {
+                Ok(_) => {}
+                // Already described, perhaps less completely (archive-push of a history file knows
+                // no segment size) or by a writer racing this one: the stored description of the
+                // same cluster stands.
+                Err(StorageError::Conflict { .. }) => {
+                    let stored: ClusterInfo =
+                        serde_json::from_slice(&self.get(&cluster.info()).await?).map_err(|e| {
+                            StorageError::Corrupt {
+                                key: cluster.info().to_string(),
+                                reason: format!("not a cluster description: {e}"),
+                            }
+                        })?;
+                    if stored.system_identifier != info.system_identifier {
+                        return Err(StorageError::Corrupt {
+                            key: cluster.info().to_string(),
+                            reason: format!(
+                                "describes cluster {}, not {}",
+                                stored.system_identifier, info.system_identifier
+                            ),
+                        });
+                    }
+                }
+                Err(e) => return Err(e),
+            }
         }
         Ok(())
     }
@@ -543,5 +567,43 @@ impl Repo {
         })
         .await
         .expect("fsync does not panic")
+    }
+}
+
+#[cfg(test)]
+mod ensure_cluster_tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn the_stored_description_of_the_same_cluster_stands() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("file://{}", dir.path().display());
+        let cfg = crate::config::Config::load(None, [("PGKEEP_STORAGE".to_string(), url)]).unwrap();
+        let repo = Repo::open(&cfg, true).unwrap();
+        let cluster = ClusterLayout::new(42);
+        let info = |sysid: &str, size| ClusterInfo {
+            system_identifier: sysid.into(),
+            wal_segment_size: size,
+            pg_major: size.map(|_| 15),
+        };
+        repo.ensure_cluster(&cluster, &info("42", None))
+            .await
+            .unwrap();
+        // A writer that knows more (the streamer) after one that knew less (a history file).
+        repo.ensure_cluster(&cluster, &info("42", Some(16 << 20)))
+            .await
+            .unwrap();
+        let stored: ClusterInfo =
+            serde_json::from_slice(&repo.get(&cluster.info()).await.unwrap()).unwrap();
+        assert_eq!(stored, info("42", None));
+        // Another cluster's description under this cluster's key is damage, not a race.
+        let err = repo
+            .ensure_cluster(&cluster, &info("43", None))
+            .await
+            .unwrap_err();
+        assert!(
+            err.to_string().contains("describes cluster 42, not 43"),
+            "{err}"
+        );
     }
 }
