@@ -532,6 +532,7 @@ fn extract(
     ar.set_unpack_xattrs(false);
     ar.set_overwrite(true);
     let mut buf = vec![0u8; WRITE_PIECE];
+    let mut inside = InsideCheck::new(dest)?;
     for entry in ar.entries()? {
         let mut e = entry?;
         let path = e.path()?.into_owned();
@@ -560,7 +561,7 @@ fn extract(
             continue;
         }
         if e.header().entry_type().is_file() {
-            write_file(&mut e, dest, &path, &mut buf)
+            write_file(&mut e, dest, &path, &mut buf, &mut inside)
                 .with_context(|| format!("unpacking {}", path.display()))?;
             continue;
         }
@@ -580,15 +581,48 @@ fn extract(
 /// Files are written in pieces this large, and each piece's writeback is started at once.
 const WRITE_PIECE: usize = 4 << 20;
 
+/// Whether a directory lies inside the target once symlinks are resolved (a link an archive
+/// planted must not carry a later file outside, as the tar crate's own unpack also checks). Files
+/// come grouped by directory, so the last directory checked is remembered.
+struct InsideCheck {
+    root: PathBuf,
+    last_ok: Option<PathBuf>,
+}
+
+impl InsideCheck {
+    fn new(dest: &Path) -> anyhow::Result<InsideCheck> {
+        let root = dest
+            .canonicalize()
+            .with_context(|| format!("resolving {}", dest.display()))?;
+        Ok(InsideCheck {
+            root,
+            last_ok: None,
+        })
+    }
+
+    fn check(&mut self, dir: &Path) -> anyhow::Result<()> {
+        if self.last_ok.as_deref() == Some(dir) {
+            return Ok(());
+        }
+        if !dir.canonicalize()?.starts_with(&self.root) {
+            bail!("{} leads outside the target directory", dir.display());
+        }
+        self.last_ok = Some(dir.to_path_buf());
+        Ok(())
+    }
+}
+
 /// Writes a regular file of the archive under `dest`: in large pieces (the tar crate's own unpack
 /// writes 8 KB at a time), each handed to the disk as soon as it is written
 /// (`sync_file_range(SYNC_FILE_RANGE_WRITE)`, which does not wait), so the disk works while the
-/// rest unpacks and the final syncfs has little left to do. Only plain relative paths are taken.
+/// rest unpacks and the final syncfs has little left to do. Only plain relative paths are taken,
+/// in directories inside `dest`, and the file itself is never a symlink followed.
 fn write_file(
     e: &mut tar::Entry<impl Read>,
     dest: &Path,
     path: &Path,
     buf: &mut [u8],
+    inside: &mut InsideCheck,
 ) -> anyhow::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
@@ -606,6 +640,7 @@ fn write_file(
     let target = dest.join(path);
     if let Some(parent) = target.parent() {
         std::fs::create_dir_all(parent)?;
+        inside.check(parent)?;
     }
     let mode = e.header().mode().unwrap_or(0o600) & 0o7777;
     let mut f = std::fs::OpenOptions::new()
@@ -613,6 +648,7 @@ fn write_file(
         .create(true)
         .truncate(true)
         .mode(mode)
+        .custom_flags(libc::O_NOFOLLOW)
         .open(&target)?;
     let (mut written, mut started) = (0i64, 0i64);
     loop {
@@ -791,6 +827,23 @@ mod tests {
                 "{evil}: {err:#}"
             );
         }
+        // A link planted by the archive does not carry a later file outside.
+        let outside = tmp.path().join("outside");
+        std::fs::create_dir(&outside).unwrap();
+        let mut link = tar::Header::new_gnu();
+        link.set_entry_type(tar::EntryType::Symlink);
+        link.set_path("base/sneaky").unwrap();
+        link.set_link_name(&outside).unwrap();
+        link.set_size(0);
+        link.set_cksum();
+        let mut archive = link.as_bytes().to_vec();
+        archive.extend(one_file_tar("base/sneaky/evil", b"x", 0o600, 0));
+        let err = extract(&archive[..], &dest, true, &[]).unwrap_err();
+        assert!(
+            format!("{err:#}").contains("outside the target directory"),
+            "{err:#}"
+        );
+        assert!(!outside.join("evil").exists());
         assert!(!tmp.path().join("escaped").exists());
         assert!(!tmp.path().join("escaped2").exists());
         assert!(!Path::new("/tmp/absolute-escape").exists());

@@ -163,8 +163,8 @@ class Release:
             if o["kind"] in ("Secret", "ConfigMap", "Service"):
                 sim.namespace[(o["kind"], o["metadata"]["name"])] = o
 
-    def one(self, kind, objects=None):
-        found = [o for o in (objects or self.objects) if o["kind"] == kind
+    def one(self, kind):
+        found = [o for o in self.objects if o["kind"] == kind
                  and "helm.sh/hook" not in (o["metadata"].get("annotations") or {})]
         if len(found) != 1:
             fail(f"expected one {kind} in release {self.name}, found {len(found)}")
@@ -213,7 +213,7 @@ class Pod:
         d = os.path.join(self.root, label)
         shutil.rmtree(d, ignore_errors=True)
         os.makedirs(d)
-        os.chmod(d, 0o777 if not IS_ROOT else 0o750)
+        os.chmod(d, 0o750)
         give_to_postgres(d)
         return d
 
@@ -551,10 +551,7 @@ def write_rows(client, first, count):
 
 # ---------------------------------------------------------------- scenarios
 
-ORDINARY_SIDECAR = False
-
-
-def values_for(storage, pg_port, daemon_port, extra_files=()):
+def values_for(storage, pg_port, daemon_port, extra_files=(), ordinary_sidecar=False):
     """The documented values files, plus what a machine without a cluster must change: loopback
     ports and addresses, and the S3 server's endpoint and keys."""
     files = []
@@ -568,7 +565,7 @@ def values_for(storage, pg_port, daemon_port, extra_files=()):
         # Fast enough for a test: the open segment reaches storage within a second.
         "config": {"partial_upload_secs": 1},
     }
-    if ORDINARY_SIDECAR:
+    if ordinary_sidecar:
         local["daemon"]["nativeSidecar"] = False
     if storage == "s3":
         local["storage"] = {
@@ -604,9 +601,9 @@ def password_of(sim, release):
     return base64.b64decode(sec["data"]["PGPASSWORD"]).decode()
 
 
-def start_primary(sim, storage):
+def start_primary(sim, storage, ordinary_sidecar=False):
     pg_port, daemon_port = free_port(), free_port()
-    rel = Release(sim, "db", values_for(storage, pg_port, daemon_port))
+    rel = Release(sim, "db", values_for(storage, pg_port, daemon_port, ordinary_sidecar=ordinary_sidecar))
     pod = sim.pod(rel, 0, 1)
     pod.start()
     client = Client(pg_port, password_of(sim, rel))
@@ -618,9 +615,9 @@ def start_primary(sim, storage):
     return rel, pod, client
 
 
-def primary(sim, storage):
+def primary(sim, storage, ordinary_sidecar):
     findings = {}
-    rel, pod, client = start_primary(sim, storage)
+    rel, pod, client = start_primary(sim, storage, ordinary_sidecar)
     client.sql("CREATE TABLE ledger (id int PRIMARY KEY, note text)")
     acked = write_rows(client, 1, 50)
     client.pgbench("-i", "-s", "2", "-q")
@@ -721,7 +718,10 @@ def simulate(args):
     os.makedirs(workdir, exist_ok=True)
     sim = Sim(args.pgkeep, workdir)
     try:
-        findings = primary(sim, args.storage) if args.scenario == "primary" else standby(sim, args.storage)
+        if args.scenario == "primary":
+            findings = primary(sim, args.storage, args.ordinary_sidecar)
+        else:
+            findings = standby(sim, args.storage)
     finally:
         for p in sim.pods:
             p.kill()
@@ -741,8 +741,6 @@ def main():
     s.add_argument("--ordinary-sidecar", action="store_true",
                    help="daemon.nativeSidecar=false: the daemon is a container beside Postgres and gets SIGTERM with it")
     args = ap.parse_args()
-    global ORDINARY_SIDECAR
-    ORDINARY_SIDECAR = getattr(args, "ordinary_sidecar", False)
     if getattr(args, "chart", None):
         os.environ["PGKEEP_SIM_CHART"] = args.chart
     check() if args.cmd == "check" else simulate(args)

@@ -85,8 +85,11 @@ if [ ! -s "$PGDATA/PG_VERSION" ]; then
   echo "start-postgres: $PGDATA holds no cluster and storage held no backup: creating a new cluster"
   pwfile="$PGDATA.pw"
   (umask 077; printf '%s' "${PGPASSWORD:?PGPASSWORD must be set}" > "$pwfile")
-  initdb -D "$PGDATA" --username="${PGUSER:-postgres}" --pwfile="$pwfile" --auth-local=trust --auth-host=scram-sha-256 --data-checksums --encoding=UTF8
+  # The password file goes whether initdb succeeds or not: no secret stays on the volume.
+  status=0
+  initdb -D "$PGDATA" --username="${PGUSER:-postgres}" --pwfile="$pwfile" --auth-local=trust --auth-host=scram-sha-256 --data-checksums --encoding=UTF8 || status=$?
   rm -f "$pwfile"
+  [ "$status" = 0 ] || exit "$status"
   printf '%s\n' "host all all all scram-sha-256" "host replication all all scram-sha-256" >> "$PGDATA/pg_hba.conf"
 fi
 postgres "$@" &
