@@ -769,7 +769,12 @@ fn write_recovery_settings(
         ));
     }
     let auto = dir.join("postgresql.auto.conf");
-    let mut text = std::fs::read_to_string(&auto).unwrap_or_default();
+    // The backup's own ALTER SYSTEM settings stay: only a missing file starts empty.
+    let mut text = match std::fs::read_to_string(&auto) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", auto.display())),
+    };
     text.push_str(&conf);
     fsutil::write_atomic(&auto, text.as_bytes())?;
     let signal = if opts.standby {
