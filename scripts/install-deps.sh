@@ -2,12 +2,14 @@
 # Installs what pgkeep's quickstart and tests need, when it is missing:
 #   postgres  PostgreSQL 15 server and client (Debian packages)
 #   s3s-fs    the S3-compatible test server (crates.io; about 3 minutes to build)
+#   azurite   the Azure Blob emulator (npm, into target/azurite), for the storage conformance tests
 #   helm      a Python environment (target/pyenv) with helm-python-sdk (Helm's engine: renders and
 #             lints the chart offline), kubernetes-validate and PyYAML (PyPI), for the chart tests
-# Usage: scripts/install-deps.sh [postgres] [s3s-fs] [helm]
+# Usage: scripts/install-deps.sh [postgres] [s3s-fs] [azurite] [helm]
 set -euo pipefail
 PGBIN=${PGBIN:-/usr/lib/postgresql/15/bin}
 S3S_FS_VERSION=0.14.1   # newer versions need a newer rustc than this machine's
+AZURITE_VERSION=3.35.0
 
 for what in "$@"; do
   case "$what" in
@@ -23,6 +25,15 @@ for what in "$@"; do
       if ! command -v s3s-fs >/dev/null || ! s3s-fs --version 2>/dev/null | grep -q "$S3S_FS_VERSION"; then
         echo "installing s3s-fs $S3S_FS_VERSION (cargo install; a few minutes)"
         cargo install "s3s-fs@$S3S_FS_VERSION" --features binary --locked --quiet
+      fi
+      ;;
+    azurite)
+      root=$(cd "$(dirname "$0")/.." && pwd)
+      dir=${PGKEEP_AZURITE_DIR:-$root/target/azurite}
+      if ! grep -qs "\"version\": \"$AZURITE_VERSION\"" "$dir/node_modules/azurite/package.json"; then
+        echo "installing azurite $AZURITE_VERSION into $dir (npm)"
+        mkdir -p "$dir"
+        npm install --prefix "$dir" --no-audit --no-fund --loglevel=error "azurite@$AZURITE_VERSION" >/dev/null
       fi
       ;;
     helm)

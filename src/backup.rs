@@ -2,162 +2,28 @@
 //! that are compressed and uploaded in parallel with bounded memory. The metadata object is written
 //! last and is what makes a backup exist: an interrupted backup leaves only chunks that nothing lists.
 
-use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, anyhow, bail};
-use bytes::{Buf, Bytes};
+use bytes::Bytes;
 use chrono::{DateTime, Utc};
-use serde::{Deserialize, Serialize};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
 
 use crate::codec::Codec;
 use crate::config::Config;
-use crate::pg::replication::{Event, ReplConnection, ResultSet};
-use crate::pg::{Lsn, TimelineId, WalFileName, WalSegSize};
+use crate::pg::messages::BackupMessage;
+use crate::pg::replication::{Event, ReplConnection, ResultSet, ServerIdentity};
+use crate::pg::{Lsn, TimelineId};
 use crate::progress::{Progress, human_bytes};
+use crate::storage::catalog::{META_VERSION, required_wal};
 use crate::storage::layout::{ArchiveName, BackupId};
 use crate::storage::object;
-use crate::storage::{ClusterInfo, ClusterLayout, Repo, StorageError};
-
-/// Version of `backup.json`; readers refuse newer ones.
-pub const META_VERSION: u32 = 1;
-
-/// `backup.json`: everything needed to list, choose and restore a backup.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct BackupMeta {
-    pub meta_version: u32,
-    pub id: BackupId,
-    pub label: String,
-    /// Decimal, as a string (JSON readers lose precision past 2^53).
-    pub system_identifier: String,
-    pub pg_version: String,
-    pub wal_segment_size: u32,
-    pub timeline: u32,
-    pub start_lsn: String,
-    pub end_lsn: String,
-    pub start_time: DateTime<Utc>,
-    pub end_time: DateTime<Utc>,
-    /// Codec of the chunks.
-    pub codec: String,
-    pub archives: Vec<ArchiveMeta>,
-    /// SHA-256 of the backup manifest.
-    pub manifest_sha256: String,
-    pub plain_bytes: u64,
-    pub stored_bytes: u64,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct ArchiveMeta {
-    pub name: ArchiveName,
-    /// The tablespace's location on the backed-up server (None for the data directory).
-    pub location: Option<String>,
-    pub plain_bytes: u64,
-    pub stored_bytes: u64,
-    /// In order; chunk `i` is stored under `layout::backup_chunk(id, name, i)`.
-    pub chunks: Vec<ChunkMeta>,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct ChunkMeta {
-    pub plain_len: u64,
-    pub stored_len: u64,
-    pub sha256: String,
-}
-
-impl BackupMeta {
-    pub fn start(&self) -> Lsn {
-        self.start_lsn.parse().expect("validated on load")
-    }
-    pub fn end(&self) -> Lsn {
-        self.end_lsn.parse().expect("validated on load")
-    }
-    pub fn seg_size(&self) -> WalSegSize {
-        WalSegSize::new(self.wal_segment_size).expect("validated on load")
-    }
-    pub fn timeline_id(&self) -> TimelineId {
-        TimelineId::new(self.timeline).expect("validated on load")
-    }
-
-    /// The WAL segments recovery needs to make this backup consistent: from the one holding its start
-    /// to the one holding the last byte before its end.
-    pub fn required_wal(&self) -> Vec<WalFileName> {
-        required_wal(
-            self.timeline_id(),
-            self.seg_size(),
-            self.start(),
-            self.end(),
-        )
-    }
-
-    fn validate(&self) -> Result<(), String> {
-        if self.meta_version > META_VERSION {
-            return Err(format!(
-                "metadata version {} is newer than this pgkeep reads",
-                self.meta_version
-            ));
-        }
-        self.start_lsn.parse::<Lsn>().map_err(|e| e.to_string())?;
-        self.end_lsn.parse::<Lsn>().map_err(|e| e.to_string())?;
-        WalSegSize::new(self.wal_segment_size).ok_or("bad wal_segment_size")?;
-        TimelineId::new(self.timeline).ok_or("timeline 0")?;
-        // The server sends each tablespace's archive, then base.tar.
-        if self
-            .archives
-            .iter()
-            .filter(|a| a.name.tablespace_oid().is_none())
-            .count()
-            != 1
-        {
-            return Err("a backup holds exactly one base.tar".into());
-        }
-        Ok(())
-    }
-}
-
-/// Reads and validates `backup.json` of `id`; `Ok(None)` when the backup does not exist (never
-/// finished).
-pub async fn load_meta(
-    repo: &Repo,
-    cluster: &ClusterLayout,
-    id: &BackupId,
-) -> Result<Option<BackupMeta>, anyhow::Error> {
-    let key = cluster.backup_meta(id);
-    let raw = match repo.get(&key).await {
-        Ok(raw) => raw,
-        Err(StorageError::NotFound { .. }) => return Ok(None),
-        Err(e) => return Err(e.into()),
-    };
-    let meta: BackupMeta =
-        serde_json::from_slice(&raw).map_err(|e| anyhow!("{key}: not backup metadata: {e}"))?;
-    meta.validate().map_err(|e| anyhow!("{key}: {e}"))?;
-    if meta.id != *id || meta.system_identifier != cluster.system_identifier.to_string() {
-        bail!(
-            "{key}: describes backup {} of cluster {}, not this one",
-            meta.id,
-            meta.system_identifier
-        );
-    }
-    Ok(Some(meta))
-}
-
-/// Every complete backup of the cluster, newest first. Folders without metadata (backups in progress
-/// or interrupted) are skipped.
-pub async fn list_backups(repo: &Repo, cluster: &ClusterLayout) -> anyhow::Result<Vec<BackupMeta>> {
-    let mut out = vec![];
-    for dir in repo.list_dirs(&cluster.backups_dir()).await? {
-        let Ok(id) = dir.parse::<BackupId>() else {
-            continue;
-        };
-        if let Some(meta) = load_meta(repo, cluster, &id).await? {
-            out.push(meta);
-        }
-    }
-    out.sort_by(|a, b| b.id.cmp(&a.id));
-    Ok(out)
-}
+use crate::storage::{
+    Archive, ArchiveMeta, BackupMeta, ChunkMeta, ClusterInfo, Repo, StorageError,
+};
 
 /// An uploaded chunk's place and description.
 struct Uploaded {
@@ -175,8 +41,7 @@ struct Current {
 
 /// Cuts the archives into chunks and uploads them with at most `parallelism` in flight.
 struct Uploader {
-    repo: Repo,
-    cluster: ClusterLayout,
+    archive: Archive,
     id: BackupId,
     codec: Codec,
     chunk_bytes: usize,
@@ -217,8 +82,8 @@ impl Uploader {
             .expect("semaphore open");
         self.reap()?;
         let (repo, key, codec, spare) = (
-            self.repo.clone(),
-            self.cluster.backup_chunk(&self.id, archive, seq),
+            self.archive.repo().clone(),
+            self.archive.layout().backup_chunk(&self.id, archive, seq),
             self.codec,
             self.spare.clone(),
         );
@@ -246,6 +111,25 @@ impl Uploader {
         Ok(())
     }
 
+    /// Appends archive bytes to the current chunk, submitting each chunk that fills up.
+    async fn add(
+        &mut self,
+        archive: &ArchiveName,
+        c: &mut Current,
+        mut data: Bytes,
+    ) -> anyhow::Result<()> {
+        while !data.is_empty() {
+            let take = (self.chunk_bytes - c.buf.len()).min(data.len());
+            c.buf.extend_from_slice(&data.split_to(take));
+            if c.buf.len() == self.chunk_bytes {
+                let full = std::mem::replace(&mut c.buf, self.buffer());
+                self.submit(archive, c.index, c.seq, full).await?;
+                c.seq += 1;
+            }
+        }
+        Ok(())
+    }
+
     /// Collects finished uploads, surfacing the first failure at once.
     fn reap(&mut self) -> anyhow::Result<()> {
         while let Some(r) = self.tasks.try_join_next() {
@@ -262,100 +146,38 @@ impl Uploader {
     }
 }
 
-/// Takes one base backup now and waits until it exists in storage (data, manifest, its WAL, metadata).
-pub async fn take_backup(cfg: &Config) -> anyhow::Result<BackupMeta> {
-    let mut conn = ReplConnection::connect(&cfg.pg).await?;
-    let sys = conn.identify_system().await?;
-    let seg_size = conn.wal_segment_size().await?;
-    let version_num: u32 = conn.show("server_version_num").await?.parse().unwrap_or(0);
-    if version_num < 150000 {
-        bail!("pgkeep backup needs Postgres 15 or later (the server is {version_num})");
-    }
-    let pg_version = conn
-        .params
-        .get("server_version")
-        .cloned()
-        .unwrap_or_default();
-    let cluster = ClusterLayout::new(sys.system_identifier);
-    let repo = Repo::open(cfg, true)?;
-    repo.ensure_cluster(
-        &cluster,
-        &ClusterInfo {
-            system_identifier: sys.system_identifier.to_string(),
-            wal_segment_size: Some(seg_size.bytes()),
-            pg_major: Some(version_num / 10000),
-        },
-    )
-    .await?;
-
-    // Ids are start times to the second. One already taken (a backup running, or the leftovers of one
-    // that was killed) is skipped by waiting for the next second.
-    let mut start_time = Utc::now();
-    let mut id = BackupId::from_time(start_time);
-    for _ in 0..5 {
-        if repo.list(&cluster.backup_dir(&id)).await?.is_empty() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(
-            1000 - u64::from(start_time.timestamp_subsec_millis()).min(999),
-        ))
-        .await;
-        start_time = Utc::now();
-        id = BackupId::from_time(start_time);
-    }
-    if !repo.list(&cluster.backup_dir(&id)).await?.is_empty() {
+/// Takes one base backup now and waits until it exists in storage (data, manifest, its WAL,
+/// metadata). Cancelling `cancel` stops it: nothing of it is then listed, and the error says so.
+pub async fn take_backup(
+    cfg: &Config,
+    repo: &Repo,
+    cancel: &CancellationToken,
+) -> anyhow::Result<BackupMeta> {
+    let (mut conn, server) = ReplConnection::connect_identified(&cfg.pg).await?;
+    if server.version_num < 150000 {
         bail!(
-            "no free backup id: objects exist under {}",
-            cluster.backup_dir(&id)
+            "pgkeep backup needs Postgres 15 or later (the server is {})",
+            server.version_num
         );
     }
-    let label = format!("pgkeep {id}");
-    tracing::info!(backup = %id, system_identifier = sys.system_identifier, "starting base backup");
-    let result = stream_backup(cfg, &mut conn, &repo, &cluster, &id, &label).await;
-    let (archives, manifest, start, end, tli) = match result {
-        Ok(r) => r,
-        Err(e) => {
-            cleanup(&repo, &cluster, &id).await;
-            return Err(e);
-        }
+    let archive = repo.ensure_cluster(&ClusterInfo::from(&server)).await?;
+    let (id, start_time) = free_backup_id(&archive).await?;
+    tracing::info!(backup = %id, system_identifier = server.system_identifier, "starting base backup");
+    let work = async {
+        let streamed = stream_backup(cfg, &mut conn, &archive, &id).await?;
+        finish(cfg, &archive, &server, &id, start_time, streamed).await
     };
-    let manifest_sha =
-        hex::encode(object::Header::for_content(Codec::None, &manifest).plain_sha256);
-    let finish = async {
-        repo.put_overwrite(&cluster.backup_manifest(&id), &manifest, cfg.codec)
-            .await?;
-        wait_for_wal(cfg, &repo, &cluster, tli, seg_size, start, end).await?;
-        let meta = BackupMeta {
-            meta_version: META_VERSION,
-            id: id.clone(),
-            label,
-            system_identifier: sys.system_identifier.to_string(),
-            pg_version,
-            wal_segment_size: seg_size.bytes(),
-            timeline: tli.get(),
-            start_lsn: start.to_string(),
-            end_lsn: end.to_string(),
-            start_time,
-            end_time: Utc::now(),
-            codec: cfg.codec.name().to_string(),
-            plain_bytes: archives.iter().map(|a| a.plain_bytes).sum(),
-            stored_bytes: archives.iter().map(|a| a.stored_bytes).sum(),
-            archives,
-            manifest_sha256: manifest_sha,
-        };
-        // Written last: from here on the backup exists.
-        let json = serde_json::to_vec_pretty(&meta).expect("serialisable");
-        repo.put_new(&cluster.backup_meta(&id), &json, Codec::None)
-            .await?;
-        Ok::<_, anyhow::Error>(meta)
+    let result = tokio::select! {
+        r = work => r,
+        _ = cancel.cancelled() => Err(anyhow!("backup {id} cancelled by shutdown before it was complete")),
     };
-    match finish.await {
+    match result {
         Ok(meta) => {
             tracing::info!(
                 backup = %meta.id,
                 start_lsn = %meta.start_lsn,
                 end_lsn = %meta.end_lsn,
-                timeline = meta.timeline,
+                timeline = meta.timeline.get(),
                 size = %human_bytes(meta.plain_bytes),
                 stored = %human_bytes(meta.stored_bytes),
                 seconds = (meta.end_time - meta.start_time).num_milliseconds() as f64 / 1000.0,
@@ -364,28 +186,147 @@ pub async fn take_backup(cfg: &Config) -> anyhow::Result<BackupMeta> {
             Ok(meta)
         }
         Err(e) => {
-            cleanup(&repo, &cluster, &id).await;
+            cleanup(&archive, &id).await;
             Err(e)
         }
     }
 }
 
-type Streamed = (Vec<ArchiveMeta>, Vec<u8>, Lsn, Lsn, TimelineId);
+/// Ids are start times to the second. One already taken (a backup running, or the leftovers of
+/// one that was killed) is skipped by waiting for the next second.
+async fn free_backup_id(archive: &Archive) -> anyhow::Result<(BackupId, DateTime<Utc>)> {
+    for _ in 0..5 {
+        let start_time = Utc::now();
+        let id = BackupId::from_time(start_time);
+        if !archive.backup_folder_used(&id).await? {
+            return Ok((id, start_time));
+        }
+        tokio::time::sleep(Duration::from_millis(
+            1000 - u64::from(start_time.timestamp_subsec_millis()).min(999),
+        ))
+        .await;
+    }
+    bail!(
+        "no free backup id: objects exist under {}",
+        archive.layout().backups_dir()
+    )
+}
 
+/// What the copy stream delivered.
+struct Streamed {
+    archives: Vec<ArchiveMeta>,
+    manifest: Vec<u8>,
+    start: Lsn,
+    end: Lsn,
+    timeline: TimelineId,
+}
+
+/// Stores the manifest, waits for the backup's WAL, makes the chunks durable, and writes the
+/// metadata last.
+async fn finish(
+    cfg: &Config,
+    archive: &Archive,
+    server: &ServerIdentity,
+    id: &BackupId,
+    start_time: DateTime<Utc>,
+    s: Streamed,
+) -> anyhow::Result<BackupMeta> {
+    let repo = archive.repo();
+    repo.put_overwrite(
+        &archive.layout().backup_manifest(id),
+        &s.manifest,
+        cfg.codec,
+    )
+    .await?;
+    wait_for_wal(
+        cfg,
+        archive,
+        &required_wal(s.timeline, server.seg_size, s.start, s.end),
+    )
+    .await?;
+    // The chunks were written without a sync each: one for all of them before anything names them.
+    repo.sync_all().await?;
+    let meta = BackupMeta {
+        meta_version: META_VERSION,
+        id: id.clone(),
+        label: label(id),
+        system_identifier: server.system_identifier,
+        pg_version: server.version.clone(),
+        wal_segment_size: server.seg_size,
+        timeline: s.timeline,
+        start_lsn: s.start,
+        end_lsn: s.end,
+        start_time,
+        end_time: Utc::now(),
+        codec: cfg.codec,
+        plain_bytes: s.archives.iter().map(|a| a.plain_bytes).sum(),
+        stored_bytes: s.archives.iter().map(|a| a.stored_bytes).sum(),
+        manifest_sha256: hex::encode(object::content_sha256(&s.manifest)),
+        archives: s.archives,
+    };
+    // Written last: from here on the backup exists.
+    archive.publish_backup(&meta).await?;
+    Ok(meta)
+}
+
+fn label(id: &BackupId) -> String {
+    format!("pgkeep {id}")
+}
+
+/// Runs BASE_BACKUP and stores its archives as chunks.
 async fn stream_backup(
     cfg: &Config,
     conn: &mut ReplConnection,
-    repo: &Repo,
-    cluster: &ClusterLayout,
+    archive: &Archive,
     id: &BackupId,
-    label: &str,
 ) -> anyhow::Result<Streamed> {
     conn.send_query(&format!(
         "BASE_BACKUP (LABEL '{}', PROGRESS true, CHECKPOINT 'fast', WAIT false, MANIFEST 'yes', MANIFEST_CHECKSUMS 'CRC32C')",
-        label.replace('\'', "''")
+        label(id).replace('\'', "''")
     ))
     .await?;
-    // Before the copy stream: the start position, then the tablespaces with their sizes (kB).
+    let (start, start_tli, total_bytes) = read_start(conn).await?;
+    let mut progress = Progress::new("backup", Some(total_bytes));
+    let mut up = Uploader {
+        archive: archive.clone(),
+        id: id.clone(),
+        codec: cfg.codec,
+        chunk_bytes: cfg.backup_chunk_bytes,
+        permits: Arc::new(Semaphore::new(cfg.parallelism.max(1))),
+        tasks: JoinSet::new(),
+        done: vec![],
+        spare: Arc::default(),
+    };
+    let (archives, manifest) = receive(conn, &mut up, &mut progress).await?;
+    let (end, end_tli) = read_end(conn).await?;
+    if start_tli != end_tli {
+        bail!("the timeline changed during the backup ({start_tli} to {end_tli}); take another");
+    }
+    let timeline =
+        TimelineId::new(end_tli).ok_or_else(|| anyhow!("BASE_BACKUP reported timeline 0"))?;
+    let mut uploaded = up.finish().await?;
+    let took = progress.finish();
+    uploaded.sort_by_key(|u| (u.archive, u.seq));
+    let archives = assemble(archives, uploaded)?;
+    let total: u64 = archives.iter().map(|a| a.plain_bytes).sum();
+    tracing::info!(
+        bytes = total,
+        seconds = took.as_secs_f64(),
+        mb_per_s = total as f64 / 1048576.0 / took.as_secs_f64().max(0.001),
+        "backup data uploaded"
+    );
+    Ok(Streamed {
+        archives,
+        manifest,
+        start,
+        end,
+        timeline,
+    })
+}
+
+/// Before the copy stream: the start position and timeline, then the tablespaces with their
+/// sizes (kB); returns the start, its timeline and the expected total bytes.
+async fn read_start(conn: &mut ReplConnection) -> anyhow::Result<(Lsn, u32, u64)> {
     let mut sets: Vec<ResultSet> = vec![];
     loop {
         match conn.next_event().await? {
@@ -394,22 +335,12 @@ async fn stream_backup(
             Event::Done => bail!("BASE_BACKUP ended without sending data"),
         }
     }
-    let start_set = sets
+    let row = sets
         .first()
+        .and_then(|s| s.rows.first())
         .ok_or_else(|| anyhow!("BASE_BACKUP sent no start position"))?;
-    let start: Lsn = start_set
-        .rows
-        .first()
-        .and_then(|r| r.first().cloned().flatten())
-        .ok_or_else(|| anyhow!("BASE_BACKUP sent no start position"))?
-        .parse()?;
-    let start_tli: u32 = start_set.rows[0]
-        .get(1)
-        .cloned()
-        .flatten()
-        .unwrap_or_default()
-        .parse()
-        .unwrap_or(0);
+    let (start, tli) =
+        position(row).ok_or_else(|| anyhow!("BASE_BACKUP sent no start position"))?;
     let total_kb: u64 = sets
         .get(1)
         .map(|s| {
@@ -419,34 +350,56 @@ async fn stream_backup(
                 .sum()
         })
         .unwrap_or(0);
-    let mut progress = Progress::new("backup", Some(total_kb * 1024));
+    Ok((start, tli, total_kb * 1024))
+}
 
-    let mut up = Uploader {
-        repo: repo.clone(),
-        cluster: *cluster,
-        id: id.clone(),
-        codec: cfg.codec,
-        chunk_bytes: cfg.backup_chunk_bytes,
-        permits: Arc::new(Semaphore::new(cfg.parallelism.max(1))),
-        tasks: JoinSet::new(),
-        done: vec![],
-        spare: Arc::default(),
-    };
-    let mut archives: Vec<(ArchiveName, Option<String>, u64)> = vec![];
+/// After the copy stream: the end position and timeline.
+async fn read_end(conn: &mut ReplConnection) -> anyhow::Result<(Lsn, u32)> {
+    let mut end = None;
+    loop {
+        match conn.next_event().await? {
+            Event::Rows(s) => end = s.rows.first().and_then(|r| position(r)).or(end),
+            Event::Done => break,
+            Event::CopyStart { .. } => bail!("unexpected second copy stream"),
+        }
+    }
+    end.ok_or_else(|| anyhow!("BASE_BACKUP sent no end position"))
+}
+
+/// A row `(lsn, timeline)` as BASE_BACKUP sends its start and end.
+fn position(row: &[Option<String>]) -> Option<(Lsn, u32)> {
+    let lsn = row.first()?.as_deref()?.parse().ok()?;
+    let tli = row
+        .get(1)
+        .cloned()
+        .flatten()
+        .unwrap_or_default()
+        .parse()
+        .unwrap_or(0);
+    Some((lsn, tli))
+}
+
+/// An archive as received: its name, the tablespace's location and its size.
+type Received = (ArchiveName, Option<String>, u64);
+
+/// Reads the copy stream: archives cut into chunks and handed to the uploader, then the manifest.
+async fn receive(
+    conn: &mut ReplConnection,
+    up: &mut Uploader,
+    progress: &mut Progress,
+) -> anyhow::Result<(Vec<Received>, Vec<u8>)> {
+    let mut archives: Vec<Received> = vec![];
     let mut current: Option<Current> = None;
     let mut manifest: Option<Vec<u8>> = None;
-    while let Some(mut msg) = conn.next_copy_data().await? {
-        if msg.is_empty() {
-            bail!("empty CopyData message in the backup stream");
-        }
-        let kind = msg.get_u8();
-        match kind {
-            b'n' => {
+    while let Some(msg) = conn.next_copy_data().await? {
+        match BackupMessage::parse(msg)? {
+            BackupMessage::NewArchive { name, location } => {
                 if let Some(c) = current.take() {
-                    flush(&mut up, &archives, c).await?;
+                    flush(up, &archives, c).await?;
                 }
-                let name = cstring(&mut msg)?;
-                let location = cstring(&mut msg)?;
+                if manifest.is_some() {
+                    bail!("an archive after the backup manifest");
+                }
                 let name = ArchiveName::try_from(name).map_err(|e| anyhow!(e))?;
                 tracing::debug!(archive = %String::from(name.clone()), %location, "archive starts");
                 archives.push((name, (!location.is_empty()).then_some(location), 0));
@@ -456,70 +409,32 @@ async fn stream_backup(
                     buf: up.buffer(),
                 });
             }
-            b'd' => {
-                if let Some(m) = manifest.as_mut() {
-                    m.extend_from_slice(&msg);
-                    continue;
+            BackupMessage::Data(data) => match (manifest.as_mut(), current.as_mut()) {
+                (Some(m), _) => m.extend_from_slice(&data),
+                (None, Some(c)) => {
+                    archives[c.index].2 += data.len() as u64;
+                    up.add(&archives[c.index].0, c, data).await?;
                 }
-                let c = current
-                    .as_mut()
-                    .ok_or_else(|| anyhow!("backup data before any archive"))?;
-                archives[c.index].2 += msg.len() as u64;
-                let mut data: Bytes = msg;
-                while !data.is_empty() {
-                    let room = up.chunk_bytes - c.buf.len();
-                    let take = room.min(data.len());
-                    c.buf.extend_from_slice(&data.split_to(take));
-                    if c.buf.len() == up.chunk_bytes {
-                        let full = std::mem::replace(&mut c.buf, up.buffer());
-                        up.submit(&archives[c.index].0, c.index, c.seq, full)
-                            .await?;
-                        c.seq += 1;
-                    }
-                }
-            }
-            b'p' => {
-                if msg.len() >= 8 {
-                    let n = msg.get_u64();
-                    progress.add(n.saturating_sub(progress.done()));
-                }
-            }
-            b'm' => {
+                (None, None) => bail!("backup data before any archive"),
+            },
+            BackupMessage::Progress(n) => progress.add(n.saturating_sub(progress.done())),
+            BackupMessage::ManifestStart => {
                 if let Some(c) = current.take() {
-                    flush(&mut up, &archives, c).await?;
+                    flush(up, &archives, c).await?;
                 }
                 manifest = Some(vec![]);
             }
-            other => bail!("unknown message type {other:#04x} in the backup stream"),
         }
     }
     if let Some(c) = current.take() {
-        flush(&mut up, &archives, c).await?;
+        flush(up, &archives, c).await?;
     }
-    // After the copy stream: the end position.
-    let mut end: Option<(Lsn, u32)> = None;
-    loop {
-        match conn.next_event().await? {
-            Event::Rows(s) => {
-                if let Some(row) = s.rows.first() {
-                    let lsn = row.first().cloned().flatten().unwrap_or_default();
-                    let tli = row.get(1).cloned().flatten().unwrap_or_default();
-                    end = Some((lsn.parse()?, tli.parse().unwrap_or(0)));
-                }
-            }
-            Event::Done => break,
-            Event::CopyStart { .. } => bail!("unexpected second copy stream"),
-        }
-    }
-    let (end, end_tli) = end.ok_or_else(|| anyhow!("BASE_BACKUP sent no end position"))?;
-    if start_tli != end_tli {
-        bail!("the timeline changed during the backup ({start_tli} to {end_tli}); take another");
-    }
-    let tli = TimelineId::new(end_tli).ok_or_else(|| anyhow!("BASE_BACKUP reported timeline 0"))?;
     let manifest = manifest.ok_or_else(|| anyhow!("the server sent no backup manifest"))?;
-    let mut uploaded = up.finish().await?;
-    let took = progress.finish();
-    uploaded.sort_by_key(|u| (u.archive, u.seq));
+    Ok((archives, manifest))
+}
+
+/// The archives' metadata from what was received and the chunks uploaded (sorted).
+fn assemble(archives: Vec<Received>, uploaded: Vec<Uploaded>) -> anyhow::Result<Vec<ArchiveMeta>> {
     let mut metas: Vec<ArchiveMeta> = archives
         .into_iter()
         .map(|(name, location, plain)| ArchiveMeta {
@@ -542,22 +457,11 @@ async fn stream_backup(
         a.stored_bytes += u.meta.stored_len;
         a.chunks.push(u.meta);
     }
-    let total: u64 = metas.iter().map(|a| a.plain_bytes).sum();
-    tracing::info!(
-        bytes = total,
-        seconds = took.as_secs_f64(),
-        mb_per_s = total as f64 / 1048576.0 / took.as_secs_f64().max(0.001),
-        "backup data uploaded"
-    );
-    Ok((metas, manifest, start, end, tli))
+    Ok(metas)
 }
 
 /// Uploads the last, partial chunk of an archive (an empty archive still gets one chunk).
-async fn flush(
-    up: &mut Uploader,
-    archives: &[(ArchiveName, Option<String>, u64)],
-    c: Current,
-) -> anyhow::Result<()> {
+async fn flush(up: &mut Uploader, archives: &[Received], c: Current) -> anyhow::Result<()> {
     if !c.buf.is_empty() || c.seq == 0 {
         up.submit(&archives[c.index].0, c.index, c.seq, c.buf)
             .await?;
@@ -565,35 +469,20 @@ async fn flush(
     Ok(())
 }
 
-fn cstring(b: &mut Bytes) -> anyhow::Result<String> {
-    let end = b
-        .iter()
-        .position(|&c| c == 0)
-        .ok_or_else(|| anyhow!("unterminated string in the backup stream"))?;
-    let s = String::from_utf8_lossy(&b[..end]).into_owned();
-    b.advance(end + 1);
-    Ok(s)
-}
-
-/// Waits (bounded by `backup_wal_timeout_secs`) until every WAL segment from `start` to `end` is in
+/// Waits (bounded by `backup_wal_timeout_secs`) until every WAL segment in `needed` is in
 /// storage: without them the backup cannot be made consistent. BASE_BACKUP runs with WAIT false,
 /// because the server would wait for its archiver forever; this wait is bounded, says what is
 /// missing, and also covers WAL that reaches storage by streaming.
 async fn wait_for_wal(
     cfg: &Config,
-    repo: &Repo,
-    cluster: &ClusterLayout,
-    tli: TimelineId,
-    size: WalSegSize,
-    start: Lsn,
-    end: Lsn,
+    archive: &Archive,
+    needed: &[crate::pg::WalFileName],
 ) -> anyhow::Result<()> {
-    let needed = required_wal(tli, size, start, end);
     let deadline = tokio::time::Instant::now() + cfg.backup_wal_timeout;
     // The archiver usually delivers the last segment within moments: look again soon, then less often.
     let mut pause = Duration::from_millis(50);
     loop {
-        let missing = missing_wal(repo, cluster, &needed).await?;
+        let missing = archive.missing_wal(needed).await?;
         if missing.is_empty() {
             return Ok(());
         }
@@ -602,13 +491,9 @@ async fn wait_for_wal(
                 "the WAL this backup needs is not in storage after {}s: missing {} (of {} to {}). \
                  Set archive_command = 'pgkeep archive-push %p' (or run pgkeep daemon) so WAL reaches storage",
                 cfg.backup_wal_timeout.as_secs(),
-                missing
-                    .iter()
-                    .map(|n| n.to_string())
-                    .collect::<Vec<_>>()
-                    .join(", "),
-                needed.first().unwrap(),
-                needed.last().unwrap()
+                crate::pg::lsn::join_names(&missing),
+                needed.first().expect("not empty"),
+                needed.last().expect("not empty")
             );
         }
         if pause >= Duration::from_secs(1) {
@@ -619,48 +504,10 @@ async fn wait_for_wal(
     }
 }
 
-/// The segments from the one holding `start` to the one holding the last byte before `end`.
-pub fn required_wal(tli: TimelineId, size: WalSegSize, start: Lsn, end: Lsn) -> Vec<WalFileName> {
-    let first = size.segment_of(start);
-    let last = size.segment_of(Lsn(end.0.saturating_sub(1)).max(start));
-    (first.0..=last.0)
-        .map(|n| WalFileName::segment(tli, crate::pg::SegmentNo(n), size))
-        .collect()
-}
-
-/// Which of `names` (segments of one timeline) are not in storage.
-pub async fn missing_wal(
-    repo: &Repo,
-    cluster: &ClusterLayout,
-    names: &[WalFileName],
-) -> anyhow::Result<Vec<WalFileName>> {
-    let Some(first) = names.first() else {
-        return Ok(vec![]);
-    };
-    let present: HashSet<String> = repo
-        .list(&cluster.wal_dir(first.timeline))
-        .await?
-        .iter()
-        .filter_map(|k| k.filename().map(str::to_string))
-        .collect();
-    Ok(names
-        .iter()
-        .filter(|n| !present.contains(&n.to_string()))
-        .copied()
-        .collect())
-}
-
 /// Best-effort removal of an unfinished backup's objects (nothing lists them without metadata, but
 /// they take space).
-async fn cleanup(repo: &Repo, cluster: &ClusterLayout, id: &BackupId) {
-    match repo.list(&cluster.backup_dir(id)).await {
-        Ok(keys) => {
-            for k in keys {
-                if let Err(e) = repo.delete(&k).await {
-                    tracing::warn!(key = %k, "could not remove a failed backup's object: {e}");
-                }
-            }
-        }
-        Err(e) => tracing::warn!(backup = %id, "could not list a failed backup's objects: {e}"),
+async fn cleanup(archive: &Archive, id: &BackupId) {
+    if let Err(e) = archive.delete_backup_folder(id).await {
+        tracing::warn!(backup = %id, "could not remove a failed backup's objects: {e}");
     }
 }

@@ -7,7 +7,7 @@ use anyhow::{Context, bail};
 
 use crate::config::Config;
 use crate::pg::control;
-use crate::storage::Repo;
+use crate::storage::{Archive, Repo};
 
 /// The system identifier of the data directory's cluster: the configured data directory, or the
 /// current directory, where Postgres runs `archive_command` and `restore_command`.
@@ -29,6 +29,15 @@ pub async fn resolve_system_identifier(cfg: &Config, repo: &Repo) -> anyhow::Res
         return Ok(id);
     }
     resolve_from_storage(repo).await
+}
+
+/// Opens the configured storage for reading (it must hold a pgkeep archive) and the archive of
+/// the cluster this command works on.
+pub async fn open_archive(cfg: &Config) -> anyhow::Result<Archive> {
+    let repo = Repo::open(&cfg.storage_settings(), false)?;
+    repo.check_format().await?;
+    let system_identifier = resolve_system_identifier(cfg, &repo).await?;
+    Ok(Archive::new(repo, system_identifier))
 }
 
 /// The only cluster in storage.

@@ -43,6 +43,34 @@ impl Codec {
     }
 }
 
+impl std::str::FromStr for Codec {
+    type Err = String;
+    /// A codec by its [`Codec::name`] (the zstd level is not part of the name).
+    fn from_str(s: &str) -> Result<Codec, String> {
+        match s {
+            "none" => Ok(Codec::None),
+            "snappy" => Ok(Codec::Snappy),
+            "zstd" => Ok(Codec::Zstd { level: 3 }),
+            _ => Err(format!("unknown codec {s:?}")),
+        }
+    }
+}
+
+/// Stored by name (`"snappy"`), as `backup.json` records the codec of its chunks.
+impl serde::Serialize for Codec {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.name())
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Codec {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        <std::borrow::Cow<'de, str>>::deserialize(d)?
+            .parse()
+            .map_err(serde::de::Error::custom)
+    }
+}
+
 /// Compresses everything `input` yields into `output`; returns the number of plain bytes read.
 pub fn encode_stream(codec: Codec, mut input: impl Read, output: impl Write) -> io::Result<u64> {
     match codec {

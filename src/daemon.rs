@@ -1,108 +1,103 @@
-//! `pgkeep daemon`, the sidecar: WAL streaming and the HTTP API, supervised; SIGTERM drains WAL
-//! (bounded by `shutdown_timeout_secs`) instead of dropping it.
+//! `pgkeep daemon`, the sidecar: starts and supervises the WAL stream, the jobs (scheduled
+//! backups) and the HTTP API. SIGTERM drains: the stream uploads what it receives until Postgres
+//! ends it, a backup in flight finishes; both bounded by `shutdown_timeout_secs`, after which a
+//! backup still running is cancelled (and says so) rather than dropped silently.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use anyhow::Context;
-use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::http::{AppState, router};
+use crate::jobs::Jobs;
+use crate::metrics::Metrics;
+use crate::pg::replication::ReplConnection;
 use crate::storage::Repo;
+use crate::wal::prefetch::Prefetcher;
 use crate::wal::streamer::{self, StreamState};
 
 pub async fn run(cfg: Config) -> anyhow::Result<()> {
-    let repo = Repo::open(&cfg, true)?;
+    let repo = Repo::open(&cfg.storage_settings(), true)?;
+    let cfg = Arc::new(cfg);
     let stream = Arc::new(StreamState::default());
     let sysid = Arc::new(AtomicU64::new(cfg.system_identifier.unwrap_or(0)));
-    let (stop_tx, stop_rx) = watch::channel(false);
-    // The HTTP server outlives the drain: the preStop hook (`wal-switch`) polls /status while the
-    // daemon drains, and a pod's containers get SIGTERM at the same time.
-    let (http_stop_tx, http_stop_rx) = watch::channel(false);
-
+    // `stop`: shutdown begins (drain); `abort`: its deadline passed. The HTTP server outlives the
+    // drain: the preStop hook (`wal-switch`) polls /status while the daemon drains, and a pod's
+    // containers get SIGTERM at the same time.
+    let (stop, abort, http_stop) = (
+        CancellationToken::new(),
+        CancellationToken::new(),
+        CancellationToken::new(),
+    );
+    let jobs = Arc::new(Jobs::new(
+        cfg.clone(),
+        repo.clone(),
+        stream.clone(),
+        stop.clone(),
+        abort.clone(),
+    ));
+    let prefetch = Arc::new(
+        Prefetcher::new(cfg.spool_dir.join("prefetch"), cfg.prefetch_segments).with_context(
+            || format!("creating the prefetch cache in {}", cfg.spool_dir.display()),
+        )?,
+    );
     let listener = tokio::net::TcpListener::bind(cfg.listen)
         .await
         .with_context(|| format!("listening on {}", cfg.listen))?;
     tracing::info!(listen = %cfg.listen, storage = %cfg.storage, slot = %cfg.slot_name, "pgkeep daemon starting");
     let app = router(AppState {
+        metrics: Arc::new(Metrics::new(stream.clone(), jobs.clone(), &prefetch)),
         stream: stream.clone(),
+        jobs: jobs.clone(),
         repo: repo.clone(),
         system_identifier: sysid.clone(),
-        cfg: Arc::new(cfg.clone()),
-        prefetch: Arc::new(
-            crate::wal::prefetch::Prefetcher::new(
-                cfg.spool_dir.join("prefetch"),
-                cfg.prefetch_segments,
-            )
-            .with_context(|| {
-                format!("creating the prefetch cache in {}", cfg.spool_dir.display())
-            })?,
-        ),
+        cfg: cfg.clone(),
+        prefetch,
     });
-    let mut http_stop = http_stop_rx;
-    let http = tokio::spawn(async move {
-        axum::serve(
-            listener,
-            app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
-        )
-        .with_graceful_shutdown(async move {
-            let _ = http_stop.wait_for(|s| *s).await;
-        })
-        .await
-    });
-
-    // The cluster's identity, for serving WAL, once the streamer has learned it.
-    let ident_cfg = cfg.clone();
-    let ident = tokio::spawn({
-        let sysid = sysid.clone();
+    let http = tokio::spawn({
+        let http_stop = http_stop.clone();
         async move {
-            while sysid.load(Ordering::Acquire) == 0 {
-                if let Ok(mut c) =
-                    crate::pg::replication::ReplConnection::connect(&ident_cfg.pg).await
-                    && let Ok(sys) = c.identify_system().await
-                {
-                    sysid.store(sys.system_identifier, Ordering::Release);
-                    break;
-                }
-                tokio::time::sleep(std::time::Duration::from_secs(2)).await;
-            }
+            axum::serve(
+                listener,
+                app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
+            )
+            .with_graceful_shutdown(http_stop.cancelled_owned())
+            .await
         }
     });
-
-    let mut streaming = tokio::spawn(streamer::run(cfg.clone(), stream.clone(), stop_rx.clone()));
-    let schedule = tokio::spawn(schedule(cfg.clone(), stream.clone(), stop_rx.clone()));
+    let ident = tokio::spawn(identify(cfg.clone(), sysid, stop.clone()));
+    let mut streaming = tokio::spawn(streamer::run(
+        (*cfg).clone(),
+        repo,
+        stream.clone(),
+        stop.clone(),
+    ));
+    let schedule = tokio::spawn({
+        let jobs = jobs.clone();
+        async move { jobs.run_schedule().await }
+    });
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
-    let result = tokio::select! {
+    let early = tokio::select! {
         r = &mut streaming => Some(r),
         _ = term.recv() => None,
         _ = int.recv() => None,
     };
-    let _ = stop_tx.send(true);
+    stop.cancel();
     ident.abort();
-    schedule.abort();
-    let outcome = match result {
-        Some(r) => r.context("the streaming task")?,
-        None => {
-            tracing::info!(
-                timeout_s = cfg.shutdown_timeout.as_secs(),
-                "signal received: draining WAL"
-            );
-            match tokio::time::timeout(cfg.shutdown_timeout, &mut streaming).await {
-                Ok(r) => r.context("the streaming task")?,
-                Err(_) => {
-                    streaming.abort();
-                    Err(anyhow::anyhow!(
-                        "the WAL stream did not end within shutdown_timeout_secs ({}s); WAL up to {} is in storage",
-                        cfg.shutdown_timeout.as_secs(),
-                        stream.durable_lsn()
-                    ))
-                }
-            }
+    let outcome = match early {
+        Some(r) => {
+            // The stream failed for good: a backup in flight could never get its WAL.
+            abort.cancel();
+            let _ = schedule.await;
+            r.context("the streaming task")?
         }
+        None => drain(&cfg, &stream, &jobs, streaming, schedule, &abort).await,
     };
-    let _ = http_stop_tx.send(true);
+    http_stop.cancel();
     match http.await {
         Ok(Ok(())) => {}
         Ok(Err(e)) => tracing::error!("the HTTP server failed: {e}"),
@@ -112,103 +107,62 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     outcome
 }
 
-/// Takes a base backup (and then applies retention) every `backup_interval_hours`, and at start
-/// when storage holds none; never while Postgres is in recovery.
-async fn schedule(cfg: Config, state: Arc<StreamState>, mut stop: watch::Receiver<bool>) {
-    if cfg.backup_interval_hours == 0 {
-        return;
-    }
-    let interval = chrono::Duration::hours(cfg.backup_interval_hours as i64);
-    // Consecutive failures: of backups (retried after 30 s, doubling up to 5 minutes, so a cluster
-    // without a backup gets one soon without a failing backup hammering Postgres), and of the check
-    // whether one is due (said as a warning once they last a minute).
-    let (mut failed, mut unsure) = (0u32, 0u32);
-    loop {
-        // Not before the stream runs: a backup needs its WAL in storage, and a slot created after
-        // the backup started could begin past the backup's first segment, which would then never
-        // be streamed (seen under load: the first backup waited out its WAL timeout).
-        if state.timeline.load(Ordering::Acquire) == 0 {
-            tokio::select! {
-                _ = tokio::time::sleep(std::time::Duration::from_millis(500)) => continue,
-                _ = stop.changed() => return,
-            }
-        }
-        let pause = match due(&cfg, interval).await {
-            Ok(false) => {
-                unsure = 0;
-                std::time::Duration::from_secs(60)
-            }
-            Ok(true) => {
-                unsure = 0;
-                match take_and_prune(&cfg, &state).await {
-                    Ok(_) => {
-                        failed = 0;
-                        std::time::Duration::from_secs(60)
-                    }
-                    Err(e) => {
-                        failed += 1;
-                        state.backup_failures.fetch_add(1, Ordering::Relaxed);
-                        let retry = (30u64 << (failed - 1).min(4)).min(300);
-                        tracing::error!("scheduled backup failed: {e:#}; trying again in {retry}s");
-                        std::time::Duration::from_secs(retry)
-                    }
-                }
-            }
-            Err(e) => {
-                unsure += 1;
-                if unsure == 6 {
-                    tracing::warn!("cannot tell whether a backup is due (for a minute now): {e:#}");
-                } else {
-                    tracing::debug!("backup schedule: {e:#}");
-                }
-                std::time::Duration::from_secs(10)
-            }
-        };
-        tokio::select! {
-            _ = tokio::time::sleep(pause) => {}
-            _ = stop.changed() => return,
-        }
-    }
-}
-
-/// Whether a backup is due: Postgres is a primary, and the newest backup is older than the interval
-/// (or there is none).
-async fn due(cfg: &Config, interval: chrono::Duration) -> anyhow::Result<bool> {
-    let sql = crate::pg::sql::connect(&cfg.pg).await?;
-    if crate::pg::sql::is_in_recovery(&sql).await? {
-        return Ok(false);
-    }
-    let sys = crate::pg::replication::ReplConnection::connect(&cfg.pg)
-        .await?
-        .identify_system()
-        .await?;
-    let repo = Repo::open(cfg, true)?;
-    let cluster = crate::storage::ClusterLayout::new(sys.system_identifier);
-    let newest = crate::backup::list_backups(&repo, &cluster)
-        .await?
-        .into_iter()
-        .next();
-    Ok(newest.is_none_or(|b| chrono::Utc::now() - b.end_time >= interval))
-}
-
-/// Takes one backup now and applies retention; returns the backup's id.
-pub async fn take_and_prune(cfg: &Config, state: &StreamState) -> anyhow::Result<String> {
-    let started = std::time::Instant::now();
-    let meta = crate::backup::take_backup(cfg).await?;
-    state
-        .last_backup_ms
-        .store(started.elapsed().as_millis() as u64, Ordering::Relaxed);
-    state
-        .last_backup_unix
-        .store(meta.end_time.timestamp().max(0) as u64, Ordering::Relaxed);
-    let plan = crate::retention::prune(cfg, false).await?;
-    if !plan.delete_backups.is_empty() || !plan.delete_wal.is_empty() {
-        tracing::info!(
-            "retention: {}",
-            crate::retention::render(&plan, false)
-                .trim()
-                .replace('\n', "; ")
+/// After SIGTERM: lets the stream and a backup in flight finish within `shutdown_timeout_secs`,
+/// then cancels what is left.
+async fn drain(
+    cfg: &Config,
+    stream: &StreamState,
+    jobs: &Jobs,
+    mut streaming: tokio::task::JoinHandle<anyhow::Result<()>>,
+    mut schedule: tokio::task::JoinHandle<()>,
+    abort: &CancellationToken,
+) -> anyhow::Result<()> {
+    tracing::info!(
+        timeout_s = cfg.shutdown_timeout.as_secs(),
+        "signal received: draining WAL and any backup in flight"
+    );
+    let deadline = tokio::time::Instant::now() + cfg.shutdown_timeout;
+    let streamed = tokio::time::timeout_at(deadline, &mut streaming).await;
+    let backups_done = tokio::time::timeout_at(deadline, async {
+        let _ = (&mut schedule).await;
+        jobs.idle().await;
+    })
+    .await
+    .is_ok();
+    if !backups_done {
+        tracing::error!(
+            "a base backup was still running at the shutdown deadline: cancelling it (it will not be listed)"
         );
+        abort.cancel();
+        // The cancelled backup removes what it wrote; that is quick, but bounded too.
+        let _ = tokio::time::timeout(Duration::from_secs(10), async {
+            let _ = schedule.await;
+            jobs.idle().await;
+        })
+        .await;
     }
-    Ok(meta.id.to_string())
+    match streamed {
+        Ok(r) => r.context("the streaming task")?,
+        Err(_) => {
+            streaming.abort();
+            anyhow::bail!(
+                "the WAL stream did not end within shutdown_timeout_secs ({}s); WAL up to {} is in storage",
+                cfg.shutdown_timeout.as_secs(),
+                stream.durable_lsn()
+            )
+        }
+    }
+}
+
+/// Learns the cluster's identity, for serving WAL, as soon as Postgres answers.
+async fn identify(cfg: Arc<Config>, sysid: Arc<AtomicU64>, stop: CancellationToken) {
+    while sysid.load(Ordering::Acquire) == 0 && !stop.is_cancelled() {
+        if let Ok(mut c) = ReplConnection::connect(&cfg.pg).await
+            && let Ok(sys) = c.identify_system().await
+        {
+            sysid.store(sys.system_identifier, Ordering::Release);
+            break;
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
 }

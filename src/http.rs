@@ -11,18 +11,24 @@ use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 
+use crate::jobs::Jobs;
+use crate::metrics::Metrics;
 use crate::pg::WalFileName;
-use crate::storage::{ClusterLayout, Repo};
+use crate::storage::{Archive, Repo};
+use crate::wal::fetch::FetchError;
 use crate::wal::streamer::StreamState;
 
+/// What the routes get: the daemon's state and the calls they make, nothing they reach up for.
 #[derive(Clone)]
 pub struct AppState {
     pub stream: Arc<StreamState>,
+    pub jobs: Arc<Jobs>,
     pub repo: Repo,
-    /// The cluster served (set once the streamer has identified the server, or from the config).
+    /// The cluster served (set once the daemon has identified the server, or from the config).
     pub system_identifier: Arc<std::sync::atomic::AtomicU64>,
     pub cfg: Arc<crate::config::Config>,
     pub prefetch: Arc<crate::wal::prefetch::Prefetcher>,
+    pub metrics: Arc<Metrics>,
 }
 
 /// Every failure of a request, with its status code.
@@ -140,139 +146,37 @@ async fn status(State(s): State<AppState>) -> impl IntoResponse {
         "received_lsn": received.to_string(),
         "durable_lsn": durable.to_string(),
         "lag_bytes": received.0.saturating_sub(durable.0),
-        "segments_uploaded": st.segments_uploaded.load(Ordering::Relaxed),
-        "partial_uploads": st.partial_uploads.load(Ordering::Relaxed),
-        "upload_errors": st.upload_errors.load(Ordering::Relaxed),
-        "reconnects": st.reconnects.load(Ordering::Relaxed),
+        "segments_uploaded": st.segments_uploaded.get(),
+        "partial_uploads": st.partial_uploads.get(),
+        "upload_errors": st.upload_errors.get(),
+        "reconnects": st.reconnects.get(),
         "last_upload_unix": st.last_upload_unix.load(Ordering::Relaxed),
     }))
 }
 
 async fn metrics(State(s): State<AppState>) -> impl IntoResponse {
-    let st = &s.stream;
-    let pf = &s.prefetch;
-    let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed) as f64;
-    let received = st.received_lsn().0;
-    let durable = st.durable_lsn().0;
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_secs();
-    // -1 for "never", else the seconds since the recorded Unix time.
-    let since = |a: &std::sync::atomic::AtomicU64| match a.load(Ordering::Relaxed) {
-        0 => -1.0,
-        t => now.saturating_sub(t) as f64,
-    };
-    let metrics: [(&str, &str, &str, f64); 16] = [
-        (
-            "pgkeep_timeline",
-            "gauge",
-            "Timeline being streamed.",
-            load(&st.timeline),
-        ),
-        (
-            "pgkeep_received_lsn_bytes",
-            "gauge",
-            "Highest WAL position received.",
-            received as f64,
-        ),
-        (
-            "pgkeep_durable_lsn_bytes",
-            "gauge",
-            "WAL position up to which everything is in storage.",
-            durable as f64,
-        ),
-        (
-            "pgkeep_replication_lag_bytes",
-            "gauge",
-            "Received but not yet in storage.",
-            received.saturating_sub(durable) as f64,
-        ),
-        (
-            "pgkeep_seconds_since_last_wal_upload",
-            "gauge",
-            "Seconds since the last completed segment reached storage (-1: none yet).",
-            since(&st.last_upload_unix),
-        ),
-        (
-            "pgkeep_wal_segments_uploaded_total",
-            "counter",
-            "Segments streamed to storage.",
-            load(&st.segments_uploaded),
-        ),
-        (
-            "pgkeep_wal_partial_uploads_total",
-            "counter",
-            "Uploads of the open segment as .partial.",
-            load(&st.partial_uploads),
-        ),
-        (
-            "pgkeep_upload_errors_total",
-            "counter",
-            "Failed uploads (each is retried by reconnecting).",
-            load(&st.upload_errors),
-        ),
-        (
-            "pgkeep_bytes_uploaded_total",
-            "counter",
-            "Bytes stored for streamed segments.",
-            load(&st.bytes_uploaded),
-        ),
-        (
-            "pgkeep_stream_reconnects_total",
-            "counter",
-            "Reconnections of the WAL stream.",
-            load(&st.reconnects),
-        ),
-        (
-            "pgkeep_seconds_since_last_backup",
-            "gauge",
-            "Seconds since this daemon's last successful base backup (-1: none yet).",
-            since(&st.last_backup_unix),
-        ),
-        (
-            "pgkeep_last_backup_duration_seconds",
-            "gauge",
-            "How long the last base backup took.",
-            load(&st.last_backup_ms) / 1000.0,
-        ),
-        (
-            "pgkeep_backup_failures_total",
-            "counter",
-            "Failed base backups.",
-            load(&st.backup_failures),
-        ),
-        (
-            "pgkeep_wal_served_total",
-            "counter",
-            "WAL files served to restore_command.",
-            load(&pf.served),
-        ),
-        (
-            "pgkeep_wal_prefetched_total",
-            "counter",
-            "Segments downloaded ahead of their request.",
-            load(&pf.prefetched),
-        ),
-        (
-            "pgkeep_wal_prefetch_hits_total",
-            "counter",
-            "WAL requests answered from the prefetch cache.",
-            load(&pf.hits),
-        ),
-    ];
-    let mut out = String::new();
-    for (name, kind, help, value) in metrics {
-        out.push_str(&format!(
-            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n"
-        ));
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        s.metrics.render(),
+    )
+}
+
+/// The archive of the cluster the daemon serves (its own once identified).
+fn archive(s: &AppState) -> Result<Archive, ApiError> {
+    match s.system_identifier.load(Ordering::Acquire) {
+        0 => Err(ApiError::Unavailable(
+            "the cluster is not identified yet".into(),
+        )),
+        id => Ok(Archive::new(s.repo.clone(), id)),
     }
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out)
 }
 
 /// `GET /backups`: what `pgkeep list --json` prints.
 async fn list_backups(State(s): State<AppState>) -> Result<Response, ApiError> {
-    let inv = crate::list::inventory(&s.cfg)
+    let inv = crate::list::inventory(&archive(&s)?)
         .await
         .map_err(|e| ApiError::Storage(format!("{e:#}")))?;
     Ok(axum::Json(inv).into_response())
@@ -280,16 +184,13 @@ async fn list_backups(State(s): State<AppState>) -> Result<Response, ApiError> {
 
 /// `POST /backups`: takes a base backup now (then applies retention); answers when it exists.
 async fn take_backup(State(s): State<AppState>) -> Result<Response, ApiError> {
-    match crate::daemon::take_and_prune(&s.cfg, &s.stream).await {
+    match s.jobs.backup_now().await {
         Ok(id) => Ok((
             StatusCode::CREATED,
             axum::Json(serde_json::json!({ "id": id })),
         )
             .into_response()),
-        Err(e) => {
-            s.stream.backup_failures.fetch_add(1, Ordering::Relaxed);
-            Err(ApiError::Storage(format!("{e:#}")))
-        }
+        Err(e) => Err(ApiError::Storage(format!("{e:#}"))),
     }
 }
 
@@ -330,29 +231,27 @@ async fn wal(
         }
         (own, _) => own,
     };
-    let cluster = ClusterLayout::new(sysid);
-    match s.prefetch.get(&s.repo, &cluster, &name).await {
-        Ok((data, served)) => {
-            let sha = hex::encode(
-                crate::storage::object::Header::for_content(crate::codec::Codec::None, &data)
-                    .plain_sha256,
-            );
-            Ok((
-                [
-                    (header::CONTENT_TYPE, "application/octet-stream".to_string()),
-                    (header::HeaderName::from_static("x-pgkeep-sha256"), sha),
-                    (
-                        header::HeaderName::from_static("x-pgkeep-served"),
-                        served.to_string(),
-                    ),
-                ],
-                data,
-            )
-                .into_response())
-        }
-        Err(crate::wal::archive::FetchError::NotInArchive(_)) => {
-            Err(ApiError::NotFound(name.to_string()))
-        }
+    match s
+        .prefetch
+        .get(&Archive::new(s.repo.clone(), sysid), &name)
+        .await
+    {
+        Ok(f) => Ok((
+            [
+                (header::CONTENT_TYPE, "application/octet-stream".to_string()),
+                (
+                    header::HeaderName::from_static("x-pgkeep-sha256"),
+                    hex::encode(f.sha256),
+                ),
+                (
+                    header::HeaderName::from_static("x-pgkeep-served"),
+                    f.served.to_string(),
+                ),
+            ],
+            f.data,
+        )
+            .into_response()),
+        Err(FetchError::NotInArchive(_)) => Err(ApiError::NotFound(name.to_string())),
         Err(e) => Err(ApiError::Storage(format!("{e:#}"))),
     }
 }

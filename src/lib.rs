@@ -1,6 +1,7 @@
-//! pgkeep: a PostgreSQL backup sidecar. WAL archiving and fetching to object storage, and (in later
-//! stages) streaming, base backups and restores. `main.rs` only parses arguments; everything else
-//! lives here so tests can call it in-process.
+//! pgkeep: a PostgreSQL backup sidecar. WAL streaming and archiving to object storage, base
+//! backups and restores. `main.rs` only parses arguments; everything else lives here so tests can
+//! call it in-process. The import graph runs one way: daemon → jobs/http → wal/backup/restore →
+//! storage → codec, pg.
 pub mod backup;
 pub mod cluster;
 pub mod codec;
@@ -9,8 +10,10 @@ pub mod daemon;
 pub mod fsutil;
 pub mod http;
 pub mod http_client;
+pub mod jobs;
 pub mod list;
 pub mod logging;
+pub mod metrics;
 pub mod pg;
 pub mod progress;
 pub mod restore;

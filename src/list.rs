@@ -3,15 +3,13 @@
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 
-use crate::backup::{self, BackupMeta};
-use crate::cluster;
-use crate::config::Config;
-use crate::pg::{TimelineId, WalFileKind, WalFileName, WalSegSize};
+use crate::pg::{Lsn, SegmentNo, TimelineId};
 use crate::progress::human_bytes;
-use crate::storage::{ClusterLayout, Repo};
+use crate::storage::{Archive, BackupMeta};
 
 #[derive(Debug, Serialize)]
 pub struct Inventory {
+    /// As a string, as in the stored metadata (JSON readers lose precision past 2^53).
     pub system_identifier: String,
     pub backups: Vec<BackupMeta>,
     pub recoverable_window: Option<Window>,
@@ -22,67 +20,39 @@ pub struct Inventory {
 #[derive(Debug, Serialize)]
 pub struct Window {
     pub from_time: DateTime<Utc>,
-    pub from_lsn: String,
-    pub to_lsn: String,
-    pub to_timeline: u32,
+    pub from_lsn: Lsn,
+    pub to_lsn: Lsn,
+    pub to_timeline: TimelineId,
     /// When that last segment reached storage.
     pub to_archived_at: DateTime<Utc>,
 }
 
-pub async fn inventory(cfg: &Config) -> anyhow::Result<Inventory> {
-    let repo = Repo::open(cfg, false)?;
-    repo.check_format().await?;
-    let system_identifier = cluster::resolve_system_identifier(cfg, &repo).await?;
-    let cluster = ClusterLayout::new(system_identifier);
-    let backups = backup::list_backups(&repo, &cluster).await?;
+/// The backups of the archive and the window they and the WAL after them make recoverable.
+pub async fn inventory(archive: &Archive) -> anyhow::Result<Inventory> {
+    let backups = archive.backups().await?;
     let recoverable_window = match backups.last() {
         None => None,
-        Some(oldest) => newest_wal(&repo, &cluster, oldest.seg_size())
-            .await?
-            .map(|(name, at)| {
-                let size = oldest.seg_size();
-                let seg = name.segment_no(size).expect("checked");
-                Window {
+        Some(oldest) => {
+            let size = oldest.wal_segment_size;
+            archive
+                .newest_segment(size)
+                .await?
+                .map(|(name, at)| Window {
                     from_time: oldest.end_time,
-                    from_lsn: oldest.end_lsn.clone(),
-                    to_lsn: size.start_of(crate::pg::SegmentNo(seg.0 + 1)).to_string(),
-                    to_timeline: name.timeline.get(),
+                    from_lsn: oldest.end_lsn,
+                    to_lsn: size.start_of(SegmentNo(
+                        name.segment_no(size).expect("a segment of this size").0 + 1,
+                    )),
+                    to_timeline: name.timeline,
                     to_archived_at: at,
-                }
-            }),
+                })
+        }
     };
     Ok(Inventory {
-        system_identifier: system_identifier.to_string(),
+        system_identifier: archive.system_identifier().to_string(),
         backups,
         recoverable_window,
     })
-}
-
-/// The newest complete segment in storage (highest timeline, then highest segment) and its upload time.
-async fn newest_wal(
-    repo: &Repo,
-    cluster: &ClusterLayout,
-    size: WalSegSize,
-) -> anyhow::Result<Option<(WalFileName, DateTime<Utc>)>> {
-    let mut best: Option<(TimelineId, u64, WalFileName, DateTime<Utc>)> = None;
-    for m in repo.list_meta(&cluster.root().join("wal")).await? {
-        let Some(Ok(name)) = m.location.filename().map(str::parse::<WalFileName>) else {
-            continue;
-        };
-        if name.kind != WalFileKind::Segment {
-            continue;
-        }
-        let Ok(seg) = name.segment_no(size) else {
-            continue;
-        };
-        if best
-            .as_ref()
-            .is_none_or(|(t, s, _, _)| (name.timeline, seg.0) > (*t, *s))
-        {
-            best = Some((name.timeline, seg.0, name, m.last_modified));
-        }
-    }
-    Ok(best.map(|(_, _, n, at)| (n, at)))
 }
 
 /// The human-readable listing.
@@ -104,9 +74,9 @@ pub fn render(inv: &Inventory) -> String {
             b.id.to_string(),
             b.end_time.format("%Y-%m-%d %H:%M:%S").to_string(),
             (b.end_time - b.start_time).num_milliseconds() as f64 / 1000.0,
-            b.start_lsn,
-            b.end_lsn,
-            b.timeline,
+            b.start_lsn.to_string(),
+            b.end_lsn.to_string(),
+            b.timeline.get(),
             human_bytes(b.plain_bytes),
             human_bytes(b.stored_bytes),
         ));

@@ -6,7 +6,8 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use pgkeep::config::{Config, LogFormat};
-use pgkeep::wal::archive::{self, FetchError};
+use pgkeep::wal::archive;
+use pgkeep::wal::fetch::{self, FetchError};
 use pgkeep::{backup, list, restore};
 
 /// What `wal-fetch` returns when the file is not in the archive: Postgres ends archive recovery.
@@ -179,6 +180,35 @@ fn restore_options(args: RestoreArgs, cfg: &Config) -> anyhow::Result<restore::R
     })
 }
 
+async fn prune(cfg: &Config, dry_run: bool) -> anyhow::Result<pgkeep::retention::Plan> {
+    let archive = pgkeep::cluster::open_archive(cfg).await?;
+    pgkeep::retention::prune(cfg, &archive, dry_run).await
+}
+
+async fn inventory(cfg: &Config) -> anyhow::Result<list::Inventory> {
+    list::inventory(&pgkeep::cluster::open_archive(cfg).await?).await
+}
+
+/// `pgkeep backup`: SIGTERM or Ctrl-C cancels it, and a cancelled backup leaves nothing listed.
+async fn take_backup(cfg: &Config) -> anyhow::Result<pgkeep::storage::BackupMeta> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let repo = pgkeep::storage::Repo::open(&cfg.storage_settings(), true)?;
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let (mut term, mut int) = (
+        signal(SignalKind::terminate())?,
+        signal(SignalKind::interrupt())?,
+    );
+    let on_signal = cancel.clone();
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        on_signal.cancel();
+    });
+    backup::take_backup(cfg, &repo, &cancel).await
+}
+
 /// glibc's malloc moves its mmap threshold up to 32 MiB after the first large free, after which our
 /// 16 MiB chunk buffers come from (and fragment) the heap, and each thread may get an arena of its
 /// own: both made peak memory grow with the size of the database. A fixed 1 MiB threshold and two
@@ -258,7 +288,7 @@ fn main() -> ExitCode {
                     }
                 }
             }
-            Command::Prune { dry_run } => match pgkeep::retention::prune(&cfg, dry_run).await {
+            Command::Prune { dry_run } => match prune(&cfg, dry_run).await {
                 Ok(plan) => {
                     print!("{}", pgkeep::retention::render(&plan, dry_run));
                     ExitCode::SUCCESS
@@ -268,7 +298,7 @@ fn main() -> ExitCode {
                     ExitCode::from(1)
                 }
             },
-            Command::Backup => match backup::take_backup(&cfg).await {
+            Command::Backup => match take_backup(&cfg).await {
                 Ok(meta) => {
                     println!("{}", meta.id);
                     ExitCode::SUCCESS
@@ -278,7 +308,7 @@ fn main() -> ExitCode {
                     ExitCode::from(1)
                 }
             },
-            Command::List { json } => match list::inventory(&cfg).await {
+            Command::List { json } => match inventory(&cfg).await {
                 Ok(inv) if json => {
                     println!(
                         "{}",
@@ -315,19 +345,17 @@ fn main() -> ExitCode {
                     ExitCode::from(1)
                 }
             },
-            Command::WalFetch { name, dest } => {
-                match archive::wal_fetch(&cfg, &name, &dest).await {
-                    Ok(_) => ExitCode::SUCCESS,
-                    Err(FetchError::NotInArchive(n)) => {
-                        tracing::info!(wal = %n, "not in the archive");
-                        ExitCode::from(EXIT_NOT_IN_ARCHIVE)
-                    }
-                    Err(FetchError::Failed(e)) => {
-                        tracing::error!("wal-fetch {name}: {e:#}");
-                        ExitCode::from(EXIT_FETCH_FAILED)
-                    }
+            Command::WalFetch { name, dest } => match fetch::wal_fetch(&cfg, &name, &dest).await {
+                Ok(_) => ExitCode::SUCCESS,
+                Err(FetchError::NotInArchive(n)) => {
+                    tracing::info!(wal = %n, "not in the archive");
+                    ExitCode::from(EXIT_NOT_IN_ARCHIVE)
                 }
-            }
+                Err(FetchError::Failed(e)) => {
+                    tracing::error!("wal-fetch {name}: {e:#}");
+                    ExitCode::from(EXIT_FETCH_FAILED)
+                }
+            },
         }
     })
 }

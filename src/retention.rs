@@ -6,11 +6,10 @@ use chrono::{DateTime, Utc};
 use object_store::path::Path;
 use serde::Serialize;
 
-use crate::backup::{self, BackupMeta};
 use crate::config::Config;
-use crate::pg::{WalFileKind, WalFileName, WalSegSize};
+use crate::pg::WalFileKind;
 use crate::storage::layout::BackupId;
-use crate::storage::{ClusterLayout, Repo};
+use crate::storage::{Archive, BackupMeta};
 
 /// An unfinished backup folder older than this (and older than the newest complete backup) is the
 /// leftover of a killed backup, not one still running.
@@ -21,19 +20,14 @@ pub struct Plan {
     pub keep: Vec<BackupId>,
     pub delete_backups: Vec<BackupId>,
     /// Folders of backups that never finished.
-    pub delete_orphans: Vec<String>,
+    pub delete_orphans: Vec<BackupId>,
     /// WAL objects before the oldest kept backup's start.
     pub delete_wal: Vec<String>,
 }
 
 /// Decides what to delete; changes nothing.
-pub async fn plan(
-    cfg: &Config,
-    repo: &Repo,
-    cluster: &ClusterLayout,
-    now: DateTime<Utc>,
-) -> anyhow::Result<Plan> {
-    let backups = backup::list_backups(repo, cluster).await?; // newest first
+pub async fn plan(cfg: &Config, archive: &Archive, now: DateTime<Utc>) -> anyhow::Result<Plan> {
+    let backups = archive.backups().await?; // newest first
     let max_age = chrono::Duration::hours(cfg.backup_max_age_hours as i64);
     let (mut keep, mut delete): (Vec<&BackupMeta>, Vec<&BackupMeta>) = (vec![], vec![]);
     for (i, b) in backups.iter().enumerate() {
@@ -46,41 +40,30 @@ pub async fn plan(
         }
     }
     let mut delete_wal = vec![];
-    if let Some(oldest) = keep.iter().min_by_key(|b| b.start()) {
-        let size: WalSegSize = oldest.seg_size();
-        let first_needed = size.segment_of(oldest.start());
-        let mut keys = repo.list(&cluster.root().join("wal")).await?;
-        keys.extend(repo.list(&cluster.root().join("streaming")).await?);
-        for key in keys {
-            let Some(Ok(name)) = key.filename().map(str::parse::<WalFileName>) else {
-                continue;
-            };
+    if let Some(oldest) = keep.iter().min_by_key(|b| b.start_lsn) {
+        let size = oldest.wal_segment_size;
+        let first_needed = size.segment_of(oldest.start_lsn);
+        for (meta, name) in archive.wal_objects().await? {
             if name.kind == WalFileKind::History {
                 continue;
             }
             if let Ok(seg) = name.segment_no(size)
                 && seg < first_needed
             {
-                delete_wal.push(key.to_string());
+                delete_wal.push(meta.location.to_string());
             }
         }
     }
     let newest = backups.first().map(|b| b.id.clone());
     let mut delete_orphans = vec![];
-    for dir in repo.list_dirs(&cluster.backups_dir()).await? {
-        let Ok(id) = dir.parse::<BackupId>() else {
-            continue;
-        };
+    for id in archive.backup_folders().await? {
         if backups.iter().any(|b| b.id == id) {
             continue;
         }
-        let started = chrono::NaiveDateTime::parse_from_str(id.as_str(), "%Y%m%dT%H%M%SZ")
-            .map(|t| t.and_utc())
-            .unwrap_or(now);
         if newest.as_ref().is_some_and(|n| id < *n)
-            && now - started > chrono::Duration::hours(ORPHAN_AGE_HOURS)
+            && now - id.time() > chrono::Duration::hours(ORPHAN_AGE_HOURS)
         {
-            delete_orphans.push(dir);
+            delete_orphans.push(id);
         }
     }
     Ok(Plan {
@@ -93,22 +76,17 @@ pub async fn plan(
 
 /// Carries out a plan: each deleted backup's metadata goes first (it stops existing), then its
 /// objects; then the WAL.
-pub async fn apply(repo: &Repo, cluster: &ClusterLayout, plan: &Plan) -> anyhow::Result<()> {
+pub async fn apply(archive: &Archive, plan: &Plan) -> anyhow::Result<()> {
     for id in &plan.delete_backups {
-        repo.delete(&cluster.backup_meta(id)).await?;
-        for key in repo.list(&cluster.backup_dir(id)).await? {
-            repo.delete(&key).await?;
-        }
+        archive.delete_backup(id).await?;
         tracing::info!(backup = %id, "deleted by retention");
     }
-    for dir in &plan.delete_orphans {
-        for key in repo.list(&cluster.backups_dir().join(dir.as_str())).await? {
-            repo.delete(&key).await?;
-        }
-        tracing::info!(folder = %dir, "deleted an unfinished backup's leftovers");
+    for id in &plan.delete_orphans {
+        archive.delete_backup_folder(id).await?;
+        tracing::info!(folder = %id, "deleted an unfinished backup's leftovers");
     }
     for key in &plan.delete_wal {
-        repo.delete(&Path::from(key.as_str())).await?;
+        archive.repo().delete(&Path::from(key.as_str())).await?;
     }
     if !plan.delete_wal.is_empty() {
         tracing::info!(
@@ -120,13 +98,10 @@ pub async fn apply(repo: &Repo, cluster: &ClusterLayout, plan: &Plan) -> anyhow:
 }
 
 /// `pgkeep prune`: plans retention for the cluster and (unless `dry_run`) carries it out.
-pub async fn prune(cfg: &Config, dry_run: bool) -> anyhow::Result<Plan> {
-    let repo = Repo::open(cfg, false)?;
-    repo.check_format().await?;
-    let cluster = ClusterLayout::new(crate::cluster::resolve_system_identifier(cfg, &repo).await?);
-    let plan = plan(cfg, &repo, &cluster, Utc::now()).await?;
+pub async fn prune(cfg: &Config, archive: &Archive, dry_run: bool) -> anyhow::Result<Plan> {
+    let plan = plan(cfg, archive, Utc::now()).await?;
     if !dry_run {
-        apply(&repo, &cluster, &plan).await?;
+        apply(archive, &plan).await?;
     }
     Ok(plan)
 }

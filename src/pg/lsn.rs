@@ -55,6 +55,44 @@ impl FromStr for Lsn {
     }
 }
 
+/// Stored as Postgres prints it (`"16/B374D848"`), the form `backup.json` has always used.
+impl serde::Serialize for Lsn {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Lsn {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        text.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// An [`Lsn`] shared between tasks. Positions only move forward: [`AtomicLsn::advance`] is a
+/// `fetch_max`, so a late or repeated report never moves one back.
+#[derive(Debug, Default)]
+pub struct AtomicLsn(std::sync::atomic::AtomicU64);
+
+impl AtomicLsn {
+    pub fn load(&self) -> Lsn {
+        Lsn(self.0.load(std::sync::atomic::Ordering::Acquire))
+    }
+    /// Moves the position to `lsn` unless it is already further.
+    pub fn advance(&self, lsn: Lsn) {
+        self.0.fetch_max(lsn.0, std::sync::atomic::Ordering::AcqRel);
+    }
+}
+
+/// WAL file names as a list for a message: `A, B, C`.
+pub fn join_names(names: &[WalFileName]) -> String {
+    names
+        .iter()
+        .map(|n| n.to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// A timeline. Timeline 0 does not exist; never assume timeline 1.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct TimelineId(u32);
@@ -71,6 +109,20 @@ impl TimelineId {
 impl fmt::Display for TimelineId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}", self.0)
+    }
+}
+
+/// Stored as its number; 0 is refused on reading.
+impl serde::Serialize for TimelineId {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u32(self.0)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for TimelineId {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        TimelineId::new(u32::deserialize(d)?)
+            .ok_or_else(|| serde::de::Error::custom("timeline 0 does not exist"))
     }
 }
 
@@ -98,6 +150,21 @@ impl WalSegSize {
     }
     pub fn start_of(self, seg: SegmentNo) -> Lsn {
         Lsn(seg.0 * u64::from(self.0))
+    }
+}
+
+/// Stored as its number of bytes; anything but a power of two from 1 MiB to 1 GiB is refused.
+impl serde::Serialize for WalSegSize {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u32(self.0)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for WalSegSize {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let bytes = u32::deserialize(d)?;
+        WalSegSize::new(bytes)
+            .ok_or_else(|| serde::de::Error::custom(format!("{bytes} is not a WAL segment size")))
     }
 }
 

@@ -94,6 +94,27 @@ pub struct SystemInfo {
     pub xlogpos: super::Lsn,
 }
 
+/// What pgkeep needs to know of a server before it streams from it or backs it up.
+#[derive(Debug, Clone)]
+pub struct ServerIdentity {
+    pub system_identifier: u64,
+    /// The server's current timeline.
+    pub timeline: super::TimelineId,
+    pub xlogpos: super::Lsn,
+    pub seg_size: super::WalSegSize,
+    /// `server_version_num`, like 150004.
+    pub version_num: u32,
+    /// `server_version` as the server reports it, like "15.4".
+    pub version: String,
+}
+
+impl ServerIdentity {
+    /// The major version, like 15.
+    pub fn major(&self) -> u32 {
+        self.version_num / 10000
+    }
+}
+
 enum Incoming {
     Message(Message),
     CopyBothResponse,
@@ -372,6 +393,33 @@ impl ReplConnection {
                 .parse()
                 .map_err(|_| PgError::protocol("bad xlogpos"))?,
         })
+    }
+
+    /// Connects and learns who the server is: IDENTIFY_SYSTEM, its segment size and version.
+    pub async fn connect_identified(
+        info: &PgConnInfo,
+    ) -> Result<(ReplConnection, ServerIdentity), PgError> {
+        let mut conn = ReplConnection::connect(info).await?;
+        let sys = conn.identify_system().await?;
+        let seg_size = conn.wal_segment_size().await?;
+        let shown = conn.show("server_version_num").await?;
+        let version_num = shown.trim().parse().map_err(|_| {
+            PgError::protocol(format!("the server reports server_version_num {shown:?}"))
+        })?;
+        let identity = ServerIdentity {
+            system_identifier: sys.system_identifier,
+            timeline: super::TimelineId::new(sys.timeline)
+                .ok_or_else(|| PgError::protocol("the server reports timeline 0"))?,
+            xlogpos: sys.xlogpos,
+            seg_size,
+            version_num,
+            version: conn
+                .params
+                .get("server_version")
+                .cloned()
+                .unwrap_or_default(),
+        };
+        Ok((conn, identity))
     }
 
     /// The value of a setting (`SHOW name`), as the server prints it.

@@ -42,26 +42,33 @@ impl ClusterLayout {
     }
 
     pub fn root(&self) -> Path {
-        clusters().clone().join(self.system_identifier.to_string())
+        clusters().join(self.system_identifier.to_string())
     }
 
     pub fn info(&self) -> Path {
         self.root().join("cluster.json")
     }
 
+    /// The folder of every timeline's archived WAL.
+    pub fn wal_root(&self) -> Path {
+        self.root().join("wal")
+    }
+
+    /// The folder of the daemon's uploads of the segments it is still receiving.
+    pub fn streaming_root(&self) -> Path {
+        self.root().join("streaming")
+    }
+
     /// The folder of one timeline's WAL.
     pub fn wal_dir(&self, timeline: crate::pg::TimelineId) -> Path {
-        self.root()
-            .join("wal")
-            .join(format!("{:08X}", timeline.get()))
+        self.wal_root().join(format!("{:08X}", timeline.get()))
     }
 
     /// The daemon's upload of the segment it is still receiving (`<segment>.partial`), kept apart
     /// from the `.partial` files Postgres archives so that the two writers never meet.
     pub fn streaming_partial(&self, segment: &WalFileName) -> Path {
         let partial = segment.with_kind(crate::pg::WalFileKind::Partial);
-        self.root()
-            .join("streaming")
+        self.streaming_root()
             .join(format!("{:08X}", segment.timeline.get()))
             .join(partial.to_string())
     }
@@ -113,6 +120,12 @@ impl BackupId {
     }
     pub fn as_str(&self) -> &str {
         &self.0
+    }
+    /// The time the backup started (to the second), which the id records.
+    pub fn time(&self) -> chrono::DateTime<chrono::Utc> {
+        chrono::NaiveDateTime::parse_from_str(&self.0, "%Y%m%dT%H%M%SZ")
+            .expect("validated")
+            .and_utc()
     }
 }
 

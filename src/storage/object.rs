@@ -30,12 +30,17 @@ pub struct Header {
     pub plain_sha256: [u8; 32],
 }
 
+/// The SHA-256 of content, as object headers and backup metadata record it.
+pub fn content_sha256(plain: &[u8]) -> [u8; 32] {
+    Sha256::digest(plain).into()
+}
+
 impl Header {
     pub fn for_content(codec: Codec, plain: &[u8]) -> Header {
         Header {
             codec,
             plain_len: plain.len() as u64,
-            plain_sha256: Sha256::digest(plain).into(),
+            plain_sha256: content_sha256(plain),
         }
     }
 
@@ -112,7 +117,7 @@ pub fn open(stored: &[u8]) -> Result<(Header, Vec<u8>), String> {
             header.plain_len
         ));
     }
-    if <[u8; 32]>::from(Sha256::digest(&plain)) != header.plain_sha256 {
+    if content_sha256(&plain) != header.plain_sha256 {
         return Err("the content does not match its recorded SHA-256 checksum".into());
     }
     Ok((header, plain))

@@ -15,12 +15,10 @@ use object_store::prefix::PrefixStore;
 use object_store::{
     BackoffConfig, ClientConfigKey, ObjectStore, ObjectStoreExt, PutPayload, RetryConfig,
 };
-use serde::{Deserialize, Serialize};
 
-use super::layout::{self, ClusterLayout};
 use super::object::{self, Header};
+use super::settings::{CloudScheme, StorageSettings, StorageUrl};
 use crate::codec::Codec;
-use crate::config::{CloudScheme, Config, StorageUrl};
 
 /// A storage failure. [`StorageError::is_permanent`] says whether trying again could help; transport
 /// errors have already been retried (within the configured bounds) by the time they surface here.
@@ -88,22 +86,6 @@ pub enum PutOutcome {
     Repaired { stored_len: u64 },
 }
 
-/// `pgkeep.json` at the root of the storage prefix.
-#[derive(Debug, Serialize, Deserialize)]
-struct FormatMarker {
-    format: String,
-    layout_version: u32,
-}
-
-/// `clusters/<id>/cluster.json`.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct ClusterInfo {
-    /// As a string: JSON readers often lose precision past 2^53.
-    pub system_identifier: String,
-    pub wal_segment_size: Option<u32>,
-    pub pg_major: Option<u32>,
-}
-
 /// A handle on the configured object store.
 #[derive(Clone)]
 pub struct Repo {
@@ -125,8 +107,8 @@ impl std::fmt::Debug for Repo {
 impl Repo {
     /// Opens the store named by the configuration. With `create`, a missing `file://` directory is
     /// created (commands that only read never create anything).
-    pub fn open(cfg: &Config, create: bool) -> Result<Repo, StorageError> {
-        let url = cfg.storage.to_string();
+    pub fn open(cfg: &StorageSettings, create: bool) -> Result<Repo, StorageError> {
+        let url = cfg.url.to_string();
         let setup = |message: String| StorageError::Setup {
             url: url.clone(),
             message,
@@ -142,7 +124,7 @@ impl Repo {
         };
         let timeout = format!("{}s", cfg.retry.request_timeout.as_secs());
         let connect_timeout = format!("{}s", cfg.retry.request_timeout.as_secs().min(10));
-        let (store, local_root): (Arc<dyn ObjectStore>, _) = match &cfg.storage {
+        let (store, local_root): (Arc<dyn ObjectStore>, _) = match &cfg.url {
             StorageUrl::File { root } => {
                 if create {
                     std::fs::create_dir_all(root)
@@ -162,38 +144,33 @@ impl Repo {
                 // The same client settings for every cloud; each builder reads its own cloud's
                 // standard environment variables first.
                 macro_rules! cloud {
-                    ($builder:ty, $key:path, $name:ident) => {
-                        Arc::new(
-                            <$builder>::from_env()
-                                .$name(bucket)
-                                .with_retry(retry)
-                                .with_config($key(ClientConfigKey::Timeout), &timeout)
-                                .with_config(
-                                    $key(ClientConfigKey::ConnectTimeout),
-                                    &connect_timeout,
-                                )
-                                .build()
-                                .map_err(|e| setup(e.to_string()))?,
-                        )
-                    };
+                    ($builder:ty, $keys:ty, $name:ident) => {{
+                        let mut b = <$builder>::from_env()
+                            .$name(bucket)
+                            .with_retry(retry)
+                            .with_config(<$keys>::Client(ClientConfigKey::Timeout), &timeout)
+                            .with_config(
+                                <$keys>::Client(ClientConfigKey::ConnectTimeout),
+                                &connect_timeout,
+                            );
+                        for (key, value) in &cfg.options {
+                            let key: $keys = key
+                                .parse()
+                                .map_err(|e| setup(format!("storage option {key}: {e}")))?;
+                            b = b.with_config(key, value);
+                        }
+                        Arc::new(b.build().map_err(|e| setup(e.to_string()))?)
+                    }};
                 }
                 let store: Arc<dyn ObjectStore> = match scheme {
                     CloudScheme::S3 => {
-                        cloud!(AmazonS3Builder, AmazonS3ConfigKey::Client, with_bucket_name)
+                        cloud!(AmazonS3Builder, AmazonS3ConfigKey, with_bucket_name)
                     }
                     CloudScheme::Gcs => {
-                        cloud!(
-                            GoogleCloudStorageBuilder,
-                            GoogleConfigKey::Client,
-                            with_bucket_name
-                        )
+                        cloud!(GoogleCloudStorageBuilder, GoogleConfigKey, with_bucket_name)
                     }
                     CloudScheme::Azure => {
-                        cloud!(
-                            MicrosoftAzureBuilder,
-                            AzureConfigKey::Client,
-                            with_container_name
-                        )
+                        cloud!(MicrosoftAzureBuilder, AzureConfigKey, with_container_name)
                     }
                 };
                 let store = if prefix.is_empty() {
@@ -426,101 +403,6 @@ impl Repo {
         Ok(keys)
     }
 
-    /// Makes sure the storage holds the format marker and this cluster's `cluster.json`, writing
-    /// them if missing. Refuses storage written by a newer, incompatible layout.
-    pub async fn ensure_cluster(
-        &self,
-        cluster: &ClusterLayout,
-        info: &ClusterInfo,
-    ) -> Result<(), StorageError> {
-        match self.check_format().await {
-            Ok(()) => {}
-            Err(StorageError::Setup { .. }) if !self.exists(&layout::format_marker()).await? => {
-                let marker = FormatMarker {
-                    format: layout::FORMAT_NAME.into(),
-                    layout_version: layout::LAYOUT_VERSION,
-                };
-                let json = serde_json::to_vec_pretty(&marker).expect("serialisable");
-                self.put_new(&layout::format_marker(), &json, Codec::None)
-                    .await?;
-            }
-            Err(e) => return Err(e),
-        }
-        {
-            let json = serde_json::to_vec_pretty(info).expect("serialisable");
-            match self.put_new(&cluster.info(), &json, Codec::None).await {
-                Ok(_) => {}
-                // Already described, perhaps less completely (archive-push of a history file knows
-                // no segment size) or by a writer racing this one: the stored description of the
-                // same cluster stands.
-                Err(StorageError::Conflict { .. }) => {
-                    let stored: ClusterInfo =
-                        serde_json::from_slice(&self.get(&cluster.info()).await?).map_err(|e| {
-                            StorageError::Corrupt {
-                                key: cluster.info().to_string(),
-                                reason: format!("not a cluster description: {e}"),
-                            }
-                        })?;
-                    if stored.system_identifier != info.system_identifier {
-                        return Err(StorageError::Corrupt {
-                            key: cluster.info().to_string(),
-                            reason: format!(
-                                "describes cluster {}, not {}",
-                                stored.system_identifier, info.system_identifier
-                            ),
-                        });
-                    }
-                }
-                Err(e) => return Err(e),
-            }
-        }
-        Ok(())
-    }
-
-    /// Checks that the storage holds a pgkeep archive of a layout this version reads.
-    pub async fn check_format(&self) -> Result<(), StorageError> {
-        let key = layout::format_marker();
-        let raw = match self.get(&key).await {
-            Ok(raw) => raw,
-            Err(StorageError::NotFound { .. }) => {
-                return Err(StorageError::Setup {
-                    url: self.url.clone(),
-                    message: "holds no pgkeep archive (no pgkeep.json at its root): check the storage URL".into(),
-                });
-            }
-            Err(e) => return Err(e),
-        };
-        let marker: FormatMarker =
-            serde_json::from_slice(&raw).map_err(|e| StorageError::Corrupt {
-                key: key.to_string(),
-                reason: format!("not a format marker: {e}"),
-            })?;
-        if marker.format != layout::FORMAT_NAME || marker.layout_version > layout::LAYOUT_VERSION {
-            return Err(StorageError::Setup {
-                url: self.url.clone(),
-                message: format!(
-                    "holds format {:?} layout version {}, which this pgkeep (layout {}) cannot read",
-                    marker.format,
-                    marker.layout_version,
-                    layout::LAYOUT_VERSION
-                ),
-            });
-        }
-        Ok(())
-    }
-
-    /// The system identifiers of the clusters in storage.
-    pub async fn clusters(&self) -> Result<Vec<u64>, StorageError> {
-        let mut ids: Vec<u64> = self
-            .list_dirs(&layout::clusters())
-            .await?
-            .iter()
-            .filter_map(|d| layout::parse_cluster_dir(d))
-            .collect();
-        ids.sort();
-        Ok(ids)
-    }
-
     async fn fetch_raw(&self, key: &Path) -> Result<bytes::Bytes, StorageError> {
         let got = self
             .store
@@ -567,43 +449,5 @@ impl Repo {
         })
         .await
         .expect("fsync does not panic")
-    }
-}
-
-#[cfg(test)]
-mod ensure_cluster_tests {
-    use super::*;
-
-    #[tokio::test]
-    async fn the_stored_description_of_the_same_cluster_stands() {
-        let dir = tempfile::tempdir().unwrap();
-        let url = format!("file://{}", dir.path().display());
-        let cfg = crate::config::Config::load(None, [("PGKEEP_STORAGE".to_string(), url)]).unwrap();
-        let repo = Repo::open(&cfg, true).unwrap();
-        let cluster = ClusterLayout::new(42);
-        let info = |sysid: &str, size| ClusterInfo {
-            system_identifier: sysid.into(),
-            wal_segment_size: size,
-            pg_major: size.map(|_| 15),
-        };
-        repo.ensure_cluster(&cluster, &info("42", None))
-            .await
-            .unwrap();
-        // A writer that knows more (the streamer) after one that knew less (a history file).
-        repo.ensure_cluster(&cluster, &info("42", Some(16 << 20)))
-            .await
-            .unwrap();
-        let stored: ClusterInfo =
-            serde_json::from_slice(&repo.get(&cluster.info()).await.unwrap()).unwrap();
-        assert_eq!(stored, info("42", None));
-        // Another cluster's description under this cluster's key is damage, not a race.
-        let err = repo
-            .ensure_cluster(&cluster, &info("43", None))
-            .await
-            .unwrap_err();
-        assert!(
-            err.to_string().contains("describes cluster 42, not 43"),
-            "{err}"
-        );
     }
 }

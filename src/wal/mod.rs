@@ -1,5 +1,8 @@
-//! WAL archiving: `archive_command` and `restore_command` today; the streamer and spool later.
+//! WAL: `archive_command` (archive), `restore_command` (fetch, served by the daemon with
+//! prefetch), the streamer and its spool, and the preStop hook (switch).
 pub mod archive;
+pub mod fetch;
 pub mod prefetch;
+pub mod spool;
 pub mod streamer;
 pub mod switch;

@@ -2,27 +2,31 @@
 //! next `prefetch_segments` are downloaded, verified and kept in a local cache, so recovery does
 //! not wait on storage for each one.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
+
+use prometheus_client::metrics::counter::Counter;
 
 use crate::pg::walheader;
 use crate::pg::{SegmentNo, WalFileKind, WalFileName};
-use crate::storage::{ClusterLayout, Repo};
-use crate::wal::archive::{FetchError, fetch_verified};
+use crate::storage::Archive;
+use crate::wal::fetch::{FetchError, Fetched, fetch_verified};
 
 pub struct Prefetcher {
     dir: PathBuf,
     count: usize,
     inflight: Mutex<HashSet<WalFileName>>,
+    /// The checksum of each cached segment (verified when it was downloaded), so a hit is served
+    /// without hashing it again.
+    cached: Mutex<HashMap<WalFileName, [u8; 32]>>,
     /// Requests answered from the cache.
-    pub hits: AtomicU64,
+    pub hits: Counter,
     /// Segments downloaded ahead of their request.
-    pub prefetched: AtomicU64,
+    pub prefetched: Counter,
     /// All WAL requests answered.
-    pub served: AtomicU64,
+    pub served: Counter,
 }
 
 impl Prefetcher {
@@ -37,56 +41,80 @@ impl Prefetcher {
             dir,
             count,
             inflight: Mutex::new(HashSet::new()),
-            hits: AtomicU64::new(0),
-            prefetched: AtomicU64::new(0),
-            served: AtomicU64::new(0),
+            cached: Mutex::new(HashMap::new()),
+            hits: Counter::default(),
+            prefetched: Counter::default(),
+            served: Counter::default(),
         })
     }
 
-    /// The verified content of `name` (from the cache when prefetched) and the name it was stored
-    /// under; then prefetches the segments that follow it.
+    /// The verified content of `name` (from the cache when prefetched); then prefetches the
+    /// segments that follow it.
     pub async fn get(
         self: &Arc<Self>,
-        repo: &Repo,
-        cluster: &ClusterLayout,
+        archive: &Archive,
         name: &WalFileName,
-    ) -> Result<(Vec<u8>, WalFileName), FetchError> {
-        let cached = self.dir.join(name.to_string());
-        let result = match (name.kind, std::fs::read(&cached)) {
-            // Cached files were verified before they were written (atomically).
-            (WalFileKind::Segment, Ok(data)) => {
-                let _ = std::fs::remove_file(&cached);
-                self.hits.fetch_add(1, Ordering::Relaxed);
-                (data, *name)
+    ) -> Result<Fetched, FetchError> {
+        let result = match self.take_cached(name) {
+            Some(hit) => {
+                self.hits.inc();
+                hit
             }
-            _ => fetch_verified(repo, cluster, name).await?,
+            None => fetch_verified(archive, name).await?,
         };
-        self.served.fetch_add(1, Ordering::Relaxed);
-        if result.1.kind == WalFileKind::Segment
+        self.served.inc();
+        if result.served.kind == WalFileKind::Segment
             && self.count > 0
-            && let Ok(h) = walheader::parse_long_header(&name.to_string(), &result.0)
+            && let Ok(h) = walheader::parse_long_header(&name.to_string(), &result.data)
             && let Ok(seg) = name.segment_no(h.seg_size)
         {
             for i in 1..=self.count as u64 {
                 let next = WalFileName::segment(name.timeline, SegmentNo(seg.0 + i), h.seg_size);
-                self.prefetch(repo.clone(), *cluster, next);
+                self.prefetch(archive.clone(), next);
             }
         }
         Ok(result)
     }
 
-    fn prefetch(self: &Arc<Self>, repo: Repo, cluster: ClusterLayout, name: WalFileName) {
+    /// A prefetched segment, taken out of the cache (it was verified before it was written,
+    /// atomically).
+    fn take_cached(&self, name: &WalFileName) -> Option<Fetched> {
+        if name.kind != WalFileKind::Segment {
+            return None;
+        }
+        let sha256 = self.cached.lock().expect("not poisoned").remove(name)?;
         let path = self.dir.join(name.to_string());
-        if path.exists() || !self.inflight.lock().expect("not poisoned").insert(name) {
+        let data = std::fs::read(&path).ok()?;
+        let _ = std::fs::remove_file(&path);
+        Some(Fetched {
+            data,
+            served: *name,
+            sha256,
+        })
+    }
+
+    fn prefetch(self: &Arc<Self>, archive: Archive, name: WalFileName) {
+        if self
+            .cached
+            .lock()
+            .expect("not poisoned")
+            .contains_key(&name)
+            || !self.inflight.lock().expect("not poisoned").insert(name)
+        {
             return;
         }
+        let path = self.dir.join(name.to_string());
         let me = self.clone();
         tokio::spawn(async move {
-            match fetch_verified(&repo, &cluster, &name).await {
-                Ok((data, served)) if served.kind == WalFileKind::Segment => {
-                    match crate::fsutil::write_atomic(&path, &data) {
+            match fetch_verified(&archive, &name).await {
+                Ok(f) if f.served.kind == WalFileKind::Segment => {
+                    match crate::fsutil::write_atomic(&path, &f.data) {
                         Ok(()) => {
-                            me.prefetched.fetch_add(1, Ordering::Relaxed);
+                            me.cached
+                                .lock()
+                                .expect("not poisoned")
+                                .insert(name, f.sha256);
+                            me.prefetched.inc();
                         }
                         Err(e) => tracing::warn!(wal = %name, "prefetch cache write failed: {e}"),
                     }

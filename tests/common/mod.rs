@@ -1,10 +1,14 @@
-//! Test harness: real PostgreSQL 15 clusters and a real S3-compatible server (s3s-fs), on loopback,
-//! in temporary directories, stopped and removed when dropped.
+//! Test harness: real PostgreSQL 15 clusters, a real S3-compatible server (s3s-fs) and the Azure
+//! Blob emulator (Azurite), on loopback, in temporary directories, stopped and removed when dropped.
 //!
 //! Postgres refuses to run as root, and tests usually run as root here: clusters then run as the
 //! `postgres` user (`runuser -u postgres --`) in folders it owns, and the `pgkeep` binary is copied
 //! into the test folder so that `archive_command`/`restore_command` (run as `postgres`) can reach it.
 #![allow(dead_code)]
+
+mod azurite;
+#[allow(unused_imports)]
+pub use azurite::AzuriteServer;
 
 use std::net::{TcpListener, TcpStream};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
@@ -636,29 +640,23 @@ pub fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
-/// A plain HTTP/1.1 request on loopback: (status code, body).
+/// An HTTP request to the daemon on loopback, through pgkeep's own client: (status code, body).
 pub fn http(method: &str, port: u16, path: &str) -> (u16, Vec<u8>) {
-    use std::io::{Read, Write};
-    let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect to the daemon");
-    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    write!(
-        s,
-        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut raw = vec![];
-    s.read_to_end(&mut raw).unwrap();
-    let split = raw
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .expect("an HTTP response");
-    let head = String::from_utf8_lossy(&raw[..split]).into_owned();
-    let code = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .expect("a status code");
-    (code, raw[split + 4..].to_vec())
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let r = rt
+        .block_on(pgkeep::http_client::request(
+            addr,
+            method,
+            path,
+            Duration::from_secs(30),
+            1 << 30,
+        ))
+        .unwrap_or_else(|e| panic!("{method} {path}: {e:#}"));
+    (r.status, r.body)
 }
 
 /// `pgkeep daemon` running as the postgres user; killed on drop.
@@ -776,10 +774,9 @@ impl Daemon {
     }
 }
 
-/// An LSN `X/Y` as a number.
+/// An LSN `X/Y` as a number (pgkeep's own parser).
 pub fn parse_lsn(s: &str) -> u64 {
-    let (hi, lo) = s.trim().split_once('/').expect("X/Y");
-    (u64::from_str_radix(hi, 16).unwrap() << 32) | u64::from_str_radix(lo, 16).unwrap()
+    s.trim().parse::<pgkeep::pg::Lsn>().expect("an LSN").0
 }
 
 /// `archive_command` running the copied pgkeep with this storage's config.

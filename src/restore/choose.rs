@@ -1,0 +1,95 @@
+//! Choosing the backup to restore: latest, by id, or the newest that ended before a
+//! point-in-time target; and refusing one whose WAL is not in storage.
+
+use anyhow::{anyhow, bail};
+use chrono::Utc;
+
+use crate::cluster;
+use crate::config::{Config, StorageUrl};
+use crate::storage::{Archive, BackupMeta, Repo, StorageError};
+
+use super::{BackupChoice, RecoveryTarget, RestoreOptions};
+
+/// The archive and the backup to restore; None when storage holds no backup (or no archive at
+/// all: a `file://` directory never written, or one without a format marker).
+pub(super) async fn find_backup(
+    cfg: &Config,
+    opts: &RestoreOptions,
+) -> anyhow::Result<Option<(Archive, BackupMeta)>> {
+    let repo = match (Repo::open(&cfg.storage_settings(), false), &cfg.storage) {
+        (Ok(r), _) => r,
+        // A file:// archive that was never written holds no backup.
+        (Err(StorageError::Setup { .. }), StorageUrl::File { root }) if !root.exists() => {
+            return Ok(None);
+        }
+        (Err(e), _) => return Err(e.into()),
+    };
+    if !repo.holds_archive().await? {
+        return Ok(None);
+    }
+    let system_identifier = match cfg.system_identifier {
+        Some(id) => id,
+        None => match repo.clusters().await?.len() {
+            0 => return Ok(None),
+            _ => cluster::resolve_from_storage(&repo).await?,
+        },
+    };
+    let archive = Archive::new(repo, system_identifier);
+    let backups = archive.backups().await?;
+    if backups.is_empty() {
+        return Ok(None);
+    }
+    let chosen = choose(&backups, opts)?.clone();
+    tracing::info!(backup = %chosen.id, end_lsn = %chosen.end_lsn, end_time = %chosen.end_time, "chosen backup");
+    let missing = archive.missing_wal(&chosen.required_wal()).await?;
+    if !missing.is_empty() {
+        bail!(
+            "backup {} cannot be restored: the WAL it needs is not in storage (missing {})",
+            chosen.id,
+            crate::pg::lsn::join_names(&missing)
+        );
+    }
+    Ok(Some((archive, chosen)))
+}
+
+/// The backup `opts` asks for among `backups` (newest first, not empty).
+fn choose<'a>(backups: &'a [BackupMeta], opts: &RestoreOptions) -> anyhow::Result<&'a BackupMeta> {
+    let oldest = backups.last().expect("not empty");
+    Ok(match (&opts.backup, &opts.target) {
+        (BackupChoice::Id(id), _) => backups.iter().find(|b| b.id == *id).ok_or_else(|| {
+            anyhow!(
+                "there is no backup {id}; the backups are: {}",
+                backups
+                    .iter()
+                    .map(|b| b.id.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        })?,
+        (BackupChoice::Latest, None) => &backups[0],
+        (BackupChoice::Latest, Some(RecoveryTarget::Time { at, text })) => backups
+            .iter()
+            .find(|b| b.end_time <= at.with_timezone(&Utc))
+            .ok_or_else(|| {
+                anyhow!(
+                    "no backup ended before {text}; the oldest ended at {}",
+                    oldest.end_time
+                )
+            })?,
+        (BackupChoice::Latest, Some(RecoveryTarget::Lsn(l))) => {
+            backups.iter().find(|b| b.end_lsn <= *l).ok_or_else(|| {
+                anyhow!(
+                    "no backup ended before LSN {l}; the oldest ended at {}",
+                    oldest.end_lsn
+                )
+            })?
+        }
+        (BackupChoice::Latest, Some(t)) => {
+            tracing::info!(
+                "the backups' metadata cannot tell which of them precede {t:?}: using the latest; \
+                 if recovery cannot reach the target, choose an older one with --backup"
+            );
+            &backups[0]
+        }
+    })
+}

@@ -1,0 +1,167 @@
+//! `pgkeep restore`, the init container: chooses a base backup, downloads, verifies and unpacks it in
+//! parallel into an empty data directory, and writes the recovery settings. Safe to run on every pod
+//! start: a directory that already holds a cluster is left alone, and an interrupted restore (its
+//! marker is written first and removed last) is redone.
+//!
+//! The stages, each in its own file: `target` (the directory and its marker), `choose` (which
+//! backup), `unpack` (its data, manifest and WAL), `recovery` (the settings Postgres reads).
+
+mod choose;
+mod recovery;
+mod target;
+mod unpack;
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{anyhow, bail};
+use chrono::{DateTime, FixedOffset};
+
+use crate::config::Config;
+use crate::pg::Lsn;
+use crate::progress::human_bytes;
+use crate::storage::BackupMeta;
+use crate::storage::layout::BackupId;
+
+pub use recovery::restore_command;
+pub use target::MARKER;
+
+/// Which backup to restore.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BackupChoice {
+    Latest,
+    Id(BackupId),
+}
+
+/// Where recovery stops.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RecoveryTarget {
+    Time {
+        at: DateTime<FixedOffset>,
+        text: String,
+    },
+    Lsn(Lsn),
+    Xid(String),
+    Name(String),
+}
+
+impl RecoveryTarget {
+    /// Parses a recovery target time. A time zone is required: without one Postgres would read it in
+    /// the server's zone, which pgkeep cannot know when it chooses the backup.
+    pub fn parse_time(text: &str) -> anyhow::Result<RecoveryTarget> {
+        let t = text.trim();
+        let at = DateTime::parse_from_rfc3339(t)
+            .or_else(|_| DateTime::parse_from_str(t, "%Y-%m-%d %H:%M:%S%.f%#z"))
+            .or_else(|_| DateTime::parse_from_str(t, "%Y-%m-%d %H:%M:%S%.f %#z"))
+            .map_err(|_| {
+                anyhow!("--target-time {t:?}: expected a time with a time zone, like 2026-11-21 23:45:00+00 or 2026-11-21T23:45:00Z")
+            })?;
+        Ok(RecoveryTarget::Time {
+            at,
+            text: t.to_string(),
+        })
+    }
+
+    pub fn parse_xid(text: &str) -> anyhow::Result<RecoveryTarget> {
+        text.trim()
+            .parse::<u64>()
+            .map(|x| RecoveryTarget::Xid(x.to_string()))
+            .map_err(|_| {
+                anyhow!("--target-xid {text:?}: expected a transaction id (a whole number)")
+            })
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TargetAction {
+    Promote,
+    Pause,
+    Shutdown,
+}
+
+#[derive(Debug, Clone)]
+pub struct RestoreOptions {
+    pub target_dir: PathBuf,
+    pub backup: BackupChoice,
+    pub target: Option<RecoveryTarget>,
+    pub target_action: TargetAction,
+    pub standby: bool,
+    pub overwrite: bool,
+    pub require_backup: bool,
+    /// Tablespace locations to move: (old, new).
+    pub tablespace_map: Vec<(PathBuf, PathBuf)>,
+    /// The pgkeep that restore_command runs (default: this executable).
+    pub pgkeep_path: Option<PathBuf>,
+}
+
+#[derive(Debug)]
+pub enum RestoreOutcome {
+    /// The directory already holds a cluster; nothing was done.
+    AlreadyACluster,
+    /// Storage holds no backup; nothing was done.
+    NoBackup,
+    Restored(Box<BackupMeta>),
+}
+
+/// Restores a backup into `opts.target_dir`: the script of the init container.
+pub async fn restore(cfg: &Config, opts: &RestoreOptions) -> anyhow::Result<RestoreOutcome> {
+    let dir = &opts.target_dir;
+    let Some(state) = target::check_target(opts)? else {
+        return Ok(RestoreOutcome::AlreadyACluster);
+    };
+    let Some((archive, meta)) = choose::find_backup(cfg, opts).await? else {
+        if opts.require_backup {
+            bail!(
+                "storage {} holds no base backup to restore (--require-backup)",
+                cfg.storage
+            );
+        }
+        tracing::info!(storage = %cfg.storage, "storage holds no base backup: nothing to restore; Postgres may initialise a new cluster");
+        return Ok(RestoreOutcome::NoBackup);
+    };
+    let started = Instant::now();
+    let tablespace_dirs = target::prepare(opts, &state, &meta)?;
+    let took =
+        unpack::unpack_backup(&archive, &meta, dir, &opts.tablespace_map, cfg.parallelism).await?;
+    unpack::fetch_manifest_and_wal(&archive, &meta, dir).await?;
+    recovery::write_recovery_settings(cfg, opts, &meta, dir)?;
+    target::finish(dir, &tablespace_dirs)?;
+    tracing::info!(
+        backup = %meta.id,
+        dir = %dir.display(),
+        size = %human_bytes(meta.plain_bytes),
+        seconds = took.as_secs_f64(),
+        mb_per_s = meta.plain_bytes as f64 / 1048576.0 / took.as_secs_f64().max(0.001),
+        total_seconds = started.elapsed().as_secs_f64(),
+        "restored; start Postgres to recover"
+    );
+    Ok(RestoreOutcome::Restored(Box::new(meta)))
+}
+
+/// Where a tablespace that lived at `loc` is restored.
+fn map_location(map: &[(PathBuf, PathBuf)], loc: &Path) -> PathBuf {
+    map.iter()
+        .find(|(old, _)| old == loc)
+        .map(|(_, new)| new.clone())
+        .unwrap_or_else(|| loc.to_path_buf())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn recovery_target_times_need_a_zone() {
+        for ok in [
+            "2026-11-21 23:45:00+00",
+            "2026-11-21 23:45:00.123456+00",
+            "2026-11-21T23:45:00Z",
+            "2026-11-21 23:45:00+05:30",
+        ] {
+            assert!(RecoveryTarget::parse_time(ok).is_ok(), "{ok}");
+        }
+        for bad in ["2026-11-21 23:45:00", "yesterday", ""] {
+            assert!(RecoveryTarget::parse_time(bad).is_err(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,134 @@
+//! The recovery settings a restore leaves for Postgres: `restore_command` (this pgkeep with the
+//! same settings, never a secret), the recovery target, and the signal file.
+
+use std::path::Path;
+
+use anyhow::Context;
+use chrono::Utc;
+
+use crate::config::Config;
+use crate::fsutil;
+use crate::storage::BackupMeta;
+
+use super::{RecoveryTarget, RestoreOptions, TargetAction};
+
+/// Quotes a word for the shell `restore_command` runs in.
+fn shell_quote(s: &str) -> String {
+    if !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"_./:=@,+-%".contains(&b))
+    {
+        s.to_string()
+    } else {
+        format!("'{}'", s.replace('\'', "'\\''"))
+    }
+}
+
+/// A value in postgresql.conf quotes.
+fn guc_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "''"))
+}
+
+/// The restore_command that fetches through pgkeep with the same configuration this restore used.
+/// The Postgres connection (`PGKEEP_PG`, which may hold a password) is left out: wal-fetch does not
+/// connect to Postgres, and postgresql.auto.conf and Postgres' log must not hold a secret.
+pub fn restore_command(cfg: &Config, pgkeep: &Path) -> String {
+    let mut words: Vec<String> = cfg
+        .env_settings
+        .iter()
+        .filter(|(k, _)| k != "PGKEEP_PGDATA" && k != "PGKEEP_PG")
+        .map(|(k, v)| format!("{k}={}", shell_quote(v)))
+        .collect();
+    words.push(shell_quote(&pgkeep.to_string_lossy()));
+    if let Some(f) = &cfg.file {
+        words.push("--config".into());
+        words.push(shell_quote(&f.to_string_lossy()));
+    }
+    words.push("wal-fetch %f %p".into());
+    words.join(" ")
+}
+
+pub(super) fn write_recovery_settings(
+    cfg: &Config,
+    opts: &RestoreOptions,
+    meta: &BackupMeta,
+    dir: &Path,
+) -> anyhow::Result<()> {
+    let pgkeep = match &opts.pgkeep_path {
+        Some(p) => p.clone(),
+        None => std::env::current_exe().context("finding the pgkeep executable")?,
+    };
+    let mut conf = format!(
+        "\n# Added by pgkeep restore of backup {} at {}\nrestore_command = {}\nrecovery_target_timeline = 'latest'\n",
+        meta.id,
+        Utc::now().to_rfc3339(),
+        guc_quote(&restore_command(cfg, &pgkeep))
+    );
+    if let Some(t) = &opts.target {
+        let (key, value) = match t {
+            RecoveryTarget::Time { text, .. } => ("recovery_target_time", text.clone()),
+            RecoveryTarget::Lsn(l) => ("recovery_target_lsn", l.to_string()),
+            RecoveryTarget::Xid(x) => ("recovery_target_xid", x.clone()),
+            RecoveryTarget::Name(n) => ("recovery_target_name", n.clone()),
+        };
+        let action = match opts.target_action {
+            TargetAction::Promote => "promote",
+            TargetAction::Pause => "pause",
+            TargetAction::Shutdown => "shutdown",
+        };
+        conf.push_str(&format!(
+            "{key} = {}\nrecovery_target_action = '{action}'\n",
+            guc_quote(&value)
+        ));
+    }
+    let auto = dir.join("postgresql.auto.conf");
+    // The backup's own ALTER SYSTEM settings stay: only a missing file starts empty.
+    let mut text = match std::fs::read_to_string(&auto) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", auto.display())),
+    };
+    text.push_str(&conf);
+    fsutil::write_atomic(&auto, text.as_bytes())?;
+    let signal = if opts.standby {
+        "standby.signal"
+    } else {
+        "recovery.signal"
+    };
+    fsutil::write_atomic(&dir.join(signal), b"")?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn restore_command_carries_the_settings_but_no_secret() {
+        let env = [
+            ("PGKEEP_STORAGE", "s3://bucket/with space"),
+            ("PGKEEP_PG", "host=db password=hunter2"),
+            ("PGKEEP_PGDATA", "/pgdata"),
+            ("PGKEEP_LISTEN", "127.0.0.1:16001"),
+        ];
+        let cfg = Config::load(
+            None,
+            env.iter().map(|(k, v)| (k.to_string(), v.to_string())),
+        )
+        .unwrap();
+        let cmd = restore_command(&cfg, Path::new("/usr/local/bin/pgkeep"));
+        assert_eq!(
+            cmd,
+            "PGKEEP_STORAGE='s3://bucket/with space' PGKEEP_LISTEN=127.0.0.1:16001 /usr/local/bin/pgkeep wal-fetch %f %p"
+        );
+        assert!(!cmd.contains("hunter2"));
+    }
+
+    #[test]
+    fn shell_and_guc_quoting() {
+        assert_eq!(shell_quote("/usr/bin/pgkeep"), "/usr/bin/pgkeep");
+        assert_eq!(shell_quote("a b"), "'a b'");
+        assert_eq!(shell_quote("it's"), "'it'\\''s'");
+        assert_eq!(guc_quote("it's"), "'it''s'");
+    }
+}

@@ -1,0 +1,179 @@
+//! The target directory: what it holds before a restore, the marker that makes an interrupted
+//! restore detectable (written first, removed last), clearing what a restore replaces, and the
+//! final sync.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, bail};
+
+use crate::fsutil;
+use crate::storage::BackupMeta;
+
+use super::{RestoreOptions, map_location};
+
+/// Written into the target directory before anything else and removed after everything else.
+pub const MARKER: &str = ".pgkeep-restore-in-progress";
+
+/// What the target directory holds before we start.
+pub(super) enum TargetState {
+    Empty,
+    Interrupted,
+    Cluster,
+    Other,
+}
+
+fn inspect(dir: &Path) -> anyhow::Result<TargetState> {
+    if dir.join(MARKER).exists() {
+        return Ok(TargetState::Interrupted);
+    }
+    if dir.join("PG_VERSION").exists() {
+        return Ok(TargetState::Cluster);
+    }
+    let mut entries =
+        std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))?;
+    // A fresh volume often holds lost+found, which is not ours to judge.
+    if entries.any(|e| e.map(|e| e.file_name() != "lost+found").unwrap_or(true)) {
+        return Ok(TargetState::Other);
+    }
+    Ok(TargetState::Empty)
+}
+
+/// Creates the target directory if needed and says what it holds; `None` when it already holds a
+/// cluster that the restore leaves alone. Refuses what a restore must not write into.
+pub(super) fn check_target(opts: &RestoreOptions) -> anyhow::Result<Option<TargetState>> {
+    let dir = &opts.target_dir;
+    if !dir.is_absolute() {
+        bail!(
+            "the target directory {} must be an absolute path",
+            dir.display()
+        );
+    }
+    if !dir.exists() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let state = inspect(dir)?;
+    match state {
+        TargetState::Cluster if !opts.overwrite => {
+            tracing::info!(dir = %dir.display(), "the target directory already holds a cluster (PG_VERSION); leaving it alone");
+            return Ok(None);
+        }
+        TargetState::Cluster | TargetState::Other
+            if opts.overwrite && dir.join("postmaster.pid").exists() =>
+        {
+            bail!(
+                "{} has a postmaster.pid: a server may be running there; stop it (or remove the stale file) before --overwrite",
+                dir.display()
+            )
+        }
+        TargetState::Other if !opts.overwrite => bail!(
+            "{} is not empty and holds no cluster: refusing to write into it (--overwrite replaces its contents)",
+            dir.display()
+        ),
+        TargetState::Interrupted => {
+            tracing::warn!(dir = %dir.display(), "an earlier restore into this directory was interrupted; redoing it")
+        }
+        _ => {}
+    }
+    Ok(Some(state))
+}
+
+/// Checks every tablespace directory before anything is written (one that holds data we did not
+/// write, say the live cluster's own tablespace, is refused, never cleared), writes the marker,
+/// and clears what the restore replaces. Returns the tablespace directories it writes.
+pub(super) fn prepare(
+    opts: &RestoreOptions,
+    state: &TargetState,
+    meta: &BackupMeta,
+) -> anyhow::Result<Vec<PathBuf>> {
+    let dir = &opts.target_dir;
+    let earlier = match state {
+        TargetState::Interrupted => read_marker(dir),
+        _ => Marker::default(),
+    };
+    let mut tablespace_dirs = vec![];
+    for loc in meta.archives.iter().filter_map(|a| a.location.as_deref()) {
+        let dest = map_location(&opts.tablespace_map, Path::new(loc));
+        let ours = opts.overwrite || earlier.tablespace_dirs.contains(&dest);
+        if !ours && dest.exists() && std::fs::read_dir(&dest)?.next().is_some() {
+            bail!(
+                "the tablespace directory {} is not empty: refusing to write into it (restore it elsewhere \
+                 with --tablespace-map {}=NEW, or replace it with --overwrite)",
+                dest.display(),
+                loc
+            );
+        }
+        tablespace_dirs.push(dest);
+    }
+    // The marker goes first: from here on, an interruption is detected and the restore redone. It
+    // names the tablespace directories this restore writes, so a redo may clear them.
+    let marker = Marker {
+        backup: meta.id.to_string(),
+        tablespace_dirs: tablespace_dirs.clone(),
+    };
+    fsutil::write_atomic(
+        &dir.join(MARKER),
+        &serde_json::to_vec(&marker).expect("serialisable"),
+    )
+    .context("writing the restore marker")?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+        .with_context(|| format!("setting the permissions of {}", dir.display()))?;
+    if !matches!(state, TargetState::Empty) {
+        clear_dir(dir, &[MARKER, "lost+found"])?;
+    }
+    for d in &tablespace_dirs {
+        if d.exists() {
+            clear_dir(d, &[])?;
+        } else {
+            std::fs::create_dir_all(d)
+                .with_context(|| format!("creating the tablespace directory {}", d.display()))?;
+        }
+        std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o700))?;
+    }
+    Ok(tablespace_dirs)
+}
+
+/// Makes everything written durable, then removes the marker: a restore that reports success
+/// survives a power loss.
+pub(super) fn finish(dir: &Path, tablespace_dirs: &[PathBuf]) -> anyhow::Result<()> {
+    for d in std::iter::once(dir).chain(tablespace_dirs.iter().map(PathBuf::as_path)) {
+        fsutil::syncfs(d).with_context(|| format!("syncfs {}", d.display()))?;
+    }
+    std::fs::remove_file(dir.join(MARKER)).context("removing the restore marker")?;
+    std::fs::File::open(dir)?.sync_all()?;
+    Ok(())
+}
+
+/// What the marker file records.
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
+struct Marker {
+    backup: String,
+    tablespace_dirs: Vec<PathBuf>,
+}
+
+/// The marker of an interrupted restore (an unreadable one names no tablespace directory).
+fn read_marker(dir: &Path) -> Marker {
+    std::fs::read(dir.join(MARKER))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default()
+}
+
+/// Removes everything in `dir` except the names in `keep`.
+fn clear_dir(dir: &Path, keep: &[&str]) -> anyhow::Result<()> {
+    for e in std::fs::read_dir(dir)? {
+        let e = e?;
+        if keep.iter().any(|k| e.file_name() == *k) {
+            continue;
+        }
+        let p = e.path();
+        let ft = e.file_type()?;
+        if ft.is_dir() {
+            std::fs::remove_dir_all(&p)
+        } else {
+            std::fs::remove_file(&p)
+        }
+        .with_context(|| format!("removing {}", p.display()))?;
+    }
+    Ok(())
+}

@@ -1,0 +1,411 @@
+//! Unpacking a backup: its chunks downloaded and verified `parallelism` at a time, unpacked in
+//! order, never outside the target; then its manifest and its own WAL.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{Context, anyhow, bail};
+use futures::StreamExt;
+
+use crate::fsutil;
+use crate::pg::WalFileName;
+use crate::pg::walheader;
+use crate::progress::Progress;
+use crate::storage::object;
+use crate::storage::{Archive, ArchiveMeta, BackupMeta};
+
+use super::map_location;
+
+/// Unpacks every archive of the backup: the data directory into `dir`, each tablespace into its
+/// (mapped) location. Returns how long the data took.
+pub(super) async fn unpack_backup(
+    archive: &Archive,
+    meta: &BackupMeta,
+    dir: &Path,
+    map: &[(PathBuf, PathBuf)],
+    parallelism: usize,
+) -> anyhow::Result<std::time::Duration> {
+    let total: u64 = meta.archives.iter().map(|a| a.plain_bytes).sum();
+    let mut progress = Progress::new("restore", Some(total));
+    let map = Arc::new(map.to_vec());
+    for tar in &meta.archives {
+        let dest = match &tar.location {
+            None => dir.to_path_buf(),
+            Some(loc) => map_location(&map, Path::new(loc)),
+        };
+        let job = Unpack {
+            archive,
+            meta,
+            tar,
+            dest,
+            map: map.clone(),
+            parallelism,
+        };
+        job.run(&mut progress).await?;
+    }
+    Ok(progress.finish())
+}
+
+/// Writes `backup_manifest` (so pg_verifybackup can check the result) and the WAL from the
+/// backup's start to its end into `pg_wal` (so the directory is consistent by itself).
+pub(super) async fn fetch_manifest_and_wal(
+    archive: &Archive,
+    meta: &BackupMeta,
+    dir: &Path,
+) -> anyhow::Result<()> {
+    let key = archive.layout().backup_manifest(&meta.id);
+    let manifest = archive.repo().get(&key).await?;
+    if hex::encode(object::content_sha256(&manifest)) != meta.manifest_sha256 {
+        bail!("{key}: does not match the checksum recorded in the backup's metadata");
+    }
+    fsutil::write_atomic(&dir.join("backup_manifest"), &manifest)?;
+    let pg_wal = dir.join("pg_wal");
+    std::fs::create_dir_all(&pg_wal)?;
+    for name in meta.required_wal() {
+        fetch_segment(archive, &name, &pg_wal.join(name.to_string())).await?;
+    }
+    Ok(())
+}
+
+/// Downloads one of the backup's WAL segments into pg_wal, verified.
+async fn fetch_segment(archive: &Archive, name: &WalFileName, dest: &Path) -> anyhow::Result<()> {
+    let data = archive.repo().get(&archive.layout().wal(name)).await?;
+    walheader::check_segment(name, &data, Some(archive.system_identifier()))?;
+    // No fsync of its own: the restore syncs the whole file system before removing its marker.
+    std::fs::write(dest, &data).with_context(|| format!("writing {}", dest.display()))?;
+    Ok(())
+}
+
+/// Feeds decoded chunks, in order, to the blocking tar reader.
+struct ChunkReader {
+    rx: tokio::sync::mpsc::Receiver<Vec<u8>>,
+    cur: Vec<u8>,
+    pos: usize,
+}
+
+impl Read for ChunkReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        while self.pos == self.cur.len() {
+            match self.rx.blocking_recv() {
+                Some(next) => {
+                    self.cur = next;
+                    self.pos = 0;
+                }
+                None => return Ok(0),
+            }
+        }
+        let n = buf.len().min(self.cur.len() - self.pos);
+        buf[..n].copy_from_slice(&self.cur[self.pos..self.pos + n]);
+        self.pos += n;
+        Ok(n)
+    }
+}
+
+/// One tar archive of a backup to unpack.
+struct Unpack<'a> {
+    archive: &'a Archive,
+    meta: &'a BackupMeta,
+    tar: &'a ArchiveMeta,
+    dest: PathBuf,
+    map: Arc<Vec<(PathBuf, PathBuf)>>,
+    parallelism: usize,
+}
+
+impl Unpack<'_> {
+    /// Downloads and verifies the chunks, `parallelism` at a time, and unpacks them in order.
+    async fn run(self, progress: &mut Progress) -> anyhow::Result<()> {
+        let (tx, rx) = tokio::sync::mpsc::channel::<Vec<u8>>(1);
+        let is_base = self.tar.name.tablespace_oid().is_none();
+        let (dest, map) = (self.dest.clone(), self.map.clone());
+        let extractor = tokio::task::spawn_blocking(move || {
+            let reader = ChunkReader {
+                rx,
+                cur: vec![],
+                pos: 0,
+            };
+            extract(reader, &dest, is_base, &map)
+        });
+        let fetches = self.tar.chunks.iter().enumerate().map(|(seq, chunk)| {
+            let key = self
+                .archive
+                .layout()
+                .backup_chunk(&self.meta.id, &self.tar.name, seq);
+            let repo = self.archive.repo().clone();
+            async move {
+                // The object's own header checksum was verified against the content; it must also
+                // be the checksum the metadata recorded for this chunk (a swapped chunk is caught).
+                let (header, data) = repo.get_with_header(&key).await?;
+                if header.plain_len != chunk.plain_len
+                    || hex::encode(header.plain_sha256) != chunk.sha256
+                {
+                    bail!("{key}: does not match the checksum recorded in the backup's metadata");
+                }
+                Ok::<_, anyhow::Error>(data)
+            }
+        });
+        let mut stream = futures::stream::iter(fetches).buffered(self.parallelism.max(1));
+        let mut failure = None;
+        while let Some(r) = stream.next().await {
+            match r {
+                Ok(data) => {
+                    let n = data.len() as u64;
+                    if tx.send(data).await.is_err() {
+                        break; // the extractor stopped: its error says why
+                    }
+                    progress.add(n);
+                }
+                Err(e) => {
+                    failure = Some(e);
+                    break;
+                }
+            }
+        }
+        drop(tx);
+        let extracted = extractor.await.context("the unpacking task")?;
+        if let Some(e) = failure {
+            return Err(e.context(format!("restoring backup {}", self.meta.id)));
+        }
+        extracted.with_context(|| {
+            format!(
+                "unpacking {} of backup {}",
+                String::from(self.tar.name.clone()),
+                self.meta.id
+            )
+        })
+    }
+}
+
+/// Unpacks one tar stream into `dest`. In the data directory's archive, tablespace links
+/// (`pg_tblspc/<oid>`) are recreated pointing at their (mapped) locations.
+fn extract(
+    reader: impl Read,
+    dest: &Path,
+    is_base: bool,
+    map: &[(PathBuf, PathBuf)],
+) -> anyhow::Result<()> {
+    let mut ar = tar::Archive::new(reader);
+    ar.set_preserve_permissions(true);
+    ar.set_preserve_mtime(true);
+    ar.set_unpack_xattrs(false);
+    ar.set_overwrite(true);
+    let mut buf = vec![0u8; WRITE_PIECE];
+    let mut inside = InsideCheck::new(dest)?;
+    for entry in ar.entries()? {
+        let mut e = entry?;
+        let path = e.path()?.into_owned();
+        if is_base && e.header().entry_type().is_symlink() && path.starts_with("pg_tblspc") {
+            let oid = path
+                .strip_prefix("pg_tblspc")
+                .ok()
+                .and_then(|p| p.to_str())
+                .unwrap_or("");
+            if oid.is_empty() || !oid.bytes().all(|b| b.is_ascii_digit()) {
+                bail!(
+                    "unexpected tablespace link {} in the backup",
+                    path.display()
+                );
+            }
+            let target = e
+                .link_name()?
+                .ok_or_else(|| anyhow!("tablespace link {} has no target", path.display()))?
+                .into_owned();
+            // Postgres names the entry `pg_tblspc/<oid>/`; a trailing slash would make symlink() fail.
+            let link = dest.join("pg_tblspc").join(oid);
+            std::fs::create_dir_all(link.parent().expect("has a parent"))?;
+            let _ = std::fs::remove_file(&link);
+            std::os::unix::fs::symlink(map_location(map, &target), &link)
+                .with_context(|| format!("creating the tablespace link {}", link.display()))?;
+            continue;
+        }
+        if e.header().entry_type().is_file() {
+            write_file(&mut e, dest, &path, &mut buf, &mut inside)
+                .with_context(|| format!("unpacking {}", path.display()))?;
+            continue;
+        }
+        if !e
+            .unpack_in(dest)
+            .with_context(|| format!("unpacking {}", path.display()))?
+        {
+            bail!(
+                "refusing the archive entry {} outside the target directory",
+                path.display()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Files are written in pieces this large, and each piece's writeback is started at once.
+const WRITE_PIECE: usize = 4 << 20;
+
+/// Whether a directory lies inside the target once symlinks are resolved (a link an archive
+/// planted must not carry a later file outside, as the tar crate's own unpack also checks). Files
+/// come grouped by directory, so the last directory checked is remembered.
+struct InsideCheck {
+    root: PathBuf,
+    last_ok: Option<PathBuf>,
+}
+
+impl InsideCheck {
+    fn new(dest: &Path) -> anyhow::Result<InsideCheck> {
+        let root = dest
+            .canonicalize()
+            .with_context(|| format!("resolving {}", dest.display()))?;
+        Ok(InsideCheck {
+            root,
+            last_ok: None,
+        })
+    }
+
+    fn check(&mut self, dir: &Path) -> anyhow::Result<()> {
+        if self.last_ok.as_deref() == Some(dir) {
+            return Ok(());
+        }
+        if !dir.canonicalize()?.starts_with(&self.root) {
+            bail!("{} leads outside the target directory", dir.display());
+        }
+        self.last_ok = Some(dir.to_path_buf());
+        Ok(())
+    }
+}
+
+/// Writes a regular file of the archive under `dest`: in large pieces (the tar crate's own unpack
+/// writes 8 KB at a time), each handed to the disk as soon as it is written
+/// (`sync_file_range(SYNC_FILE_RANGE_WRITE)`, which does not wait), so the disk works while the
+/// rest unpacks and the final syncfs has little left to do. Only plain relative paths are taken,
+/// in directories inside `dest`, and the file itself is never a symlink followed.
+fn write_file(
+    e: &mut tar::Entry<impl Read>,
+    dest: &Path,
+    path: &Path,
+    buf: &mut [u8],
+    inside: &mut InsideCheck,
+) -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    use std::os::unix::io::AsRawFd;
+    if path.as_os_str().is_empty()
+        || !path
+            .components()
+            .all(|c| matches!(c, std::path::Component::Normal(_)))
+    {
+        bail!(
+            "refusing the archive entry {} outside the target directory",
+            path.display()
+        );
+    }
+    let target = dest.join(path);
+    if let Some(parent) = target.parent() {
+        std::fs::create_dir_all(parent)?;
+        inside.check(parent)?;
+    }
+    let mode = e.header().mode().unwrap_or(0o600) & 0o7777;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(mode)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&target)?;
+    let (mut written, mut started) = (0i64, 0i64);
+    loop {
+        let n = e.read(buf)?;
+        if n == 0 {
+            break;
+        }
+        f.write_all(&buf[..n])?;
+        written += n as i64;
+        if written - started >= WRITE_PIECE as i64 {
+            start_writeback(f.as_raw_fd(), started, written - started);
+            started = written;
+        }
+    }
+    if written > started {
+        start_writeback(f.as_raw_fd(), started, written - started);
+    }
+    // The mode as recorded (creation applied the umask), and the recorded modification time.
+    f.set_permissions(std::fs::Permissions::from_mode(mode))?;
+    if let Ok(mtime) = e.header().mtime() {
+        f.set_modified(std::time::UNIX_EPOCH + std::time::Duration::from_secs(mtime))?;
+    }
+    Ok(())
+}
+
+/// Asks the kernel to start writing a file range to disk, without waiting. Advisory: durability
+/// comes from the syncfs before the restore reports success, so a failure here changes nothing.
+fn start_writeback(fd: std::os::unix::io::RawFd, offset: i64, len: i64) {
+    // SAFETY: sync_file_range only reads its integer arguments; `fd` is open for the call.
+    unsafe {
+        libc::sync_file_range(fd, offset, len, libc::SYNC_FILE_RANGE_WRITE);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A tar archive of one regular file, with the name written raw (tar's builder refuses `..`).
+    fn one_file_tar(name: &str, data: &[u8], mode: u32, mtime: u64) -> Vec<u8> {
+        let mut h = tar::Header::new_gnu();
+        h.as_old_mut().name[..name.len()].copy_from_slice(name.as_bytes());
+        h.set_size(data.len() as u64);
+        h.set_mode(mode);
+        h.set_mtime(mtime);
+        h.set_entry_type(tar::EntryType::Regular);
+        h.set_cksum();
+        let mut out = h.as_bytes().to_vec();
+        out.extend_from_slice(data);
+        out.resize(out.len().div_ceil(512) * 512 + 1024, 0);
+        out
+    }
+
+    #[test]
+    fn files_are_unpacked_with_their_mode_and_time_and_never_outside() {
+        use std::os::unix::fs::PermissionsExt;
+        let tmp = tempfile::tempdir().unwrap();
+        let dest = tmp.path().join("data");
+        std::fs::create_dir(&dest).unwrap();
+        let big: Vec<u8> = (0..(WRITE_PIECE * 2 + 12345))
+            .map(|i| (i % 253) as u8)
+            .collect();
+        let tar = one_file_tar("base/1/1259", &big, 0o600, 1_700_000_000);
+        extract(&tar[..], &dest, true, &[]).unwrap();
+        let f = dest.join("base/1/1259");
+        assert_eq!(std::fs::read(&f).unwrap(), big);
+        let m = std::fs::metadata(&f).unwrap();
+        assert_eq!(m.permissions().mode() & 0o7777, 0o600);
+        assert_eq!(
+            m.modified().unwrap(),
+            std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_700_000_000)
+        );
+        for evil in ["../escaped", "/tmp/absolute-escape", "base/../../escaped2"] {
+            let err =
+                extract(&one_file_tar(evil, b"x", 0o600, 0)[..], &dest, true, &[]).unwrap_err();
+            assert!(
+                format!("{err:#}").contains("outside the target directory"),
+                "{evil}: {err:#}"
+            );
+        }
+        // A link planted by the archive does not carry a later file outside.
+        let outside = tmp.path().join("outside");
+        std::fs::create_dir(&outside).unwrap();
+        let mut link = tar::Header::new_gnu();
+        link.set_entry_type(tar::EntryType::Symlink);
+        link.set_path("base/sneaky").unwrap();
+        link.set_link_name(&outside).unwrap();
+        link.set_size(0);
+        link.set_cksum();
+        let mut archive = link.as_bytes().to_vec();
+        archive.extend(one_file_tar("base/sneaky/evil", b"x", 0o600, 0));
+        let err = extract(&archive[..], &dest, true, &[]).unwrap_err();
+        assert!(
+            format!("{err:#}").contains("outside the target directory"),
+            "{err:#}"
+        );
+        assert!(!outside.join("evil").exists());
+        assert!(!tmp.path().join("escaped").exists());
+        assert!(!tmp.path().join("escaped2").exists());
+        assert!(!Path::new("/tmp/absolute-escape").exists());
+    }
+}

@@ -1,0 +1,503 @@
+//! The typed catalog of one cluster's archive: the format marker, the cluster record
+//! (`cluster.json`), base backups (`backup.json`) and which WAL they need. The stored JSON is the
+//! format documented in `docs/storage-format.md`; the types here only read and write it.
+
+use std::collections::HashSet;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use super::archive::Archive;
+use super::layout::{self, ArchiveName, BackupId};
+use super::repo::{Repo, StorageError};
+use crate::codec::Codec;
+use crate::pg::{Lsn, SegmentNo, TimelineId, WalFileKind, WalFileName, WalSegSize};
+
+/// Version of `backup.json`; readers refuse newer ones.
+pub const META_VERSION: u32 = 1;
+
+/// A `u64` stored as a decimal string: JSON readers often lose precision past 2^53.
+mod decimal {
+    use serde::{Deserialize, Deserializer, Serializer};
+    pub fn serialize<S: Serializer>(v: &u64, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(v)
+    }
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+        let text = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        text.parse()
+            .map_err(|_| serde::de::Error::custom(format!("{text:?} is not a system identifier")))
+    }
+}
+
+/// `pgkeep.json` at the root of the storage prefix.
+#[derive(Debug, Serialize, Deserialize)]
+struct FormatMarker {
+    format: String,
+    layout_version: u32,
+}
+
+/// `clusters/<id>/cluster.json`: which cluster the folder holds.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ClusterInfo {
+    #[serde(with = "decimal")]
+    pub system_identifier: u64,
+    /// Unknown to a writer that saw no segment (archive-push of a history file).
+    pub wal_segment_size: Option<WalSegSize>,
+    pub pg_major: Option<u32>,
+}
+
+impl From<&crate::pg::replication::ServerIdentity> for ClusterInfo {
+    fn from(server: &crate::pg::replication::ServerIdentity) -> ClusterInfo {
+        ClusterInfo {
+            system_identifier: server.system_identifier,
+            wal_segment_size: Some(server.seg_size),
+            pg_major: Some(server.major()),
+        }
+    }
+}
+
+/// `backup.json`: everything needed to list, choose and restore a backup. Its presence is what
+/// makes the backup exist.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct BackupMeta {
+    pub meta_version: u32,
+    pub id: BackupId,
+    pub label: String,
+    #[serde(with = "decimal")]
+    pub system_identifier: u64,
+    pub pg_version: String,
+    pub wal_segment_size: WalSegSize,
+    pub timeline: TimelineId,
+    /// Where recovery starts (the backup's checkpoint redo point).
+    pub start_lsn: Lsn,
+    /// Where the backup becomes consistent: recovery must replay at least up to here.
+    pub end_lsn: Lsn,
+    pub start_time: DateTime<Utc>,
+    pub end_time: DateTime<Utc>,
+    /// Codec of the chunks (each chunk's own header also says).
+    pub codec: Codec,
+    pub archives: Vec<ArchiveMeta>,
+    /// SHA-256 of the backup manifest.
+    pub manifest_sha256: String,
+    pub plain_bytes: u64,
+    pub stored_bytes: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ArchiveMeta {
+    pub name: ArchiveName,
+    /// The tablespace's location on the backed-up server (None for the data directory).
+    pub location: Option<String>,
+    pub plain_bytes: u64,
+    pub stored_bytes: u64,
+    /// In order; chunk `i` is stored under `ClusterLayout::backup_chunk(id, name, i)`.
+    pub chunks: Vec<ChunkMeta>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ChunkMeta {
+    pub plain_len: u64,
+    pub stored_len: u64,
+    pub sha256: String,
+}
+
+impl BackupMeta {
+    /// The WAL segments recovery needs to make this backup consistent.
+    pub fn required_wal(&self) -> Vec<WalFileName> {
+        required_wal(
+            self.timeline,
+            self.wal_segment_size,
+            self.start_lsn,
+            self.end_lsn,
+        )
+    }
+
+    /// What the types cannot say: a version this pgkeep reads, exactly one `base.tar`.
+    fn validate(&self) -> Result<(), String> {
+        if self.meta_version > META_VERSION {
+            return Err(format!(
+                "metadata version {} is newer than this pgkeep reads",
+                self.meta_version
+            ));
+        }
+        if self.end_lsn < self.start_lsn {
+            return Err(format!(
+                "ends ({}) before it starts ({})",
+                self.end_lsn, self.start_lsn
+            ));
+        }
+        let bases = self
+            .archives
+            .iter()
+            .filter(|a| a.name.tablespace_oid().is_none())
+            .count();
+        if bases != 1 {
+            return Err("a backup holds exactly one base.tar".into());
+        }
+        Ok(())
+    }
+}
+
+/// The segments from the one holding `start` to the one holding the last byte before `end`.
+pub fn required_wal(tli: TimelineId, size: WalSegSize, start: Lsn, end: Lsn) -> Vec<WalFileName> {
+    let first = size.segment_of(start);
+    let last = size.segment_of(Lsn(end.0.saturating_sub(1)).max(start));
+    (first.0..=last.0)
+        .map(|n| WalFileName::segment(tli, SegmentNo(n), size))
+        .collect()
+}
+
+fn parse_json<'a, T: Deserialize<'a>>(
+    key: &object_store::path::Path,
+    raw: &'a [u8],
+    what: &str,
+) -> Result<T, StorageError> {
+    serde_json::from_slice(raw).map_err(|e| StorageError::Corrupt {
+        key: key.to_string(),
+        reason: format!("not {what}: {e}"),
+    })
+}
+
+impl Repo {
+    /// Checks that the storage holds a pgkeep archive of a layout this version reads.
+    pub async fn check_format(&self) -> Result<(), StorageError> {
+        let key = layout::format_marker();
+        let raw = match self.get(&key).await {
+            Ok(raw) => raw,
+            Err(StorageError::NotFound { .. }) => {
+                return Err(StorageError::Setup {
+                    url: self.url().to_string(),
+                    message: "holds no pgkeep archive (no pgkeep.json at its root): check the storage URL".into(),
+                });
+            }
+            Err(e) => return Err(e),
+        };
+        let marker: FormatMarker = parse_json(&key, &raw, "a format marker")?;
+        if marker.format != layout::FORMAT_NAME || marker.layout_version > layout::LAYOUT_VERSION {
+            return Err(StorageError::Setup {
+                url: self.url().to_string(),
+                message: format!(
+                    "holds format {:?} layout version {}, which this pgkeep (layout {}) cannot read",
+                    marker.format,
+                    marker.layout_version,
+                    layout::LAYOUT_VERSION
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    /// Whether the storage holds a pgkeep archive at all (`Ok(false)`: nothing was ever written
+    /// here); an archive of a layout this version cannot read is an error.
+    pub async fn holds_archive(&self) -> Result<bool, StorageError> {
+        match self.check_format().await {
+            Ok(()) => Ok(true),
+            Err(StorageError::Setup { .. }) if !self.exists(&layout::format_marker()).await? => {
+                Ok(false)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The system identifiers of the clusters in storage.
+    pub async fn clusters(&self) -> Result<Vec<u64>, StorageError> {
+        let mut ids: Vec<u64> = self
+            .list_dirs(&layout::clusters())
+            .await?
+            .iter()
+            .filter_map(|d| layout::parse_cluster_dir(d))
+            .collect();
+        ids.sort();
+        Ok(ids)
+    }
+
+    /// Makes sure the storage holds the format marker and this cluster's `cluster.json`, writing
+    /// them if missing, and returns the cluster's archive. Refuses storage written by a newer,
+    /// incompatible layout.
+    pub async fn ensure_cluster(&self, info: &ClusterInfo) -> Result<Archive, StorageError> {
+        if !self.holds_archive().await? {
+            let marker = FormatMarker {
+                format: layout::FORMAT_NAME.into(),
+                layout_version: layout::LAYOUT_VERSION,
+            };
+            let json = serde_json::to_vec_pretty(&marker).expect("serialisable");
+            self.put_new(&layout::format_marker(), &json, Codec::None)
+                .await?;
+        }
+        let archive = Archive::new(self.clone(), info.system_identifier);
+        let key = archive.layout().info();
+        let json = serde_json::to_vec_pretty(info).expect("serialisable");
+        match self.put_new(&key, &json, Codec::None).await {
+            Ok(_) => {}
+            // Already described, perhaps less completely (archive-push of a history file knows
+            // no segment size) or by a writer racing this one: the stored description of the
+            // same cluster stands.
+            Err(StorageError::Conflict { .. }) => {
+                let raw = self.get(&key).await?;
+                let stored: ClusterInfo = parse_json(&key, &raw, "a cluster description")?;
+                if stored.system_identifier != info.system_identifier {
+                    return Err(StorageError::Corrupt {
+                        key: key.to_string(),
+                        reason: format!(
+                            "describes cluster {}, not {}",
+                            stored.system_identifier, info.system_identifier
+                        ),
+                    });
+                }
+            }
+            Err(e) => return Err(e),
+        }
+        Ok(archive)
+    }
+}
+
+impl Archive {
+    /// Whether storage holds this cluster's `cluster.json`.
+    pub async fn is_described(&self) -> Result<bool, StorageError> {
+        self.repo().exists(&self.layout().info()).await
+    }
+
+    /// Reads and validates `backup.json` of `id`; `Ok(None)` when the backup does not exist (never
+    /// finished).
+    pub async fn backup(&self, id: &BackupId) -> Result<Option<BackupMeta>, StorageError> {
+        let key = self.layout().backup_meta(id);
+        let raw = match self.repo().get(&key).await {
+            Ok(raw) => raw,
+            Err(StorageError::NotFound { .. }) => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let meta: BackupMeta = parse_json(&key, &raw, "backup metadata")?;
+        let corrupt = |reason: String| StorageError::Corrupt {
+            key: key.to_string(),
+            reason,
+        };
+        meta.validate().map_err(corrupt)?;
+        if meta.id != *id || meta.system_identifier != self.system_identifier() {
+            return Err(corrupt(format!(
+                "describes backup {} of cluster {}, not this one",
+                meta.id, meta.system_identifier
+            )));
+        }
+        Ok(Some(meta))
+    }
+
+    /// The ids of every backup folder, complete or not.
+    pub async fn backup_folders(&self) -> Result<Vec<BackupId>, StorageError> {
+        let dirs = self.repo().list_dirs(&self.layout().backups_dir()).await?;
+        Ok(dirs.iter().filter_map(|d| d.parse().ok()).collect())
+    }
+
+    /// Every complete backup of the cluster, newest first. Folders without metadata (backups in
+    /// progress or interrupted) are skipped.
+    pub async fn backups(&self) -> Result<Vec<BackupMeta>, StorageError> {
+        let mut out = vec![];
+        for id in self.backup_folders().await? {
+            if let Some(meta) = self.backup(&id).await? {
+                out.push(meta);
+            }
+        }
+        out.sort_by(|a, b| b.id.cmp(&a.id));
+        Ok(out)
+    }
+
+    /// Writes `backup.json`: from then on the backup exists.
+    pub async fn publish_backup(&self, meta: &BackupMeta) -> Result<(), StorageError> {
+        let json = serde_json::to_vec_pretty(meta).expect("serialisable");
+        self.repo()
+            .put_new(&self.layout().backup_meta(&meta.id), &json, Codec::None)
+            .await?;
+        Ok(())
+    }
+
+    /// Deletes a backup: its metadata first (it stops existing), then its other objects.
+    pub async fn delete_backup(&self, id: &BackupId) -> Result<(), StorageError> {
+        self.repo().delete(&self.layout().backup_meta(id)).await?;
+        self.delete_backup_folder(id).await
+    }
+
+    /// Deletes every object of a backup folder (what an unfinished backup left).
+    pub async fn delete_backup_folder(&self, id: &BackupId) -> Result<(), StorageError> {
+        for key in self.repo().list(&self.layout().backup_dir(id)).await? {
+            self.repo().delete(&key).await?;
+        }
+        Ok(())
+    }
+
+    /// Whether the backup id's folder already holds objects (a backup running, or leftovers).
+    pub async fn backup_folder_used(&self, id: &BackupId) -> Result<bool, StorageError> {
+        Ok(!self
+            .repo()
+            .list(&self.layout().backup_dir(id))
+            .await?
+            .is_empty())
+    }
+
+    /// The names of the WAL files stored for timeline `tli`.
+    pub async fn wal_names(&self, tli: TimelineId) -> Result<HashSet<String>, StorageError> {
+        Ok(self
+            .repo()
+            .list(&self.layout().wal_dir(tli))
+            .await?
+            .iter()
+            .filter_map(|k| k.filename().map(str::to_string))
+            .collect())
+    }
+
+    /// Which of `names` (segments of one timeline) are not in storage.
+    pub async fn missing_wal(
+        &self,
+        names: &[WalFileName],
+    ) -> Result<Vec<WalFileName>, StorageError> {
+        let Some(first) = names.first() else {
+            return Ok(vec![]);
+        };
+        let present = self.wal_names(first.timeline).await?;
+        Ok(names
+            .iter()
+            .filter(|n| !present.contains(&n.to_string()))
+            .copied()
+            .collect())
+    }
+
+    /// Every WAL object (archived files and the daemon's streamed partials) with its name.
+    pub async fn wal_objects(
+        &self,
+    ) -> Result<Vec<(object_store::ObjectMeta, WalFileName)>, StorageError> {
+        let mut named = self.archived_wal().await?;
+        let streamed = self
+            .repo()
+            .list_meta(&self.layout().streaming_root())
+            .await?;
+        named.extend(with_wal_names(streamed));
+        Ok(named)
+    }
+
+    /// Every archived WAL object (of every timeline) with its name.
+    async fn archived_wal(
+        &self,
+    ) -> Result<Vec<(object_store::ObjectMeta, WalFileName)>, StorageError> {
+        let metas = self.repo().list_meta(&self.layout().wal_root()).await?;
+        Ok(with_wal_names(metas))
+    }
+
+    /// The newest complete archived segment (highest timeline, then highest segment) and when it
+    /// reached storage.
+    pub async fn newest_segment(
+        &self,
+        size: WalSegSize,
+    ) -> Result<Option<(WalFileName, DateTime<Utc>)>, StorageError> {
+        let newest = self
+            .archived_wal()
+            .await?
+            .into_iter()
+            .filter(|(_, name)| name.kind == WalFileKind::Segment)
+            .filter_map(|(m, name)| Some(((name.timeline, name.segment_no(size).ok()?), name, m)))
+            .max_by_key(|(order, _, _)| *order);
+        Ok(newest.map(|(_, name, m)| (name, m.last_modified)))
+    }
+}
+
+/// Keeps the objects whose last key part is a WAL file name, with that name.
+fn with_wal_names(
+    metas: Vec<object_store::ObjectMeta>,
+) -> Vec<(object_store::ObjectMeta, WalFileName)> {
+    metas
+        .into_iter()
+        .filter_map(|m| {
+            let name = m.location.filename()?.parse().ok()?;
+            Some((m, name))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::settings::{RetrySettings, StorageSettings, StorageUrl};
+
+    pub(crate) fn local_repo(dir: &std::path::Path) -> Repo {
+        let settings = StorageSettings {
+            url: StorageUrl::File {
+                root: dir.to_path_buf(),
+            },
+            retry: RetrySettings {
+                max_retries: 0,
+                retry_timeout: std::time::Duration::from_secs(1),
+                request_timeout: std::time::Duration::from_secs(5),
+            },
+            verify_uploads: true,
+            options: vec![],
+        };
+        Repo::open(&settings, true).unwrap()
+    }
+
+    #[tokio::test]
+    async fn the_stored_description_of_the_same_cluster_stands() {
+        let dir = tempfile::tempdir().unwrap();
+        let repo = local_repo(dir.path());
+        let info = |sysid: u64, size: Option<u32>| ClusterInfo {
+            system_identifier: sysid,
+            wal_segment_size: size.and_then(WalSegSize::new),
+            pg_major: size.map(|_| 15),
+        };
+        let archive = repo.ensure_cluster(&info(42, None)).await.unwrap();
+        // A writer that knows more (the streamer) after one that knew less (a history file).
+        repo.ensure_cluster(&info(42, Some(16 << 20)))
+            .await
+            .unwrap();
+        let raw = repo.get(&archive.layout().info()).await.unwrap();
+        let stored: ClusterInfo = serde_json::from_slice(&raw).unwrap();
+        assert_eq!(stored, info(42, None));
+        // The stored form: the identifier as a decimal string.
+        assert!(String::from_utf8_lossy(&raw).contains("\"system_identifier\": \"42\""));
+        // Another cluster's description under this cluster's key is damage, not a race.
+        let bad = serde_json::to_vec(&info(43, None)).unwrap();
+        repo.put_overwrite(&archive.layout().info(), &bad, Codec::None)
+            .await
+            .unwrap();
+        let err = repo.ensure_cluster(&info(42, None)).await.unwrap_err();
+        assert!(
+            err.to_string().contains("describes cluster 43, not 42"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn backup_json_keeps_its_stored_form() {
+        // backup.json as pgkeep has always written it: LSNs as X/Y, the identifier as a string.
+        let stored = r#"{"meta_version":1,"id":"20261121T235737Z","label":"pgkeep 20261121T235737Z",
+            "system_identifier":"7710772972684844037","pg_version":"15.18","wal_segment_size":16777216,
+            "timeline":1,"start_lsn":"0/9000028","end_lsn":"0/9000100",
+            "start_time":"2026-11-21T23:57:37Z","end_time":"2026-11-21T23:57:38Z","codec":"snappy",
+            "archives":[{"name":"base.tar","location":null,"plain_bytes":10,"stored_bytes":12,
+            "chunks":[{"plain_len":10,"stored_len":12,"sha256":"ab"}]}],
+            "manifest_sha256":"cd","plain_bytes":10,"stored_bytes":12}"#;
+        let meta: BackupMeta = serde_json::from_str(stored).unwrap();
+        meta.validate().unwrap();
+        assert_eq!(meta.start_lsn, Lsn(0x9000028));
+        assert_eq!(meta.system_identifier, 7710772972684844037);
+        assert_eq!(
+            meta.required_wal()
+                .iter()
+                .map(|n| n.to_string())
+                .collect::<Vec<_>>(),
+            ["000000010000000000000009"]
+        );
+        let back: serde_json::Value = serde_json::to_value(&meta).unwrap();
+        let orig: serde_json::Value = serde_json::from_str(stored).unwrap();
+        assert_eq!(back, orig);
+        for (field, bad) in [
+            ("\"timeline\":1", "\"timeline\":0"),
+            ("\"0/9000028\"", "\"9000028\""),
+            ("16777216", "1000"),
+            ("\"7710772972684844037\"", "7710772972684844037"),
+            ("\"snappy\"", "\"lz4\""),
+        ] {
+            let text = stored.replace(field, bad);
+            assert!(
+                serde_json::from_str::<BackupMeta>(&text).is_err(),
+                "{bad} was accepted"
+            );
+        }
+    }
+}

@@ -1,0 +1,178 @@
+//! `wal-fetch` (for `restore_command`): a WAL file from the daemon (which may have prefetched it)
+//! or from storage, verified, written atomically; and the exit code that tells Postgres whether
+//! the file is missing (end recovery) or the fetch failed (stop).
+
+use std::path::Path;
+use std::time::Instant;
+
+use anyhow::{Context, anyhow};
+
+use crate::cluster::{self, local_system_identifier};
+use crate::config::Config;
+use crate::fsutil;
+use crate::pg::walheader;
+use crate::pg::{WalFileKind, WalFileName};
+use crate::storage::{Archive, StorageError, object};
+
+/// Why `wal-fetch` did not deliver a file. Only [`FetchError::NotInArchive`] may tell Postgres "no
+/// such file" (exit 1); everything else must stop recovery (exit 126) rather than end it early.
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    #[error("{0} is not in the archive")]
+    NotInArchive(String),
+    #[error(transparent)]
+    Failed(#[from] anyhow::Error),
+}
+
+impl From<StorageError> for FetchError {
+    fn from(e: StorageError) -> Self {
+        FetchError::Failed(e.into())
+    }
+}
+
+/// What `wal-fetch` delivered.
+#[derive(Debug)]
+pub struct FetchReport {
+    pub name: WalFileName,
+    pub bytes: usize,
+}
+
+/// Downloads one WAL file, verifies it (object checksum; for segments also the page header against
+/// the name and the cluster) and writes it to `dest` atomically. Asks the local daemon first (it
+/// may have prefetched the file) and falls back to storage when no daemon answers for this cluster.
+pub async fn wal_fetch(cfg: &Config, name: &str, dest: &Path) -> Result<FetchReport, FetchError> {
+    let started = Instant::now();
+    let name: WalFileName = name.parse().map_err(anyhow::Error::from)?;
+    let local = match cfg.system_identifier {
+        Some(id) => Some(id),
+        None => local_system_identifier(cfg)?.map(|(id, _)| id),
+    };
+    let (data, via) = match from_daemon(cfg, &name, local).await {
+        Some(Ok(data)) => (data, "daemon"),
+        Some(Err(e)) => return Err(e),
+        None => (from_storage(cfg, &name).await?, "storage"),
+    };
+    fsutil::write_atomic(dest, &data)
+        .with_context(|| format!("writing {}", dest.display()))
+        .map_err(FetchError::Failed)?;
+    tracing::info!(wal = %name, bytes = data.len(), via, ms = started.elapsed().as_millis(), dest = %dest.display(), "fetched");
+    Ok(FetchReport {
+        name,
+        bytes: data.len(),
+    })
+}
+
+/// Asks the daemon at `listen`. None: no daemon answered for this cluster (use storage);
+/// Some(Err(NotInArchive)): the daemon looked in storage and the file is not there.
+async fn from_daemon(
+    cfg: &Config,
+    name: &WalFileName,
+    sysid: Option<u64>,
+) -> Option<Result<Vec<u8>, FetchError>> {
+    let sysid = sysid?;
+    let path = format!("/wal/{name}?system_identifier={sysid}");
+    let r = match crate::http_client::request(
+        cfg.listen,
+        "GET",
+        &path,
+        cfg.retry.request_timeout,
+        1 << 30,
+    )
+    .await
+    {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::debug!("no daemon at {}: {e:#}", cfg.listen);
+            return None;
+        }
+    };
+    match r.status {
+        200 => {
+            // Verified again here: the daemon's copy crossed a socket and a cache.
+            let want = r.header("x-pgkeep-sha256").unwrap_or_default().to_string();
+            let got = hex::encode(object::content_sha256(&r.body));
+            let served: Option<WalFileName> =
+                r.header("x-pgkeep-served").and_then(|n| n.parse().ok());
+            let served = served.filter(|s| s.timeline == name.timeline && s.stem() == name.stem());
+            if want != got || served.is_none() {
+                tracing::warn!(wal = %name, "the daemon's answer did not verify; reading storage directly");
+                return None;
+            }
+            let served = served.expect("checked");
+            if matches!(served.kind, WalFileKind::Segment | WalFileKind::Partial)
+                && let Err(e) = walheader::check_segment(&served, &r.body, Some(sysid))
+            {
+                tracing::warn!(wal = %name, "the daemon's copy is not this segment ({e}); reading storage directly");
+                return None;
+            }
+            Some(Ok(r.body))
+        }
+        404 => Some(Err(FetchError::NotInArchive(name.to_string()))),
+        code => {
+            tracing::debug!(wal = %name, code, "the daemon cannot serve it; reading storage directly");
+            None
+        }
+    }
+}
+
+/// Reads a WAL file straight from storage.
+async fn from_storage(cfg: &Config, name: &WalFileName) -> Result<Vec<u8>, FetchError> {
+    // A missing marker or cluster means misconfiguration (wrong URL, wrong cluster), never "this WAL
+    // file does not exist": answering 1 there would end recovery early and silently.
+    let archive = cluster::open_archive(cfg).await?;
+    if !archive.is_described().await? {
+        return Err(anyhow!(
+            "storage {} holds no archive for the cluster with system identifier {}",
+            archive.repo().url(),
+            archive.system_identifier()
+        )
+        .into());
+    }
+    Ok(fetch_verified(&archive, name).await?.data)
+}
+
+/// A WAL file read from storage and verified.
+#[derive(Debug, Clone)]
+pub struct Fetched {
+    pub data: Vec<u8>,
+    /// The name it was stored under: the segment's `.partial` when only that exists.
+    pub served: WalFileName,
+    /// The SHA-256 of `data`, which the object's header recorded and the download was checked
+    /// against.
+    pub sha256: [u8; 32],
+}
+
+/// The verified content of a WAL file and the name it was stored under: a segment that exists only
+/// as the `.partial` the daemon streamed (the last WAL before a crash or shutdown) is served from
+/// that, and Postgres replays it up to its valid end, then ends recovery there.
+pub async fn fetch_verified(archive: &Archive, name: &WalFileName) -> Result<Fetched, FetchError> {
+    let (repo, layout) = (archive.repo(), archive.layout());
+    let mut candidates = vec![(layout.wal(name), *name)];
+    if name.kind == WalFileKind::Segment {
+        // Postgres' own .partial (archived at the end of a timeline), else the daemon's upload
+        // of the segment it was receiving.
+        let partial = name.with_kind(WalFileKind::Partial);
+        candidates.push((layout.wal(&partial), partial));
+        candidates.push((layout.streaming_partial(name), partial));
+    }
+    for (i, (key, served)) in candidates.into_iter().enumerate() {
+        let (header, data) = match repo.get_with_header(&key).await {
+            Ok(found) => found,
+            Err(StorageError::NotFound { .. }) => continue,
+            Err(e) => return Err(e.into()),
+        };
+        if i > 0 {
+            tracing::info!(wal = %name, "only the partial segment is in the archive: serving it");
+        }
+        if matches!(served.kind, WalFileKind::Segment | WalFileKind::Partial) {
+            walheader::check_segment(&served, &data, Some(archive.system_identifier()))
+                .map_err(anyhow::Error::from)?;
+        }
+        return Ok(Fetched {
+            data,
+            served,
+            sha256: header.plain_sha256,
+        });
+    }
+    Err(FetchError::NotInArchive(name.to_string()))
+}
