@@ -133,6 +133,10 @@ impl Jobs {
                             failed = 0;
                             Duration::from_secs(60)
                         }
+                        Err(e) if self.stop.is_cancelled() => {
+                            tracing::error!("scheduled backup failed during shutdown: {e:#}");
+                            return;
+                        }
                         Err(e) => {
                             failed += 1;
                             let retry = (30u64 << (failed - 1).min(4)).min(300);

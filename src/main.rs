@@ -265,97 +265,71 @@ fn main() -> ExitCode {
             return ExitCode::from(fail_code);
         }
     };
-    runtime.block_on(async {
-        match cli.command {
-            Command::Daemon => match pgkeep::daemon::run(cfg.clone()).await {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    tracing::error!("daemon: {e:#}");
-                    ExitCode::from(1)
-                }
-            },
-            Command::WalSwitch { timeout } => {
-                let wait = std::time::Duration::from_secs(timeout);
-                match pgkeep::wal::switch::switch_and_wait(&cfg, wait, || {
-                    pgkeep::wal::switch::daemon_durable(&cfg)
-                })
-                .await
-                {
-                    Ok(_) => ExitCode::SUCCESS,
-                    Err(e) => {
-                        tracing::error!("wal-switch: {e:#}");
-                        ExitCode::from(1)
-                    }
-                }
-            }
-            Command::Prune { dry_run } => match prune(&cfg, dry_run).await {
-                Ok(plan) => {
-                    print!("{}", pgkeep::retention::render(&plan, dry_run));
-                    ExitCode::SUCCESS
-                }
-                Err(e) => {
-                    tracing::error!("prune failed: {e:#}");
-                    ExitCode::from(1)
-                }
-            },
-            Command::Backup => match take_backup(&cfg).await {
-                Ok(meta) => {
-                    println!("{}", meta.id);
-                    ExitCode::SUCCESS
-                }
-                Err(e) => {
-                    tracing::error!("backup failed: {e:#}");
-                    ExitCode::from(1)
-                }
-            },
-            Command::List { json } => match inventory(&cfg).await {
-                Ok(inv) if json => {
-                    println!(
-                        "{}",
-                        serde_json::to_string_pretty(&inv).expect("serialisable")
-                    );
-                    ExitCode::SUCCESS
-                }
-                Ok(inv) => {
-                    print!("{}", list::render(&inv));
-                    ExitCode::SUCCESS
-                }
-                Err(e) => {
-                    tracing::error!("list failed: {e:#}");
-                    ExitCode::from(1)
-                }
-            },
-            Command::Restore(args) => {
-                let result = match restore_options(args, &cfg) {
-                    Ok(opts) => restore::restore(&cfg, &opts).await,
-                    Err(e) => Err(e),
-                };
-                match result {
-                    Ok(_) => ExitCode::SUCCESS,
-                    Err(e) => {
-                        tracing::error!("restore failed: {e:#}");
-                        ExitCode::from(1)
-                    }
-                }
-            }
-            Command::ArchivePush { path } => match archive::archive_push(&cfg, &path).await {
-                Ok(_) => ExitCode::SUCCESS,
-                Err(e) => {
-                    tracing::error!("archive-push {}: {e:#}", path.display());
-                    ExitCode::from(1)
-                }
-            },
-            Command::WalFetch { name, dest } => match fetch::wal_fetch(&cfg, &name, &dest).await {
-                Ok(_) => ExitCode::SUCCESS,
-                Err(FetchError::NotInArchive(n)) => {
-                    tracing::info!(wal = %n, "not in the archive");
-                    ExitCode::from(EXIT_NOT_IN_ARCHIVE)
-                }
-                Err(FetchError::Failed(e)) => {
-                    tracing::error!("wal-fetch {name}: {e:#}");
-                    ExitCode::from(EXIT_FETCH_FAILED)
-                }
-            },
+    runtime.block_on(run(cli.command, cfg))
+}
+
+/// Logs a failed command's error and maps the result to an exit code.
+fn done<T>(what: &str, result: anyhow::Result<T>, ok: impl FnOnce(T)) -> ExitCode {
+    match result {
+        Ok(v) => {
+            ok(v);
+            ExitCode::SUCCESS
         }
-    })
+        Err(e) => {
+            tracing::error!("{what}: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+async fn run(command: Command, cfg: Config) -> ExitCode {
+    match command {
+        Command::Daemon => done("daemon", pgkeep::daemon::run(cfg).await, |_| {}),
+        Command::WalSwitch { timeout } => {
+            let wait = std::time::Duration::from_secs(timeout);
+            let result = pgkeep::wal::switch::switch_and_wait(&cfg, wait, || {
+                pgkeep::wal::switch::daemon_durable(&cfg)
+            })
+            .await;
+            done("wal-switch", result, |_| {})
+        }
+        Command::Prune { dry_run } => done("prune failed", prune(&cfg, dry_run).await, |plan| {
+            print!("{}", pgkeep::retention::render(&plan, dry_run))
+        }),
+        Command::Backup => done("backup failed", take_backup(&cfg).await, |meta| {
+            println!("{}", meta.id)
+        }),
+        Command::List { json } => done("list failed", inventory(&cfg).await, |inv| {
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&inv).expect("serialisable")
+                );
+            } else {
+                print!("{}", list::render(&inv));
+            }
+        }),
+        Command::Restore(args) => {
+            let result = match restore_options(args, &cfg) {
+                Ok(opts) => restore::restore(&cfg, &opts).await,
+                Err(e) => Err(e),
+            };
+            done("restore failed", result, |_| {})
+        }
+        Command::ArchivePush { path } => {
+            let result = archive::archive_push(&cfg, &path).await;
+            done(&format!("archive-push {}", path.display()), result, |_| {})
+        }
+        Command::WalFetch { name, dest } => match fetch::wal_fetch(&cfg, &name, &dest).await {
+            Ok(_) => ExitCode::SUCCESS,
+            Err(FetchError::NotInArchive(n)) => {
+                tracing::info!(wal = %n, "not in the archive");
+                ExitCode::from(EXIT_NOT_IN_ARCHIVE)
+            }
+            Err(FetchError::Failed(e)) => {
+                tracing::error!("wal-fetch {name}: {e:#}");
+                ExitCode::from(EXIT_FETCH_FAILED)
+            }
+        },
+    }
 }

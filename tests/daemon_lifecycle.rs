@@ -354,3 +354,94 @@ fn file_storage_scheduled_backups() {
 fn s3_storage_scheduled_backups() {
     scheduled_backups(Backend::S3);
 }
+
+/// SIGTERM while a scheduled backup runs: the daemon drains it within `shutdown_timeout_secs`.
+/// With time enough the backup completes and is listed; past the deadline it is cancelled, says
+/// so, and nothing of it is listed. Either way the daemon exits within the timeout. The backup is
+/// made slow on purpose (zstd level 19, one upload at a time).
+fn sigterm_during_a_scheduled_backup(shutdown_secs: u64, completes: bool) {
+    let dir = TestDir::new("sigterm-backup");
+    let storage = Storage::new(Backend::File, &dir);
+    let bin = dir.install_pgkeep();
+    let mut pg = PgCluster::init(dir.path(), "primary", 1, &storage.env);
+    // No autovacuum: its WAL (full pages of the new table) would make the stream, compressed as
+    // slowly as the backup, the slow part.
+    pg.set(&[("autovacuum", "off")]);
+    pg.start();
+    pg.psql("create table t as select g, md5(g::text) m from generate_series(1, 300000) g");
+    pg.psql("checkpoint");
+    let secs = shutdown_secs.to_string();
+    let mut daemon = Daemon::start(
+        &dir,
+        &storage,
+        &bin,
+        &pg,
+        &[
+            ("PGKEEP_BACKUP_INTERVAL_HOURS", "24"),
+            ("PGKEEP_PARTIAL_UPLOAD_SECS", "1"),
+            ("PGKEEP_COMPRESSION", "zstd"),
+            ("PGKEEP_COMPRESSION_LEVEL", "19"),
+            ("PGKEEP_PARALLELISM", "1"),
+            ("PGKEEP_BACKUP_CHUNK_SIZE_MB", "1"),
+            ("PGKEEP_SHUTDOWN_TIMEOUT_SECS", &secs),
+        ],
+    );
+    wait_for(
+        "the scheduled backup to start",
+        Duration::from_secs(60),
+        || daemon.log().contains("starting base backup").then_some(()),
+    );
+    let listed = || -> usize {
+        let out = storage.pgkeep_pg(&bin, &["list", "--json"], &[]);
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        v["backups"].as_array().map_or(0, Vec::len)
+    };
+    assert_eq!(
+        listed(),
+        0,
+        "the backup finished before SIGTERM: make it slower"
+    );
+    let signalled = std::time::Instant::now();
+    daemon.signal("TERM");
+    if completes {
+        wait_for(
+            "the drained backup to be listed",
+            Duration::from_secs(shutdown_secs),
+            || (listed() == 1).then_some(()),
+        );
+        // Postgres' own shutdown ends the stream: the daemon then leaves at once.
+        pg.stop("fast");
+    }
+    let status = daemon.wait(Duration::from_secs(shutdown_secs + 15));
+    let took = signalled.elapsed();
+    let log = daemon.log();
+    assert!(
+        took < Duration::from_secs(shutdown_secs + 5),
+        "the daemon took {took:?} to exit (shutdown_timeout_secs = {shutdown_secs}):\n{log}"
+    );
+    if completes {
+        assert!(status.success(), "{log}");
+        assert!(log.contains("base backup complete"), "{log}");
+    } else {
+        assert!(!status.success(), "{log}");
+        assert!(log.contains("cancelled"), "{log}");
+        assert_eq!(listed(), 0, "a cancelled backup is listed:\n{log}");
+        // What it had written is gone too.
+        let leftovers: Vec<String> = stored_keys(&storage)
+            .into_iter()
+            .filter(|k| k.contains("basebackups"))
+            .collect();
+        assert!(leftovers.is_empty(), "{leftovers:?}");
+        pg.stop("fast");
+    }
+}
+
+#[test]
+fn sigterm_during_a_scheduled_backup_drains_it() {
+    sigterm_during_a_scheduled_backup(60, true);
+}
+
+#[test]
+fn sigterm_during_a_scheduled_backup_past_the_deadline_cancels_it() {
+    sigterm_during_a_scheduled_backup(2, false);
+}

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use common::*;
 use pgkeep::pg::conninfo::{PgConnInfo, PgHost};
+use pgkeep::pg::messages::WalMessage;
 use pgkeep::pg::replication::{Event, PgError, ReplConnection};
 
 fn info(port: u16, user: &str, password: Option<&str>) -> PgConnInfo {
@@ -116,17 +117,18 @@ async fn authentication_errors_and_streams() {
             .expect("WAL arrives")
             .unwrap()
             .unwrap();
-        if msg[0] == b'w' {
-            let start = u64::from_be_bytes(msg[1..9].try_into().unwrap());
+        if let WalMessage::XLogData(x) = WalMessage::parse(msg).unwrap() {
             if wal_bytes == 0 {
-                assert_eq!(start, seg_start, "the stream starts where it was asked to");
+                assert_eq!(
+                    x.wal_start.0, seg_start,
+                    "the stream starts where it was asked to"
+                );
                 // The segment's first page, as streamed, is a long header of this cluster.
-                let header =
-                    pgkeep::pg::walheader::parse_long_header("streamed", &msg[25..]).unwrap();
+                let header = pgkeep::pg::walheader::parse_long_header("streamed", &x.data).unwrap();
                 assert_eq!(header.system_identifier.to_string(), sysid);
                 assert_eq!(header.page_addr.0, seg_start);
             }
-            wal_bytes += msg.len() - 25;
+            wal_bytes += x.data.len();
         }
     }
     // Close before stopping: a walsender waits (wal_sender_timeout) for a client that does not answer.
