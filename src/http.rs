@@ -109,6 +109,9 @@ fn routes(state: AppState) -> Router {
 /// Ready once the cluster is identified: WAL can be served (streaming may still wait for a
 /// promotion).
 async fn readyz(State(s): State<AppState>) -> Result<&'static str, ApiError> {
+    if let Some(p) = s.stream.problem().filter(|p| p.unsupported) {
+        return Err(ApiError::Unavailable(p.message));
+    }
     if s.system_identifier.load(Ordering::Acquire) == 0 {
         return Err(ApiError::Unavailable(
             "the cluster is not identified yet".into(),
@@ -151,6 +154,7 @@ async fn status(State(s): State<AppState>) -> impl IntoResponse {
         "upload_errors": st.upload_errors.get(),
         "reconnects": st.reconnects.get(),
         "last_upload_unix": st.last_upload_unix.load(Ordering::Relaxed),
+        "stream_error": st.problem().map(|p| p.message),
     }))
 }
 

@@ -24,6 +24,7 @@ pub struct Metrics {
     received: Gauge,
     durable: Gauge,
     lag: Gauge,
+    failing: Gauge,
     since_upload: FloatGauge,
     since_backup: FloatGauge,
     backup_seconds: FloatGauge,
@@ -37,6 +38,7 @@ impl Metrics {
             received: Gauge::default(),
             durable: Gauge::default(),
             lag: Gauge::default(),
+            failing: Gauge::default(),
             since_upload: FloatGauge::default(),
             since_backup: FloatGauge::default(),
             backup_seconds: FloatGauge::default(),
@@ -63,6 +65,11 @@ impl Metrics {
             "replication_lag_bytes",
             "Received but not yet in storage.",
             m.lag.clone(),
+        );
+        r.register(
+            "stream_failing",
+            "1 while the WAL stream fails (the reason is in /status as stream_error), else 0.",
+            m.failing.clone(),
         );
         r.register(
             "seconds_since_last_wal_upload",
@@ -137,6 +144,7 @@ impl Metrics {
         self.received.set(received as i64);
         self.durable.set(durable as i64);
         self.lag.set(received.saturating_sub(durable) as i64);
+        self.failing.set(i64::from(st.problem().is_some()));
         let now = crate::progress::unix_now();
         // -1 for "never", else the seconds since the recorded Unix time.
         let since = |t: &AtomicU64| match t.load(Ordering::Relaxed) {

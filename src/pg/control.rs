@@ -27,7 +27,7 @@ pub fn system_identifier(pgdata: &Path) -> anyhow::Result<Option<u64>> {
     }
     let sysid = u64::from_le_bytes(data[0..8].try_into().unwrap());
     let version = u32::from_le_bytes(data[8..12].try_into().unwrap());
-    // pg_control_version is 1300 from Postgres 13 through 16, 1700 in 17.
+    // pg_control_version is 1300 from Postgres 13 through 16, 1700 in 17, 1800 in 18.
     if !(1300..2000).contains(&version) || sysid == 0 {
         bail!(
             "{} does not look like a control file of a supported Postgres (version field {version})",

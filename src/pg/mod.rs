@@ -4,6 +4,9 @@ pub mod lsn;
 pub mod messages;
 pub mod walheader;
 
+/// The Postgres majors pgkeep works with (each tested end to end: see `tests/version_matrix.rs`).
+pub const SUPPORTED_MAJORS: std::ops::RangeInclusive<u32> = 13..=18;
+
 pub use lsn::{
     AtomicLsn, Lsn, ParseError, SegmentNo, TimelineId, WalFileKind, WalFileName, WalSegSize,
 };

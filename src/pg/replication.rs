@@ -40,6 +40,8 @@ pub enum PgError {
     Auth(String),
     #[error("protocol error: {0}")]
     Protocol(String),
+    #[error("{0}")]
+    Unsupported(String),
 }
 
 impl PgError {
@@ -112,6 +114,22 @@ impl ServerIdentity {
     /// The major version, like 15.
     pub fn major(&self) -> u32 {
         self.version_num / 10000
+    }
+
+    /// Refuses a server whose major pgkeep does not support, naming both.
+    pub fn check_supported(&self) -> Result<(), PgError> {
+        let supported = super::SUPPORTED_MAJORS;
+        if supported.contains(&self.major()) {
+            return Ok(());
+        }
+        Err(PgError::Unsupported(format!(
+            "the server runs Postgres {} ({}), which pgkeep {} does not support: it supports Postgres {} to {}",
+            self.version,
+            self.version_num,
+            env!("CARGO_PKG_VERSION"),
+            supported.start(),
+            supported.end()
+        )))
     }
 }
 
@@ -419,6 +437,7 @@ impl ReplConnection {
                 .cloned()
                 .unwrap_or_default(),
         };
+        identity.check_supported()?;
         Ok((conn, identity))
     }
 

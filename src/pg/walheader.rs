@@ -12,13 +12,16 @@ const XLP_LONG_HEADER: u16 = 0x0002;
 /// Size of the long page header.
 pub const LONG_HEADER_LEN: usize = 40;
 
-/// `XLOG_PAGE_MAGIC` of each major version whose WAL pgkeep accepts.
-const KNOWN_MAGICS: [(u16, u32); 5] = [
+/// `XLOG_PAGE_MAGIC` of each major version whose WAL pgkeep accepts (every major in
+/// [`super::SUPPORTED_MAJORS`]). A new major changes the magic, and may change the format: its WAL
+/// is refused, by name, until pgkeep has been tested with it.
+const KNOWN_MAGICS: [(u16, u32); 6] = [
     (0xD106, 13),
     (0xD10D, 14),
     (0xD110, 15),
     (0xD113, 16),
     (0xD116, 17),
+    (0xD118, 18),
 ];
 
 /// What a segment's first page says about it.
@@ -37,7 +40,11 @@ pub struct SegmentHeader {
 pub enum HeaderError {
     #[error("{name}: {len} bytes is too short to be a WAL segment")]
     TooShort { name: String, len: usize },
-    #[error("{name}: not a WAL segment of a supported Postgres version (page magic {magic:#06X})")]
+    #[error(
+        "{name}: not a WAL segment of a Postgres major this pgkeep supports (page magic {magic:#06X}; \
+         pgkeep {} reads the WAL of Postgres 13 to 18)",
+        env!("CARGO_PKG_VERSION")
+    )]
     BadMagic { name: String, magic: u16 },
     #[error("{name}: the first page has no long header, so it is not the start of a segment")]
     NoLongHeader { name: String },

@@ -39,6 +39,18 @@ pub struct StreamState {
     pub partial_uploads: Counter,
     pub upload_errors: Counter,
     pub reconnects: Counter,
+    /// Why the last attempt to stream failed; None while streaming works. `/status`, `/readyz`
+    /// and `/metrics` report it, so WAL held in the slot never goes unexplained.
+    pub problem: std::sync::Mutex<Option<StreamProblem>>,
+}
+
+/// A failure of the stream, as reported.
+#[derive(Debug, Clone)]
+pub struct StreamProblem {
+    pub message: String,
+    /// The server's Postgres major is one pgkeep does not support: nothing will stream until
+    /// pgkeep or Postgres changes.
+    pub unsupported: bool,
 }
 
 impl StreamState {
@@ -48,6 +60,14 @@ impl StreamState {
     pub fn received_lsn(&self) -> Lsn {
         self.received.load()
     }
+    pub fn problem(&self) -> Option<StreamProblem> {
+        self.problem.lock().expect("not poisoned").clone()
+    }
+
+    fn set_problem(&self, p: Option<StreamProblem>) {
+        *self.problem.lock().expect("not poisoned") = p;
+    }
+
     /// The timeline streamed, once the stream holds a slot.
     pub fn streaming_timeline(&self) -> Option<TimelineId> {
         TimelineId::new(self.timeline.load(std::sync::atomic::Ordering::Acquire))
@@ -73,6 +93,15 @@ pub async fn run(
                     return Err(e);
                 }
                 state.reconnects.inc();
+                let unsupported =
+                    matches!(e.downcast_ref::<PgError>(), Some(PgError::Unsupported(_)));
+                state.set_problem(Some(StreamProblem {
+                    message: format!("{e:#}"),
+                    unsupported,
+                }));
+                if unsupported {
+                    backoff = Duration::from_secs(30);
+                }
                 if started.elapsed() > Duration::from_secs(60) {
                     backoff = Duration::from_millis(500);
                 }
@@ -124,7 +153,7 @@ async fn stream_once(
     if tli.get() > 1 {
         store_history(&mut conn, &archive, tli, cfg).await?;
     }
-    let restart_lsn = ensure_slot(&mut conn, &cfg.slot_name).await?;
+    let restart_lsn = ensure_slot(&mut conn, cfg, &server).await?;
     // Set once the slot holds WAL for us: the backup schedule waits for it.
     state
         .timeline
@@ -147,6 +176,7 @@ async fn stream_once(
             Event::CopyStart { both: true } => {}
             other => bail!("START_REPLICATION answered {other:?}"),
         }
+        state.set_problem(None);
         let session = Session {
             cfg,
             archive: &archive,
@@ -170,7 +200,12 @@ async fn stream_once(
 }
 
 /// Creates the physical slot if missing; returns its restart point.
-async fn ensure_slot(conn: &mut ReplConnection, slot: &str) -> anyhow::Result<Lsn> {
+async fn ensure_slot(
+    conn: &mut ReplConnection,
+    cfg: &Config,
+    server: &ServerIdentity,
+) -> anyhow::Result<Lsn> {
+    let slot = &cfg.slot_name;
     match conn
         .simple_query(&format!(
             "CREATE_REPLICATION_SLOT \"{slot}\" PHYSICAL RESERVE_WAL"
@@ -181,12 +216,24 @@ async fn ensure_slot(conn: &mut ReplConnection, slot: &str) -> anyhow::Result<Ls
         Err(PgError::Server { code, .. }) if code == "42710" => {}
         Err(e) => return Err(e).context("creating the replication slot"),
     }
-    let restart = conn
-        .simple_query(&format!("READ_REPLICATION_SLOT \"{slot}\""))
-        .await?;
+    let restart = if server.major() >= 15 {
+        let sets = conn
+            .simple_query(&format!("READ_REPLICATION_SLOT \"{slot}\""))
+            .await?;
+        sets.first()
+            .and_then(|s| s.first("restart_lsn"))
+            .map(str::to_string)
+    } else {
+        // Before 15 a walsender reads no slot: ask SQL.
+        let sql = crate::pg::sql::connect(&cfg.pg).await?;
+        sql.query_opt(
+            "select restart_lsn::text from pg_replication_slots where slot_name = $1",
+            &[slot],
+        )
+        .await?
+        .and_then(|row| row.get::<_, Option<String>>(0))
+    };
     Ok(restart
-        .first()
-        .and_then(|s| s.first("restart_lsn"))
         .ok_or_else(|| anyhow!("the slot {slot} has no restart_lsn"))?
         .parse()?)
 }
@@ -275,6 +322,10 @@ impl Session<'_> {
             let Some(msg) = msg else {
                 return self.end_of_stream().await;
             };
+            if msg.is_empty() {
+                // 13's walsender has been seen to send empty CopyData frames mid-stream.
+                continue;
+            }
             match WalMessage::parse(msg)? {
                 WalMessage::XLogData(x) => self.on_wal(x).await?,
                 WalMessage::Keepalive(k) => {

@@ -16,11 +16,39 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-/// Where the Postgres 15 server binaries are (override with PGKEEPTEST_PG_BIN).
+/// Where the Postgres 15 binaries are, server and client tools (override with PGKEEPTEST_PG_BIN).
+/// The client tools (psql, pgbench, pg_verifybackup) serve every major.
 pub fn pg_bin(program: &str) -> PathBuf {
     let dir =
         std::env::var("PGKEEPTEST_PG_BIN").unwrap_or_else(|_| "/usr/lib/postgresql/15/bin".into());
     PathBuf::from(dir).join(program)
+}
+
+/// The major the suite runs on unless a test names one (PGKEEPTEST_PG_MAJOR; default 15).
+pub fn default_major() -> u32 {
+    std::env::var("PGKEEPTEST_PG_MAJOR")
+        .ok()
+        .and_then(|m| m.parse().ok())
+        .unwrap_or(15)
+}
+
+/// The server binaries (`initdb`, `postgres`, `pg_ctl`) of `major`: Debian's for 15, else those
+/// `scripts/install-deps.sh majors` unpacked into PGKEEP_PG_CACHE (default /var/tmp/pgkeep-postgres).
+pub fn server_bin_dir(major: u32) -> PathBuf {
+    if major == 15 {
+        return pg_bin("");
+    }
+    let cache =
+        std::env::var("PGKEEP_PG_CACHE").unwrap_or_else(|_| "/var/tmp/pgkeep-postgres".into());
+    let dir = PathBuf::from(cache)
+        .join(major.to_string())
+        .join("native/bin");
+    assert!(
+        dir.join("postgres").exists(),
+        "Postgres {major} is not installed in {}: run scripts/install-deps.sh majors (scripts/test.sh does)",
+        dir.display()
+    );
+    dir
 }
 
 pub fn is_root() -> bool {
@@ -174,19 +202,33 @@ pub struct PgCluster {
     /// Extra environment for the postmaster (and so for archive_command/restore_command).
     env: Vec<(String, String)>,
     running: bool,
+    /// The server binaries of this cluster's major.
+    bin: PathBuf,
+    pub major: u32,
 }
 
 impl PgCluster {
-    /// `initdb` a new cluster in `root/name` with the given WAL segment size (MB).
+    /// `initdb` a new cluster of the default major in `root/name` with the given WAL segment size (MB).
     pub fn init(
         root: &Path,
         name: &str,
         wal_segsize_mb: u32,
         env: &[(String, String)],
     ) -> PgCluster {
+        PgCluster::init_major(root, name, wal_segsize_mb, env, default_major())
+    }
+
+    /// `initdb` a new cluster of Postgres `major`.
+    pub fn init_major(
+        root: &Path,
+        name: &str,
+        wal_segsize_mb: u32,
+        env: &[(String, String)],
+        major: u32,
+    ) -> PgCluster {
         let data = root.join(name);
         run_ok(
-            as_postgres(pg_bin("initdb"), &[])
+            as_postgres(server_bin_dir(major).join("initdb"), &[])
                 .arg("-D")
                 .arg(&data)
                 .args([
@@ -209,6 +251,11 @@ impl PgCluster {
         give_to_postgres(&data);
         std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o700)).unwrap();
         let name = data.file_name().unwrap().to_string_lossy().into_owned();
+        let major: u32 = std::fs::read_to_string(data.join("PG_VERSION"))
+            .expect("a data directory has PG_VERSION")
+            .trim()
+            .parse()
+            .unwrap();
         let sockdir = root.join(format!("{name}.sock"));
         std::fs::create_dir_all(&sockdir).unwrap();
         give_to_postgres(&sockdir);
@@ -219,6 +266,8 @@ impl PgCluster {
             data,
             env: env.to_vec(),
             running: false,
+            bin: server_bin_dir(major),
+            major,
         };
         cluster.set(&[
             ("port", &cluster.port.to_string()),
@@ -250,7 +299,7 @@ impl PgCluster {
     pub fn start(&mut self) {
         for attempt in 0..4 {
             let log_before = self.log().len();
-            let ok = as_postgres(pg_bin("pg_ctl"), &self.env)
+            let ok = as_postgres(self.bin.join("pg_ctl"), &self.env)
                 .arg("-D")
                 .arg(&self.data)
                 .arg("-l")
@@ -293,7 +342,7 @@ impl PgCluster {
         if !self.running {
             return;
         }
-        let out = as_postgres(pg_bin("pg_ctl"), &[])
+        let out = as_postgres(self.bin.join("pg_ctl"), &[])
             .arg("-D")
             .arg(&self.data)
             .args(["-w", "-t", "120", "-m", mode, "stop"])
@@ -347,6 +396,9 @@ impl PgCluster {
     /// Switches to a new WAL segment and waits until the segment it closed is archived.
     /// Returns that segment's name.
     pub fn switch_and_wait_archived(&self) -> String {
+        // Some WAL first: without any since the last switch, pg_switch_wal() switches nothing
+        // and names the (empty) segment in use, which then never completes (seen on 17 and 18).
+        self.psql("select pg_logical_emit_message(false, 'pgkeep-test', 'switch')");
         let seg = self.psql("select pg_walfile_name(pg_switch_wal())");
         self.wait_archived(&seg);
         seg
@@ -418,7 +470,7 @@ impl PgCluster {
 impl Drop for PgCluster {
     fn drop(&mut self) {
         if self.running {
-            let _ = as_postgres(pg_bin("pg_ctl"), &[])
+            let _ = as_postgres(self.bin.join("pg_ctl"), &[])
                 .arg("-D")
                 .arg(&self.data)
                 .args(["-w", "-t", "60", "-m", "immediate", "stop"])

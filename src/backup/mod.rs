@@ -1,0 +1,186 @@
+//! Base backups over the replication protocol (`BASE_BACKUP`), cut into chunks that are
+//! compressed and uploaded in parallel with bounded memory. The metadata object is written last
+//! and is what makes a backup exist: an interrupted backup leaves only chunks that nothing lists.
+//! `stream.rs` speaks to the server, `chunks.rs` stores what it sends.
+
+mod chunks;
+mod stream;
+
+use std::time::Duration;
+
+use anyhow::{anyhow, bail};
+use chrono::{DateTime, Utc};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::pg::replication::{ReplConnection, ServerIdentity};
+use crate::pg::{Lsn, TimelineId};
+use crate::progress::human_bytes;
+use crate::storage::catalog::{META_VERSION, required_wal};
+use crate::storage::layout::BackupId;
+use crate::storage::object;
+use crate::storage::{Archive, ArchiveMeta, BackupMeta, ClusterInfo, Repo};
+
+/// Takes one base backup now and waits until it exists in storage (data, manifest, its WAL,
+/// metadata). Cancelling `cancel` stops it: nothing of it is then listed, and the error says so.
+pub async fn take_backup(
+    cfg: &Config,
+    repo: &Repo,
+    cancel: &CancellationToken,
+) -> anyhow::Result<BackupMeta> {
+    let (mut conn, server) = ReplConnection::connect_identified(&cfg.pg).await?;
+    let archive = repo.ensure_cluster(&ClusterInfo::from(&server)).await?;
+    let (id, start_time) = free_backup_id(&archive).await?;
+    tracing::info!(backup = %id, system_identifier = server.system_identifier, "starting base backup");
+    let work = async {
+        let streamed = stream::stream_backup(cfg, &mut conn, &server, &archive, &id).await?;
+        finish(cfg, &archive, &server, &id, start_time, streamed).await
+    };
+    let result = tokio::select! {
+        r = work => r,
+        _ = cancel.cancelled() => Err(anyhow!("backup {id} cancelled by shutdown before it was complete")),
+    };
+    match result {
+        Ok(meta) => {
+            tracing::info!(
+                backup = %meta.id,
+                start_lsn = %meta.start_lsn,
+                end_lsn = %meta.end_lsn,
+                timeline = meta.timeline.get(),
+                size = %human_bytes(meta.plain_bytes),
+                stored = %human_bytes(meta.stored_bytes),
+                seconds = (meta.end_time - meta.start_time).num_milliseconds() as f64 / 1000.0,
+                "base backup complete"
+            );
+            Ok(meta)
+        }
+        Err(e) => {
+            cleanup(&archive, &id).await;
+            Err(e)
+        }
+    }
+}
+
+/// Ids are start times to the second. One already taken (a backup running, or the leftovers of
+/// one that was killed) is skipped by waiting for the next second.
+async fn free_backup_id(archive: &Archive) -> anyhow::Result<(BackupId, DateTime<Utc>)> {
+    for _ in 0..5 {
+        let start_time = Utc::now();
+        let id = BackupId::from_time(start_time);
+        if !archive.backup_folder_used(&id).await? {
+            return Ok((id, start_time));
+        }
+        tokio::time::sleep(Duration::from_millis(
+            1000 - u64::from(start_time.timestamp_subsec_millis()).min(999),
+        ))
+        .await;
+    }
+    bail!(
+        "no free backup id: objects exist under {}",
+        archive.layout().backups_dir()
+    )
+}
+
+/// What the copy stream delivered.
+pub(crate) struct Streamed {
+    archives: Vec<ArchiveMeta>,
+    manifest: Vec<u8>,
+    start: Lsn,
+    end: Lsn,
+    timeline: TimelineId,
+}
+
+/// Stores the manifest, waits for the backup's WAL, makes the chunks durable, and writes the
+/// metadata last.
+async fn finish(
+    cfg: &Config,
+    archive: &Archive,
+    server: &ServerIdentity,
+    id: &BackupId,
+    start_time: DateTime<Utc>,
+    s: Streamed,
+) -> anyhow::Result<BackupMeta> {
+    let repo = archive.repo();
+    repo.put_overwrite(
+        &archive.layout().backup_manifest(id),
+        &s.manifest,
+        cfg.codec,
+    )
+    .await?;
+    wait_for_wal(
+        cfg,
+        archive,
+        &required_wal(s.timeline, server.seg_size, s.start, s.end),
+    )
+    .await?;
+    // The chunks were written without a sync each: one for all of them before anything names them.
+    repo.sync_all().await?;
+    let meta = BackupMeta {
+        meta_version: META_VERSION,
+        id: id.clone(),
+        label: label(id),
+        system_identifier: server.system_identifier,
+        pg_version: server.version.clone(),
+        wal_segment_size: server.seg_size,
+        timeline: s.timeline,
+        start_lsn: s.start,
+        end_lsn: s.end,
+        start_time,
+        end_time: Utc::now(),
+        codec: cfg.codec,
+        plain_bytes: s.archives.iter().map(|a| a.plain_bytes).sum(),
+        stored_bytes: s.archives.iter().map(|a| a.stored_bytes).sum(),
+        manifest_sha256: hex::encode(object::content_sha256(&s.manifest)),
+        archives: s.archives,
+    };
+    // Written last: from here on the backup exists.
+    archive.publish_backup(&meta).await?;
+    Ok(meta)
+}
+
+pub(crate) fn label(id: &BackupId) -> String {
+    format!("pgkeep {id}")
+}
+
+/// Waits (bounded by `backup_wal_timeout_secs`) until every WAL segment in `needed` is in
+/// storage: without them the backup cannot be made consistent. BASE_BACKUP runs with WAIT false,
+/// because the server would wait for its archiver forever; this wait is bounded, says what is
+/// missing, and also covers WAL that reaches storage by streaming.
+async fn wait_for_wal(
+    cfg: &Config,
+    archive: &Archive,
+    needed: &[crate::pg::WalFileName],
+) -> anyhow::Result<()> {
+    let deadline = tokio::time::Instant::now() + cfg.backup_wal_timeout;
+    // The archiver usually delivers the last segment within moments: look again soon, then less often.
+    let mut pause = Duration::from_millis(50);
+    loop {
+        let missing = archive.missing_wal(needed).await?;
+        if missing.is_empty() {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() >= deadline {
+            bail!(
+                "the WAL this backup needs is not in storage after {}s: missing {} (of {} to {}). \
+                 Set archive_command = 'pgkeep archive-push %p' (or run pgkeep daemon) so WAL reaches storage",
+                cfg.backup_wal_timeout.as_secs(),
+                crate::pg::lsn::join_names(&missing),
+                needed.first().expect("not empty"),
+                needed.last().expect("not empty")
+            );
+        }
+        if pause >= Duration::from_secs(1) {
+            tracing::info!(missing = missing.len(), first = %missing[0], "waiting for the backup's WAL to reach storage");
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_secs(2));
+    }
+}
+
+/// Best-effort removal of an unfinished backup's objects (nothing lists them without metadata, but
+/// they take space).
+async fn cleanup(archive: &Archive, id: &BackupId) {
+    if let Err(e) = archive.delete_backup_folder(id).await {
+        tracing::warn!(backup = %id, "could not remove a failed backup's objects: {e}");
+    }
+}
