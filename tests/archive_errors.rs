@@ -104,6 +104,17 @@ fn errors(backend: Backend) {
         &["000000010000000000000055", "page magic"],
     );
 
+    // A real segment of a major pgkeep does not know (19's beta page magic).
+    let mut future = original.clone();
+    future[0..2].copy_from_slice(&0xD121u16.to_le_bytes());
+    let future_path = scratch.join("000000010000000000000056");
+    std::fs::write(&future_path, &future).unwrap();
+    assert_failed(
+        &push(&future_path, &data, &[]),
+        1,
+        &["page magic 0xD121", "Postgres 13 to 18"],
+    );
+
     // Another cluster's WAL (system identifier mismatch).
     assert_failed(
         &push(&seg_path, &data, &[("PGKEEP_SYSTEM_IDENTIFIER", "12345")]),

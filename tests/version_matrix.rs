@@ -157,6 +157,73 @@ fn matrix(major: u32) {
     );
 }
 
+/// WAL with a page magic no supported major uses (0xD121, 19's beta): `archive-push` refuses it
+/// by name, and the daemon, streamed it through a proxy that rewrites the magic, says why it holds
+/// WAL in the slot (log, /status, a metric) instead of waiting silently.
+#[test]
+fn an_unknown_wal_page_magic_is_refused_and_reported() {
+    let dir = TestDir::new("magic");
+    let storage = Storage::new(Backend::File, &dir);
+    let bin = dir.install_pgkeep();
+    let mut pg = PgCluster::init(dir.path(), "primary", 1, &storage.env);
+    pg.start();
+    pg.psql("create table t as select generate_series(1, 1000) g");
+    let seg = pg.psql("select pg_walfile_name(pg_current_wal_lsn())");
+    pg.psql("select pg_switch_wal()");
+    let mut data = std::fs::read(pg.data.join("pg_wal").join(&seg)).unwrap();
+    data[0..2].copy_from_slice(&0xD121u16.to_le_bytes());
+    let crafted = dir.path().join(&seg);
+    std::fs::write(&crafted, &data).unwrap();
+    let out = storage.pgkeep_in(
+        &bin,
+        &["archive-push", crafted.to_str().unwrap()],
+        None,
+        &[],
+    );
+    assert!(!out.status.success());
+    for want in [seg.as_str(), "page magic 0xD121", "Postgres 13 to 18"] {
+        assert!(stderr(&out).contains(want), "{want}: {}", stderr(&out));
+    }
+    assert!(
+        stored_keys(&storage).iter().all(|k| !k.contains(&seg)),
+        "the crafted segment was stored"
+    );
+
+    let proxy = MagicProxy::start(pg.port, 0xD121);
+    let port = proxy.port.to_string();
+    let daemon = Daemon::start(
+        &dir,
+        &storage,
+        &bin,
+        &pg,
+        &[("PGPORT", &port), ("PGKEEP_PARTIAL_UPLOAD_SECS", "1")],
+    );
+    let status = wait_for(
+        "the daemon to report the stream's failure",
+        Duration::from_secs(30),
+        || {
+            let s: serde_json::Value = serde_json::from_str(&daemon.status()).ok()?;
+            let e = s["stream_error"].as_str()?.to_string();
+            Some((e, s))
+        },
+    );
+    assert!(status.0.contains("page magic 0xD121"), "{status:?}");
+    let metrics = String::from_utf8(http("GET", daemon.port, "/metrics").1).unwrap();
+    assert!(
+        metrics.lines().any(|l| l == "pgkeep_stream_failing 1"),
+        "{metrics}"
+    );
+    assert!(
+        daemon.log().contains("page magic 0xD121"),
+        "{}",
+        daemon.log()
+    );
+    assert!(
+        stored_keys(&storage).iter().all(|k| !k.contains("/wal/")),
+        "WAL with an unknown magic was stored"
+    );
+}
+
 macro_rules! majors {
     ($($name:ident => $major:expr),* $(,)?) => {$(
         #[test]

@@ -7,8 +7,11 @@
 #![allow(dead_code)]
 
 mod azurite;
+mod proxy;
 #[allow(unused_imports)]
 pub use azurite::AzuriteServer;
+#[allow(unused_imports)]
+pub use proxy::MagicProxy;
 
 use std::net::{TcpListener, TcpStream};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
