@@ -50,7 +50,7 @@ impl std::str::FromStr for Codec {
         match s {
             "none" => Ok(Codec::None),
             "snappy" => Ok(Codec::Snappy),
-            "zstd" => Ok(Codec::Zstd { level: 3 }),
+            "zstd" => Ok(Codec::Zstd { level: 0 }),
             _ => Err(format!("unknown codec {s:?}")),
         }
     }

@@ -1,7 +1,7 @@
 //! `pgkeep daemon`, the sidecar: starts and supervises the WAL stream, the jobs (scheduled
 //! backups) and the HTTP API. SIGTERM drains: the stream uploads what it receives until Postgres
-//! ends it, a backup in flight finishes; both bounded by `shutdown_timeout_secs`, after which a
-//! backup still running is cancelled (and says so) rather than dropped silently.
+//! ends it, a backup in flight finishes; both within `shutdown_timeout_secs`, shortly before which
+//! a backup still running is cancelled (and says so) rather than dropped silently.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -57,7 +57,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         cfg: cfg.clone(),
         prefetch,
     });
-    let http = tokio::spawn({
+    let mut http = tokio::spawn({
         let http_stop = http_stop.clone();
         async move {
             axum::serve(
@@ -92,23 +92,29 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         Some(r) => {
             // The stream failed for good: a backup in flight could never get its WAL.
             abort.cancel();
-            let _ = schedule.await;
+            let _ = tokio::time::timeout(Duration::from_secs(10), schedule).await;
             r.context("the streaming task")?
         }
         None => drain(&cfg, &stream, &jobs, streaming, schedule, &abort).await,
     };
+    // Requests still in flight get a moment, not the time of a whole WAL switch.
     http_stop.cancel();
-    match http.await {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => tracing::error!("the HTTP server failed: {e}"),
-        Err(e) => tracing::error!("the HTTP server task failed: {e}"),
+    match tokio::time::timeout(Duration::from_secs(2), &mut http).await {
+        Ok(Ok(Ok(()))) => {}
+        Ok(Ok(Err(e))) => tracing::error!("the HTTP server failed: {e}"),
+        Ok(Err(e)) => tracing::error!("the HTTP server task failed: {e}"),
+        Err(_) => {
+            http.abort();
+            tracing::warn!("HTTP requests still running at exit were cut off");
+        }
     }
     tracing::info!(durable = %stream.durable_lsn(), "pgkeep daemon stopped");
     outcome
 }
 
-/// After SIGTERM: lets the stream and a backup in flight finish within `shutdown_timeout_secs`,
-/// then cancels what is left.
+/// After SIGTERM: lets the stream and a backup in flight finish within `shutdown_timeout_secs`.
+/// A backup still running shortly before the deadline is cancelled (so that removing what it
+/// wrote fits in the time left), and the daemon then exits with an error that says so.
 async fn drain(
     cfg: &Config,
     stream: &StreamState,
@@ -122,27 +128,33 @@ async fn drain(
         "signal received: draining WAL and any backup in flight"
     );
     let deadline = tokio::time::Instant::now() + cfg.shutdown_timeout;
-    let streamed = tokio::time::timeout_at(deadline, &mut streaming).await;
-    let backups_done = tokio::time::timeout_at(deadline, async {
-        let _ = (&mut schedule).await;
-        jobs.idle().await;
-    })
-    .await
-    .is_ok();
-    if !backups_done {
-        tracing::error!(
-            "a base backup was still running at the shutdown deadline: cancelling it (it will not be listed)"
-        );
-        abort.cancel();
-        // The cancelled backup removes what it wrote; that is quick, but bounded too.
-        let _ = tokio::time::timeout(Duration::from_secs(10), async {
-            let _ = schedule.await;
+    let grace = (cfg.shutdown_timeout / 4).min(Duration::from_secs(5));
+    let backups = async {
+        let mut drained = std::pin::pin!(async {
+            let _ = (&mut schedule).await;
             jobs.idle().await;
-        })
-        .await;
-    }
+        });
+        if tokio::time::timeout_at(deadline - grace, &mut drained)
+            .await
+            .is_ok()
+        {
+            return false;
+        }
+        let cancelled = jobs.busy();
+        if cancelled {
+            tracing::error!(
+                "a base backup was still running {}s before the shutdown deadline: cancelling it (it will not be listed)",
+                grace.as_secs_f64()
+            );
+        }
+        abort.cancel();
+        let _ = tokio::time::timeout_at(deadline, drained).await;
+        cancelled
+    };
+    let (streamed, cancelled) =
+        tokio::join!(tokio::time::timeout_at(deadline, &mut streaming), backups);
     match streamed {
-        Ok(r) => r.context("the streaming task")?,
+        Ok(r) => r.context("the streaming task")??,
         Err(_) => {
             streaming.abort();
             anyhow::bail!(
@@ -152,6 +164,13 @@ async fn drain(
             )
         }
     }
+    if cancelled {
+        anyhow::bail!(
+            "a base backup was cancelled at the shutdown deadline (shutdown_timeout_secs = {}s)",
+            cfg.shutdown_timeout.as_secs()
+        );
+    }
+    Ok(())
 }
 
 /// Learns the cluster's identity, for serving WAL, as soon as Postgres answers.

@@ -180,9 +180,14 @@ fn archive(s: &AppState) -> Result<Archive, ApiError> {
 
 /// `GET /backups`: what `pgkeep list --json` prints.
 async fn list_backups(State(s): State<AppState>) -> Result<Response, ApiError> {
-    let inv = crate::list::inventory(&archive(&s)?)
+    let archive = archive(&s)?;
+    let storage = |e: anyhow::Error| ApiError::Storage(format!("{e:#}"));
+    archive
+        .repo()
+        .check_format()
         .await
-        .map_err(|e| ApiError::Storage(format!("{e:#}")))?;
+        .map_err(|e| storage(e.into()))?;
+    let inv = crate::list::inventory(&archive).await.map_err(storage)?;
     Ok(axum::Json(inv).into_response())
 }
 

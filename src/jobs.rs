@@ -64,7 +64,8 @@ impl Jobs {
     /// Takes one backup now and applies retention; returns the backup's id. Counts a failure.
     pub async fn backup_now(&self) -> anyhow::Result<BackupId> {
         let result = self.backup_and_prune().await;
-        if result.is_err() {
+        // A backup refused or cancelled because the daemon stops is no failure of the backups.
+        if result.is_err() && !self.stop.is_cancelled() {
             self.state.backup_failures.inc();
         }
         result
@@ -99,6 +100,11 @@ impl Jobs {
     /// Waits until no backup runs (the drain at shutdown).
     pub async fn idle(&self) {
         drop(self.running.lock().await);
+    }
+
+    /// Whether a backup runs now.
+    pub fn busy(&self) -> bool {
+        self.running.try_lock().is_err()
     }
 
     /// Takes a base backup every `backup_interval_hours`, and at start when storage holds none;

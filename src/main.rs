@@ -200,11 +200,17 @@ async fn take_backup(cfg: &Config) -> anyhow::Result<pgkeep::storage::BackupMeta
     );
     let on_signal = cancel.clone();
     tokio::spawn(async move {
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = int.recv() => {}
+        for n in 0.. {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+            if n > 0 {
+                // A second signal: do not wait for the cleanup either.
+                std::process::exit(130);
+            }
+            on_signal.cancel();
         }
-        on_signal.cancel();
     });
     backup::take_backup(cfg, &repo, &cancel).await
 }
@@ -265,7 +271,10 @@ fn main() -> ExitCode {
             return ExitCode::from(fail_code);
         }
     };
-    runtime.block_on(run(cli.command, cfg))
+    let code = runtime.block_on(run(cli.command, cfg));
+    // Blocking work still running (an fsync of a cancelled upload) does not hold the exit up.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(2));
+    code
 }
 
 /// Logs a failed command's error and maps the result to an exit code.

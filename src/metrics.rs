@@ -32,8 +32,7 @@ pub struct Metrics {
 
 impl Metrics {
     pub fn new(stream: Arc<StreamState>, jobs: Arc<Jobs>, prefetch: &Prefetcher) -> Metrics {
-        let mut r = Registry::with_prefix("pgkeep");
-        let m = Metrics {
+        let mut m = Metrics {
             timeline: Gauge::default(),
             received: Gauge::default(),
             durable: Gauge::default(),
@@ -42,10 +41,11 @@ impl Metrics {
             since_upload: FloatGauge::default(),
             since_backup: FloatGauge::default(),
             backup_seconds: FloatGauge::default(),
-            registry: Registry::default(),
+            registry: Registry::with_prefix("pgkeep"),
             stream: stream.clone(),
             jobs: jobs.clone(),
         };
+        let r = &mut m.registry;
         r.register(
             "timeline",
             "Timeline being streamed (0: not streaming).",
@@ -132,10 +132,10 @@ impl Metrics {
             "WAL requests answered from the prefetch cache.",
             prefetch.hits.clone(),
         );
-        Metrics { registry: r, ..m }
+        m
     }
 
-    /// The metrics as Prometheus' text format.
+    /// The metrics in the OpenMetrics text format.
     pub fn render(&self) -> String {
         let st = &self.stream;
         let (received, durable) = (st.received_lsn().0, st.durable_lsn().0);

@@ -124,6 +124,14 @@ fn assert_primary(f: &serde_json::Value) {
 #[test]
 fn chart_lints_renders_and_validates_for_every_values_file() {
     let f = findings(&podsim(&["check"], &[]));
+    assert_eq!(f["images"]["13"], "postgres:13-bookworm", "{f}");
+    assert_eq!(f["images"]["18"], "postgres:18-bookworm", "{f}");
+    assert!(
+        f["major_12"]
+            .as_str()
+            .is_some_and(|e| e.contains("supports Postgres 13 to 18")),
+        "{f}"
+    );
     let rendered = f["rendered"].as_object().unwrap();
     let mut files: Vec<String> =
         std::fs::read_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/helm/examples"))

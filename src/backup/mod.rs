@@ -180,7 +180,16 @@ async fn wait_for_wal(
 /// Best-effort removal of an unfinished backup's objects (nothing lists them without metadata, but
 /// they take space).
 async fn cleanup(archive: &Archive, id: &BackupId) {
-    if let Err(e) = archive.delete_backup_folder(id).await {
-        tracing::warn!(backup = %id, "could not remove a failed backup's objects: {e}");
+    let keys = match archive.repo().list(&archive.layout().backup_dir(id)).await {
+        Ok(keys) => keys,
+        Err(e) => {
+            tracing::warn!(backup = %id, "could not list a failed backup's objects: {e}");
+            return;
+        }
+    };
+    for key in keys {
+        if let Err(e) = archive.repo().delete(&key).await {
+            tracing::warn!(%key, "could not remove a failed backup's object: {e}");
+        }
     }
 }

@@ -210,7 +210,13 @@ async fn read_end(conn: &mut ReplConnection) -> anyhow::Result<(Lsn, u32)> {
     let mut end = None;
     loop {
         match conn.next_event().await? {
-            Event::Rows(s) => end = s.rows.first().and_then(|r| position(r)).or(end),
+            Event::Rows(s) => {
+                if let Some(row) = s.rows.first() {
+                    end = Some(position(row).ok_or_else(|| {
+                        anyhow!("BASE_BACKUP sent an end position that is no LSN: {row:?}")
+                    })?);
+                }
+            }
             Event::Done => break,
             Event::CopyStart { .. } => bail!("unexpected second copy stream"),
         }

@@ -543,6 +543,25 @@ pub fn parse_pg_size(s: &str) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     #[test]
+    fn only_supported_majors_pass() {
+        let server = |version_num: u32, version: &str| super::ServerIdentity {
+            system_identifier: 1,
+            timeline: crate::pg::TimelineId::new(1).unwrap(),
+            xlogpos: crate::pg::Lsn(0),
+            seg_size: crate::pg::WalSegSize::new(16 << 20).unwrap(),
+            version_num,
+            version: version.into(),
+        };
+        for (num, text) in [(130023, "13.23"), (150018, "15.18"), (180004, "18.4")] {
+            server(num, text).check_supported().unwrap();
+        }
+        for (num, text) in [(120022, "12.22"), (190000, "19beta1")] {
+            let e = server(num, text).check_supported().unwrap_err().to_string();
+            assert!(e.contains(text) && e.contains("13 to 18"), "{e}");
+        }
+    }
+
+    #[test]
     fn pg_sizes() {
         assert_eq!(super::parse_pg_size("16MB"), Some(16 << 20));
         assert_eq!(super::parse_pg_size("1GB"), Some(1 << 30));

@@ -337,8 +337,10 @@ impl Session<'_> {
         }
     }
 
-    /// The stream ended (end of timeline, or shutdown): keep what we have.
+    /// The stream ended (end of timeline, or shutdown): keep what we have. The server is gone:
+    /// nothing more is reported to it.
     async fn end_of_stream(mut self) -> anyhow::Result<()> {
+        self.hung_up = true;
         self.upload_partial().await?;
         if self.stopping {
             tracing::info!(durable = %self.state.durable_lsn(), "WAL stream drained");
@@ -353,6 +355,9 @@ impl Session<'_> {
     /// Sends a standby status update: written up to `received`, flushed (= durable in storage) up
     /// to `durable`. While stopping, a failure is the server leaving.
     async fn report(&mut self) -> anyhow::Result<()> {
+        if self.hung_up {
+            return Ok(());
+        }
         let update = StandbyStatusUpdate {
             written: self.received,
             flushed: self.durable,

@@ -126,7 +126,19 @@ def check():
                 fail(f"{label}: no NOTES.txt")
         rendered[label] = kinds
         log(f"{label}: lints clean; {len(objects)} objects render and validate --strict: {', '.join(kinds)}")
-    print(json.dumps({"rendered": rendered}))
+    # The Postgres major is a setting: it picks the image; one pgkeep does not support is refused.
+    images = {}
+    for major in (13, 18):
+        objects, _ = render(deep_merge(load_values([]), {"postgres": {"major": major}}), name="db")
+        sts = next(o for o in objects if o["kind"] == "StatefulSet")
+        images[str(major)] = next(c["image"] for c in sts["spec"]["template"]["spec"]["containers"]
+                                  if c["name"] == "postgres")
+    try:
+        render({"postgres": {"major": 12}}, name="db")
+        refused = ""
+    except Exception as e:  # helm's fail() surfaces as a render error
+        refused = str(e)
+    print(json.dumps({"rendered": rendered, "images": images, "major_12": refused}))
 
 
 # ---------------------------------------------------------------- the pod simulation

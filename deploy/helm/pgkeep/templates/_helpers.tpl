@@ -165,3 +165,12 @@ capabilities:
     - {name: archive, mountPath: /var/lib/pgkeep/archive}
     {{- end }}
 {{- end }}
+
+{{/* The Postgres image: the configured tag, else "<major>-bookworm"; a major pgkeep does not support is refused. */}}
+{{- define "pgkeep.postgresImage" -}}
+{{- $major := int .Values.postgres.major -}}
+{{- if or (lt $major 13) (gt $major 18) -}}
+{{- fail (printf "postgres.major %v is not supported: pgkeep supports Postgres 13 to 18" .Values.postgres.major) -}}
+{{- end -}}
+{{- printf "%s:%s" .Values.postgres.image.repository (.Values.postgres.image.tag | default (printf "%d-bookworm" $major)) -}}
+{{- end -}}
