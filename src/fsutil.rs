@@ -4,7 +4,9 @@ use std::io::Write;
 use std::path::Path;
 
 /// Writes `data` to `dest` so that `dest` is either absent or complete, never partial: a temporary
-/// file beside it is written and fsynced, renamed over `dest`, and the folder is fsynced.
+/// file beside it is written and fsynced, renamed over `dest`, and the folder is fsynced. The
+/// temporary file has an unpredictable name and is created new, never through a link: a link
+/// planted in the folder (a forged backup's) leads nowhere.
 pub fn write_atomic(dest: &Path, data: &[u8]) -> std::io::Result<()> {
     let name = dest.file_name().ok_or_else(|| {
         std::io::Error::new(
@@ -16,9 +18,13 @@ pub fn write_atomic(dest: &Path, data: &[u8]) -> std::io::Result<()> {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
     };
-    let tmp = dir.join(format!(".{}.pgkeep-tmp", name.to_string_lossy()));
+    let tmp = dir.join(format!(
+        ".{}.{:016x}.pgkeep-tmp",
+        name.to_string_lossy(),
+        random_u64()
+    ));
     let result = (|| {
-        let mut f = std::fs::File::create(&tmp)?;
+        let mut f = create_new(&tmp)?;
         f.write_all(data)?;
         f.sync_all()?;
         drop(f);
@@ -29,6 +35,30 @@ pub fn write_atomic(dest: &Path, data: &[u8]) -> std::io::Result<()> {
         let _ = std::fs::remove_file(&tmp);
     }
     result
+}
+
+/// Creates `path` for writing, failing if anything (a file or a link) is there already.
+pub fn create_new(path: &Path) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .mode(0o600)
+        .open(path)
+}
+
+/// A random number from the standard library's per-process hash keys (no extra dependency).
+fn random_u64() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos(),
+    );
+    h.finish()
 }
 
 /// Flushes the whole file system holding `path` (one call instead of an fsync per file).
@@ -58,6 +88,22 @@ mod tests {
             .map(|e| e.unwrap().file_name())
             .collect();
         assert_eq!(names, vec![std::ffi::OsString::from("RECOVERYXLOG")]);
+    }
+
+    #[test]
+    fn a_planted_link_is_not_followed() {
+        let dir = tempfile::tempdir().unwrap();
+        let outside = dir.path().join("outside");
+        std::fs::write(&outside, b"keep").unwrap();
+        let inner = dir.path().join("inner");
+        std::fs::create_dir(&inner).unwrap();
+        // The temporary names an older pgkeep used, and the destination itself, as links.
+        std::os::unix::fs::symlink(&outside, inner.join(".backup_manifest.pgkeep-tmp")).unwrap();
+        std::os::unix::fs::symlink(&outside, inner.join("backup_manifest")).unwrap();
+        write_atomic(&inner.join("backup_manifest"), b"new").unwrap();
+        assert_eq!(std::fs::read(&outside).unwrap(), b"keep");
+        assert_eq!(std::fs::read(inner.join("backup_manifest")).unwrap(), b"new");
+        assert!(create_new(&inner.join(".backup_manifest.pgkeep-tmp")).is_err());
     }
 
     #[test]

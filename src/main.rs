@@ -230,6 +230,12 @@ fn tune_malloc() {
 
 fn main() -> ExitCode {
     tune_malloc();
+    // What pgkeep creates (spool, prefetch cache, file:// objects, restored files) holds database
+    // content: for its own user only, whatever umask the container runs with.
+    // SAFETY: umask only sets the process's file mode mask.
+    unsafe {
+        libc::umask(0o077);
+    }
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {

@@ -327,3 +327,94 @@ fn file_storage_tablespaces() {
 fn s3_storage_tablespaces() {
     tablespaces(Backend::S3);
 }
+
+/// A forged backup (anyone with the bucket's keys can write one, checksums and all): its
+/// base.tar is rebuilt with links out of the target under the names restore writes itself
+/// (`pg_wal`, the manifest's temporary file) and a setuid file. The restore refuses it by name
+/// and writes nothing outside the target.
+#[test]
+fn a_forged_backup_writes_nothing_outside_the_target() {
+    let s = setup(Backend::File, "forged");
+    rows_backup_rows(&s, "");
+    let out = s.storage.pgkeep_pg(&s.bin, &["list", "--json"], &[]);
+    let inv: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let id = inv["backups"][0]["id"].as_str().unwrap().to_string();
+    let sysid = inv["system_identifier"].as_str().unwrap().to_string();
+    let outside = s.dir.mkdir("outside");
+    give_to_postgres(&outside);
+
+    let forge = |entries: &[(&str, tar::EntryType, Option<&Path>, u32)]| {
+        let mut tar = tar::Builder::new(vec![]);
+        for (name, kind, link, mode) in entries {
+            let mut h = tar::Header::new_gnu();
+            h.set_entry_type(*kind);
+            h.set_mode(*mode);
+            h.set_size(if kind.is_file() { 1 } else { 0 });
+            if let Some(l) = link {
+                h.set_link_name(l).unwrap();
+            }
+            let data: &[u8] = if kind.is_file() { b"x" } else { b"" };
+            tar.append_data(&mut h, name, data).unwrap();
+        }
+        let tar = tar.into_inner().unwrap();
+        let (header, sealed) = pgkeep::storage::object::seal(pgkeep::codec::Codec::None, &tar);
+        let base = format!("clusters/{sysid}/basebackups/{id}");
+        std::fs::write(s.storage.object_file(&format!("{base}/data/base/000000")), &sealed)
+            .unwrap();
+        // backup.json names the forged chunk, with its checksum (one chunk of base.tar).
+        let meta_file = s.storage.object_file(&format!("{base}/backup.json"));
+        let (_, plain) =
+            pgkeep::storage::object::open(&std::fs::read(&meta_file).unwrap()).unwrap();
+        let mut meta: serde_json::Value = serde_json::from_slice(&plain).unwrap();
+        let archive = meta["archives"]
+            .as_array_mut()
+            .unwrap()
+            .iter_mut()
+            .find(|a| a["name"] == "base.tar")
+            .unwrap();
+        archive["chunks"] = serde_json::json!([{
+            "plain_len": tar.len(),
+            "stored_len": sealed.len(),
+            "sha256": hex::encode(header.plain_sha256),
+        }]);
+        let json = serde_json::to_vec(&meta).unwrap();
+        let (_, sealed_meta) = pgkeep::storage::object::seal(pgkeep::codec::Codec::None, &json);
+        std::fs::write(&meta_file, sealed_meta).unwrap();
+    };
+    use tar::EntryType::{Link, Regular, Symlink};
+    for (entries, why) in [
+        (
+            vec![("pg_wal", Symlink, Some(outside.as_path()), 0o777)],
+            "symbolic link",
+        ),
+        (
+            vec![(".backup_manifest.pgkeep-tmp", Symlink, Some(outside.as_path()), 0o777)],
+            "symbolic link",
+        ),
+        (
+            vec![("global/pg_control", Link, Some(Path::new("/etc/passwd")), 0o644)],
+            "hard link",
+        ),
+    ] {
+        forge(&entries);
+        let target = s.dir.mkdir(&format!("target-{}", entries[0].0.replace('/', "_")));
+        give_to_postgres(&target);
+        let out = restore(&s, &target, &[]);
+        assert_fails(&out, &["refusing the archive entry", entries[0].0, why]);
+        assert_eq!(
+            std::fs::read_dir(&outside).unwrap().count(),
+            0,
+            "the restore wrote outside its target"
+        );
+    }
+    // Setuid bits do not survive (the restore itself then fails later: the forged tar is no
+    // cluster, which is not what this checks).
+    forge(&[("PG_VERSION", Regular, None, 0o4755)]);
+    let target = s.dir.mkdir("target-suid");
+    give_to_postgres(&target);
+    let _ = restore(&s, &target, &[]);
+    if let Ok(m) = std::fs::metadata(target.join("PG_VERSION")) {
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(m.permissions().mode() & 0o7000, 0, "a setuid bit was restored");
+    }
+}

@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use anyhow::Context;
+use anyhow::{Context, bail};
 use chrono::Utc;
 
 use crate::config::Config;
@@ -24,14 +24,20 @@ fn shell_quote(s: &str) -> String {
     }
 }
 
-/// A value in postgresql.conf quotes.
-fn guc_quote(s: &str) -> String {
-    format!("'{}'", s.replace('\'', "''"))
+/// A value in postgresql.conf quotes: `'` doubled and `\` escaped, as Postgres' configuration
+/// parser reads them back. A control character (a newline would start a setting of its own) is
+/// refused: no legitimate value holds one.
+fn guc_quote(what: &str, s: &str) -> anyhow::Result<String> {
+    if let Some(c) = s.chars().find(|c| c.is_control()) {
+        bail!("{what} {s:?} holds the control character {c:?}, which a setting may not hold");
+    }
+    Ok(format!("'{}'", s.replace('\\', "\\\\").replace('\'', "''")))
 }
 
 /// The restore_command that fetches through pgkeep with the same configuration this restore used.
 /// The Postgres connection (`PGKEEP_PG`, which may hold a password) is left out: wal-fetch does not
-/// connect to Postgres, and postgresql.auto.conf and Postgres' log must not hold a secret.
+/// connect to Postgres, and postgresql.auto.conf and Postgres' log must not hold a secret. Each
+/// word is quoted for the shell, and `%` doubled so that Postgres replaces only `%f` and `%p`.
 pub fn restore_command(cfg: &Config, pgkeep: &Path) -> String {
     let mut words: Vec<String> = cfg
         .env_settings
@@ -44,8 +50,8 @@ pub fn restore_command(cfg: &Config, pgkeep: &Path) -> String {
         words.push("--config".into());
         words.push(shell_quote(&f.to_string_lossy()));
     }
-    words.push("wal-fetch %f %p".into());
-    words.join(" ")
+    let words: Vec<String> = words.iter().map(|w| w.replace('%', "%%")).collect();
+    format!("{} wal-fetch %f %p", words.join(" "))
 }
 
 pub(super) fn write_recovery_settings(
@@ -62,7 +68,7 @@ pub(super) fn write_recovery_settings(
         "\n# Added by pgkeep restore of backup {} at {}\nrestore_command = {}\nrecovery_target_timeline = 'latest'\n",
         meta.id,
         Utc::now().to_rfc3339(),
-        guc_quote(&restore_command(cfg, &pgkeep))
+        guc_quote("restore_command", &restore_command(cfg, &pgkeep))?
     );
     if let Some(t) = &opts.target {
         let (key, value) = match t {
@@ -78,7 +84,7 @@ pub(super) fn write_recovery_settings(
         };
         conf.push_str(&format!(
             "{key} = {}\nrecovery_target_action = '{action}'\n",
-            guc_quote(&value)
+            guc_quote(key, &value)?
         ));
     }
     let auto = dir.join("postgresql.auto.conf");
@@ -129,6 +135,25 @@ mod tests {
         assert_eq!(shell_quote("/usr/bin/pgkeep"), "/usr/bin/pgkeep");
         assert_eq!(shell_quote("a b"), "'a b'");
         assert_eq!(shell_quote("it's"), "'it'\\''s'");
-        assert_eq!(guc_quote("it's"), "'it''s'");
+        assert_eq!(guc_quote("x", "it's").unwrap(), "'it''s'");
+        assert_eq!(guc_quote("x", r"C:\tmp").unwrap(), r"'C:\\tmp'");
+        // The injection of a second setting through a target name.
+        let evil = "rp1\\'\nrestore_command = /path/to/evil.sh #";
+        let err = guc_quote("recovery_target_name", evil).unwrap_err().to_string();
+        assert!(err.contains("control character"), "{err}");
+    }
+
+    #[test]
+    fn percent_signs_reach_the_shell_as_themselves() {
+        let cfg = Config::load(
+            None,
+            [("PGKEEP_STORAGE".to_string(), "file:///srv/100%".to_string())],
+        )
+        .unwrap();
+        let cmd = restore_command(&cfg, Path::new("/opt/50%/pgkeep"));
+        assert_eq!(
+            cmd,
+            "PGKEEP_STORAGE=file:///srv/100%% /opt/50%%/pgkeep wal-fetch %f %p"
+        );
     }
 }

@@ -2,10 +2,11 @@
 //! order, never outside the target; then its manifest and its own WAL.
 
 use std::io::Read;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use anyhow::{Context, anyhow, bail};
+use anyhow::{Context, bail};
 use futures::StreamExt;
 
 use crate::fsutil;
@@ -73,7 +74,9 @@ async fn fetch_segment(archive: &Archive, name: &WalFileName, dest: &Path) -> an
     let data = archive.repo().get(&archive.layout().wal(name)).await?;
     walheader::check_segment(name, &data, Some(archive.system_identifier()))?;
     // No fsync of its own: the restore syncs the whole file system before removing its marker.
-    std::fs::write(dest, &data).with_context(|| format!("writing {}", dest.display()))?;
+    // Created new: nothing the archive planted is followed.
+    std::io::Write::write_all(&mut crate::fsutil::create_new(dest)?, &data)
+        .with_context(|| format!("writing {}", dest.display()))?;
     Ok(())
 }
 
@@ -116,15 +119,26 @@ impl Unpack<'_> {
     /// Downloads and verifies the chunks, `parallelism` at a time, and unpacks them in order.
     async fn run(self, progress: &mut Progress) -> anyhow::Result<()> {
         let (tx, rx) = tokio::sync::mpsc::channel::<Vec<u8>>(1);
-        let is_base = self.tar.name.tablespace_oid().is_none();
-        let (dest, map) = (self.dest.clone(), self.map.clone());
+        // The data directory's archive links the backup's own tablespaces, nothing else.
+        let tablespaces: Option<Vec<(u32, PathBuf)>> =
+            self.tar.name.tablespace_oid().is_none().then(|| {
+                self.meta
+                    .archives
+                    .iter()
+                    .filter_map(|a| {
+                        let loc = a.location.as_deref()?;
+                        Some((a.name.tablespace_oid()?, map_location(&self.map, Path::new(loc))))
+                    })
+                    .collect()
+            });
+        let dest = self.dest.clone();
         let extractor = tokio::task::spawn_blocking(move || {
             let reader = ChunkReader {
                 rx,
                 cur: vec![],
                 pos: 0,
             };
-            extract(reader, &dest, is_base, &map)
+            extract(reader, &dest, tablespaces.as_deref())
         });
         let fetches = self.tar.chunks.iter().enumerate().map(|(seq, chunk)| {
             let key = self
@@ -176,64 +190,103 @@ impl Unpack<'_> {
     }
 }
 
-/// Unpacks one tar stream into `dest`. In the data directory's archive, tablespace links
-/// (`pg_tblspc/<oid>`) are recreated pointing at their (mapped) locations.
+/// Unpacks one tar stream into `dest`. A backup in storage may be forged (anyone with the
+/// bucket's keys can write one), so only what a base backup holds is restored: regular files and
+/// directories, inside `dest`, with their modes masked (no setuid, setgid, sticky or world bits);
+/// and, in the data directory's archive, the links `pg_tblspc/<oid>` of the backup's own
+/// tablespaces, pointing where `tablespaces` says (the metadata's locations, as mapped), never
+/// where the archive says. Any other link, a hard link, a device or a FIFO is refused.
 fn extract(
     reader: impl Read,
     dest: &Path,
-    is_base: bool,
-    map: &[(PathBuf, PathBuf)],
+    tablespaces: Option<&[(u32, PathBuf)]>,
 ) -> anyhow::Result<()> {
+    use tar::EntryType;
     let mut ar = tar::Archive::new(reader);
-    ar.set_preserve_permissions(true);
-    ar.set_preserve_mtime(true);
-    ar.set_unpack_xattrs(false);
-    ar.set_overwrite(true);
     let mut buf = vec![0u8; WRITE_PIECE];
     let mut inside = InsideCheck::new(dest)?;
     for entry in ar.entries()? {
         let mut e = entry?;
         let path = e.path()?.into_owned();
-        if is_base && e.header().entry_type().is_symlink() && path.starts_with("pg_tblspc") {
-            let oid = path
-                .strip_prefix("pg_tblspc")
-                .ok()
-                .and_then(|p| p.to_str())
-                .unwrap_or("");
-            if oid.is_empty() || !oid.bytes().all(|b| b.is_ascii_digit()) {
-                bail!(
-                    "unexpected tablespace link {} in the backup",
-                    path.display()
-                );
+        let kind = e.header().entry_type();
+        match kind {
+            EntryType::Regular | EntryType::Continuous => {
+                write_file(&mut e, dest, &path, &mut buf, &mut inside)
+                    .with_context(|| format!("unpacking {}", path.display()))?;
             }
-            let target = e
-                .link_name()?
-                .ok_or_else(|| anyhow!("tablespace link {} has no target", path.display()))?
-                .into_owned();
-            // Postgres names the entry `pg_tblspc/<oid>/`; a trailing slash would make symlink() fail.
-            let link = dest.join("pg_tblspc").join(oid);
-            std::fs::create_dir_all(link.parent().expect("has a parent"))?;
-            let _ = std::fs::remove_file(&link);
-            std::os::unix::fs::symlink(map_location(map, &target), &link)
-                .with_context(|| format!("creating the tablespace link {}", link.display()))?;
-            continue;
-        }
-        if e.header().entry_type().is_file() {
-            write_file(&mut e, dest, &path, &mut buf, &mut inside)
-                .with_context(|| format!("unpacking {}", path.display()))?;
-            continue;
-        }
-        if !e
-            .unpack_in(dest)
-            .with_context(|| format!("unpacking {}", path.display()))?
-        {
-            bail!(
-                "refusing the archive entry {} outside the target directory",
-                path.display()
-            );
+            EntryType::Directory => {
+                let dir = dest.join(relative(&path)?);
+                std::fs::create_dir_all(&dir)
+                    .with_context(|| format!("creating {}", dir.display()))?;
+                inside.check(&dir)?;
+                let mode = e.header().mode().unwrap_or(0o700) & MODE_MASK | 0o700;
+                std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(mode))?;
+            }
+            EntryType::Symlink if tablespaces.is_some() && path.starts_with("pg_tblspc") => {
+                tablespace_link(dest, &path, tablespaces.unwrap_or_default())?;
+            }
+            // Metadata of the tar format itself, which the reader has already applied.
+            EntryType::XGlobalHeader | EntryType::XHeader => {}
+            other => bail!(
+                "refusing the archive entry {}: a {} (a restore writes only files and directories, \
+                 and the backup's own tablespace links; anything else could lead outside the target directory)",
+                path.display(),
+                entry_kind(other)
+            ),
         }
     }
     Ok(())
+}
+
+/// Mode bits a restored file or directory may keep: the owner's and the group's.
+const MODE_MASK: u32 = 0o770;
+
+fn entry_kind(t: tar::EntryType) -> &'static str {
+    match t {
+        tar::EntryType::Symlink => "symbolic link",
+        tar::EntryType::Link => "hard link",
+        tar::EntryType::Char | tar::EntryType::Block => "device file",
+        tar::EntryType::Fifo => "FIFO",
+        _ => "kind of entry a base backup never holds",
+    }
+}
+
+/// `pg_tblspc/<oid>` of a tablespace the backup's metadata names, linked to its location.
+fn tablespace_link(dest: &Path, path: &Path, tablespaces: &[(u32, PathBuf)]) -> anyhow::Result<()> {
+    // Postgres names the entry `pg_tblspc/<oid>/`; a trailing slash would make symlink() fail.
+    let oid = path
+        .strip_prefix("pg_tblspc")
+        .ok()
+        .and_then(|p| p.to_str())
+        .filter(|o| !o.is_empty() && o.len() <= 10 && o.bytes().all(|b| b.is_ascii_digit()))
+        .and_then(|o| o.parse::<u32>().ok());
+    let target = oid.and_then(|oid| tablespaces.iter().find(|(o, _)| *o == oid));
+    let Some((oid, target)) = target else {
+        bail!(
+            "refusing the tablespace link {}: the backup's metadata names no such tablespace",
+            path.display()
+        );
+    };
+    let link = dest.join("pg_tblspc").join(oid.to_string());
+    std::fs::create_dir_all(link.parent().expect("has a parent"))?;
+    let _ = std::fs::remove_file(&link);
+    std::os::unix::fs::symlink(target, &link)
+        .with_context(|| format!("creating the tablespace link {}", link.display()))
+}
+
+/// A path of the archive as a plain relative path (no `..`, no root, not empty).
+fn relative(path: &Path) -> anyhow::Result<&Path> {
+    if path.as_os_str().is_empty()
+        || !path
+            .components()
+            .all(|c| matches!(c, std::path::Component::Normal(_)))
+    {
+        bail!(
+            "refusing the archive entry {} outside the target directory",
+            path.display()
+        );
+    }
+    Ok(path)
 }
 
 /// Files are written in pieces this large, and each piece's writeback is started at once.
@@ -283,24 +336,14 @@ fn write_file(
     inside: &mut InsideCheck,
 ) -> anyhow::Result<()> {
     use std::io::Write;
-    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    use std::os::unix::fs::OpenOptionsExt;
     use std::os::unix::io::AsRawFd;
-    if path.as_os_str().is_empty()
-        || !path
-            .components()
-            .all(|c| matches!(c, std::path::Component::Normal(_)))
-    {
-        bail!(
-            "refusing the archive entry {} outside the target directory",
-            path.display()
-        );
-    }
-    let target = dest.join(path);
+    let target = dest.join(relative(path)?);
     if let Some(parent) = target.parent() {
         std::fs::create_dir_all(parent)?;
         inside.check(parent)?;
     }
-    let mode = e.header().mode().unwrap_or(0o600) & 0o7777;
+    let mode = e.header().mode().unwrap_or(0o600) & MODE_MASK;
     let mut f = std::fs::OpenOptions::new()
         .write(true)
         .create(true)
@@ -370,7 +413,7 @@ mod tests {
             .map(|i| (i % 253) as u8)
             .collect();
         let tar = one_file_tar("base/1/1259", &big, 0o600, 1_700_000_000);
-        extract(&tar[..], &dest, true, &[]).unwrap();
+        extract(&tar[..], &dest, Some(&[])).unwrap();
         let f = dest.join("base/1/1259");
         assert_eq!(std::fs::read(&f).unwrap(), big);
         let m = std::fs::metadata(&f).unwrap();
@@ -381,7 +424,7 @@ mod tests {
         );
         for evil in ["../escaped", "/tmp/absolute-escape", "base/../../escaped2"] {
             let err =
-                extract(&one_file_tar(evil, b"x", 0o600, 0)[..], &dest, true, &[]).unwrap_err();
+                extract(&one_file_tar(evil, b"x", 0o600, 0)[..], &dest, Some(&[])).unwrap_err();
             assert!(
                 format!("{err:#}").contains("outside the target directory"),
                 "{evil}: {err:#}"
@@ -398,7 +441,7 @@ mod tests {
         link.set_cksum();
         let mut archive = link.as_bytes().to_vec();
         archive.extend(one_file_tar("base/sneaky/evil", b"x", 0o600, 0));
-        let err = extract(&archive[..], &dest, true, &[]).unwrap_err();
+        let err = extract(&archive[..], &dest, Some(&[])).unwrap_err();
         assert!(
             format!("{err:#}").contains("outside the target directory"),
             "{err:#}"
@@ -407,5 +450,68 @@ mod tests {
         assert!(!tmp.path().join("escaped").exists());
         assert!(!tmp.path().join("escaped2").exists());
         assert!(!Path::new("/tmp/absolute-escape").exists());
+    }
+
+    /// An archive of one entry of `kind` (a link to `link`, or a file of `mode`).
+    fn entry_tar(name: &str, kind: tar::EntryType, link: Option<&str>, mode: u32) -> Vec<u8> {
+        let mut h = tar::Header::new_gnu();
+        h.set_path(name).unwrap();
+        h.set_entry_type(kind);
+        if let Some(l) = link {
+            h.set_link_name(l).unwrap();
+        }
+        h.set_mode(mode);
+        h.set_size(0);
+        h.set_cksum();
+        let mut out = h.as_bytes().to_vec();
+        out.resize(out.len() + 1024, 0);
+        out
+    }
+
+    #[test]
+    fn a_forged_archive_restores_nothing_but_files_directories_and_its_tablespace_links() {
+        use std::os::unix::fs::PermissionsExt;
+        use tar::EntryType;
+        let tmp = tempfile::tempdir().unwrap();
+        let dest = tmp.path().join("data");
+        std::fs::create_dir(&dest).unwrap();
+        let outside = tmp.path().join("outside");
+        std::fs::create_dir(&outside).unwrap();
+        let o = outside.to_str().unwrap();
+        for (name, kind, link) in [
+            // The names restore itself writes, planted as links out of the target.
+            (".backup_manifest.pgkeep-tmp", EntryType::Symlink, Some(o)),
+            ("pg_wal", EntryType::Symlink, Some(o)),
+            ("global/pg_control", EntryType::Symlink, Some("/etc/passwd")),
+            ("base/1/2", EntryType::Link, Some("/etc/passwd")),
+            ("dev", EntryType::Char, None),
+            ("fifo", EntryType::Fifo, None),
+            // A tablespace link the backup's metadata does not name.
+            ("pg_tblspc/99999", EntryType::Symlink, Some(o)),
+        ] {
+            let err = extract(&entry_tar(name, kind, link, 0o777)[..], &dest, Some(&[]))
+                .unwrap_err();
+            assert!(format!("{err:#}").contains("refusing"), "{name}: {err:#}");
+        }
+        assert_eq!(std::fs::read_dir(&outside).unwrap().count(), 0);
+        assert!(std::fs::symlink_metadata(dest.join("pg_wal")).is_err());
+        // Setuid, setgid, sticky and world bits are not restored.
+        extract(&one_file_tar("suid", b"x", 0o7777, 0)[..], &dest, Some(&[])).unwrap();
+        let mode = std::fs::metadata(dest.join("suid")).unwrap().permissions().mode();
+        assert_eq!(mode & 0o7777, 0o770);
+        let dir = entry_tar("base/7", EntryType::Directory, None, 0o7777);
+        extract(&dir[..], &dest, Some(&[])).unwrap();
+        let mode = std::fs::metadata(dest.join("base/7")).unwrap().permissions().mode();
+        assert_eq!(mode & 0o7777, 0o770);
+        // A tablespace the metadata names is linked where the metadata (as mapped) says, whatever
+        // the archive's link says.
+        let ts = tmp.path().join("ts");
+        let link = entry_tar("pg_tblspc/16385", EntryType::Symlink, Some("/etc"), 0o777);
+        extract(&link[..], &dest, Some(&[(16385, ts.clone())])).unwrap();
+        assert_eq!(std::fs::read_link(dest.join("pg_tblspc/16385")).unwrap(), ts);
+        // A tablespace's own archive holds no links at all.
+        std::fs::create_dir(&ts).unwrap();
+        let err = extract(&link[..], &ts, None).unwrap_err();
+        assert!(format!("{err:#}").contains("refusing"), "{err:#}");
     }
 }

@@ -41,7 +41,7 @@ pub enum StorageError {
     },
     #[error("{key}: the uploaded object did not read back identically ({reason})")]
     VerifyFailed { key: String, reason: String },
-    #[error("{key}: {op} failed: {source}")]
+    #[error("{key}: {op} failed: {}", redact_userinfo(&source.to_string()))]
     Backend {
         key: String,
         op: &'static str,
@@ -50,6 +50,29 @@ pub enum StorageError {
     },
     #[error("storage {url}: {message}")]
     Setup { url: String, message: String },
+}
+
+/// `scheme://user:password@host` in a message becomes `scheme://***@host`: an endpoint setting
+/// with credentials in it (`AWS_ENDPOINT`) must not reach a log.
+pub fn redact_userinfo(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(i) = rest.find("://") {
+        let (head, tail) = rest.split_at(i + 3);
+        out.push_str(head);
+        let authority_end = tail
+            .find(|c: char| c == '/' || c == '?' || c == '#' || c.is_whitespace() || c == '"')
+            .unwrap_or(tail.len());
+        match tail[..authority_end].rfind('@') {
+            Some(at) => {
+                out.push_str("***");
+                rest = &tail[at..];
+            }
+            None => rest = tail,
+        }
+    }
+    out.push_str(rest);
+    out
 }
 
 impl StorageError {
@@ -449,5 +472,20 @@ impl Repo {
         })
         .await
         .expect("fsync does not panic")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn credentials_in_urls_are_redacted() {
+        let r = super::redact_userinfo;
+        assert_eq!(
+            r("error sending request for url (http://AKIA:hunter2@127.0.0.1:9000/b/k): refused"),
+            "error sending request for url (http://***@127.0.0.1:9000/b/k): refused"
+        );
+        assert_eq!(r("https://host/a@b"), "https://host/a@b");
+        assert_eq!(r("no url here"), "no url here");
+        assert_eq!(r("a://x@y b://u:p@z/"), "a://***@y b://***@z/");
     }
 }

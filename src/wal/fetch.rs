@@ -48,8 +48,7 @@ pub async fn wal_fetch(cfg: &Config, name: &str, dest: &Path) -> Result<FetchRep
         None => local_system_identifier(cfg)?.map(|(id, _)| id),
     };
     let (data, via) = match from_daemon(cfg, &name, local).await {
-        Some(Ok(data)) => (data, "daemon"),
-        Some(Err(e)) => return Err(e),
+        Some(data) => (data, "daemon"),
         None => (from_storage(cfg, &name).await?, "storage"),
     };
     fsutil::write_atomic(dest, &data)
@@ -62,14 +61,19 @@ pub async fn wal_fetch(cfg: &Config, name: &str, dest: &Path) -> Result<FetchRep
     })
 }
 
-/// Asks the daemon at `listen`. None: no daemon answered for this cluster (use storage);
-/// Some(Err(NotInArchive)): the daemon looked in storage and the file is not there.
+/// Asks the daemon at `listen` for a segment. None: no daemon answered for this cluster, or it
+/// does not have the file (then storage decides).
 async fn from_daemon(
     cfg: &Config,
     name: &WalFileName,
     sysid: Option<u64>,
-) -> Option<Result<Vec<u8>, FetchError>> {
+) -> Option<Vec<u8>> {
     let sysid = sysid?;
+    // A history or backup-label file steers recovery and carries no page header to check it
+    // against the cluster: those few bytes always come from storage.
+    if !matches!(name.kind, WalFileKind::Segment | WalFileKind::Partial) {
+        return None;
+    }
     let path = format!("/wal/{name}?system_identifier={sysid}");
     let r = match crate::http_client::request(
         cfg.listen,
@@ -105,9 +109,11 @@ async fn from_daemon(
                 tracing::warn!(wal = %name, "the daemon's copy is not this segment ({e}); reading storage directly");
                 return None;
             }
-            Some(Ok(r.body))
+            Some(r.body)
         }
-        404 => Some(Err(FetchError::NotInArchive(name.to_string()))),
+        // Not taken on the daemon's word: only storage may say "not in the archive", the answer
+        // that ends recovery.
+        404 => None,
         code => {
             tracing::debug!(wal = %name, code, "the daemon cannot serve it; reading storage directly");
             None

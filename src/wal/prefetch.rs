@@ -34,8 +34,20 @@ impl Prefetcher {
     /// segments ahead.
     pub fn new(dir: PathBuf, count: usize) -> std::io::Result<Prefetcher> {
         std::fs::create_dir_all(&dir)?;
+        if std::fs::symlink_metadata(&dir)?.file_type().is_symlink() {
+            return Err(std::io::Error::other(format!(
+                "{} is a symbolic link: the prefetch cache must be a directory of its own",
+                dir.display()
+            )));
+        }
+        // Only its own files: cached segments (WAL file names) and their temporary files.
         for e in std::fs::read_dir(&dir)? {
-            std::fs::remove_file(e?.path())?;
+            let e = e?;
+            let name = e.file_name().to_string_lossy().into_owned();
+            let ours = name.parse::<WalFileName>().is_ok() || name.ends_with(".pgkeep-tmp");
+            if ours && e.file_type()?.is_file() {
+                std::fs::remove_file(e.path())?;
+            }
         }
         Ok(Prefetcher {
             dir,
@@ -126,5 +138,27 @@ impl Prefetcher {
             }
             me.inflight.lock().expect("not poisoned").remove(&name);
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_cache_refuses_a_link_and_removes_only_its_own_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let other = dir.path().join("other");
+        std::fs::create_dir(&other).unwrap();
+        std::fs::write(other.join("precious"), b"x").unwrap();
+        std::fs::write(other.join("000000010000000000000001"), b"x").unwrap();
+        let link = dir.path().join("prefetch");
+        std::os::unix::fs::symlink(&other, &link).unwrap();
+        let err = Prefetcher::new(link, 4).err().unwrap();
+        assert!(err.to_string().contains("symbolic link"), "{err}");
+        assert_eq!(std::fs::read_dir(&other).unwrap().count(), 2);
+        Prefetcher::new(other.clone(), 4).unwrap();
+        assert!(other.join("precious").exists());
+        assert!(!other.join("000000010000000000000001").exists());
     }
 }
