@@ -102,7 +102,10 @@ mod tests {
         std::os::unix::fs::symlink(&outside, inner.join("backup_manifest")).unwrap();
         write_atomic(&inner.join("backup_manifest"), b"new").unwrap();
         assert_eq!(std::fs::read(&outside).unwrap(), b"keep");
-        assert_eq!(std::fs::read(inner.join("backup_manifest")).unwrap(), b"new");
+        assert_eq!(
+            std::fs::read(inner.join("backup_manifest")).unwrap(),
+            b"new"
+        );
         assert!(create_new(&inner.join(".backup_manifest.pgkeep-tmp")).is_err());
     }
 

@@ -165,6 +165,28 @@ fn cases(backend: Backend) {
         "an unusable restore must stay marked as interrupted"
     );
     assert!(!bad.join("recovery.signal").exists());
+
+    // A restore that fails after unpacking everything (here: a damaged manifest) leaves no
+    // PG_VERSION, which the postgres image's entrypoint would take for a cluster.
+    bytes[30] ^= 0x01;
+    std::fs::write(&path, &bytes).unwrap();
+    let manifest = stored_keys(&s.storage)
+        .into_iter()
+        .find(|k| k.ends_with("/backup_manifest"))
+        .expect("a manifest");
+    let mpath = s.storage.object_file(&manifest);
+    let mut mbytes = std::fs::read(&mpath).unwrap();
+    let last = mbytes.len() - 1;
+    mbytes[last] ^= 0x01;
+    std::fs::write(&mpath, &mbytes).unwrap();
+    let late = s.dir.mkdir("late");
+    assert_fails(&restore(&s, &late, &[]), &["backup_manifest"]);
+    assert!(late.join("base").exists(), "the data was unpacked");
+    assert!(
+        !late.join("PG_VERSION").exists(),
+        "a failed restore looks like a cluster"
+    );
+    assert!(late.join(pgkeep::restore::MARKER).exists());
 }
 
 #[test]
@@ -359,8 +381,11 @@ fn a_forged_backup_writes_nothing_outside_the_target() {
         let tar = tar.into_inner().unwrap();
         let (header, sealed) = pgkeep::storage::object::seal(pgkeep::codec::Codec::None, &tar);
         let base = format!("clusters/{sysid}/basebackups/{id}");
-        std::fs::write(s.storage.object_file(&format!("{base}/data/base/000000")), &sealed)
-            .unwrap();
+        std::fs::write(
+            s.storage.object_file(&format!("{base}/data/base/000000")),
+            &sealed,
+        )
+        .unwrap();
         // backup.json names the forged chunk, with its checksum (one chunk of base.tar).
         let meta_file = s.storage.object_file(&format!("{base}/backup.json"));
         let (_, plain) =
@@ -388,16 +413,28 @@ fn a_forged_backup_writes_nothing_outside_the_target() {
             "symbolic link",
         ),
         (
-            vec![(".backup_manifest.pgkeep-tmp", Symlink, Some(outside.as_path()), 0o777)],
+            vec![(
+                ".backup_manifest.pgkeep-tmp",
+                Symlink,
+                Some(outside.as_path()),
+                0o777,
+            )],
             "symbolic link",
         ),
         (
-            vec![("global/pg_control", Link, Some(Path::new("/etc/passwd")), 0o644)],
+            vec![(
+                "global/pg_control",
+                Link,
+                Some(Path::new("/etc/passwd")),
+                0o644,
+            )],
             "hard link",
         ),
     ] {
         forge(&entries);
-        let target = s.dir.mkdir(&format!("target-{}", entries[0].0.replace('/', "_")));
+        let target = s
+            .dir
+            .mkdir(&format!("target-{}", entries[0].0.replace('/', "_")));
         give_to_postgres(&target);
         let out = restore(&s, &target, &[]);
         assert_fails(&out, &["refusing the archive entry", entries[0].0, why]);
@@ -415,6 +452,10 @@ fn a_forged_backup_writes_nothing_outside_the_target() {
     let _ = restore(&s, &target, &[]);
     if let Ok(m) = std::fs::metadata(target.join("PG_VERSION")) {
         use std::os::unix::fs::PermissionsExt;
-        assert_eq!(m.permissions().mode() & 0o7000, 0, "a setuid bit was restored");
+        assert_eq!(
+            m.permissions().mode() & 0o7000,
+            0,
+            "a setuid bit was restored"
+        );
     }
 }

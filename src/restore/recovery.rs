@@ -139,7 +139,9 @@ mod tests {
         assert_eq!(guc_quote("x", r"C:\tmp").unwrap(), r"'C:\\tmp'");
         // The injection of a second setting through a target name.
         let evil = "rp1\\'\nrestore_command = /path/to/evil.sh #";
-        let err = guc_quote("recovery_target_name", evil).unwrap_err().to_string();
+        let err = guc_quote("recovery_target_name", evil)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("control character"), "{err}");
     }
 

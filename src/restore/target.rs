@@ -15,6 +15,11 @@ use super::{RestoreOptions, map_location};
 /// Written into the target directory before anything else and removed after everything else.
 pub const MARKER: &str = ".pgkeep-restore-in-progress";
 
+/// The backup's `PG_VERSION` is unpacked under this name and renamed only once the restore is
+/// complete: whatever takes a `PG_VERSION` for a cluster (the postgres image's entrypoint) never
+/// sees a half-restored one.
+pub(super) const HELD_PG_VERSION: &str = ".pgkeep-PG_VERSION";
+
 /// What the target directory holds before we start.
 pub(super) enum TargetState {
     Empty,
@@ -136,6 +141,8 @@ pub(super) fn prepare(
 /// Makes everything written durable, then removes the marker: a restore that reports success
 /// survives a power loss.
 pub(super) fn finish(dir: &Path, tablespace_dirs: &[PathBuf]) -> anyhow::Result<()> {
+    std::fs::rename(dir.join(HELD_PG_VERSION), dir.join("PG_VERSION"))
+        .context("the backup holds no PG_VERSION: it is not a Postgres data directory")?;
     for d in std::iter::once(dir).chain(tablespace_dirs.iter().map(PathBuf::as_path)) {
         fsutil::syncfs(d).with_context(|| format!("syncfs {}", d.display()))?;
     }

@@ -127,7 +127,10 @@ impl Unpack<'_> {
                     .iter()
                     .filter_map(|a| {
                         let loc = a.location.as_deref()?;
-                        Some((a.name.tablespace_oid()?, map_location(&self.map, Path::new(loc))))
+                        Some((
+                            a.name.tablespace_oid()?,
+                            map_location(&self.map, Path::new(loc)),
+                        ))
                     })
                     .collect()
             });
@@ -207,15 +210,25 @@ fn extract(
     let mut inside = InsideCheck::new(dest)?;
     for entry in ar.entries()? {
         let mut e = entry?;
-        let path = e.path()?.into_owned();
+        let raw = e.path()?.into_owned();
         let kind = e.header().entry_type();
+        // Tar metadata entries have no path of their own to check.
+        if matches!(kind, EntryType::XGlobalHeader | EntryType::XHeader) {
+            continue;
+        }
+        let path = relative(&raw)?;
         match kind {
             EntryType::Regular | EntryType::Continuous => {
+                // The data directory's PG_VERSION is held back until the restore is complete.
+                let path = match tablespaces.is_some() && path == Path::new("PG_VERSION") {
+                    true => PathBuf::from(super::target::HELD_PG_VERSION),
+                    false => path,
+                };
                 write_file(&mut e, dest, &path, &mut buf, &mut inside)
                     .with_context(|| format!("unpacking {}", path.display()))?;
             }
             EntryType::Directory => {
-                let dir = dest.join(relative(&path)?);
+                let dir = dest.join(&path);
                 std::fs::create_dir_all(&dir)
                     .with_context(|| format!("creating {}", dir.display()))?;
                 inside.check(&dir)?;
@@ -274,19 +287,25 @@ fn tablespace_link(dest: &Path, path: &Path, tablespaces: &[(u32, PathBuf)]) -> 
         .with_context(|| format!("creating the tablespace link {}", link.display()))
 }
 
-/// A path of the archive as a plain relative path (no `..`, no root, not empty).
-fn relative(path: &Path) -> anyhow::Result<&Path> {
-    if path.as_os_str().is_empty()
-        || !path
-            .components()
-            .all(|c| matches!(c, std::path::Component::Normal(_)))
-    {
-        bail!(
-            "refusing the archive entry {} outside the target directory",
-            path.display()
-        );
+/// A path of the archive as a plain relative path: `.` parts dropped (Postgres writes
+/// `./pg_wal/...`), `..` or a root refused, not empty.
+fn relative(path: &Path) -> anyhow::Result<PathBuf> {
+    use std::path::Component;
+    let mut out = PathBuf::new();
+    for c in path.components() {
+        match c {
+            Component::Normal(p) => out.push(p),
+            Component::CurDir => {}
+            _ => bail!(
+                "refusing the archive entry {} outside the target directory",
+                path.display()
+            ),
+        }
     }
-    Ok(path)
+    if out.as_os_str().is_empty() {
+        bail!("refusing the archive entry {:?}: an empty path", path);
+    }
+    Ok(out)
 }
 
 /// Files are written in pieces this large, and each piece's writeback is started at once.
@@ -338,7 +357,7 @@ fn write_file(
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     use std::os::unix::io::AsRawFd;
-    let target = dest.join(relative(path)?);
+    let target = dest.join(path);
     if let Some(parent) = target.parent() {
         std::fs::create_dir_all(parent)?;
         inside.check(parent)?;
@@ -489,26 +508,35 @@ mod tests {
             // A tablespace link the backup's metadata does not name.
             ("pg_tblspc/99999", EntryType::Symlink, Some(o)),
         ] {
-            let err = extract(&entry_tar(name, kind, link, 0o777)[..], &dest, Some(&[]))
-                .unwrap_err();
+            let err =
+                extract(&entry_tar(name, kind, link, 0o777)[..], &dest, Some(&[])).unwrap_err();
             assert!(format!("{err:#}").contains("refusing"), "{name}: {err:#}");
         }
         assert_eq!(std::fs::read_dir(&outside).unwrap().count(), 0);
         assert!(std::fs::symlink_metadata(dest.join("pg_wal")).is_err());
         // Setuid, setgid, sticky and world bits are not restored.
         extract(&one_file_tar("suid", b"x", 0o7777, 0)[..], &dest, Some(&[])).unwrap();
-        let mode = std::fs::metadata(dest.join("suid")).unwrap().permissions().mode();
+        let mode = std::fs::metadata(dest.join("suid"))
+            .unwrap()
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o7777, 0o770);
         let dir = entry_tar("base/7", EntryType::Directory, None, 0o7777);
         extract(&dir[..], &dest, Some(&[])).unwrap();
-        let mode = std::fs::metadata(dest.join("base/7")).unwrap().permissions().mode();
+        let mode = std::fs::metadata(dest.join("base/7"))
+            .unwrap()
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o7777, 0o770);
         // A tablespace the metadata names is linked where the metadata (as mapped) says, whatever
         // the archive's link says.
         let ts = tmp.path().join("ts");
         let link = entry_tar("pg_tblspc/16385", EntryType::Symlink, Some("/etc"), 0o777);
         extract(&link[..], &dest, Some(&[(16385, ts.clone())])).unwrap();
-        assert_eq!(std::fs::read_link(dest.join("pg_tblspc/16385")).unwrap(), ts);
+        assert_eq!(
+            std::fs::read_link(dest.join("pg_tblspc/16385")).unwrap(),
+            ts
+        );
         // A tablespace's own archive holds no links at all.
         std::fs::create_dir(&ts).unwrap();
         let err = extract(&link[..], &ts, None).unwrap_err();

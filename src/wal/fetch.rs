@@ -63,11 +63,7 @@ pub async fn wal_fetch(cfg: &Config, name: &str, dest: &Path) -> Result<FetchRep
 
 /// Asks the daemon at `listen` for a segment. None: no daemon answered for this cluster, or it
 /// does not have the file (then storage decides).
-async fn from_daemon(
-    cfg: &Config,
-    name: &WalFileName,
-    sysid: Option<u64>,
-) -> Option<Vec<u8>> {
+async fn from_daemon(cfg: &Config, name: &WalFileName, sysid: Option<u64>) -> Option<Vec<u8>> {
     let sysid = sysid?;
     // A history or backup-label file steers recovery and carries no page header to check it
     // against the cluster: those few bytes always come from storage.
