@@ -34,7 +34,15 @@ pub async fn resolve_system_identifier(cfg: &Config, repo: &Repo) -> anyhow::Res
 /// Opens the configured storage for reading (it must hold a pgkeep archive) and the archive of
 /// the cluster this command works on.
 pub async fn open_archive(cfg: &Config) -> anyhow::Result<Archive> {
-    let repo = Repo::open(&cfg.storage_settings(), false)?;
+    open_archive_with(cfg, &cfg.storage_settings()).await
+}
+
+/// As [`open_archive`], with other storage settings (other retry bounds).
+pub async fn open_archive_with(
+    cfg: &Config,
+    settings: &crate::storage::StorageSettings,
+) -> anyhow::Result<Archive> {
+    let repo = Repo::open(settings, false)?;
     repo.check_format().await?;
     let system_identifier = resolve_system_identifier(cfg, &repo).await?;
     Ok(Archive::new(repo, system_identifier))

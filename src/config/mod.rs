@@ -39,6 +39,7 @@ const KEYS: &[(&str, Kind)] = &[
     ("storage_max_retries", Kind::Int),
     ("storage_retry_timeout_secs", Kind::Int),
     ("storage_request_timeout_secs", Kind::Int),
+    ("wal_fetch_outage_secs", Kind::Int),
     ("verify_uploads", Kind::Bool),
     ("log_format", Kind::Str),
     ("log_level", Kind::Str),
@@ -85,6 +86,8 @@ pub struct Config {
     /// The data directory (`PGKEEP_PGDATA` or `PGDATA`), if known.
     pub pgdata: Option<PathBuf>,
     pub retry: RetrySettings,
+    /// How long `wal-fetch` keeps retrying an unreachable store before it stops recovery (126).
+    pub wal_fetch_outage: Duration,
     /// Read every uploaded object back and compare checksums before acknowledging it.
     pub verify_uploads: bool,
     pub log_format: LogFormat,
@@ -244,6 +247,7 @@ impl Config {
                 retry_timeout: secs("storage_retry_timeout_secs", 1..=3600, 60)?,
                 request_timeout: secs("storage_request_timeout_secs", 1..=3600, 60)?,
             },
+            wal_fetch_outage: secs("wal_fetch_outage_secs", 1..=3600, 60)?,
             verify_uploads: v.bool("verify_uploads", true)?,
             log_format,
             log_level,

@@ -121,7 +121,12 @@ async fn from_daemon(cfg: &Config, name: &WalFileName, sysid: Option<u64>) -> Op
 async fn from_storage(cfg: &Config, name: &WalFileName) -> Result<Vec<u8>, FetchError> {
     // A missing marker or cluster means misconfiguration (wrong URL, wrong cluster), never "this WAL
     // file does not exist": answering 1 there would end recovery early and silently.
-    let archive = cluster::open_archive(cfg).await?;
+    // Retried for as long as `wal_fetch_outage_secs` (bounded in time, not in attempts): ending
+    // recovery with a FATAL on a short outage would restart the pod's whole recovery.
+    let mut settings = cfg.storage_settings();
+    settings.retry.max_retries = 10_000;
+    settings.retry.retry_timeout = cfg.wal_fetch_outage;
+    let archive = cluster::open_archive_with(cfg, &settings).await?;
     if !archive.is_described().await? {
         return Err(anyhow!(
             "storage {} holds no archive for the cluster with system identifier {}",

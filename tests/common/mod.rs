@@ -503,6 +503,31 @@ fn s3s_fs_binary() -> PathBuf {
         .expect("s3s-fs is not installed: run scripts/test.sh, which installs it (cargo install s3s-fs@0.14.1 --features binary --locked)")
 }
 
+/// s3s-fs on `port`, once it accepts connections; None if it exited (the port was taken).
+fn spawn_s3s_fs(port: u16, dir: &Path, access_key: &str, secret_key: &str) -> Option<Child> {
+    let mut child = Command::new(s3s_fs_binary())
+        .args(["--host", "127.0.0.1", "--port", &port.to_string()])
+        .args(["--access-key", access_key, "--secret-key", secret_key])
+        .arg(dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start s3s-fs");
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(10) {
+        if let Ok(Some(_)) = child.try_wait() {
+            return None;
+        }
+        if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return Some(child);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    None
+}
+
 /// A real S3-compatible server (s3s-fs, which checks request signatures) on loopback with one bucket.
 pub struct S3Server {
     child: Child,
@@ -525,35 +550,38 @@ impl S3Server {
         );
         for _ in 0..5 {
             let port = free_port();
-            let mut child = Command::new(s3s_fs_binary())
-                .args(["--host", "127.0.0.1", "--port", &port.to_string()])
-                .args(["--access-key", &access_key, "--secret-key", &secret_key])
-                .arg(&dir)
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .expect("start s3s-fs");
-            let start = Instant::now();
-            while start.elapsed() < Duration::from_secs(10) {
-                if let Ok(Some(_)) = child.try_wait() {
-                    break; // port taken, most likely: try another
-                }
-                if TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                    return S3Server {
-                        child,
-                        port,
-                        dir,
-                        bucket,
-                        access_key,
-                        secret_key,
-                    };
-                }
-                std::thread::sleep(Duration::from_millis(50));
+            if let Some(child) = spawn_s3s_fs(port, &dir, &access_key, &secret_key) {
+                return S3Server {
+                    child,
+                    port,
+                    dir,
+                    bucket,
+                    access_key,
+                    secret_key,
+                };
             }
-            let _ = child.kill();
-            let _ = child.wait();
         }
         panic!("s3s-fs did not start");
+    }
+
+    /// Stops the server (an outage: connections are refused); `resume` starts it again.
+    pub fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts the server again on its port, with what it stored.
+    pub fn resume(&mut self) {
+        for _ in 0..50 {
+            if let Some(child) =
+                spawn_s3s_fs(self.port, &self.dir, &self.access_key, &self.secret_key)
+            {
+                self.child = child;
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!("s3s-fs did not start again on port {}", self.port);
     }
 
     /// The standard AWS variables object_store reads.
