@@ -29,6 +29,8 @@ pub struct AppState {
     pub cfg: Arc<crate::config::Config>,
     pub prefetch: Arc<crate::wal::prefetch::Prefetcher>,
     pub metrics: Arc<Metrics>,
+    /// One permit per `/wal` body in flight (each holds a segment until it is sent).
+    pub wal_bodies: Arc<tokio::sync::Semaphore>,
 }
 
 /// Every failure of a request, with its status code.
@@ -193,7 +195,12 @@ async fn list_backups(State(s): State<AppState>) -> Result<Response, ApiError> {
 
 /// `POST /backups`: takes a base backup now (then applies retention); answers when it exists.
 async fn take_backup(State(s): State<AppState>) -> Result<Response, ApiError> {
-    match s.jobs.backup_now().await {
+    // Apart from the request: a client that goes away does not cancel a backup half-way.
+    let jobs = s.jobs.clone();
+    let result = tokio::spawn(async move { jobs.backup_now().await })
+        .await
+        .map_err(|e| ApiError::Storage(format!("the backup task failed: {e}")))?;
+    match result {
         Ok(id) => Ok((
             StatusCode::CREATED,
             axum::Json(serde_json::json!({ "id": id })),
@@ -240,6 +247,12 @@ async fn wal(
         }
         (own, _) => own,
     };
+    let Ok(permit) = s.wal_bodies.clone().try_acquire_owned() else {
+        return Err(ApiError::Unavailable(format!(
+            "{} WAL files are being sent already: try again",
+            crate::http_limits::MAX_WAL_BODIES
+        )));
+    };
     match s
         .prefetch
         .get(&Archive::new(s.repo.clone(), sysid), &name)
@@ -256,8 +269,9 @@ async fn wal(
                     header::HeaderName::from_static("x-pgkeep-served"),
                     f.served.to_string(),
                 ),
+                (header::CONTENT_LENGTH, f.data.len().to_string()),
             ],
-            f.data,
+            crate::http_limits::body_with_permit(f.data, permit),
         )
             .into_response()),
         Err(FetchError::NotInArchive(_)) => Err(ApiError::NotFound(name.to_string())),
@@ -289,6 +303,55 @@ mod guard_tests {
                 .insert(ConnectInfo(p.parse::<std::net::SocketAddr>().unwrap()));
         }
         app.oneshot(req).await.unwrap().status()
+    }
+
+    #[tokio::test]
+    async fn wal_bodies_past_the_cap_are_refused_at_once() {
+        let app = Router::new()
+            .route("/wal/{name}", get(wal))
+            .with_state(test_state(0));
+        let req = axum::extract::Request::builder()
+            .uri("/wal/000000010000000000000001?system_identifier=42")
+            .body(axum::body::Body::empty())
+            .unwrap();
+        let resp = app.oneshot(req).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
+    }
+
+    /// The daemon's state over an empty file:// store, with `bodies` WAL-body permits.
+    fn test_state(bodies: usize) -> AppState {
+        let dir = tempfile::tempdir().unwrap().keep();
+        let cfg = crate::config::Config::load(
+            None,
+            [(
+                "PGKEEP_STORAGE".to_string(),
+                format!("file://{}", dir.display()),
+            )],
+        )
+        .unwrap();
+        let repo = Repo::open(&cfg.storage_settings(), true).unwrap();
+        let cfg = Arc::new(cfg);
+        let stream = Arc::new(StreamState::default());
+        let token = tokio_util::sync::CancellationToken::new();
+        let jobs = Arc::new(Jobs::new(
+            cfg.clone(),
+            repo.clone(),
+            stream.clone(),
+            token.clone(),
+            token,
+        ));
+        let prefetch =
+            Arc::new(crate::wal::prefetch::Prefetcher::new(dir.join("prefetch"), 0).unwrap());
+        AppState {
+            metrics: Arc::new(Metrics::new(stream.clone(), jobs.clone(), &prefetch)),
+            stream,
+            jobs,
+            repo,
+            system_identifier: Arc::new(std::sync::atomic::AtomicU64::new(0)),
+            cfg,
+            prefetch,
+            wal_bodies: Arc::new(tokio::sync::Semaphore::new(bodies)),
+        }
     }
 
     #[tokio::test]

@@ -10,6 +10,7 @@ pub mod daemon;
 pub mod fsutil;
 pub mod http;
 pub mod http_client;
+pub mod http_limits;
 pub mod jobs;
 pub mod list;
 pub mod logging;

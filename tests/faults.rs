@@ -48,7 +48,10 @@ fn wal_fetch_rides_out_a_storage_outage_and_gives_up_past_its_limit() {
     let (out, took) = fetch(&seg, "60");
     let mut s3 = back.join().unwrap();
     assert!(out.status.success(), "{}", stderr(&out));
-    assert!(took >= Duration::from_secs(3), "the fetch did not wait: {took:?}");
+    assert!(
+        took >= Duration::from_secs(3),
+        "the fetch did not wait: {took:?}"
+    );
     assert_eq!(std::fs::read(&dest).unwrap(), original);
 
     // Past the limit: 126 (Postgres stops recovery), for a missing file as for a present one.

@@ -1,0 +1,223 @@
+//! What any HTTP client can make the daemon hold, bounded: a cap on open connections (one past it
+//! is closed at once), an idle timeout on each (no byte read or written for a while: closed, so
+//! half-open and slow clients cannot pile up), and a cap on WAL bodies in flight (each holds a
+//! segment in memory until it is sent).
+
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+/// Open connections at once.
+pub const MAX_CONNECTIONS: usize = 256;
+/// A connection that moves no byte for this long is closed (longer than the slowest answer that
+/// sends nothing meanwhile: `POST /wal-switch`, at most 60 s; `POST /backups` runs apart from its
+/// connection and is not cancelled with it).
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(120);
+/// `/wal` bodies in flight at once (each up to a segment, 16 MiB by default).
+pub const MAX_WAL_BODIES: usize = 16;
+
+/// A listener that enforces [`MAX_CONNECTIONS`] and [`IDLE_TIMEOUT`].
+pub struct BoundedListener {
+    inner: TcpListener,
+    permits: Arc<Semaphore>,
+    idle: Duration,
+}
+
+impl BoundedListener {
+    pub fn new(inner: TcpListener, max: usize, idle: Duration) -> BoundedListener {
+        BoundedListener {
+            inner,
+            permits: Arc::new(Semaphore::new(max)),
+            idle,
+        }
+    }
+}
+
+impl axum::serve::Listener for BoundedListener {
+    type Io = BoundedStream;
+    type Addr = std::net::SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        loop {
+            let (stream, addr) = axum::serve::Listener::accept(&mut self.inner).await;
+            match self.permits.clone().try_acquire_owned() {
+                Ok(permit) => {
+                    return (
+                        BoundedStream {
+                            inner: stream,
+                            _permit: permit,
+                            idle: self.idle,
+                            deadline: Box::pin(tokio::time::sleep(self.idle)),
+                        },
+                        addr,
+                    );
+                }
+                // Over the cap: closed at once, so the kernel's queue does not fill either.
+                Err(_) => {
+                    tracing::debug!(peer = %addr, "HTTP connection refused: too many open");
+                    drop(stream);
+                }
+            }
+        }
+    }
+
+    fn local_addr(&self) -> io::Result<Self::Addr> {
+        self.inner.local_addr()
+    }
+}
+
+/// A connection holding one of the listener's permits; idle for too long, it fails.
+pub struct BoundedStream {
+    inner: TcpStream,
+    _permit: OwnedSemaphorePermit,
+    idle: Duration,
+    deadline: Pin<Box<tokio::time::Sleep>>,
+}
+
+impl BoundedStream {
+    /// After progress: the idle clock starts again.
+    fn progressed(&mut self) {
+        let next = tokio::time::Instant::now() + self.idle;
+        self.deadline.as_mut().reset(next);
+    }
+
+    /// Pending I/O: an error once the connection has been idle too long.
+    fn check_idle(&mut self, cx: &mut Context<'_>) -> Poll<io::Error> {
+        match self.deadline.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "idle HTTP connection closed",
+            )),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+use std::future::Future;
+
+impl AsyncRead for BoundedStream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match Pin::new(&mut self.inner).poll_read(cx, buf) {
+            Poll::Ready(r) => {
+                self.progressed();
+                Poll::Ready(r)
+            }
+            Poll::Pending => self.check_idle(cx).map(Err),
+        }
+    }
+}
+
+impl AsyncWrite for BoundedStream {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match Pin::new(&mut self.inner).poll_write(cx, buf) {
+            Poll::Ready(r) => {
+                self.progressed();
+                Poll::Ready(r)
+            }
+            Poll::Pending => self.check_idle(cx).map(Err),
+        }
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// The permits for `/wal` bodies in flight.
+pub fn wal_bodies() -> Arc<Semaphore> {
+    Arc::new(Semaphore::new(MAX_WAL_BODIES))
+}
+
+/// A response body of `data` that holds `permit` until it has been sent (or dropped), sent in
+/// pieces of a shared buffer (no copy).
+pub fn body_with_permit(data: Vec<u8>, permit: OwnedSemaphorePermit) -> axum::body::Body {
+    let data = bytes::Bytes::from(data);
+    let pieces: Vec<bytes::Bytes> = (0..data.len())
+        .step_by(256 << 10)
+        .map(|at| data.slice(at..data.len().min(at + (256 << 10))))
+        .collect();
+    let stream = futures::stream::iter(pieces).map(move |piece| {
+        let _held = &permit;
+        Ok::<_, std::convert::Infallible>(piece)
+    });
+    axum::body::Body::from_stream(stream)
+}
+
+use futures::StreamExt;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::serve::Listener;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    #[tokio::test]
+    async fn connections_past_the_cap_and_idle_ones_are_closed() {
+        let tcp = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = tcp.local_addr().unwrap();
+        let mut listener = BoundedListener::new(tcp, 2, Duration::from_millis(300));
+        let server = tokio::spawn(async move {
+            let mut held = vec![];
+            loop {
+                let (mut io, _) = listener.accept().await;
+                held.push(tokio::spawn(async move {
+                    let mut buf = [0u8; 16];
+                    // Echo until the idle timeout (or the client) ends the connection.
+                    loop {
+                        match io.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => {
+                                if io.write_all(&buf[..n]).await.is_err() {
+                                    return;
+                                }
+                            }
+                        }
+                    }
+                }));
+            }
+        });
+        let mut a = TcpStream::connect(addr).await.unwrap();
+        let mut b = TcpStream::connect(addr).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        // The third is over the cap: closed at once.
+        let mut c = TcpStream::connect(addr).await.unwrap();
+        let mut buf = [0u8; 4];
+        let n = tokio::time::timeout(Duration::from_secs(2), c.read(&mut buf))
+            .await
+            .expect("closed at once")
+            .unwrap_or(0);
+        assert_eq!(n, 0);
+        // A busy connection lives on past the idle time.
+        for _ in 0..4 {
+            a.write_all(b"ping").await.unwrap();
+            a.read_exact(&mut buf).await.unwrap();
+            assert_eq!(&buf, b"ping");
+            tokio::time::sleep(Duration::from_millis(150)).await;
+        }
+        // The idle one was closed.
+        let n = tokio::time::timeout(Duration::from_secs(2), b.read(&mut buf))
+            .await
+            .expect("the idle connection is closed")
+            .unwrap_or(0);
+        assert_eq!(n, 0);
+        server.abort();
+    }
+}
