@@ -267,7 +267,8 @@ fn unreachable_storage_fails_loudly_in_bounded_time() {
     let dir = TestDir::new("unreachable");
     let bin = dir.install_pgkeep();
     let config = dir.path().join("pgkeep.toml");
-    std::fs::write(&config, "storage = \"s3://nowhere/prefix\"\nstorage_max_retries = 3\nstorage_retry_timeout_secs = 5\n")
+    // wal-fetch rides out an outage for wal_fetch_outage_secs (60 by default), then fails.
+    std::fs::write(&config, "storage = \"s3://nowhere/prefix\"\nstorage_max_retries = 3\nstorage_retry_timeout_secs = 5\nwal_fetch_outage_secs = 5\n")
         .unwrap();
     let closed = free_port();
     let env = [

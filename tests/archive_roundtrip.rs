@@ -20,7 +20,14 @@ fn roundtrip(backend: Backend, wal_segsize_mb: u32) {
         storage.config.display()
     );
 
-    let mut primary = PgCluster::init(dir.path(), "primary", wal_segsize_mb, &storage.env);
+    // Compared with pg_basebackup, whose only version here is Postgres 15's.
+    let mut primary = PgCluster::init_major(
+        dir.path(),
+        "primary",
+        wal_segsize_mb,
+        &storage.env,
+        TOOLS_MAJOR,
+    );
     primary.set(&[
         ("archive_mode", "on"),
         ("archive_command", &archive_command),
