@@ -85,6 +85,24 @@ fn matrix(major: u32) {
         primary.log()
     );
     primary.stop("fast");
+    // Postgres stopping ends the stream: normal, so not a warning (the reconnects that follow,
+    // which find no server, are).
+    wait_for(
+        "the daemon to see the stream end",
+        Duration::from_secs(30),
+        || {
+            daemon
+                .log()
+                .contains("the server ended the WAL stream")
+                .then_some(())
+        },
+    );
+    let log = daemon.log();
+    assert!(
+        !log.lines()
+            .any(|l| l.contains("WARN") && l.contains("ended the WAL stream")),
+        "{log}"
+    );
     std::fs::remove_dir_all(&primary.data).unwrap();
 
     // Latest, with restore_command served by the daemon.

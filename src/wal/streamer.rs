@@ -44,6 +44,14 @@ pub struct StreamState {
     pub problem: std::sync::Mutex<Option<StreamProblem>>,
 }
 
+/// The server ended the stream by itself: Postgres is shutting down, or its timeline ended (a
+/// promotion). Normal events, reconnected from like any other, but not failures.
+#[derive(Debug, thiserror::Error)]
+#[error("the server ended the WAL stream (Postgres stopped, or timeline {timeline} ended)")]
+pub struct StreamEnded {
+    pub timeline: TimelineId,
+}
+
 /// A failure of the stream, as reported.
 #[derive(Debug, Clone)]
 pub struct StreamProblem {
@@ -93,9 +101,11 @@ pub async fn run(
                     return Err(e);
                 }
                 state.reconnects.inc();
+                let ended = e.downcast_ref::<StreamEnded>().is_some();
                 let unsupported =
                     matches!(e.downcast_ref::<PgError>(), Some(PgError::Unsupported(_)));
-                state.set_problem(Some(StreamProblem {
+                // A server that ended the stream is no failure to report (it reconnects).
+                state.set_problem((!ended).then(|| StreamProblem {
                     message: format!("{e:#}"),
                     unsupported,
                 }));
@@ -105,10 +115,14 @@ pub async fn run(
                 if started.elapsed() > Duration::from_secs(60) {
                     backoff = Duration::from_millis(500);
                 }
-                tracing::warn!(
-                    "WAL streaming interrupted: {e:#}; reconnecting in {:.1}s",
-                    backoff.as_secs_f64()
-                );
+                if e.downcast_ref::<StreamEnded>().is_some() {
+                    tracing::info!("{e}; reconnecting in {:.1}s", backoff.as_secs_f64());
+                } else {
+                    tracing::warn!(
+                        "WAL streaming interrupted: {e:#}; reconnecting in {:.1}s",
+                        backoff.as_secs_f64()
+                    );
+                }
                 tokio::select! {
                     _ = tokio::time::sleep(backoff) => {}
                     _ = stop.cancelled() => return Ok(()),
@@ -346,10 +360,10 @@ impl Session<'_> {
             tracing::info!(durable = %self.state.durable_lsn(), "WAL stream drained");
             return Ok(());
         }
-        bail!(
-            "the server ended the WAL stream (end of timeline {})",
-            self.timeline.get()
-        )
+        Err(StreamEnded {
+            timeline: self.timeline,
+        }
+        .into())
     }
 
     /// Sends a standby status update: written up to `received`, flushed (= durable in storage) up
