@@ -122,6 +122,16 @@ pub fn human_bytes(n: u64) -> String {
     }
 }
 
+/// A figure for a log line: seconds or a rate, to the millisecond or 3 decimals (not 17 digits).
+pub fn round3(x: f64) -> f64 {
+    (x * 1000.0).round() / 1000.0
+}
+
+/// Megabytes per second of `bytes` over `d`, for a log line.
+pub fn mb_per_s(bytes: u64, d: std::time::Duration) -> f64 {
+    (bytes as f64 / 1048576.0 / d.as_secs_f64().max(0.001) * 10.0).round() / 10.0
+}
+
 /// Seconds since the Unix epoch (0 if the clock is before it).
 pub fn unix_now() -> u64 {
     std::time::SystemTime::now()
@@ -132,6 +142,20 @@ pub fn unix_now() -> u64 {
 
 #[cfg(test)]
 mod progress_tests {
+    #[test]
+    fn log_figures_are_rounded() {
+        assert_eq!(super::round3(1.234_567_8), 1.235);
+        let rate = super::mb_per_s(3 << 20, std::time::Duration::from_millis(1500));
+        assert_eq!(rate, 2.0);
+        assert_eq!(
+            format!(
+                "{}",
+                super::mb_per_s(344_707_376, std::time::Duration::from_secs(1))
+            ),
+            "328.7"
+        );
+    }
+
     use super::*;
 
     #[test]

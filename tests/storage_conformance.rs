@@ -263,6 +263,8 @@ async fn not_found_is_not_unreachable(b: &Backend) {
             };
             let err = Repo::open(&gone, false).unwrap_err();
             assert!(err.to_string().contains("does not exist"), "{err}");
+            // Says where the storage setting comes from.
+            assert!(err.to_string().contains("PGKEEP_STORAGE"), "{err}");
             return;
         }
         StorageUrl::Cloud { .. } => {

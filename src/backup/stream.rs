@@ -71,8 +71,8 @@ pub(super) async fn stream_backup(
     let total: u64 = archives.iter().map(|a| a.plain_bytes).sum();
     tracing::info!(
         bytes = total,
-        seconds = took.as_secs_f64(),
-        mb_per_s = total as f64 / 1048576.0 / took.as_secs_f64().max(0.001),
+        seconds = crate::progress::round3(took.as_secs_f64()),
+        mb_per_s = crate::progress::mb_per_s(total, took),
         "backup data uploaded"
     );
     Ok(Streamed {

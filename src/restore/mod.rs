@@ -130,9 +130,9 @@ pub async fn restore(cfg: &Config, opts: &RestoreOptions) -> anyhow::Result<Rest
         backup = %meta.id,
         dir = %dir.display(),
         size = %human_bytes(meta.plain_bytes),
-        seconds = took.as_secs_f64(),
-        mb_per_s = meta.plain_bytes as f64 / 1048576.0 / took.as_secs_f64().max(0.001),
-        total_seconds = started.elapsed().as_secs_f64(),
+        seconds = crate::progress::round3(took.as_secs_f64()),
+        mb_per_s = crate::progress::mb_per_s(meta.plain_bytes, took),
+        total_seconds = crate::progress::round3(started.elapsed().as_secs_f64()),
         "restored; start Postgres to recover"
     );
     Ok(RestoreOutcome::Restored(Box::new(meta)))

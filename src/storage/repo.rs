@@ -153,7 +153,11 @@ impl Repo {
                     std::fs::create_dir_all(root)
                         .map_err(|e| setup(format!("cannot create the storage directory: {e}")))?;
                 } else if !root.is_dir() {
-                    return Err(setup("the storage directory does not exist".into()));
+                    return Err(setup(
+                        "the storage directory does not exist (is this the storage you meant? \
+                         it comes from the storage setting: --config FILE, PGKEEP_CONFIG or PGKEEP_STORAGE)"
+                            .into(),
+                    ));
                 }
                 let fs =
                     LocalFileSystem::new_with_prefix(root).map_err(|e| setup(e.to_string()))?;

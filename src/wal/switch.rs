@@ -31,7 +31,7 @@ where
     loop {
         match durable().await {
             Ok(d) if d >= target => {
-                tracing::info!(durable = %d, seconds = started.elapsed().as_secs_f64(), "WAL up to the switch is in storage");
+                tracing::info!(durable = %d, seconds = crate::progress::round3(started.elapsed().as_secs_f64()), "WAL up to the switch is in storage");
                 return Ok(Some(target));
             }
             Ok(d) => last = d,
