@@ -148,6 +148,18 @@ fn cases(backend: Backend) {
     verify_restored(&target);
     start_and_check(&s, &target, &expected);
 
+    // A restore that fails before it writes anything leaves no directory it made.
+    let never = s.dir.path().join("never-made");
+    assert_fails(
+        &restore(&s, &never, &["--backup", "20000101T000000Z"]),
+        &["there is no backup 20000101T000000Z"],
+    );
+    assert!(
+        !never.exists(),
+        "a failed restore left {} behind",
+        never.display()
+    );
+
     // A corrupted chunk: the restore fails, names the object, and leaves the marker so the next
     // attempt starts over.
     let chunk = stored_keys(&s.storage)

@@ -105,6 +105,17 @@ pub enum RestoreOutcome {
 
 /// Restores a backup into `opts.target_dir`: the script of the init container.
 pub async fn restore(cfg: &Config, opts: &RestoreOptions) -> anyhow::Result<RestoreOutcome> {
+    let created = !opts.target_dir.exists();
+    let result = run(cfg, opts).await;
+    if result.is_err() && created {
+        // A directory this restore made and never wrote into (say, the backup asked for does not
+        // exist) is not left behind; one holding the marker stays, marked as interrupted.
+        let _ = std::fs::remove_dir(&opts.target_dir);
+    }
+    result
+}
+
+async fn run(cfg: &Config, opts: &RestoreOptions) -> anyhow::Result<RestoreOutcome> {
     let dir = &opts.target_dir;
     let Some(state) = target::check_target(opts)? else {
         return Ok(RestoreOutcome::AlreadyACluster);
