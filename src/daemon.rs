@@ -61,16 +61,14 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let mut http = tokio::spawn({
         let http_stop = http_stop.clone();
         async move {
-            use axum::serve::ListenerExt;
             let listener = crate::http_limits::BoundedListener::new(
                 listener,
                 crate::http_limits::MAX_CONNECTIONS,
                 crate::http_limits::IDLE_TIMEOUT,
-            )
-            .tap_io(|_| {});
+            );
             axum::serve(
                 listener,
-                app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
+                app.into_make_service_with_connect_info::<crate::http_limits::Peer>(),
             )
             .with_graceful_shutdown(http_stop.cancelled_owned())
             .await

@@ -74,11 +74,11 @@ const OPEN_TO_THE_NETWORK: &[&str] = &["/healthz", "/readyz", "/status", "/metri
 async fn loopback_only(request: axum::extract::Request, next: axum::middleware::Next) -> Response {
     let peer = request
         .extensions()
-        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
-        .copied();
-    let local = peer.is_some_and(|p| p.0.ip().to_canonical().is_loopback());
+        .get::<axum::extract::ConnectInfo<crate::http_limits::Peer>>()
+        .map(|c| c.0.addr);
+    let local = peer.is_some_and(|p| p.ip().to_canonical().is_loopback());
     if !local && !OPEN_TO_THE_NETWORK.contains(&request.uri().path()) {
-        let who = peer.map_or("an unknown peer".to_string(), |p| p.0.ip().to_string());
+        let who = peer.map_or("an unknown peer".to_string(), |p| p.ip().to_string());
         return ApiError::Forbidden(format!(
             "{} is served to loopback clients only, not to {who}",
             request.uri().path()
@@ -90,6 +90,7 @@ async fn loopback_only(request: axum::extract::Request, next: axum::middleware::
 
 pub fn router(state: AppState) -> Router {
     with_loopback_guard(routes(state))
+        .layer(axum::middleware::from_fn(crate::http_limits::answering))
 }
 
 fn with_loopback_guard(r: Router) -> Router {
@@ -300,7 +301,9 @@ mod guard_tests {
             .unwrap();
         if let Some(p) = peer {
             req.extensions_mut()
-                .insert(ConnectInfo(p.parse::<std::net::SocketAddr>().unwrap()));
+                .insert(ConnectInfo(crate::http_limits::Peer::new(
+                    p.parse::<std::net::SocketAddr>().unwrap(),
+                )));
         }
         app.oneshot(req).await.unwrap().status()
     }

@@ -22,6 +22,49 @@ pub const IDLE_TIMEOUT: Duration = Duration::from_secs(120);
 /// `/wal` bodies in flight at once (each up to a segment, 16 MiB by default).
 pub const MAX_WAL_BODIES: usize = 16;
 
+/// Who is connected, and how many of its requests are being answered: while one is, the
+/// connection is not idle (an answer may take minutes: a base backup), and the idle timeout waits.
+#[derive(Debug, Clone)]
+pub struct Peer {
+    pub addr: std::net::SocketAddr,
+    pub in_flight: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Peer {
+    pub fn new(addr: std::net::SocketAddr) -> Peer {
+        Peer {
+            addr,
+            in_flight: Arc::default(),
+        }
+    }
+}
+
+/// Middleware: counts the request as being answered until its response is ready (its body then
+/// moves bytes, which keep the connection alive by themselves).
+pub async fn answering(
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    use std::sync::atomic::Ordering;
+    let peer = request
+        .extensions()
+        .get::<axum::extract::ConnectInfo<Peer>>()
+        .map(|c| c.0.in_flight.clone());
+    if let Some(n) = &peer {
+        n.fetch_add(1, Ordering::AcqRel);
+    }
+    struct Done(Option<Arc<std::sync::atomic::AtomicUsize>>);
+    impl Drop for Done {
+        fn drop(&mut self) {
+            if let Some(n) = &self.0 {
+                n.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+            }
+        }
+    }
+    let _done = Done(peer);
+    next.run(request).await
+}
+
 /// A listener that enforces [`MAX_CONNECTIONS`] and [`IDLE_TIMEOUT`].
 pub struct BoundedListener {
     inner: TcpListener,
@@ -41,21 +84,23 @@ impl BoundedListener {
 
 impl axum::serve::Listener for BoundedListener {
     type Io = BoundedStream;
-    type Addr = std::net::SocketAddr;
+    type Addr = Peer;
 
     async fn accept(&mut self) -> (Self::Io, Self::Addr) {
         loop {
             let (stream, addr) = axum::serve::Listener::accept(&mut self.inner).await;
             match self.permits.clone().try_acquire_owned() {
                 Ok(permit) => {
+                    let peer = Peer::new(addr);
                     return (
                         BoundedStream {
                             inner: stream,
                             _permit: permit,
                             idle: self.idle,
                             deadline: Box::pin(tokio::time::sleep(self.idle)),
+                            in_flight: peer.in_flight.clone(),
                         },
-                        addr,
+                        peer,
                     );
                 }
                 // Over the cap: closed at once, so the kernel's queue does not fill either.
@@ -68,7 +113,15 @@ impl axum::serve::Listener for BoundedListener {
     }
 
     fn local_addr(&self) -> io::Result<Self::Addr> {
-        self.inner.local_addr()
+        self.inner.local_addr().map(Peer::new)
+    }
+}
+
+impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, BoundedListener>>
+    for Peer
+{
+    fn connect_info(stream: axum::serve::IncomingStream<'_, BoundedListener>) -> Peer {
+        stream.remote_addr().clone()
     }
 }
 
@@ -78,6 +131,8 @@ pub struct BoundedStream {
     _permit: OwnedSemaphorePermit,
     idle: Duration,
     deadline: Pin<Box<tokio::time::Sleep>>,
+    /// Requests of this connection being answered (see [`answering`]).
+    in_flight: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl BoundedStream {
@@ -89,6 +144,11 @@ impl BoundedStream {
 
     /// Pending I/O: an error once the connection has been idle too long.
     fn check_idle(&mut self, cx: &mut Context<'_>) -> Poll<io::Error> {
+        if self.in_flight.load(std::sync::atomic::Ordering::Acquire) > 0 {
+            // An answer is being prepared: not idle. Its end (a write) restarts the clock.
+            self.progressed();
+            return Poll::Pending;
+        }
         match self.deadline.as_mut().poll(cx) {
             Poll::Ready(()) => Poll::Ready(io::Error::new(
                 io::ErrorKind::TimedOut,
@@ -218,6 +278,45 @@ mod tests {
             .expect("the idle connection is closed")
             .unwrap_or(0);
         assert_eq!(n, 0);
+        server.abort();
+    }
+}
+
+#[cfg(test)]
+mod slow_answer_tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A request whose answer takes longer than the idle time still gets it.
+    #[tokio::test]
+    async fn a_slow_answer_outlives_the_idle_timeout() {
+        let tcp = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = tcp.local_addr().unwrap();
+        let listener = BoundedListener::new(tcp, 4, Duration::from_millis(300));
+        let app = axum::Router::new()
+            .route(
+                "/slow",
+                axum::routing::post(|| async {
+                    tokio::time::sleep(Duration::from_millis(1200)).await;
+                    "done"
+                }),
+            )
+            .layer(axum::middleware::from_fn(answering));
+        let server = tokio::spawn(async move {
+            axum::serve(listener, app.into_make_service_with_connect_info::<Peer>()).await
+        });
+        let mut c = TcpStream::connect(addr).await.unwrap();
+        c.write_all(
+            b"POST /slow HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+        )
+        .await
+        .unwrap();
+        let mut answer = String::new();
+        c.read_to_string(&mut answer).await.unwrap();
+        assert!(
+            answer.starts_with("HTTP/1.1 200") && answer.ends_with("done"),
+            "{answer:?}"
+        );
         server.abort();
     }
 }

@@ -443,5 +443,5 @@ fn sigterm_during_a_scheduled_backup_drains_it() {
 
 #[test]
 fn sigterm_during_a_scheduled_backup_past_the_deadline_cancels_it() {
-    sigterm_during_a_scheduled_backup(2, false);
+    sigterm_during_a_scheduled_backup(6, false);
 }

@@ -21,7 +21,8 @@ fn setup(backend: Backend, label: &str) -> Setup {
     let dir = TestDir::new(label);
     let storage = Storage::new(backend, &dir);
     let bin = dir.install_pgkeep();
-    let mut primary = archiving_cluster(&dir, &storage, &bin, "primary", 1);
+    // Checked with pg_verifybackup: the tools' major.
+    let mut primary = archiving_cluster_major(&dir, &storage, &bin, "primary", 1, TOOLS_MAJOR);
     primary.start();
     Setup {
         dir,
@@ -424,11 +425,17 @@ fn a_forged_backup_writes_nothing_outside_the_target() {
         std::fs::write(&meta_file, sealed_meta).unwrap();
     };
     use tar::EntryType::{Link, Regular, Symlink};
+    // A link in the data directory is not recreated (and then the WAL goes into a real pg_wal).
+    forge(&[("pg_wal", Symlink, Some(outside.as_path()), 0o777)]);
+    let target = s.dir.mkdir("target-link");
+    give_to_postgres(&target);
+    let _ = restore(&s, &target, &[]);
+    assert!(
+        !std::fs::symlink_metadata(target.join("pg_wal")).is_ok_and(|m| m.file_type().is_symlink()),
+        "the backup's pg_wal link was recreated"
+    );
+    assert_eq!(std::fs::read_dir(&outside).unwrap().count(), 0);
     for (entries, why) in [
-        (
-            vec![("pg_wal", Symlink, Some(outside.as_path()), 0o777)],
-            "symbolic link",
-        ),
         (
             vec![(
                 ".backup_manifest.pgkeep-tmp",
@@ -436,7 +443,11 @@ fn a_forged_backup_writes_nothing_outside_the_target() {
                 Some(outside.as_path()),
                 0o777,
             )],
-            "symbolic link",
+            "a name the restore writes itself",
+        ),
+        (
+            vec![(".pgkeep-restore-in-progress", Regular, None, 0o644)],
+            "a name the restore writes itself",
         ),
         (
             vec![(
@@ -463,16 +474,14 @@ fn a_forged_backup_writes_nothing_outside_the_target() {
     }
     // Setuid bits do not survive (the restore itself then fails later: the forged tar is no
     // cluster, which is not what this checks).
-    forge(&[("PG_VERSION", Regular, None, 0o4755)]);
+    forge(&[("suid", Regular, None, 0o4755)]);
     let target = s.dir.mkdir("target-suid");
     give_to_postgres(&target);
     let _ = restore(&s, &target, &[]);
-    if let Ok(m) = std::fs::metadata(target.join("PG_VERSION")) {
-        use std::os::unix::fs::PermissionsExt;
-        assert_eq!(
-            m.permissions().mode() & 0o7000,
-            0,
-            "a setuid bit was restored"
-        );
-    }
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(target.join("suid"))
+        .expect("the file was unpacked")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o7000, 0, "a setuid bit was restored");
 }

@@ -180,16 +180,23 @@ async fn wait_for_wal(
 /// Best-effort removal of an unfinished backup's objects (nothing lists them without metadata, but
 /// they take space).
 async fn cleanup(archive: &Archive, id: &BackupId) {
-    let keys = match archive.repo().list(&archive.layout().backup_dir(id)).await {
-        Ok(keys) => keys,
-        Err(e) => {
-            tracing::warn!(backup = %id, "could not list a failed backup's objects: {e}");
-            return;
+    // Twice: an upload that was in flight when the backup failed may land just after the first
+    // pass (its task is cancelled, a blocking write under it is not).
+    for pass in 0..2 {
+        if pass > 0 {
+            tokio::time::sleep(Duration::from_millis(500)).await;
         }
-    };
-    for key in keys {
-        if let Err(e) = archive.repo().delete(&key).await {
-            tracing::warn!(%key, "could not remove a failed backup's object: {e}");
+        let keys = match archive.repo().list(&archive.layout().backup_dir(id)).await {
+            Ok(keys) => keys,
+            Err(e) => {
+                tracing::warn!(backup = %id, "could not list a failed backup's objects: {e}");
+                return;
+            }
+        };
+        for key in keys {
+            if let Err(e) = archive.repo().delete(&key).await {
+                tracing::warn!(%key, "could not remove a failed backup's object: {e}");
+            }
         }
     }
 }

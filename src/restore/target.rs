@@ -99,6 +99,7 @@ pub(super) fn prepare(
     let mut tablespace_dirs = vec![];
     for loc in meta.archives.iter().filter_map(|a| a.location.as_deref()) {
         let dest = map_location(&opts.tablespace_map, Path::new(loc));
+        check_tablespace_dir(dir, loc, &dest)?;
         let ours = opts.overwrite || earlier.tablespace_dirs.contains(&dest);
         if !ours && dest.exists() && std::fs::read_dir(&dest)?.next().is_some() {
             bail!(
@@ -136,6 +137,30 @@ pub(super) fn prepare(
         std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o700))?;
     }
     Ok(tablespace_dirs)
+}
+
+/// A tablespace directory the restore may write: absolute, without `.` or `..` parts, and apart
+/// from the data directory (a forged backup's metadata may name any path).
+fn check_tablespace_dir(dir: &Path, loc: &str, dest: &Path) -> anyhow::Result<()> {
+    use std::path::Component;
+    let plain = dest.is_absolute()
+        && dest
+            .components()
+            .all(|c| matches!(c, Component::RootDir | Component::Normal(_)));
+    if !plain || dest.parent().is_none() {
+        bail!(
+            "the backup names the tablespace location {loc:?}, which is not a plain absolute path: \
+             refusing it (restore it elsewhere with --tablespace-map {loc}=NEW)"
+        );
+    }
+    if dest.starts_with(dir) || dir.starts_with(dest) {
+        bail!(
+            "the tablespace directory {} overlaps the target directory {}: refusing it",
+            dest.display(),
+            dir.display()
+        );
+    }
+    Ok(())
 }
 
 /// Makes everything written durable, then removes the marker: a restore that reports success
@@ -183,4 +208,28 @@ fn clear_dir(dir: &Path, keep: &[&str]) -> anyhow::Result<()> {
         .with_context(|| format!("removing {}", p.display()))?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tablespace_locations_from_the_metadata_are_checked() {
+        let dir = Path::new("/pgdata");
+        for ok in ["/srv/ts1", "/pgdata-ts/a"] {
+            check_tablespace_dir(dir, ok, Path::new(ok)).unwrap();
+        }
+        for bad in [
+            "pg_tblspc/16385",
+            "/srv/../root/.ssh",
+            "/",
+            "/pgdata/ts",
+            "/pgdata",
+        ] {
+            let err = check_tablespace_dir(dir, bad, Path::new(bad)).unwrap_err();
+            let msg = err.to_string();
+            assert!(msg.contains("refusing"), "{bad}: {msg}");
+        }
+    }
 }

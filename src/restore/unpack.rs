@@ -217,6 +217,21 @@ fn extract(
             continue;
         }
         let path = relative(&raw)?;
+        // The names the restore itself writes at the top: an archive that brings its own is
+        // forged (its marker could claim other directories as the restore's to clear).
+        if tablespaces.is_some()
+            && path
+                .to_str()
+                .is_some_and(|p| p == super::MARKER || p == super::target::HELD_PG_VERSION)
+            || path
+                .file_name()
+                .is_some_and(|n| n.to_string_lossy().ends_with(".pgkeep-tmp"))
+        {
+            bail!(
+                "refusing the archive entry {}: a name the restore writes itself",
+                path.display()
+            );
+        }
         match kind {
             EntryType::Regular | EntryType::Continuous => {
                 // The data directory's PG_VERSION is held back until the restore is complete.
@@ -237,6 +252,20 @@ fn extract(
             }
             EntryType::Symlink if tablespaces.is_some() && path.starts_with("pg_tblspc") => {
                 tablespace_link(dest, &path, tablespaces.unwrap_or_default())?;
+            }
+            // Postgres backs up other links in the data directory as links (say, `log` pointing
+            // at a volume): never recreated, since they may point anywhere; said instead.
+            EntryType::Symlink if tablespaces.is_some() => {
+                let to = e
+                    .link_name()
+                    .ok()
+                    .flatten()
+                    .map(|l| l.display().to_string());
+                tracing::warn!(
+                    entry = %path.display(),
+                    link = to.as_deref().unwrap_or("?"),
+                    "the backup holds a symbolic link, which a restore does not recreate: create it by hand if it is needed"
+                );
             }
             // Metadata of the tar format itself, which the reader has already applied.
             EntryType::XGlobalHeader | EntryType::XHeader => {}
@@ -389,7 +418,9 @@ fn write_file(
     // The mode as recorded (creation applied the umask), and the recorded modification time.
     f.set_permissions(std::fs::Permissions::from_mode(mode))?;
     if let Ok(mtime) = e.header().mtime() {
-        f.set_modified(std::time::UNIX_EPOCH + std::time::Duration::from_secs(mtime))?;
+        if let Some(t) = std::time::UNIX_EPOCH.checked_add(std::time::Duration::from_secs(mtime)) {
+            f.set_modified(t)?;
+        }
     }
     Ok(())
 }
@@ -460,12 +491,14 @@ mod tests {
         link.set_cksum();
         let mut archive = link.as_bytes().to_vec();
         archive.extend(one_file_tar("base/sneaky/evil", b"x", 0o600, 0));
-        let err = extract(&archive[..], &dest, Some(&[])).unwrap_err();
-        assert!(
-            format!("{err:#}").contains("outside the target directory"),
-            "{err:#}"
-        );
+        // The link is not recreated, so the file lands inside, in a directory of that name.
+        extract(&archive[..], &dest, Some(&[])).unwrap();
         assert!(!outside.join("evil").exists());
+        assert!(
+            std::fs::symlink_metadata(dest.join("base/sneaky"))
+                .unwrap()
+                .is_dir()
+        );
         assert!(!tmp.path().join("escaped").exists());
         assert!(!tmp.path().join("escaped2").exists());
         assert!(!Path::new("/tmp/absolute-escape").exists());
@@ -497,11 +530,20 @@ mod tests {
         let outside = tmp.path().join("outside");
         std::fs::create_dir(&outside).unwrap();
         let o = outside.to_str().unwrap();
+        // Links in the data directory are never recreated (Postgres backs up a `log` link, say).
+        for (name, link) in [("pg_wal", o), ("global/pg_control", "/etc/passwd")] {
+            let tar = entry_tar(name, EntryType::Symlink, Some(link), 0o777);
+            extract(&tar[..], &dest, Some(&[])).unwrap();
+            assert!(
+                std::fs::symlink_metadata(dest.join(name)).is_err(),
+                "{name}"
+            );
+        }
         for (name, kind, link) in [
             // The names restore itself writes, planted as links out of the target.
             (".backup_manifest.pgkeep-tmp", EntryType::Symlink, Some(o)),
-            ("pg_wal", EntryType::Symlink, Some(o)),
-            ("global/pg_control", EntryType::Symlink, Some("/etc/passwd")),
+            (".pgkeep-restore-in-progress", EntryType::Regular, None),
+            (".pgkeep-PG_VERSION", EntryType::Regular, None),
             ("base/1/2", EntryType::Link, Some("/etc/passwd")),
             ("dev", EntryType::Char, None),
             ("fifo", EntryType::Fifo, None),
@@ -537,7 +579,7 @@ mod tests {
             std::fs::read_link(dest.join("pg_tblspc/16385")).unwrap(),
             ts
         );
-        // A tablespace's own archive holds no links at all.
+        // A tablespace's own archive holds no links at all: refused.
         std::fs::create_dir(&ts).unwrap();
         let err = extract(&link[..], &ts, None).unwrap_err();
         assert!(format!("{err:#}").contains("refusing"), "{err:#}");

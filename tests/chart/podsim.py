@@ -131,8 +131,11 @@ def check():
     for major in (13, 18):
         objects, _ = render(deep_merge(load_values([]), {"postgres": {"major": major}}), name="db")
         sts = next(o for o in objects if o["kind"] == "StatefulSet")
-        images[str(major)] = next(c["image"] for c in sts["spec"]["template"]["spec"]["containers"]
-                                  if c["name"] == "postgres")
+        pg = next(c for c in sts["spec"]["template"]["spec"]["containers"] if c["name"] == "postgres")
+        path = next(e["value"] for e in pg["env"] if e["name"] == "PATH")
+        if f"/usr/lib/postgresql/{major}/bin" not in path.split(":"):
+            fail(f"postgres.major {major}: the Postgres container's PATH misses its binaries: {path}")
+        images[str(major)] = pg["image"]
     try:
         render({"postgres": {"major": 12}}, name="db")
         refused = ""
