@@ -75,23 +75,54 @@ pub async fn plan(cfg: &Config, archive: &Archive, now: DateTime<Utc>) -> anyhow
 }
 
 /// Carries out a plan: each deleted backup's metadata goes first (it stops existing), then its
-/// objects; then the WAL.
+/// objects; then the WAL. An object that cannot be deleted (say, one another user owns on
+/// `file://`) is named and the rest is still done; the result is then an error listing them. A
+/// backup whose metadata cannot be deleted keeps all its objects, so it never looks half-deleted.
 pub async fn apply(archive: &Archive, plan: &Plan) -> anyhow::Result<()> {
+    let repo = archive.repo();
+    let mut failed: Vec<String> = vec![];
+    let delete = |key: object_store::path::Path| async move {
+        repo.delete(&key).await.map_err(|e| format!("{e}"))
+    };
     for id in &plan.delete_backups {
-        archive.delete_backup(id).await?;
+        if let Err(e) = delete(archive.layout().backup_meta(id)).await {
+            failed.push(e);
+            continue;
+        }
+        for key in repo.list(&archive.layout().backup_dir(id)).await? {
+            if let Err(e) = delete(key).await {
+                failed.push(e);
+            }
+        }
         tracing::info!(backup = %id, "deleted by retention");
     }
     for id in &plan.delete_orphans {
-        archive.delete_backup_folder(id).await?;
+        for key in repo.list(&archive.layout().backup_dir(id)).await? {
+            if let Err(e) = delete(key).await {
+                failed.push(e);
+            }
+        }
         tracing::info!(folder = %id, "deleted an unfinished backup's leftovers");
     }
+    let mut wal_deleted = 0;
     for key in &plan.delete_wal {
-        archive.repo().delete(&Path::from(key.as_str())).await?;
+        match delete(Path::from(key.as_str())).await {
+            Ok(()) => wal_deleted += 1,
+            Err(e) => failed.push(e),
+        }
     }
-    if !plan.delete_wal.is_empty() {
-        tracing::info!(
-            files = plan.delete_wal.len(),
-            "deleted WAL no kept backup needs"
+    if wal_deleted > 0 {
+        tracing::info!(files = wal_deleted, "deleted WAL no kept backup needs");
+    }
+    if !failed.is_empty() {
+        for f in &failed {
+            tracing::error!("retention: {f}");
+        }
+        anyhow::bail!(
+            "retention could not delete {} object(s), and did the rest; the first: {} \
+             (on file:// storage, run pgkeep as the user that owns the archive)",
+            failed.len(),
+            failed[0]
         );
     }
     Ok(())

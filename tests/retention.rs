@@ -123,3 +123,81 @@ fn file_storage_retention() {
 fn s3_storage_retention() {
     retention(Backend::S3);
 }
+
+/// An object retention cannot delete (here: a backup folder root owns, as after a `pgkeep
+/// backup` run by hand as root on file://) is named; the rest is still done, and the backup whose
+/// metadata stays keeps every object (it never looks half-deleted).
+#[test]
+fn retention_names_what_it_cannot_delete_and_does_the_rest() {
+    if !is_root() {
+        eprintln!("needs root to make a folder the postgres user cannot change");
+        return;
+    }
+    let dir = TestDir::new("retention-perm");
+    let storage = Storage::new(Backend::File, &dir);
+    let bin = dir.install_pgkeep();
+    let mut pg = archiving_cluster(&dir, &storage, &bin, "primary", 1);
+    pg.start();
+    let mut ids = vec![];
+    for round in 0..2 {
+        pg.psql(&format!(
+            "create table t{round} as select generate_series(1, 5000) g"
+        ));
+        let out = storage.pgkeep_pg(&bin, &["backup"], &pg.client_env());
+        assert!(out.status.success(), "backup: {}", stderr(&out));
+        ids.push(String::from_utf8_lossy(&out.stdout).trim().to_string());
+        pg.psql("select pg_switch_wal()");
+        std::thread::sleep(std::time::Duration::from_millis(1100));
+    }
+    pg.switch_and_wait_archived();
+    let folder = stored_keys(&storage)
+        .into_iter()
+        .find(|k| k.ends_with(&format!("{}/backup.json", ids[0])))
+        .map(|k| storage.object_file(&k).parent().unwrap().to_path_buf())
+        .unwrap();
+    // Readable by the postgres user, not writable: its objects cannot be deleted.
+    run_ok(
+        std::process::Command::new("chown")
+            .arg("root:root")
+            .arg(&folder),
+    );
+    run_ok(std::process::Command::new("chmod").arg("0755").arg(&folder));
+    let before: Vec<String> = stored_keys(&storage)
+        .into_iter()
+        .filter(|k| k.contains(&ids[0]))
+        .collect();
+    let wal_before = stored_keys(&storage)
+        .iter()
+        .filter(|k| k.contains("/wal/"))
+        .count();
+    let settings = [
+        ("PGKEEP_BACKUP_COUNT".to_string(), "1".to_string()),
+        ("PGKEEP_BACKUP_MAX_AGE_HOURS".to_string(), "0".to_string()),
+    ];
+    let out = storage.pgkeep_pg(&bin, &["prune"], &settings);
+    assert!(!out.status.success(), "{}", stderr(&out));
+    for want in [
+        "could not delete 1 object(s)",
+        "backup.json",
+        &ids[0],
+        "did the rest",
+    ] {
+        assert!(stderr(&out).contains(want), "{want}: {}", stderr(&out));
+    }
+    let after = stored_keys(&storage);
+    let kept: Vec<String> = after
+        .iter()
+        .filter(|k| k.contains(&ids[0]))
+        .cloned()
+        .collect();
+    assert_eq!(
+        kept, before,
+        "the backup that could not be deleted lost objects"
+    );
+    let wal_after = after.iter().filter(|k| k.contains("/wal/")).count();
+    assert!(
+        wal_after < wal_before,
+        "the WAL no kept backup needs was not deleted"
+    );
+    pg.stop("fast");
+}
