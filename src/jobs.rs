@@ -36,6 +36,8 @@ pub struct Jobs {
     pub state: JobState,
     /// One backup at a time (a scheduled and a requested one queue behind each other).
     running: tokio::sync::Mutex<()>,
+    /// A base backup (not its retention) is being taken.
+    backing_up: std::sync::atomic::AtomicBool,
     /// Shutdown began: no new backup starts.
     stop: CancellationToken,
     /// The shutdown deadline passed: a backup in flight is cancelled.
@@ -56,6 +58,7 @@ impl Jobs {
             stream,
             state: JobState::default(),
             running: tokio::sync::Mutex::new(()),
+            backing_up: Default::default(),
             stop,
             abort,
         }
@@ -77,7 +80,10 @@ impl Jobs {
             bail!("the daemon is shutting down: no new backup starts");
         }
         let started = std::time::Instant::now();
-        let meta = crate::backup::take_backup(&self.cfg, &self.repo, &self.abort).await?;
+        self.backing_up.store(true, Ordering::Release);
+        let taken = crate::backup::take_backup(&self.cfg, &self.repo, &self.abort).await;
+        self.backing_up.store(false, Ordering::Release);
+        let meta = taken?;
         self.state
             .last_backup_ms
             .store(started.elapsed().as_millis() as u64, Ordering::Relaxed);
@@ -102,9 +108,10 @@ impl Jobs {
         drop(self.running.lock().await);
     }
 
-    /// Whether a backup runs now.
+    /// Whether a base backup is being taken now (retention after it does not count: it is not
+    /// cancelled at the deadline).
     pub fn busy(&self) -> bool {
-        self.running.try_lock().is_err()
+        self.backing_up.load(Ordering::Acquire)
     }
 
     /// Takes a base backup every `backup_interval_hours`, and at start when storage holds none;
