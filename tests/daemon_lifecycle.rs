@@ -43,11 +43,7 @@ fn lifecycle(backend: Backend) {
     assert!(load.wait().unwrap().success());
 
     // The preStop hook: once it returns, the switched segment is in storage as a whole segment.
-    let mut env = storage.env.clone();
-    env.extend(pg.client_env());
-    env.push(("PGKEEP_LISTEN".into(), format!("127.0.0.1:{}", daemon.port)));
-    let out = storage.pgkeep_pg(&bin, &["wal-switch", "--timeout", "60"], &env);
-    assert!(out.status.success(), "wal-switch: {}", stderr(&out));
+    daemon.wal_switch(&storage, &bin, &pg);
     let current = pg.psql("select pg_walfile_name(pg_current_wal_lsn())");
     let last_done = format!(
         "{}{:08X}",
@@ -127,15 +123,7 @@ fn lifecycle(backend: Backend) {
     restored.psql("select pg_promote()");
     restored.wait_promoted();
     restored.psql("create table on_timeline_2 as select generate_series(1, 4321) g");
-    let mut env = storage.env.clone();
-    env.extend(restored.client_env());
-    env.push(("PGKEEP_LISTEN".into(), format!("127.0.0.1:{}", daemon.port)));
-    let out = storage.pgkeep_pg(&bin, &["wal-switch", "--timeout", "60"], &env);
-    assert!(
-        out.status.success(),
-        "wal-switch on timeline 2: {}",
-        stderr(&out)
-    );
+    daemon.wal_switch(&storage, &bin, &restored);
     let keys = stored_keys(&storage);
     assert!(
         keys.iter()

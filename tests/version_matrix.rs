@@ -69,14 +69,7 @@ fn matrix(major: u32) {
     primary.psql("select pg_create_restore_point('rp')");
     primary.psql("insert into markers (name) values ('m2')");
     let expected: Vec<String> = TABLES.iter().map(|t| primary.table_checksum(t)).collect();
-    let mut env = primary.client_env();
-    env.push(("PGKEEP_LISTEN".into(), format!("127.0.0.1:{}", daemon.port)));
-    let out = storage.pgkeep_pg(&bin, &["wal-switch", "--timeout", "60"], &env);
-    assert!(
-        out.status.success(),
-        "wal-switch on {major}: {}",
-        stderr(&out)
-    );
+    daemon.wal_switch(&storage, &bin, &primary);
     primary.switch_and_wait_archived();
     assert_eq!(
         primary.psql("select failed_count from pg_stat_archiver"),
@@ -134,14 +127,7 @@ fn matrix(major: u32) {
     // The restored cluster was promoted onto timeline 2: a daemon beside it streams that.
     latest.psql("create table on_timeline_2 as select generate_series(1, 500) g");
     let daemon = Daemon::start(&dir, &storage, &bin, &latest, &fast);
-    let mut env = latest.client_env();
-    env.push(("PGKEEP_LISTEN".into(), format!("127.0.0.1:{}", daemon.port)));
-    let out = storage.pgkeep_pg(&bin, &["wal-switch", "--timeout", "60"], &env);
-    assert!(
-        out.status.success(),
-        "wal-switch on timeline 2: {}",
-        stderr(&out)
-    );
+    daemon.wal_switch(&storage, &bin, &latest);
     let keys = stored_keys(&storage);
     assert!(
         keys.iter()

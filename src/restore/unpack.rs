@@ -212,7 +212,7 @@ fn extract(
         let mut e = entry?;
         let raw = e.path()?.into_owned();
         let kind = e.header().entry_type();
-        // Tar metadata entries have no path of their own to check.
+        // Metadata of the tar format itself (the reader has applied it): no path of its own.
         if matches!(kind, EntryType::XGlobalHeader | EntryType::XHeader) {
             continue;
         }
@@ -267,8 +267,6 @@ fn extract(
                     "the backup holds a symbolic link, which a restore does not recreate: create it by hand if it is needed"
                 );
             }
-            // Metadata of the tar format itself, which the reader has already applied.
-            EntryType::XGlobalHeader | EntryType::XHeader => {}
             other => bail!(
                 "refusing the archive entry {}: a {} (a restore writes only files and directories, \
                  and the backup's own tablespace links; anything else could lead outside the target directory)",

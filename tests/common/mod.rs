@@ -826,6 +826,21 @@ impl Daemon {
         run_ok(Command::new("kill").args([&format!("-{sig}"), &pid]));
     }
 
+    /// `pgkeep wal-switch` (the preStop hook) against this daemon for `pg`; asserts it succeeded,
+    /// that is: the switched WAL is durable in storage.
+    pub fn wal_switch(&self, storage: &Storage, bin: &Path, pg: &PgCluster) {
+        let mut env = storage.env.clone();
+        env.extend(pg.client_env());
+        env.push(("PGKEEP_LISTEN".into(), format!("127.0.0.1:{}", self.port)));
+        let out = storage.pgkeep_pg(bin, &["wal-switch", "--timeout", "60"], &env);
+        assert!(
+            out.status.success(),
+            "wal-switch (Postgres {}): {}",
+            pg.major,
+            stderr(&out)
+        );
+    }
+
     /// Waits for the daemon to exit; its exit status.
     pub fn wait(&mut self, timeout: Duration) -> std::process::ExitStatus {
         wait_for("the daemon to exit", timeout, || {
