@@ -217,9 +217,10 @@ pub struct WalQuery {
     system_identifier: Option<u64>,
 }
 
-/// `GET|HEAD /wal/{name}`: the verified bytes of a WAL file (axum answers HEAD from the GET route
-/// without a body), with `x-pgkeep-sha256` of the content and `x-pgkeep-served`, the name it was
-/// stored under (a segment's `.partial` when only that exists).
+/// `GET|HEAD /wal/{name}`: a WAL file's stored object as it is (header, encoded and perhaps
+/// encrypted content; checked as far as is possible without a key), for `wal-fetch` to verify,
+/// decrypt and decode (axum answers HEAD from the GET route without a body), with
+/// `x-pgkeep-served`, the name it was stored under (a segment's `.partial` when only that exists).
 async fn wal(
     State(s): State<AppState>,
     Path(name): Path<String>,
@@ -261,18 +262,17 @@ async fn wal(
     {
         Ok(f) => Ok((
             [
-                (header::CONTENT_TYPE, "application/octet-stream".to_string()),
                 (
-                    header::HeaderName::from_static("x-pgkeep-sha256"),
-                    hex::encode(f.sha256),
+                    header::CONTENT_TYPE,
+                    crate::wal::fetch::OBJECT_CONTENT_TYPE.to_string(),
                 ),
                 (
                     header::HeaderName::from_static("x-pgkeep-served"),
                     f.served.to_string(),
                 ),
-                (header::CONTENT_LENGTH, f.data.len().to_string()),
+                (header::CONTENT_LENGTH, f.stored.len().to_string()),
             ],
-            crate::http_limits::body_with_permit(f.data, permit),
+            crate::http_limits::body_with_permit(f.stored, permit),
         )
             .into_response()),
         Err(FetchError::NotInArchive(_)) => Err(ApiError::NotFound(name.to_string())),

@@ -208,8 +208,11 @@ pub fn wal_bodies() -> Arc<Semaphore> {
 
 /// A response body of `data` that holds `permit` until it has been sent (or dropped), sent in
 /// pieces of a shared buffer (no copy).
-pub fn body_with_permit(data: Vec<u8>, permit: OwnedSemaphorePermit) -> axum::body::Body {
-    let data = bytes::Bytes::from(data);
+pub fn body_with_permit(
+    data: impl Into<bytes::Bytes>,
+    permit: OwnedSemaphorePermit,
+) -> axum::body::Body {
+    let data: bytes::Bytes = data.into();
     let pieces: Vec<bytes::Bytes> = (0..data.len())
         .step_by(256 << 10)
         .map(|at| data.slice(at..data.len().min(at + (256 << 10))))

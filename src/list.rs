@@ -64,13 +64,21 @@ pub fn render(inv: &Inventory) -> String {
     );
     if !inv.backups.is_empty() {
         out.push_str(&format!(
-            "{:<17} {:<20} {:>8} {:<14} {:<14} {:>3} {:>10} {:>10}\n",
-            "ID", "FINISHED (UTC)", "SECONDS", "START LSN", "END LSN", "TL", "SIZE", "STORED"
+            "{:<17} {:<20} {:>8} {:<14} {:<14} {:>3} {:>10} {:>10}  {}\n",
+            "ID",
+            "FINISHED (UTC)",
+            "SECONDS",
+            "START LSN",
+            "END LSN",
+            "TL",
+            "SIZE",
+            "STORED",
+            "ENCRYPTED TO"
         ));
     }
     for b in &inv.backups {
         out.push_str(&format!(
-            "{:<17} {:<20} {:>8.1} {:<14} {:<14} {:>3} {:>10} {:>10}\n",
+            "{:<17} {:<20} {:>8.1} {:<14} {:<14} {:>3} {:>10} {:>10}  {}\n",
             b.id.to_string(),
             b.end_time.format("%Y-%m-%d %H:%M:%S").to_string(),
             (b.end_time - b.start_time).num_milliseconds() as f64 / 1000.0,
@@ -79,6 +87,11 @@ pub fn render(inv: &Inventory) -> String {
             b.timeline.get(),
             human_bytes(b.plain_bytes),
             human_bytes(b.stored_bytes),
+            if b.encrypted_to.is_empty() {
+                "-".to_string()
+            } else {
+                b.encrypted_to.join(",")
+            },
         ));
     }
     match &inv.recoverable_window {

@@ -9,6 +9,7 @@ use pgkeep::config::{Config, LogFormat};
 use pgkeep::wal::archive;
 use pgkeep::wal::fetch::{self, FetchError};
 use pgkeep::{backup, list, restore};
+use std::os::unix::fs::OpenOptionsExt;
 
 /// What `wal-fetch` returns when the file is not in the archive: Postgres ends archive recovery.
 const EXIT_NOT_IN_ARCHIVE: u8 = 1;
@@ -79,6 +80,13 @@ enum Command {
         name: String,
         /// Where to write it (%p).
         dest: PathBuf,
+    },
+    /// Print a new age identity (the secret key, for encryption_identity_file) and, on stderr,
+    /// its recipient (the public key, for encryption_recipients). `age-keygen` works as well.
+    Keygen {
+        /// Write the identity to this new file (mode 0600) instead of stdout.
+        #[arg(long, short = 'o', value_name = "FILE")]
+        output: Option<PathBuf>,
     },
 }
 
@@ -249,6 +257,9 @@ fn main() -> ExitCode {
             };
         }
     };
+    if let Command::Keygen { output } = &cli.command {
+        return keygen(output.as_deref());
+    }
     let fail_code = match cli.command {
         Command::WalFetch { .. } => EXIT_FETCH_FAILED,
         _ => 1,
@@ -281,6 +292,31 @@ fn main() -> ExitCode {
     // Blocking work still running (an fsync of a cancelled upload) does not hold the exit up.
     runtime.shutdown_timeout(std::time::Duration::from_secs(2));
     code
+}
+
+/// `pgkeep keygen`: needs no configuration.
+fn keygen(output: Option<&std::path::Path>) -> ExitCode {
+    let (file, recipient) = pgkeep::storage::crypt::generate();
+    match output {
+        None => print!("{file}"),
+        Some(path) => {
+            let written = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(path)
+                .and_then(|mut f| {
+                    std::io::Write::write_all(&mut f, file.as_bytes())?;
+                    f.sync_all()
+                });
+            if let Err(e) = written {
+                eprintln!("pgkeep keygen: cannot create {}: {e}", path.display());
+                return ExitCode::from(1);
+            }
+        }
+    }
+    eprintln!("Public key: {recipient}");
+    ExitCode::SUCCESS
 }
 
 /// Logs a failed command's error and maps the result to an exit code.
@@ -324,6 +360,7 @@ async fn run(command: Command, cfg: Config) -> ExitCode {
                 print!("{}", list::render(&inv));
             }
         }),
+        Command::Keygen { .. } => unreachable!("handled before the configuration is read"),
         Command::Restore(args) => {
             let result = match restore_options(args, &cfg) {
                 Ok(opts) => restore::restore(&cfg, &opts).await,

@@ -132,6 +132,40 @@ fn chart_lints_renders_and_validates_for_every_values_file() {
             .is_some_and(|e| e.contains("supports Postgres 13 to 18")),
         "{f}"
     );
+    // Encryption: the identity only where backups are read; the recipients everywhere pgkeep runs.
+    let enc = &f["encryption"];
+    assert_eq!(
+        enc["identity_in"],
+        serde_json::json!(["StatefulSet/postgres", "StatefulSet/restore"]),
+        "{f}"
+    );
+    for c in [
+        "StatefulSet/pgkeep",
+        "StatefulSet/restore",
+        "StatefulSet/postgres",
+        "Job/backup",
+    ] {
+        assert!(
+            enc["recipients_in"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|x| x == c),
+            "{c}: {f}"
+        );
+    }
+    assert!(
+        enc["without_identity"]
+            .as_str()
+            .is_some_and(|e| e.contains("identitySecret is not")),
+        "{f}"
+    );
+    assert!(
+        enc["secret_as_recipient"]
+            .as_str()
+            .is_some_and(|e| e.contains("age public key")),
+        "{f}"
+    );
     let rendered = f["rendered"].as_object().unwrap();
     let mut files: Vec<String> =
         std::fs::read_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/helm/examples"))

@@ -397,7 +397,8 @@ fn a_forged_backup_writes_nothing_outside_the_target() {
             tar.append_data(&mut h, name, data).unwrap();
         }
         let tar = tar.into_inner().unwrap();
-        let (header, sealed) = pgkeep::storage::object::seal(pgkeep::codec::Codec::None, &tar);
+        let (header, sealed) =
+            pgkeep::storage::object::seal(pgkeep::codec::Codec::None, &tar, &Default::default());
         let base = format!("clusters/{sysid}/basebackups/{id}");
         std::fs::write(
             s.storage.object_file(&format!("{base}/data/base/000000")),
@@ -407,7 +408,8 @@ fn a_forged_backup_writes_nothing_outside_the_target() {
         // backup.json names the forged chunk, with its checksum (one chunk of base.tar).
         let meta_file = s.storage.object_file(&format!("{base}/backup.json"));
         let (_, plain) =
-            pgkeep::storage::object::open(&std::fs::read(&meta_file).unwrap()).unwrap();
+            pgkeep::storage::object::open(&std::fs::read(&meta_file).unwrap(), &Default::default())
+                .unwrap();
         let mut meta: serde_json::Value = serde_json::from_slice(&plain).unwrap();
         let archive = meta["archives"]
             .as_array_mut()
@@ -418,10 +420,11 @@ fn a_forged_backup_writes_nothing_outside_the_target() {
         archive["chunks"] = serde_json::json!([{
             "plain_len": tar.len(),
             "stored_len": sealed.len(),
-            "sha256": hex::encode(header.plain_sha256),
+            "sha256": hex::encode(header.checksum),
         }]);
         let json = serde_json::to_vec(&meta).unwrap();
-        let (_, sealed_meta) = pgkeep::storage::object::seal(pgkeep::codec::Codec::None, &json);
+        let (_, sealed_meta) =
+            pgkeep::storage::object::seal(pgkeep::codec::Codec::None, &json, &Default::default());
         std::fs::write(&meta_file, sealed_meta).unwrap();
     };
     use tar::EntryType::{Link, Regular, Symlink};

@@ -11,7 +11,6 @@ use tokio::task::JoinSet;
 
 use crate::codec::Codec;
 use crate::storage::layout::{ArchiveName, BackupId};
-use crate::storage::object;
 use crate::storage::{Archive, ArchiveMeta, ChunkMeta, StorageError};
 
 /// An archive as received: its name, the tablespace's location and its size.
@@ -98,13 +97,14 @@ impl Uploader {
             self.codec,
             self.spare.clone(),
         );
+        let seal_repo = repo.clone();
         self.tasks.spawn(async move {
             let _permit = permit;
             let plain_len = data.len() as u64;
             let (sha, sealed) = tokio::task::spawn_blocking(move || {
-                let (header, sealed) = object::seal(codec, &data);
+                let (header, sealed) = seal_repo.seal(codec, &data);
                 spare.lock().expect("not poisoned").push(data);
-                (hex::encode(header.plain_sha256), sealed)
+                (hex::encode(header.checksum), sealed)
             })
             .await
             .expect("sealing does not panic");

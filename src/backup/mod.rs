@@ -18,7 +18,6 @@ use crate::pg::{Lsn, TimelineId};
 use crate::progress::human_bytes;
 use crate::storage::catalog::{META_VERSION, required_wal};
 use crate::storage::layout::BackupId;
-use crate::storage::object;
 use crate::storage::{Archive, ArchiveMeta, BackupMeta, ClusterInfo, Repo};
 
 /// Takes one base backup now and waits until it exists in storage (data, manifest, its WAL,
@@ -101,12 +100,10 @@ async fn finish(
     s: Streamed,
 ) -> anyhow::Result<BackupMeta> {
     let repo = archive.repo();
-    repo.put_overwrite(
-        &archive.layout().backup_manifest(id),
-        &s.manifest,
-        cfg.codec,
-    )
-    .await?;
+    // Its checksum (of the stored bytes when encrypted) goes into backup.json.
+    let (manifest_header, sealed) = repo.seal(cfg.codec, &s.manifest);
+    repo.put_sealed(&archive.layout().backup_manifest(id), sealed)
+        .await?;
     wait_for_wal(
         cfg,
         archive,
@@ -130,7 +127,8 @@ async fn finish(
         codec: cfg.codec,
         plain_bytes: s.archives.iter().map(|a| a.plain_bytes).sum(),
         stored_bytes: s.archives.iter().map(|a| a.stored_bytes).sum(),
-        manifest_sha256: hex::encode(object::content_sha256(&s.manifest)),
+        manifest_sha256: hex::encode(manifest_header.checksum),
+        encrypted_to: repo.keys().recipient_fingerprints(),
         archives: s.archives,
     };
     // Written last: from here on the backup exists.

@@ -27,6 +27,9 @@ enum Kind {
     Str,
     Int,
     Bool,
+    /// A list of strings: a TOML array, or one string of comma-separated items (as in the
+    /// environment).
+    List,
 }
 
 /// Every key pgkeep knows, with its type and its default (documented in `config/pgkeep.example.toml`).
@@ -57,6 +60,8 @@ const KEYS: &[(&str, Kind)] = &[
     ("backup_count", Kind::Int),
     ("backup_max_age_hours", Kind::Int),
     ("backup_interval_hours", Kind::Int),
+    ("encryption_recipients", Kind::List),
+    ("encryption_identity_file", Kind::Str),
 ];
 
 /// Environment variables with the `PGKEEP_` prefix that are not settings.
@@ -122,6 +127,9 @@ pub struct Config {
     pub backup_max_age_hours: u64,
     /// The daemon takes a base backup this often (0: never on its own).
     pub backup_interval_hours: u64,
+    /// Client-side encryption: the recipients new objects are encrypted to, and the identity
+    /// file that decrypts them (only `restore` and `wal-fetch` need it).
+    pub encryption: crate::storage::EncryptionSettings,
     /// The `PGKEEP_*` variables this configuration was built from (restore passes them on to the
     /// restore_command it writes).
     pub env_settings: Vec<(String, String)>,
@@ -187,7 +195,7 @@ impl Config {
             let origin = format!("{name} (environment)");
             env_settings.push((name.clone(), value.clone()));
             let value = match kind {
-                Kind::Str => toml::Value::String(value),
+                Kind::Str | Kind::List => toml::Value::String(value),
                 Kind::Int => value
                     .trim()
                     .parse::<i64>()
@@ -272,6 +280,7 @@ impl Config {
             backup_count: v.int("backup_count", 1..=10000, 3)? as usize,
             backup_max_age_hours: v.int("backup_max_age_hours", 0..=1_000_000, 168)? as u64,
             backup_interval_hours: v.int("backup_interval_hours", 0..=100_000, 24)? as u64,
+            encryption: v.encryption()?,
             env_settings,
             file: file.map(Path::to_path_buf),
         })
@@ -284,6 +293,7 @@ impl Config {
             retry: self.retry,
             verify_uploads: self.verify_uploads,
             options: vec![],
+            encryption: self.encryption.clone(),
         }
     }
 

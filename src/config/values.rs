@@ -37,6 +37,13 @@ impl Values {
             Kind::Str => (r.value.is_str(), "a string"),
             Kind::Int => (r.value.is_integer(), "a whole number"),
             Kind::Bool => (r.value.is_bool(), "true or false"),
+            Kind::List => (
+                r.value.is_str()
+                    || r.value
+                        .as_array()
+                        .is_some_and(|a| a.iter().all(toml::Value::is_str)),
+                "a list of strings (or one comma-separated string)",
+            ),
         };
         if !ok {
             return Err(bad(&r.origin, format!("expected {want}, got {}", r.value)));
@@ -81,6 +88,49 @@ impl Values {
     }
 
     /// An absolute path, or `default`.
+    /// A list setting's items (trimmed, empty ones dropped) and its origin.
+    pub fn list(&self, key: &str) -> Result<Option<(Vec<String>, String)>, ConfigError> {
+        Ok(self.get(key)?.map(|(v, o)| {
+            let items: Vec<String> = match v {
+                toml::Value::Array(a) => a
+                    .iter()
+                    .map(|s| s.as_str().expect("checked").to_string())
+                    .collect(),
+                v => v
+                    .as_str()
+                    .expect("checked")
+                    .split(',')
+                    .map(str::to_string)
+                    .collect(),
+            };
+            let items = items
+                .into_iter()
+                .map(|s| s.trim().to_string())
+                .filter(|s| !s.is_empty())
+                .collect();
+            (items, o.to_string())
+        }))
+    }
+
+    /// `encryption_recipients` (each checked to be an age recipient) and
+    /// `encryption_identity_file` (an absolute path; read when a key is needed).
+    pub fn encryption(&self) -> Result<crate::storage::EncryptionSettings, ConfigError> {
+        let recipients = match self.list("encryption_recipients")? {
+            None => vec![],
+            Some((items, o)) => {
+                for (i, r) in items.iter().enumerate() {
+                    crate::storage::crypt::parse_recipient(r)
+                        .map_err(|m| bad(&o, format!("entry {}: {m}", i + 1)))?;
+                }
+                items
+            }
+        };
+        Ok(crate::storage::EncryptionSettings {
+            recipients,
+            identity_file: self.absolute_path("encryption_identity_file", None)?,
+        })
+    }
+
     pub fn absolute_path(
         &self,
         key: &str,

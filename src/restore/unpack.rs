@@ -13,7 +13,6 @@ use crate::fsutil;
 use crate::pg::WalFileName;
 use crate::pg::walheader;
 use crate::progress::Progress;
-use crate::storage::object;
 use crate::storage::{Archive, ArchiveMeta, BackupMeta};
 
 use super::map_location;
@@ -56,8 +55,8 @@ pub(super) async fn fetch_manifest_and_wal(
     dir: &Path,
 ) -> anyhow::Result<()> {
     let key = archive.layout().backup_manifest(&meta.id);
-    let manifest = archive.repo().get(&key).await?;
-    if hex::encode(object::content_sha256(&manifest)) != meta.manifest_sha256 {
+    let (header, manifest) = archive.repo().get_with_header(&key).await?;
+    if hex::encode(header.checksum) != meta.manifest_sha256 {
         bail!("{key}: does not match the checksum recorded in the backup's metadata");
     }
     fsutil::write_atomic(&dir.join("backup_manifest"), &manifest)?;
@@ -154,7 +153,7 @@ impl Unpack<'_> {
                 // be the checksum the metadata recorded for this chunk (a swapped chunk is caught).
                 let (header, data) = repo.get_with_header(&key).await?;
                 if header.plain_len != chunk.plain_len
-                    || hex::encode(header.plain_sha256) != chunk.sha256
+                    || hex::encode(header.checksum) != chunk.sha256
                 {
                     bail!("{key}: does not match the checksum recorded in the backup's metadata");
                 }

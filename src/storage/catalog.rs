@@ -77,10 +77,15 @@ pub struct BackupMeta {
     /// Codec of the chunks (each chunk's own header also says).
     pub codec: Codec,
     pub archives: Vec<ArchiveMeta>,
-    /// SHA-256 of the backup manifest.
+    /// The checksum of the backup manifest's object (its header's: of the plain manifest, or of
+    /// the stored bytes when encrypted).
     pub manifest_sha256: String,
     pub plain_bytes: u64,
     pub stored_bytes: u64,
+    /// The fingerprints of the age recipients its chunks and manifest are encrypted to (empty:
+    /// not encrypted). Tells which identities a restore of it needs.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub encrypted_to: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -98,6 +103,8 @@ pub struct ArchiveMeta {
 pub struct ChunkMeta {
     pub plain_len: u64,
     pub stored_len: u64,
+    /// The checksum its object header records (of the plain chunk, or of the stored bytes when
+    /// encrypted): a swapped chunk is caught.
     pub sha256: String,
 }
 
@@ -221,13 +228,13 @@ impl Repo {
                 layout_version: layout::LAYOUT_VERSION,
             };
             let json = serde_json::to_vec_pretty(&marker).expect("serialisable");
-            self.put_new(&layout::format_marker(), &json, Codec::None)
+            self.put_new_metadata(&layout::format_marker(), &json)
                 .await?;
         }
         let archive = Archive::new(self.clone(), info.system_identifier);
         let key = archive.layout().info();
         let json = serde_json::to_vec_pretty(info).expect("serialisable");
-        match self.put_new(&key, &json, Codec::None).await {
+        match self.put_new_metadata(&key, &json).await {
             Ok(_) => {}
             // Already described, perhaps less completely (archive-push of a history file knows
             // no segment size) or by a writer racing this one: the stored description of the
@@ -304,7 +311,7 @@ impl Archive {
     pub async fn publish_backup(&self, meta: &BackupMeta) -> Result<(), StorageError> {
         let json = serde_json::to_vec_pretty(meta).expect("serialisable");
         self.repo()
-            .put_new(&self.layout().backup_meta(&meta.id), &json, Codec::None)
+            .put_new_metadata(&self.layout().backup_meta(&meta.id), &json)
             .await?;
         Ok(())
     }
@@ -427,6 +434,7 @@ mod tests {
             },
             verify_uploads: true,
             options: vec![],
+            encryption: Default::default(),
         };
         Repo::open(&settings, true).unwrap()
     }
@@ -452,7 +460,7 @@ mod tests {
         assert!(String::from_utf8_lossy(&raw).contains("\"system_identifier\": \"42\""));
         // Another cluster's description under this cluster's key is damage, not a race.
         let bad = serde_json::to_vec(&info(43, None)).unwrap();
-        repo.put_overwrite(&archive.layout().info(), &bad, Codec::None)
+        repo.put_overwrite_metadata(&archive.layout().info(), &bad)
             .await
             .unwrap();
         let err = repo.ensure_cluster(&info(42, None)).await.unwrap_err();

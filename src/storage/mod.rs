@@ -2,6 +2,7 @@
 //! reads and writes verified objects, and the typed catalog of one cluster's archive.
 pub mod archive;
 pub mod catalog;
+pub mod crypt;
 pub mod layout;
 pub mod object;
 pub mod repo;
@@ -9,6 +10,7 @@ pub mod settings;
 
 pub use archive::Archive;
 pub use catalog::{ArchiveMeta, BackupMeta, ChunkMeta, ClusterInfo};
+pub use crypt::{EncryptionSettings, Keys};
 pub use layout::ClusterLayout;
 pub use repo::{PutOutcome, Repo, StorageError};
 pub use settings::{StorageSettings, StorageUrl};

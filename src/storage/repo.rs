@@ -16,6 +16,7 @@ use object_store::{
     BackoffConfig, ClientConfigKey, ObjectStore, ObjectStoreExt, PutPayload, RetryConfig,
 };
 
+use super::crypt::{Keys, OpenError};
 use super::object::{self, Header};
 use super::settings::{CloudScheme, StorageSettings, StorageUrl};
 use crate::codec::Codec;
@@ -39,6 +40,9 @@ pub enum StorageError {
         new_len: u64,
         new_sha: String,
     },
+    /// Intact, but encrypted to keys this process holds no identity for.
+    #[error("{key}: {reason}")]
+    Locked { key: String, reason: String },
     #[error("{key}: the uploaded object did not read back identically ({reason})")]
     VerifyFailed { key: String, reason: String },
     #[error("{key}: {op} failed: {}", redact_userinfo(&source.to_string()))]
@@ -98,6 +102,31 @@ impl StorageError {
     }
 }
 
+fn open_error(key: &Path, e: OpenError) -> StorageError {
+    match e {
+        OpenError::Damaged(reason) => StorageError::Corrupt {
+            key: key.to_string(),
+            reason,
+        },
+        OpenError::Locked(reason) => StorageError::Locked {
+            key: key.to_string(),
+            reason,
+        },
+    }
+}
+
+/// How stored content compares with new content under the same name.
+enum Compared {
+    Same,
+    /// Encrypted to keys without an identity here, intact and of the same size.
+    SameSizeEncrypted,
+    Differs {
+        len: u64,
+        sha: String,
+    },
+    Damaged(String),
+}
+
 /// What happened to a write.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PutOutcome {
@@ -119,6 +148,7 @@ pub struct Repo {
     /// Folders below `local_root` whose entry in their parent is known to be fsynced.
     durable_dirs: Arc<std::sync::Mutex<std::collections::HashSet<PathBuf>>>,
     verify_uploads: bool,
+    keys: Arc<Keys>,
 }
 
 impl std::fmt::Debug for Repo {
@@ -147,6 +177,7 @@ impl Repo {
         };
         let timeout = format!("{}s", cfg.retry.request_timeout.as_secs());
         let connect_timeout = format!("{}s", cfg.retry.request_timeout.as_secs().min(10));
+        let keys = Arc::new(Keys::from_settings(&cfg.encryption).map_err(&setup)?);
         let (store, local_root): (Arc<dyn ObjectStore>, _) = match &cfg.url {
             StorageUrl::File { root } => {
                 if create {
@@ -214,7 +245,27 @@ impl Repo {
             local_root,
             durable_dirs: Default::default(),
             verify_uploads: cfg.verify_uploads,
+            keys,
         })
+    }
+
+    /// The encryption keys objects are sealed and opened with.
+    pub fn keys(&self) -> &Keys {
+        &self.keys
+    }
+
+    /// The stored form of `plain` (database content: encrypted when recipients are configured).
+    pub fn seal(&self, codec: Codec, plain: &[u8]) -> (Header, Vec<u8>) {
+        object::seal(codec, plain, &self.keys)
+    }
+
+    /// Checks, decrypts and decodes the stored object `key`.
+    pub fn open_object(
+        &self,
+        key: &Path,
+        stored: &[u8],
+    ) -> Result<(Header, Vec<u8>), StorageError> {
+        object::open(stored, &self.keys).map_err(|e| open_error(key, e))
     }
 
     pub fn url(&self) -> &str {
@@ -231,31 +282,47 @@ impl Repo {
         plain: &[u8],
         codec: Codec,
     ) -> Result<PutOutcome, StorageError> {
-        let new = Header::for_content(codec, plain);
-        let conflict = |old: &Header| StorageError::Conflict {
+        self.put_new_with(key, plain, codec, &self.keys.clone())
+            .await
+    }
+
+    /// As [`Repo::put_new`], for metadata that stays readable without any key (never encrypted).
+    pub async fn put_new_metadata(
+        &self,
+        key: &Path,
+        plain: &[u8],
+    ) -> Result<PutOutcome, StorageError> {
+        self.put_new_with(key, plain, Codec::None, &Keys::default())
+            .await
+    }
+
+    async fn put_new_with(
+        &self,
+        key: &Path,
+        plain: &[u8],
+        codec: Codec,
+        keys: &Keys,
+    ) -> Result<PutOutcome, StorageError> {
+        let new_len = plain.len() as u64;
+        let new_sha = object::content_sha256(plain);
+        let conflict = |stored_len: u64, stored_sha: String| StorageError::Conflict {
             key: key.to_string(),
-            stored_len: old.plain_len,
-            stored_sha: hex::encode(old.plain_sha256),
-            new_len: new.plain_len,
-            new_sha: hex::encode(new.plain_sha256),
+            stored_len,
+            stored_sha,
+            new_len,
+            new_sha: hex::encode(new_sha),
         };
         let mut repairing = false;
         match self.fetch_raw(key).await {
-            Ok(existing) => match object::open(&existing) {
-                Ok((old, _))
-                    if old.plain_sha256 == new.plain_sha256 && old.plain_len == new.plain_len =>
-                {
+            Ok(existing) => match self.compare(&existing, new_len, &new_sha) {
+                Compared::Same => return Ok(PutOutcome::AlreadyPresent),
+                Compared::SameSizeEncrypted => {
+                    tracing::info!(%key, "already stored, encrypted, with the same size and an intact checksum: \
+                        kept (without an identity its content cannot be compared)");
                     return Ok(PutOutcome::AlreadyPresent);
                 }
-                Ok((old, _)) => return Err(conflict(&old)),
-                Err(reason) => {
-                    // Only replace a damaged copy when its header still says it held this very content
-                    // (or the header itself is unreadable): a readable header for other content is a conflict.
-                    if let Ok(old) = Header::parse(&existing)
-                        && (old.plain_sha256 != new.plain_sha256 || old.plain_len != new.plain_len)
-                    {
-                        return Err(conflict(&old));
-                    }
+                Compared::Differs { len, sha } => return Err(conflict(len, sha)),
+                Compared::Damaged(reason) => {
                     tracing::warn!(%key, %reason, "the stored copy is damaged; replacing it with the verified source");
                     repairing = true;
                 }
@@ -263,12 +330,44 @@ impl Repo {
             Err(StorageError::NotFound { .. }) => {}
             Err(e) => return Err(e),
         }
-        let stored_len = self.put_overwrite(key, plain, codec).await?;
+        let (_, stored) = object::seal(codec, plain, keys);
+        let stored_len = self.put_sealed(key, stored).await?;
         Ok(if repairing {
             PutOutcome::Repaired { stored_len }
         } else {
             PutOutcome::Stored { stored_len }
         })
+    }
+
+    /// How a stored object relates to new content of `new_len` bytes with SHA-256 `new_sha`.
+    fn compare(&self, existing: &[u8], new_len: u64, new_sha: &[u8; 32]) -> Compared {
+        let header = match Header::parse(existing) {
+            Ok(h) => h,
+            Err(reason) => return Compared::Damaged(reason),
+        };
+        let other = |len: u64, sha: Option<[u8; 32]>| Compared::Differs {
+            len,
+            sha: sha
+                .map(hex::encode)
+                .unwrap_or_else(|| "unknown (encrypted)".into()),
+        };
+        match object::open(existing, &self.keys) {
+            Ok((h, plain))
+                if h.plain_len == new_len && object::content_sha256(&plain) == *new_sha =>
+            {
+                Compared::Same
+            }
+            Ok((h, plain)) => other(h.plain_len, Some(object::content_sha256(&plain))),
+            // Only replace a damaged copy when its header still says it held this very content
+            // (as far as a header can say): a readable header for other content is a conflict.
+            Err(OpenError::Damaged(reason)) => match header.holds(new_len, new_sha) {
+                Some(false) => other(header.plain_len, Some(header.checksum)),
+                _ if header.plain_len != new_len => other(header.plain_len, None),
+                _ => Compared::Damaged(reason),
+            },
+            Err(OpenError::Locked(_)) if header.plain_len == new_len => Compared::SameSizeEncrypted,
+            Err(OpenError::Locked(_)) => other(header.plain_len, None),
+        }
     }
 
     /// Stores `plain` under `key`, replacing whatever is there; verified and durable on return.
@@ -279,7 +378,17 @@ impl Repo {
         plain: &[u8],
         codec: Codec,
     ) -> Result<u64, StorageError> {
-        let (_, stored) = object::seal(codec, plain);
+        let (_, stored) = self.seal(codec, plain);
+        self.put_sealed(key, stored).await
+    }
+
+    /// As [`Repo::put_overwrite`], for metadata that stays readable without any key.
+    pub async fn put_overwrite_metadata(
+        &self,
+        key: &Path,
+        plain: &[u8],
+    ) -> Result<u64, StorageError> {
+        let (_, stored) = object::seal(Codec::None, plain, &Keys::default());
         self.put_sealed(key, stored).await
     }
 
@@ -362,14 +471,27 @@ impl Repo {
     /// The verified plain content of `key` with its header (whose checksum it was verified against).
     pub async fn get_with_header(&self, key: &Path) -> Result<(Header, Vec<u8>), StorageError> {
         let stored = self.fetch_raw(key).await?;
-        // Decoding and hashing are CPU work: keep them off the async threads.
-        tokio::task::spawn_blocking(move || object::open(&stored))
+        let keys = self.keys.clone();
+        // Decrypting, decoding and hashing are CPU work: keep them off the async threads.
+        tokio::task::spawn_blocking(move || object::open(&stored, &keys))
             .await
             .expect("decoding does not panic")
+            .map_err(|e| open_error(key, e))
+    }
+
+    /// The stored bytes of `key` as they are (still encoded, perhaps encrypted), checked as far as
+    /// is possible without a key (see [`object::check`]).
+    pub async fn get_stored(&self, key: &Path) -> Result<(Header, bytes::Bytes), StorageError> {
+        let stored = self.fetch_raw(key).await?;
+        let copy = stored.clone();
+        let header = tokio::task::spawn_blocking(move || object::check(&copy))
+            .await
+            .expect("checking does not panic")
             .map_err(|reason| StorageError::Corrupt {
                 key: key.to_string(),
                 reason,
-            })
+            })?;
+        Ok((header, stored))
     }
 
     pub async fn exists(&self, key: &Path) -> Result<bool, StorageError> {

@@ -17,6 +17,8 @@ pub struct StorageSettings {
     /// variables say. Empty from the configuration; tests and embedders name a store here
     /// without touching the process environment.
     pub options: Vec<(String, String)>,
+    /// Client-side encryption of database content.
+    pub encryption: super::crypt::EncryptionSettings,
 }
 
 /// Where the object store is, parsed from `storage`.

@@ -12,7 +12,10 @@ use crate::config::Config;
 use crate::fsutil;
 use crate::pg::walheader;
 use crate::pg::{WalFileKind, WalFileName};
-use crate::storage::{Archive, StorageError, object};
+use crate::storage::{Archive, Repo, StorageError, object};
+
+/// The content type of `GET /wal/{name}`: the stored object, header and all.
+pub const OBJECT_CONTENT_TYPE: &str = "application/vnd.pgkeep.object";
 
 /// Why `wal-fetch` did not deliver a file. Only [`FetchError::NotInArchive`] may tell Postgres "no
 /// such file" (exit 1); everything else must stop recovery (exit 126) rather than end it early.
@@ -88,24 +91,40 @@ async fn from_daemon(cfg: &Config, name: &WalFileName, sysid: Option<u64>) -> Op
     };
     match r.status {
         200 => {
-            // Verified again here: the daemon's copy crossed a socket and a cache.
-            let want = r.header("x-pgkeep-sha256").unwrap_or_default().to_string();
-            let got = hex::encode(object::content_sha256(&r.body));
+            // The daemon hands over the stored object as it is (it may hold no key to decrypt
+            // it): verified, decrypted and decoded here.
             let served: Option<WalFileName> =
                 r.header("x-pgkeep-served").and_then(|n| n.parse().ok());
             let served = served.filter(|s| s.timeline == name.timeline && s.stem() == name.stem());
-            if want != got || served.is_none() {
-                tracing::warn!(wal = %name, "the daemon's answer did not verify; reading storage directly");
+            let (Some(served), Some(OBJECT_CONTENT_TYPE)) = (served, r.header("content-type"))
+            else {
+                tracing::warn!(wal = %name, "the daemon's answer is not a stored WAL object; reading storage directly");
                 return None;
-            }
-            let served = served.expect("checked");
-            if matches!(served.kind, WalFileKind::Segment | WalFileKind::Partial)
-                && let Err(e) = walheader::check_segment(&served, &r.body, Some(sysid))
+            };
+            let keys = match crate::storage::Keys::from_settings(&cfg.storage_settings().encryption)
             {
-                tracing::warn!(wal = %name, "the daemon's copy is not this segment ({e}); reading storage directly");
-                return None;
+                Ok(k) => k,
+                Err(e) => {
+                    tracing::debug!("{e}");
+                    return None;
+                }
+            };
+            let opened = object::open(&r.body, &keys)
+                .map_err(|e| format!("{e:?}"))
+                .and_then(|(_, data)| {
+                    if matches!(served.kind, WalFileKind::Segment | WalFileKind::Partial) {
+                        walheader::check_segment(&served, &data, Some(sysid))
+                            .map_err(|e| e.to_string())?;
+                    }
+                    Ok(data)
+                });
+            match opened {
+                Ok(data) => Some(data),
+                Err(e) => {
+                    tracing::warn!(wal = %name, "the daemon's copy did not verify ({e}); reading storage directly");
+                    None
+                }
             }
-            Some(r.body)
         }
         // Not taken on the daemon's word: only storage may say "not in the archive", the answer
         // that ends recovery.
@@ -135,24 +154,50 @@ async fn from_storage(cfg: &Config, name: &WalFileName) -> Result<Vec<u8>, Fetch
         )
         .into());
     }
-    Ok(fetch_verified(&archive, name).await?.data)
+    Ok(fetch_verified(&archive, name).await?.0)
 }
 
-/// A WAL file read from storage and verified.
+/// A WAL file as stored (still encoded, perhaps encrypted), checked as far as is possible
+/// without a key.
 #[derive(Debug, Clone)]
 pub struct Fetched {
-    pub data: Vec<u8>,
+    pub stored: bytes::Bytes,
+    pub header: object::Header,
     /// The name it was stored under: the segment's `.partial` when only that exists.
     pub served: WalFileName,
-    /// The SHA-256 of `data`, which the object's header recorded and the download was checked
-    /// against.
-    pub sha256: [u8; 32],
+    /// Its key in storage (for messages).
+    pub key: object_store::path::Path,
 }
 
-/// The verified content of a WAL file and the name it was stored under: a segment that exists only
+/// The verified plain content of a WAL file, and the name it was stored under.
+pub async fn fetch_verified(
+    archive: &Archive,
+    name: &WalFileName,
+) -> Result<(Vec<u8>, WalFileName), FetchError> {
+    let f = fetch_stored(archive, name).await?;
+    let repo = archive.repo().clone();
+    let sysid = archive.system_identifier();
+    let served = f.served;
+    let data = tokio::task::spawn_blocking(move || open_checked(&repo, &f, sysid))
+        .await
+        .expect("decoding does not panic")?;
+    Ok((data, served))
+}
+
+/// Decrypts and decodes a fetched WAL file, and checks a segment's page header against its name
+/// and the cluster.
+pub fn open_checked(repo: &Repo, f: &Fetched, sysid: u64) -> Result<Vec<u8>, FetchError> {
+    let (_, data) = repo.open_object(&f.key, &f.stored)?;
+    if matches!(f.served.kind, WalFileKind::Segment | WalFileKind::Partial) {
+        walheader::check_segment(&f.served, &data, Some(sysid)).map_err(anyhow::Error::from)?;
+    }
+    Ok(data)
+}
+
+/// The stored form of a WAL file and the name it was stored under: a segment that exists only
 /// as the `.partial` the daemon streamed (the last WAL before a crash or shutdown) is served from
 /// that, and Postgres replays it up to its valid end, then ends recovery there.
-pub async fn fetch_verified(archive: &Archive, name: &WalFileName) -> Result<Fetched, FetchError> {
+pub async fn fetch_stored(archive: &Archive, name: &WalFileName) -> Result<Fetched, FetchError> {
     let (repo, layout) = (archive.repo(), archive.layout());
     let mut candidates = vec![(layout.wal(name), *name)];
     if name.kind == WalFileKind::Segment {
@@ -163,7 +208,7 @@ pub async fn fetch_verified(archive: &Archive, name: &WalFileName) -> Result<Fet
         candidates.push((layout.streaming_partial(name), partial));
     }
     for (i, (key, served)) in candidates.into_iter().enumerate() {
-        let (header, data) = match repo.get_with_header(&key).await {
+        let (header, stored) = match repo.get_stored(&key).await {
             Ok(found) => found,
             Err(StorageError::NotFound { .. }) => continue,
             Err(e) => return Err(e.into()),
@@ -171,14 +216,11 @@ pub async fn fetch_verified(archive: &Archive, name: &WalFileName) -> Result<Fet
         if i > 0 {
             tracing::info!(wal = %name, "only the partial segment is in the archive: serving it");
         }
-        if matches!(served.kind, WalFileKind::Segment | WalFileKind::Partial) {
-            walheader::check_segment(&served, &data, Some(archive.system_identifier()))
-                .map_err(anyhow::Error::from)?;
-        }
         return Ok(Fetched {
-            data,
+            stored,
+            header,
             served,
-            sha256: header.plain_sha256,
+            key,
         });
     }
     Err(FetchError::NotInArchive(name.to_string()))

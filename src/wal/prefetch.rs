@@ -9,18 +9,18 @@ use std::sync::Mutex;
 
 use prometheus_client::metrics::counter::Counter;
 
-use crate::pg::walheader;
-use crate::pg::{SegmentNo, WalFileKind, WalFileName};
+use crate::pg::{SegmentNo, WalFileKind, WalFileName, WalSegSize};
 use crate::storage::Archive;
-use crate::wal::fetch::{FetchError, Fetched, fetch_verified};
+use crate::storage::object::Header;
+use crate::wal::fetch::{FetchError, Fetched, fetch_stored};
 
 pub struct Prefetcher {
     dir: PathBuf,
     count: usize,
     inflight: Mutex<HashSet<WalFileName>>,
-    /// The checksum of each cached segment (verified when it was downloaded), so a hit is served
-    /// without hashing it again.
-    cached: Mutex<HashMap<WalFileName, [u8; 32]>>,
+    /// The header and key of each cached segment (checked when it was downloaded), so a hit is
+    /// served without checking it again.
+    cached: Mutex<HashMap<WalFileName, (Header, object_store::path::Path)>>,
     /// Requests answered from the cache.
     pub hits: Counter,
     /// Segments downloaded ahead of their request.
@@ -60,8 +60,9 @@ impl Prefetcher {
         })
     }
 
-    /// The verified content of `name` (from the cache when prefetched); then prefetches the
-    /// segments that follow it.
+    /// The stored form of `name` (from the cache when prefetched), checked as far as is possible
+    /// without a key; then prefetches the segments that follow it. The daemon needs no identity:
+    /// `wal-fetch` decrypts and decodes.
     pub async fn get(
         self: &Arc<Self>,
         archive: &Archive,
@@ -72,16 +73,17 @@ impl Prefetcher {
                 self.hits.inc();
                 hit
             }
-            None => fetch_verified(archive, name).await?,
+            None => fetch_stored(archive, name).await?,
         };
         self.served.inc();
         if result.served.kind == WalFileKind::Segment
             && self.count > 0
-            && let Ok(h) = walheader::parse_long_header(&name.to_string(), &result.data)
-            && let Ok(seg) = name.segment_no(h.seg_size)
+            // A segment's plain length is the segment size (wal-fetch checks its page header).
+            && let Some(seg_size) = u32::try_from(result.header.plain_len).ok().and_then(WalSegSize::new)
+            && let Ok(seg) = name.segment_no(seg_size)
         {
             for i in 1..=self.count as u64 {
-                let next = WalFileName::segment(name.timeline, SegmentNo(seg.0 + i), h.seg_size);
+                let next = WalFileName::segment(name.timeline, SegmentNo(seg.0 + i), seg_size);
                 self.prefetch(archive.clone(), next);
             }
         }
@@ -94,14 +96,15 @@ impl Prefetcher {
         if name.kind != WalFileKind::Segment {
             return None;
         }
-        let sha256 = self.cached.lock().expect("not poisoned").remove(name)?;
+        let (header, key) = self.cached.lock().expect("not poisoned").remove(name)?;
         let path = self.dir.join(name.to_string());
-        let data = std::fs::read(&path).ok()?;
+        let stored = std::fs::read(&path).ok()?;
         let _ = std::fs::remove_file(&path);
-        Some(Fetched {
-            data,
+        (Header::parse(&stored).ok()? == header).then(|| Fetched {
+            stored: stored.into(),
+            header,
             served: *name,
-            sha256,
+            key,
         })
     }
 
@@ -118,14 +121,14 @@ impl Prefetcher {
         let path = self.dir.join(name.to_string());
         let me = self.clone();
         tokio::spawn(async move {
-            match fetch_verified(&archive, &name).await {
+            match fetch_stored(&archive, &name).await {
                 Ok(f) if f.served.kind == WalFileKind::Segment => {
-                    match crate::fsutil::write_atomic(&path, &f.data) {
+                    match crate::fsutil::write_atomic(&path, &f.stored) {
                         Ok(()) => {
                             me.cached
                                 .lock()
                                 .expect("not poisoned")
-                                .insert(name, f.sha256);
+                                .insert(name, (f.header, f.key));
                             me.prefetched.inc();
                         }
                         Err(e) => tracing::warn!(wal = %name, "prefetch cache write failed: {e}"),

@@ -141,7 +141,44 @@ def check():
         refused = ""
     except Exception as e:  # helm's fail() surfaces as a render error
         refused = str(e)
-    print(json.dumps({"rendered": rendered, "images": images, "major_12": refused}))
+    print(json.dumps({"rendered": rendered, "images": images, "major_12": refused,
+                      "encryption": encryption_findings()}))
+
+
+def encryption_findings():
+    """Where the encrypted example puts the identity and the recipients, and what is refused."""
+    values = load_values([os.path.join(EXAMPLES, "values-encrypted.yaml")])
+    objects, _ = render(values, name="db", upgrade=True)
+    identity_in, recipients_in = [], []
+    configs = {o["metadata"]["name"]: o["data"]["pgkeep.toml"] for o in objects if o["kind"] == "ConfigMap"}
+    for o in objects:
+        if o["kind"] not in ("StatefulSet", "Job"):
+            continue
+        spec = o["spec"]["template"]["spec"]
+        secret_volumes = {v["name"] for v in spec.get("volumes", [])
+                          if v.get("secret", {}).get("secretName") == values["encryption"]["identitySecret"]}
+        config_volumes = {v["name"]: v["configMap"]["name"] for v in spec.get("volumes", []) if "configMap" in v}
+        for c in spec.get("initContainers", []) + spec["containers"]:
+            label = f"{o['kind']}/{c['name']}"
+            mounts = {m["name"] for m in c.get("volumeMounts", [])}
+            env = {e["name"] for e in c.get("env", [])}
+            if mounts & secret_volumes or "PGKEEP_ENCRYPTION_IDENTITY_FILE" in env:
+                identity_in.append(label)
+            if any("encryption_recipients" in configs.get(config_volumes.get(m, ""), "") for m in mounts):
+                recipients_in.append(label)
+    try:
+        render(deep_merge(values, {"encryption": {"identitySecret": ""}}), name="db")
+        without_identity = ""
+    except Exception as e:
+        without_identity = str(e)
+    try:
+        render(deep_merge(values, {"encryption": {"recipients": ["AGE-SECRET-KEY-1XYZ"]}}), name="db")
+        secret_as_recipient = ""
+    except Exception as e:
+        secret_as_recipient = str(e)
+    return {"identity_in": sorted(identity_in), "recipients_in": sorted(recipients_in),
+            "without_identity": without_identity,
+            "secret_as_recipient": "AGE-SECRET-KEY-1XYZ" not in secret_as_recipient and secret_as_recipient}
 
 
 # ---------------------------------------------------------------- the pod simulation

@@ -68,6 +68,32 @@ pg = {{ printf "host=127.0.0.1 port=%d user=%s dbname=postgres" (int .Values.pos
 {{- range $k, $v := .Values.config }}
 {{ $k }} = {{ $v | toJson }}
 {{- end }}
+{{- with .Values.encryption.recipients }}
+encryption_recipients = {{ . | toJson }}
+{{- end }}
+{{- end -}}
+
+{{/* The identity Secret's volume mount and variable: only for the restore init container and the
+     Postgres container (restore_command runs wal-fetch there). Never the sidecar or the hook Job. */}}
+{{- define "pgkeep.identityMount" -}}
+{{- if .Values.encryption.identitySecret }}
+- {name: identity, mountPath: /etc/pgkeep-identity, readOnly: true}
+{{- end }}
+{{- end -}}
+{{- define "pgkeep.identityEnv" -}}
+{{- if .Values.encryption.identitySecret }}
+- {name: PGKEEP_ENCRYPTION_IDENTITY_FILE, value: {{ printf "/etc/pgkeep-identity/%s" .Values.encryption.identitySecretKey | quote }}}
+{{- end }}
+{{- end -}}
+{{- define "pgkeep.checkEncryption" -}}
+{{- if and .Values.encryption.recipients (not .Values.encryption.identitySecret) -}}
+{{- fail "encryption.recipients is set but encryption.identitySecret is not: the restore init container could not read the backups (create a Secret holding the identity file and name it here)" -}}
+{{- end -}}
+{{- range .Values.encryption.recipients -}}
+{{- if not (hasPrefix "age1" .) -}}
+{{- fail "encryption.recipients: each entry must be an age public key (age1…); never put a secret key (AGE-SECRET-KEY-…) in the chart's values" -}}
+{{- end -}}
+{{- end -}}
 {{- end -}}
 
 {{/* Starts Postgres: initdb when the data directory holds no cluster (and initdb is allowed),
