@@ -4,11 +4,14 @@
 For each scale it initialises a pgbench cluster, then measures, in one run on the same cluster:
   backup:  pgkeep backup (file:// storage, snappy)  |  pg_basebackup -Ft -X fetch (it fsyncs, as pgkeep does)  |  tar -cf of PGDATA
   restore: pgkeep restore                            |  tar -xf of pg_basebackup's base.tar (+ sync)
+and pgkeep backup and restore encrypted with age (a key made by `pgkeep keygen`), with ratios
+against the same pgkeep without encryption in the same run. --noise-mb adds a table of random
+(incompressible) bytes so that encryption is measured on data compression cannot shrink.
 and prints wall time, MB/s (of the database size, pg_wal excluded) and peak RSS, with ratios against
 pg_basebackup (backup) and tar -xf followed by sync (restore: pgkeep restore syncs before it
 reports success). Peak RSS across scales shows whether memory grows with the database.
 
-Usage: bench/backup_restore.py [--scales 10,50] [--pgkeep target/release/pgkeep] [--workdir /tmp/pgkeep-bench]
+Usage: bench/backup_restore.py [--scales 10,50] [--noise-mb 200] [--pgkeep target/release/pgkeep] [--workdir /tmp/pgkeep-bench]
 Runs as root (clusters and pgkeep then run as the postgres user) or as a normal user.
 """
 import argparse
@@ -89,7 +92,7 @@ def fresh_dir(path):
     return path
 
 
-def bench_scale(scale, pgkeep, work):
+def bench_scale(scale, pgkeep, work, noise_mb):
     work = fresh_dir(os.path.join(work, f"scale{scale}"))
     os.chmod(work, 0o755)
     data, archive = os.path.join(work, "data"), fresh_dir(os.path.join(work, "archive"))
@@ -109,13 +112,26 @@ def bench_scale(scale, pgkeep, work):
     try:
         run([f"{PGBIN}/pgbench", "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", "-i", "-s", str(scale), "-q", "postgres"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        run(["psql", "-X", "-q", "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", "-c", "checkpoint", "postgres"])
+        psql = ["psql", "-X", "-q", "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", "postgres", "-c"]
+        if noise_mb:
+            # 1 MiB rows of random bytes, stored uncompressed (pglz would give up on them anyway).
+            run(psql + ["create table noise (b bytea); alter table noise alter column b set storage external"])
+            run(psql + [f"insert into noise select (select decode(string_agg(md5(random()::text || s || g), ''), 'hex') "
+                        f"from generate_series(1, 65536) s) from generate_series(1, {noise_mb}) g"])
+        run(psql + ["checkpoint"])
+        key = os.path.join(work, "age.key")
+        made = subprocess.run([bin_copy, "keygen", "-o", key], check=True, capture_output=True, text=True)
+        recipient = made.stderr.strip().removeprefix("Public key: ")
+        if ROOT:
+            shutil.chown(key, "postgres", "postgres")
         size = dir_size(data, skip=(os.path.join(data, "pg_wal"),))
         pgenv = {"PGHOST": "127.0.0.1", "PGPORT": str(port), "PGUSER": "postgres"}
         rows = []
 
         t, rss = measure(as_pg([bin_copy, "--config", conf, "backup"], pgenv))
         rows.append(("backup", "pgkeep backup", t, rss))
+        t, rss = measure(as_pg([bin_copy, "--config", conf, "backup"], {**pgenv, "PGKEEP_ENCRYPTION_RECIPIENTS": recipient}))
+        rows.append(("backup", "pgkeep backup (age)", t, rss))
         # The same without compression: what the CPU spent on snappy, on this machine's cores.
         t, rss = measure(as_pg([bin_copy, "--config", conf, "backup"], {**pgenv, "PGKEEP_COMPRESSION": "none"}))
         rows.append(("backup", "pgkeep backup (none)", t, rss))
@@ -127,10 +143,18 @@ def bench_scale(scale, pgkeep, work):
         t, rss = measure(["tar", "-cf", os.path.join(work, "plain.tar"), "-C", data, "."])
         rows.append(("backup", "tar -cf PGDATA", t, rss))
 
+        listing = json.loads(subprocess.run(as_pg([bin_copy, "--config", conf, "list", "--json"]), check=True,
+                                            capture_output=True, text=True, cwd="/").stdout)
+        plain_id = next(b["id"] for b in listing["backups"] if b["codec"] == "snappy" and not b.get("encrypted_to"))
+        age_id = next(b["id"] for b in listing["backups"] if b.get("encrypted_to"))
         target = os.path.join(work, "restored")
-        t, rss = measure(as_pg([bin_copy, "--config", conf, "restore", "--target-dir", target]),
+        t, rss = measure(as_pg([bin_copy, "--config", conf, "restore", "--target-dir", target, "--backup", plain_id]),
                          prepare=lambda: fresh_dir(target))
         rows.append(("restore", "pgkeep restore", t, rss))
+        t, rss = measure(as_pg([bin_copy, "--config", conf, "restore", "--target-dir", target, "--backup", age_id],
+                               {"PGKEEP_ENCRYPTION_IDENTITY_FILE": key}),
+                         prepare=lambda: fresh_dir(target))
+        rows.append(("restore", "pgkeep restore (age)", t, rss))
         untar = os.path.join(work, "untarred")
         t, rss = measure(["tar", "-xf", os.path.join(bb, "base.tar"), "-C", untar], prepare=lambda: fresh_dir(untar))
         rows.append(("restore", "tar -xf base.tar", t, rss))
@@ -138,9 +162,7 @@ def bench_scale(scale, pgkeep, work):
         t, rss = measure(["sh", "-c", f"tar -xf {os.path.join(bb, 'base.tar')} -C {untar} && sync -f {untar}"],
                          prepare=lambda: fresh_dir(untar))
         rows.append(("restore", "tar -xf + sync", t, rss))
-        listing = subprocess.run(as_pg([bin_copy, "--config", conf, "list", "--json"]), check=True,
-                                 capture_output=True, text=True, cwd="/").stdout
-        stored = next(b["stored_bytes"] for b in json.loads(listing)["backups"] if b["codec"] == "snappy")
+        stored = next(b["stored_bytes"] for b in listing["backups"] if b["id"] == plain_id)
     finally:
         run(as_pg([f"{PGBIN}/pg_ctl", "-D", data, "-m", "immediate", "stop"]), stdout=subprocess.DEVNULL)
     return size, stored, rows
@@ -152,6 +174,7 @@ def main():
     ap.add_argument("--pgkeep", default="target/release/pgkeep")
     ap.add_argument("--workdir", default="/tmp/pgkeep-bench")
     ap.add_argument("--repeat", type=int, default=2, help="runs of each command; the fastest counts")
+    ap.add_argument("--noise-mb", type=int, default=200, help="MiB of random bytes added to the database")
     args = ap.parse_args()
     global REPEAT
     REPEAT = args.repeat
@@ -162,11 +185,14 @@ def main():
     mb = 1024 * 1024
     print(f"{'scale':>5} {'db MB':>7} {'what':<22} {'seconds':>8} {'MB/s':>8} {'peak RSS MB':>11} {'time vs baseline':>17}")
     for scale in [int(s) for s in args.scales.split(",")]:
-        size, stored, rows = bench_scale(scale, os.path.abspath(args.pgkeep), args.workdir)
+        size, stored, rows = bench_scale(scale, os.path.abspath(args.pgkeep), args.workdir, args.noise_mb)
         base = {"backup": next(r[2] for r in rows if r[1] == "pg_basebackup -Ft"),
                 "restore": next(r[2] for r in rows if r[1] == "tar -xf + sync")}
         for kind, what, t, rss in rows:
             print(f"{scale:>5} {size / mb:>7.0f} {what:<22} {t:>8.2f} {size / mb / t:>8.0f} {rss / mb:>11.1f} {t / base[kind]:>16.2f}x")
+        plain = {r[1]: r[2] for r in rows}
+        print(f"{scale:>5} encryption: backup {plain['pgkeep backup (age)'] / plain['pgkeep backup']:.2f}x, "
+              f"restore {plain['pgkeep restore (age)'] / plain['pgkeep restore']:.2f}x the time without (target <= 1.10x)")
         print(f"{scale:>5} one pgkeep backup stored: {stored / mb:.0f} MB ({stored / size:.0%} of the database, snappy)")
     shutil.rmtree(args.workdir, ignore_errors=True)
 

@@ -21,6 +21,15 @@ use crate::wal::streamer::{self, StreamState};
 
 pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let repo = Repo::open(&cfg.storage_settings(), true)?;
+    if repo.keys().encrypts() {
+        tracing::info!(
+            recipients = %repo.keys().recipient_fingerprints().join(","),
+            "new objects holding database content are encrypted to these age recipients"
+        );
+    }
+    if let Some(f) = &cfg.encryption.identity_file {
+        tracing::warn!(file = %f.display(), "the daemon never decrypts: keep the identity (secret key) out of the sidecar and give it only to restore and restore_command");
+    }
     let cfg = Arc::new(cfg);
     let stream = Arc::new(StreamState::default());
     let sysid = Arc::new(AtomicU64::new(cfg.system_identifier.unwrap_or(0)));

@@ -20,4 +20,5 @@ pub mod progress;
 pub mod restore;
 pub mod retention;
 pub mod storage;
+pub mod verify;
 pub mod wal;

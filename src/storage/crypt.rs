@@ -135,6 +135,11 @@ impl Keys {
         !self.recipients.is_empty()
     }
 
+    /// Whether an identity is at hand to read encrypted objects.
+    pub fn decrypts(&self) -> bool {
+        !self.identities.is_empty()
+    }
+
     pub fn recipients(&self) -> &[x25519::Recipient] {
         &self.recipients
     }

@@ -465,8 +465,13 @@ async fn complete_segment(
             return Err(e.into());
         }
     };
-    if let PutOutcome::Stored { stored_len } | PutOutcome::Repaired { stored_len } = outcome {
-        state.bytes_uploaded.inc_by(stored_len);
+    match outcome {
+        PutOutcome::Stored { stored_len } | PutOutcome::Repaired { stored_len } => {
+            state.bytes_uploaded.inc_by(stored_len);
+        }
+        PutOutcome::AlreadyPresent => {
+            tracing::info!(wal = %seg.name, "already in storage (archive_command was first)");
+        }
     }
     state.segments_uploaded.inc();
     state.last_upload_unix.store(
