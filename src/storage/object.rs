@@ -142,10 +142,13 @@ pub fn seal(codec: Codec, plain: &[u8], keys: &Keys) -> (Header, Vec<u8>) {
     let mut out = Vec::with_capacity(HEADER_LEN + bound + 256);
     out.resize(HEADER_LEN, 0);
     let header = if keys.encrypts() {
+        // Compressed from the slice first (the codec's fast path), then encrypted in one write.
+        let mut encoded = Vec::with_capacity(bound + 64);
+        codec::encode_into(codec, plain, &mut encoded);
         let mut w = keys
             .encrypt_to(&mut out)
             .expect("encrypting into memory cannot fail");
-        codec::encode_stream(codec, plain, &mut w).expect("encoding into memory cannot fail");
+        std::io::Write::write_all(&mut w, &encoded).expect("encrypting into memory cannot fail");
         w.finish().expect("encrypting into memory cannot fail");
         Header {
             codec,
