@@ -350,25 +350,59 @@ pub async fn verify(
                     }
                 }
             }
-            if chain.is_empty() {
-                for tli in timelines.iter().filter(|t| **t <= target) {
-                    let first = any_of(*tli).into_iter().min().unwrap_or(0);
-                    chain.push((*tli, if chain.is_empty() { 0 } else { first }));
-                }
-                if timelines.len() > 1 && timelines_by == "history files" {
-                    timelines_by = "segments present".into();
-                }
+            if chain.is_empty() && timelines.len() == 1 {
+                chain.push((target, 0));
+            } else if chain.is_empty() {
+                // Guessing switch points from the segments present could hide a gap (a dead
+                // branch's copies standing in for the parent's): each backup is checked on its
+                // own timeline only, and the rest is said to be unchecked.
+                timelines_by = "none: only each backup's own timeline was checked".into();
+                problems.push(Problem {
+                    key: layout.wal(&WalFileName::history(target)).to_string(),
+                    problem: format!(
+                        "the switch points of timelines {} to {target} could not be read (an \
+                         encrypted .history file without the identity, or a missing or damaged \
+                         one): continuity across timelines was not verified",
+                        timelines.iter().next().expect("several")
+                    ),
+                    affects: "recovery to latest across timelines: run verify with \
+                              encryption_identity_file"
+                        .into(),
+                });
             }
         }
         let newest = target.and_then(|t| any_of(t).into_iter().max());
         for b in &backups {
             let start = size.segment_of(b.start_lsn).0;
             let end = size.segment_of(b.end_lsn).0;
-            let in_chain = chain.iter().any(|(t, _)| *t == b.timeline);
-            let last = match newest {
-                Some(n) if in_chain => n.max(end),
-                _ => end,
+            // On the way to the latest timeline: its timeline is in the chain and it started
+            // before that timeline's switch to the next.
+            let pos = chain.iter().position(|(t, _)| *t == b.timeline);
+            let in_chain =
+                pos.is_some_and(|i| chain.get(i + 1).is_none_or(|(_, next)| start < *next));
+            let own_newest = any_of(b.timeline).into_iter().max();
+            let last = match (in_chain, chain.is_empty()) {
+                (true, _) => newest.unwrap_or(end).max(end),
+                // No chain known: as far as its own timeline goes.
+                (false, true) => own_newest.unwrap_or(end).max(end),
+                (false, false) => {
+                    broken.insert(b.id.clone());
+                    problems.push(Problem {
+                        key: layout.backup_meta(&b.id).to_string(),
+                        problem: format!(
+                            "on timeline {}, which is not on the way to the latest timeline \
+                             where this backup started (a branch left behind)",
+                            b.timeline
+                        ),
+                        affects: format!(
+                            "backup {}: pgkeep restore (recovery_target_timeline = 'latest') cannot use it",
+                            b.id
+                        ),
+                    });
+                    continue;
+                }
             };
+            let newest = if in_chain { newest } else { own_newest };
             let mut reach = None;
             for s in start..=last {
                 let tli = if in_chain {

@@ -432,11 +432,21 @@ async fn encrypted_objects_need_only_the_recipient_to_write(b: &Backend) {
             "{err}"
         );
     }
-    // The sidecar cannot compare content: the same size is taken as present, another is refused;
-    // a reader with the identity compares for real.
+    // The sidecar cannot compare content: refused (never a success it cannot check) unless its
+    // own record says it stored exactly this; a reader with the identity compares for real.
     let key = Path::from("enc/1");
+    let err = writer.put_new(&key, b"x", Codec::Snappy).await.unwrap_err();
+    assert!(
+        matches!(err, StorageError::Conflict { .. })
+            && err.to_string().contains("no identity to compare"),
+        "{}: {err}",
+        b.name
+    );
     assert_eq!(
-        writer.put_new(&key, b"x", Codec::Snappy).await.unwrap(),
+        writer
+            .put_new_stored_before(&key, b"x", Codec::Snappy, true)
+            .await
+            .unwrap(),
         PutOutcome::AlreadyPresent
     );
     let err = writer

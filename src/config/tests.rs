@@ -225,3 +225,22 @@ fn bad_values_name_the_key_and_the_source() {
         "{missing}"
     );
 }
+
+#[test]
+fn a_secret_key_in_an_encryption_setting_is_refused_without_being_echoed() {
+    let secret = "AGE-SECRET-KEY-1QQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQ";
+    for var in [
+        "PGKEEP_ENCRYPTION_IDENTITY_FILE",
+        "PGKEEP_ENCRYPTION_RECIPIENTS",
+    ] {
+        let err = Config::load(None, env(&[(var, secret)]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("secret key") && err.contains(var), "{err}");
+        assert!(!err.contains(&secret[16..]), "{err}");
+    }
+    let err = Config::load(None, env(&[("PGKEEP_ENCRYPTION_RECIPIENTS", "age1x,nope")]))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("entry 1"), "{err}");
+}

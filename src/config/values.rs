@@ -125,6 +125,17 @@ impl Values {
                 items
             }
         };
+        // A secret key given where its file's path belongs must not be echoed in the error.
+        if let Some((v, o)) = self.string("encryption_identity_file")?
+            && v.trim().to_ascii_uppercase().starts_with("AGE-SECRET-KEY-")
+        {
+            return Err(bad(
+                &o,
+                "this is a secret key, not the path of a file holding one: write the key to a \
+                 file (mode 0600) and give its path"
+                    .into(),
+            ));
+        }
         Ok(crate::storage::EncryptionSettings {
             recipients,
             identity_file: self.absolute_path("encryption_identity_file", None)?,

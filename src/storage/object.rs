@@ -213,7 +213,9 @@ pub fn open(stored: &[u8], keys: &Keys) -> Result<(Header, Vec<u8>), OpenError> 
         Some(age) => {
             check_stored_sum(&header, stored).map_err(OpenError::Damaged)?;
             let reader = keys.decrypt(body, &age.fingerprints, age.recipients)?;
-            let mut plain = Vec::with_capacity(header.plain_len.min(1 << 30) as usize);
+            // The length is the header's word (anyone can write one): a bounded first guess.
+            let guess = header.plain_len.min(body.len() as u64 * 32).min(1 << 30);
+            let mut plain = Vec::with_capacity(guess as usize);
             codec::decode_stream(header.codec, reader, &mut plain, header.plain_len)
                 .map_err(cannot_decode)?;
             plain

@@ -282,7 +282,21 @@ impl Repo {
         plain: &[u8],
         codec: Codec,
     ) -> Result<PutOutcome, StorageError> {
-        self.put_new_with(key, plain, codec, &self.keys.clone())
+        self.put_new_with(key, plain, codec, &self.keys.clone(), false)
+            .await
+    }
+
+    /// As [`Repo::put_new`], for a writer that knows (from a record of its own) that it stored
+    /// exactly `plain` under `key` before: an intact encrypted copy it cannot decrypt to compare
+    /// is then taken as present instead of refused.
+    pub async fn put_new_stored_before(
+        &self,
+        key: &Path,
+        plain: &[u8],
+        codec: Codec,
+        stored_before: bool,
+    ) -> Result<PutOutcome, StorageError> {
+        self.put_new_with(key, plain, codec, &self.keys.clone(), stored_before)
             .await
     }
 
@@ -292,7 +306,7 @@ impl Repo {
         key: &Path,
         plain: &[u8],
     ) -> Result<PutOutcome, StorageError> {
-        self.put_new_with(key, plain, Codec::None, &Keys::default())
+        self.put_new_with(key, plain, Codec::None, &Keys::default(), false)
             .await
     }
 
@@ -302,6 +316,7 @@ impl Repo {
         plain: &[u8],
         codec: Codec,
         keys: &Keys,
+        stored_before: bool,
     ) -> Result<PutOutcome, StorageError> {
         let new_len = plain.len() as u64;
         let new_sha = object::content_sha256(plain);
@@ -316,10 +331,19 @@ impl Repo {
         match self.fetch_raw(key).await {
             Ok(existing) => match self.compare(&existing, new_len, &new_sha) {
                 Compared::Same => return Ok(PutOutcome::AlreadyPresent),
-                Compared::SameSizeEncrypted => {
-                    tracing::info!(%key, "already stored, encrypted, with the same size and an intact checksum: \
-                        kept (without an identity its content cannot be compared)");
+                Compared::SameSizeEncrypted if stored_before => {
+                    tracing::info!(%key, "already stored by this writer (its own record says so)");
                     return Ok(PutOutcome::AlreadyPresent);
+                }
+                // Never a success that cannot be checked: the stored copy may hold other WAL.
+                Compared::SameSizeEncrypted => {
+                    return Err(conflict(
+                        new_len,
+                        "unknown: it is encrypted, and this writer holds no identity to compare \
+                         it (give it encryption_identity_file, or remove the object if it is \
+                         not this cluster's)"
+                            .into(),
+                    ));
                 }
                 Compared::Differs { len, sha } => return Err(conflict(len, sha)),
                 Compared::Damaged(reason) => {

@@ -68,7 +68,7 @@ impl Prefetcher {
         archive: &Archive,
         name: &WalFileName,
     ) -> Result<Fetched, FetchError> {
-        let result = match self.take_cached(name) {
+        let result = match self.take_cached(archive, name) {
             Some(hit) => {
                 self.hits.inc();
                 hit
@@ -92,11 +92,16 @@ impl Prefetcher {
 
     /// A prefetched segment, taken out of the cache (it was verified before it was written,
     /// atomically).
-    fn take_cached(&self, name: &WalFileName) -> Option<Fetched> {
+    fn take_cached(&self, archive: &Archive, name: &WalFileName) -> Option<Fetched> {
         if name.kind != WalFileKind::Segment {
             return None;
         }
         let (header, key) = self.cached.lock().expect("not poisoned").remove(name)?;
+        // Fetched for this very cluster's name (a cache filled before the daemon knew its
+        // cluster may hold another's).
+        if key != archive.layout().wal(name) {
+            return None;
+        }
         let path = self.dir.join(name.to_string());
         let stored = std::fs::read(&path).ok()?;
         let _ = std::fs::remove_file(&path);

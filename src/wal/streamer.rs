@@ -446,6 +446,31 @@ impl Session<'_> {
     }
 }
 
+/// Records the plain digest of an uploaded segment beside the spool and keeps only the newest
+/// records. Best effort: without a record a segment received again is refused loudly, never lost.
+fn remember_upload(record: &std::path::Path, digest: &str) {
+    const KEEP: usize = 64;
+    let dir = record.parent().expect("a record has a folder");
+    let written = std::fs::create_dir_all(dir)
+        .and_then(|_| crate::fsutil::write_atomic(record, digest.as_bytes()));
+    if let Err(e) = written {
+        tracing::warn!(record = %record.display(), "cannot record the upload: {e}");
+        return;
+    }
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        let mut names: Vec<String> = entries
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.parse::<WalFileName>().is_ok())
+            .collect();
+        names.sort();
+        let excess = names.len().saturating_sub(KEEP);
+        for n in &names[..excess] {
+            let _ = std::fs::remove_file(dir.join(n));
+        }
+    }
+}
+
 /// A complete segment: check, upload, verify, then drop it from the spool and remove its
 /// `.partial` object. Returns the new durable position (the segment's end).
 #[tracing::instrument(skip_all, fields(wal = %seg.name, start = %seg.start))]
@@ -458,7 +483,22 @@ async fn complete_segment(
 ) -> anyhow::Result<Lsn> {
     walheader::check_segment(&seg.name, &seg.data, Some(archive.system_identifier()))?;
     let key = archive.layout().wal(&seg.name);
-    let outcome = match archive.repo().put_new(&key, &seg.data, cfg.codec).await {
+    // Encrypted stored segments cannot be read back here (no identity): a record of what this
+    // daemon stored lets it recognise its own upload when it receives a segment again.
+    let record = cfg.spool_dir.join("uploaded").join(seg.name.to_string());
+    let digest = archive
+        .repo()
+        .keys()
+        .encrypts()
+        .then(|| hex::encode(crate::storage::object::content_sha256(&seg.data)));
+    let stored_before = digest
+        .as_ref()
+        .is_some_and(|d| std::fs::read_to_string(&record).is_ok_and(|r| r.trim() == d.as_str()));
+    let outcome = match archive
+        .repo()
+        .put_new_stored_before(&key, &seg.data, cfg.codec, stored_before)
+        .await
+    {
         Ok(o) => o,
         Err(e) => {
             state.upload_errors.inc();
@@ -472,6 +512,9 @@ async fn complete_segment(
         PutOutcome::AlreadyPresent => {
             tracing::info!(wal = %seg.name, "already in storage (archive_command was first)");
         }
+    }
+    if let Some(d) = digest {
+        remember_upload(&record, &d);
     }
     state.segments_uploaded.inc();
     state.last_upload_unix.store(

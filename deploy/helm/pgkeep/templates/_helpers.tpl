@@ -86,6 +86,9 @@ encryption_recipients = {{ . | toJson }}
 {{- end }}
 {{- end -}}
 {{- define "pgkeep.checkEncryption" -}}
+{{- if or (hasKey .Values.config "encryption_recipients") (hasKey .Values.config "encryption_identity_file") -}}
+{{- fail "set encryption through encryption.recipients and encryption.identitySecret, not config.encryption_*" -}}
+{{- end -}}
 {{- if and .Values.encryption.recipients (not .Values.encryption.identitySecret) -}}
 {{- fail "encryption.recipients is set but encryption.identitySecret is not: the restore init container could not read the backups (create a Secret holding the identity file and name it here)" -}}
 {{- end -}}
