@@ -7,6 +7,8 @@ For each scale it initialises a pgbench cluster, then measures, in one run on th
 and pgkeep backup and restore encrypted with age (a key made by `pgkeep keygen`), with ratios
 against the same pgkeep without encryption in the same run. --noise-mb adds a table of random
 (incompressible) bytes so that encryption is measured on data compression cannot shrink.
+Last, `pgkeep verify` over everything stored (with the identity: content decoded), in MB/s of
+stored data checked.
 and prints wall time, MB/s (of the database size, pg_wal excluded) and peak RSS, with ratios against
 pg_basebackup (backup) and tar -xf followed by sync (restore: pgkeep restore syncs before it
 reports success). Peak RSS across scales shows whether memory grows with the database.
@@ -163,9 +165,15 @@ def bench_scale(scale, pgkeep, work, noise_mb):
                          prepare=lambda: fresh_dir(untar))
         rows.append(("restore", "tar -xf + sync", t, rss))
         stored = next(b["stored_bytes"] for b in listing["backups"] if b["id"] == plain_id)
+        # verify: every stored object of every backup above (and the WAL), with the identity.
+        t, rss = measure(as_pg([bin_copy, "--config", conf, "verify"], {"PGKEEP_ENCRYPTION_IDENTITY_FILE": key}))
+        rows.append(("verify", "pgkeep verify", t, rss))
+        checked = json.loads(subprocess.run(as_pg([bin_copy, "--config", conf, "verify", "--json"],
+                                                  {"PGKEEP_ENCRYPTION_IDENTITY_FILE": key}),
+                                            capture_output=True, text=True, cwd="/").stdout)["stored_bytes_checked"]
     finally:
         run(as_pg([f"{PGBIN}/pg_ctl", "-D", data, "-m", "immediate", "stop"]), stdout=subprocess.DEVNULL)
-    return size, stored, rows
+    return size, stored, rows, checked
 
 
 def main():
@@ -185,14 +193,17 @@ def main():
     mb = 1024 * 1024
     print(f"{'scale':>5} {'db MB':>7} {'what':<22} {'seconds':>8} {'MB/s':>8} {'peak RSS MB':>11} {'time vs baseline':>17}")
     for scale in [int(s) for s in args.scales.split(",")]:
-        size, stored, rows = bench_scale(scale, os.path.abspath(args.pgkeep), args.workdir, args.noise_mb)
+        size, stored, rows, checked = bench_scale(scale, os.path.abspath(args.pgkeep), args.workdir, args.noise_mb)
         base = {"backup": next(r[2] for r in rows if r[1] == "pg_basebackup -Ft"),
-                "restore": next(r[2] for r in rows if r[1] == "tar -xf + sync")}
+                "restore": next(r[2] for r in rows if r[1] == "tar -xf + sync"),
+                "verify": next(r[2] for r in rows if r[1] == "pgkeep verify")}
         for kind, what, t, rss in rows:
             print(f"{scale:>5} {size / mb:>7.0f} {what:<22} {t:>8.2f} {size / mb / t:>8.0f} {rss / mb:>11.1f} {t / base[kind]:>16.2f}x")
         plain = {r[1]: r[2] for r in rows}
         print(f"{scale:>5} encryption: backup {plain['pgkeep backup (age)'] / plain['pgkeep backup']:.2f}x, "
               f"restore {plain['pgkeep restore (age)'] / plain['pgkeep restore']:.2f}x the time without (target <= 1.10x)")
+        print(f"{scale:>5} verify checked {checked / mb:.0f} MB stored in {plain['pgkeep verify']:.2f} s: "
+              f"{checked / mb / plain['pgkeep verify']:.0f} MB/s of stored data")
         print(f"{scale:>5} one pgkeep backup stored: {stored / mb:.0f} MB ({stored / size:.0%} of the database, snappy)")
     shutil.rmtree(args.workdir, ignore_errors=True)
 

@@ -154,12 +154,29 @@ impl StandbyStatusUpdate {
         if msg.get_u8() != b'r' {
             return Err(malformed("standby status update", "not an 'r' message"));
         }
+        let (written, flushed, applied, time) = (
+            Lsn(msg.get_u64()),
+            Lsn(msg.get_u64()),
+            Lsn(msg.get_u64()),
+            msg.get_i64(),
+        );
+        // A boolean byte: the inverse of encode refuses anything else (found by a property test).
+        let reply_requested = match msg.get_u8() {
+            0 => false,
+            1 => true,
+            other => {
+                return Err(malformed(
+                    "standby status update",
+                    format!("reply flag {other} is neither 0 nor 1"),
+                ));
+            }
+        };
         Ok(StandbyStatusUpdate {
-            written: Lsn(msg.get_u64()),
-            flushed: Lsn(msg.get_u64()),
-            applied: Lsn(msg.get_u64()),
-            time: msg.get_i64(),
-            reply_requested: msg.get_u8() != 0,
+            written,
+            flushed,
+            applied,
+            time,
+            reply_requested,
         })
     }
 }
