@@ -166,6 +166,17 @@ fn chart_lints_renders_and_validates_for_every_values_file() {
             .is_some_and(|e| e.contains("age public key")),
         "{f}"
     );
+    // Least privilege: no API token in any pod; ingress only to Postgres unless metrics are opened.
+    assert_eq!(
+        enc["service_account_tokens"],
+        serde_json::json!(["Job=false", "StatefulSet=false"]),
+        "{f}"
+    );
+    assert_eq!(
+        enc["network_policy_ports"],
+        serde_json::json!(["postgres"]),
+        "{f}"
+    );
     let rendered = f["rendered"].as_object().unwrap();
     let mut files: Vec<String> =
         std::fs::read_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/helm/examples"))

@@ -176,7 +176,13 @@ def encryption_findings():
         secret_as_recipient = ""
     except Exception as e:
         secret_as_recipient = str(e)
+    tokens = sorted(f"{o['kind']}={json.dumps(o['spec']['template']['spec'].get('automountServiceAccountToken'))}"
+                    for o in objects if o["kind"] in ("StatefulSet", "Job"))
+    policy = next((o for o in objects if o["kind"] == "NetworkPolicy"), None)
+    policy_ports = sorted(p["port"] for rule in (policy or {}).get("spec", {}).get("ingress", [])
+                          for p in rule.get("ports", []))
     return {"identity_in": sorted(identity_in), "recipients_in": sorted(recipients_in),
+            "service_account_tokens": tokens, "network_policy_ports": policy_ports,
             "without_identity": without_identity,
             "secret_as_recipient": "AGE-SECRET-KEY-1XYZ" not in secret_as_recipient and secret_as_recipient}
 
