@@ -323,44 +323,19 @@ fn encrypted_life(backend: Backend) {
         stderr(&out)
     );
 
-    // The plain backup to latest: through plain WAL, WAL under A and under B.
-    let (target, out) = restore(
-        &dir,
-        &storage,
-        &bin,
-        "from-plain",
-        Some(&both),
-        &["--backup", &backups[0]],
-    );
-    assert!(out.status.success(), "restore: {}", stderr(&out));
-    let c = start_restored(&dir, &storage, target);
-    assert_eq!(rows(&c), final_rows);
-    drop(c);
-    // The backup under A to latest with both keys.
-    let (target, out) = restore(
-        &dir,
-        &storage,
-        &bin,
-        "from-a",
-        Some(&both),
-        &["--backup", &backups[1]],
-    );
-    assert!(out.status.success(), "restore: {}", stderr(&out));
-    let c = start_restored(&dir, &storage, target);
-    assert_eq!(rows(&c), final_rows);
-    drop(c);
-    // PITR from the newest backup (under B) to the restore point.
-    let (target, out) = restore(
-        &dir,
-        &storage,
-        &bin,
-        "pitr",
-        Some(&both),
-        &["--target-name", "before_more"],
-    );
-    assert!(out.status.success(), "restore: {}", stderr(&out));
-    let c = start_restored(&dir, &storage, target);
-    assert_eq!(rows(&c), before_b_rows);
+    // With both keys: the plain backup to latest (through plain WAL, WAL under A and under B),
+    // the backup under A to latest, and PITR from the newest (under B) to the restore point.
+    let cases: [(&str, [&str; 2], &String); 3] = [
+        ("from-plain", ["--backup", &backups[0]], &final_rows),
+        ("from-a", ["--backup", &backups[1]], &final_rows),
+        ("pitr", ["--target-name", "before_more"], &before_b_rows),
+    ];
+    for (name, args, want) in cases {
+        let (target, out) = restore(&dir, &storage, &bin, name, Some(&both), &args);
+        assert!(out.status.success(), "restore {name}: {}", stderr(&out));
+        let c = start_restored(&dir, &storage, target);
+        assert_eq!(rows(&c), *want, "{name}");
+    }
 }
 
 #[test]
