@@ -272,11 +272,7 @@ pub async fn verify(
     let mut restorable = vec![];
     let mut timelines_by = "history files".to_string();
     let mut gaps: BTreeMap<(TimelineId, u64), BTreeSet<String>> = BTreeMap::new();
-    let mut size_of = None;
-    for b in &backups {
-        size_of.get_or_insert(b.wal_segment_size);
-    }
-    if let Some(size) = size_of {
+    if let Some(size) = backups.first().map(|b| b.wal_segment_size) {
         // (timeline, segment) of the intact full segments and partials.
         let mut full: BTreeSet<(TimelineId, u64)> = BTreeSet::new();
         let mut partial: BTreeSet<(TimelineId, u64)> = BTreeSet::new();

@@ -154,7 +154,7 @@ async fn from_storage(cfg: &Config, name: &WalFileName) -> Result<Vec<u8>, Fetch
         )
         .into());
     }
-    Ok(fetch_verified(&archive, name).await?.0)
+    fetch_verified(&archive, name).await
 }
 
 /// A WAL file as stored (still encoded, perhaps encrypted), checked as far as is possible
@@ -169,19 +169,14 @@ pub struct Fetched {
     pub key: object_store::path::Path,
 }
 
-/// The verified plain content of a WAL file, and the name it was stored under.
-pub async fn fetch_verified(
-    archive: &Archive,
-    name: &WalFileName,
-) -> Result<(Vec<u8>, WalFileName), FetchError> {
+/// The verified plain content of a WAL file (of its `.partial` when only that is stored).
+pub async fn fetch_verified(archive: &Archive, name: &WalFileName) -> Result<Vec<u8>, FetchError> {
     let f = fetch_stored(archive, name).await?;
     let repo = archive.repo().clone();
     let sysid = archive.system_identifier();
-    let served = f.served;
-    let data = tokio::task::spawn_blocking(move || open_checked(&repo, &f, sysid))
+    tokio::task::spawn_blocking(move || open_checked(&repo, &f, sysid))
         .await
-        .expect("decoding does not panic")?;
-    Ok((data, served))
+        .expect("decoding does not panic")
 }
 
 /// Decrypts and decodes a fetched WAL file, and checks a segment's page header against its name
