@@ -3,7 +3,7 @@
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 
-use crate::pg::{Lsn, SegmentNo, TimelineId};
+use crate::pg::{Lsn, TimelineId};
 use crate::progress::human_bytes;
 use crate::storage::{Archive, BackupMeta};
 
@@ -15,8 +15,8 @@ pub struct Inventory {
     pub recoverable_window: Option<Window>,
 }
 
-/// From the end of the oldest backup (the earliest consistent point) to the end of the newest
-/// archived WAL segment.
+/// From the end of the oldest backup (the earliest consistent point) to where the WAL in storage
+/// ends ([`Archive::wal_end`]: the daemon's `/status` `durable_lsn` is the same point).
 #[derive(Debug, Serialize)]
 pub struct Window {
     pub from_time: DateTime<Utc>,
@@ -35,15 +35,13 @@ pub async fn inventory(archive: &Archive) -> anyhow::Result<Inventory> {
         Some(oldest) => {
             let size = oldest.wal_segment_size;
             archive
-                .newest_segment(size)
+                .wal_end(size)
                 .await?
-                .map(|(name, at)| Window {
+                .map(|(to_lsn, to_timeline, at)| Window {
                     from_time: oldest.end_time,
                     from_lsn: oldest.end_lsn,
-                    to_lsn: size.start_of(SegmentNo(
-                        name.segment_no(size).expect("a segment of this size").0 + 1,
-                    )),
-                    to_timeline: name.timeline,
+                    to_lsn,
+                    to_timeline,
                     to_archived_at: at,
                 })
         }

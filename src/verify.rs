@@ -12,14 +12,14 @@ use std::collections::{BTreeMap, BTreeSet};
 use futures::StreamExt;
 use serde::Serialize;
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 use crate::pg::{Lsn, SegmentNo, TimelineId, WalFileKind, WalFileName};
 use crate::storage::layout::BackupId;
 use crate::storage::{Archive, StorageError};
 
 /// One thing wrong, by object.
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq, Eq)]
 pub struct Problem {
     /// The object key (or the first and last of a range of missing segments).
     pub key: String,
@@ -47,6 +47,9 @@ pub struct Report {
 #[derive(Debug, Serialize)]
 pub struct Restorable {
     pub id: String,
+    /// Where the backup is consistent (its end), the earliest point it restores to.
+    pub from_lsn: Lsn,
+    pub from_time: chrono::DateTime<chrono::Utc>,
     /// The end of the contiguous WAL from the backup's start (the recoverable window's end).
     pub recoverable_to_lsn: Lsn,
     pub timeline: TimelineId,
@@ -95,6 +98,8 @@ impl Report {
 /// What checking one object found.
 struct Checked {
     stored_len: u64,
+    /// The content's length as the header states it (0 when missing or damaged).
+    plain_len: u64,
     problem: Option<String>,
     /// Encrypted, and no identity here to check its content.
     undecoded: bool,
@@ -112,6 +117,7 @@ async fn check_object(
         Err(StorageError::NotFound { .. }) => {
             return Ok(Checked {
                 stored_len: 0,
+                plain_len: 0,
                 problem: Some("missing".into()),
                 undecoded: false,
             });
@@ -119,6 +125,7 @@ async fn check_object(
         Err(StorageError::Corrupt { reason, .. }) => {
             return Ok(Checked {
                 stored_len: 0,
+                plain_len: 0,
                 problem: Some(format!("damaged: {reason}")),
                 undecoded: false,
             });
@@ -147,6 +154,7 @@ async fn check_object(
     }
     Ok(Checked {
         stored_len,
+        plain_len: header.plain_len,
         problem,
         undecoded: header.age.is_some() && !repo.keys().decrypts(),
     })
@@ -245,6 +253,8 @@ pub async fn verify(
     // 2. Every WAL object intact.
     let wal = archive.wal_objects().await?;
     let mut present: HashSet<WalFileName> = HashSet::new();
+    // A `.partial` reaches only as far as its content: the daemon stores the bytes it received.
+    let mut partial_len: HashMap<WalFileName, u64> = HashMap::new();
     let checks = futures::stream::iter(wal.into_iter().map(|(meta, name)| async move {
         let checked = check_object(archive, &meta.location, None).await;
         (meta.location, name, checked)
@@ -263,6 +273,10 @@ pub async fn verify(
                 affects: format!("recovery through {name}"),
             }),
             None => {
+                if name.kind == WalFileKind::Partial {
+                    let len = partial_len.entry(name).or_default();
+                    *len = (*len).max(c.plain_len);
+                }
                 present.insert(name);
             }
         }
@@ -425,9 +439,18 @@ pub async fn verify(
             }
             if !broken.contains(&b.id) {
                 let (tli, s) = reach.unwrap_or((b.timeline, end));
+                let whole = full.contains(&(tli, s)) || reach.is_none();
+                let partial =
+                    WalFileName::segment(tli, SegmentNo(s), size).with_kind(WalFileKind::Partial);
+                let to = match partial_len.get(&partial) {
+                    Some(len) if !whole => Lsn(size.start_of(SegmentNo(s)).0 + len),
+                    _ => size.start_of(SegmentNo(s + 1)),
+                };
                 restorable.push(Restorable {
                     id: b.id.to_string(),
-                    recoverable_to_lsn: size.start_of(SegmentNo(s + 1)),
+                    from_lsn: b.end_lsn,
+                    from_time: b.end_time,
+                    recoverable_to_lsn: to,
                     timeline: tli,
                 });
             }

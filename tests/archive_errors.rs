@@ -320,3 +320,61 @@ fn unreachable_storage_fails_loudly_in_bounded_time() {
         .unwrap();
     assert_failed(&out, 126, &["does not exist"]);
 }
+
+/// S3 with no credentials at all: the one error names the bucket, the variables that would have
+/// given credentials and the instance metadata service that did not (a loopback stand-in that
+/// answers 403, as one outside EC2 does), instead of the metadata service's raw answer four times.
+#[test]
+fn missing_s3_credentials_are_named_once() {
+    let dir = TestDir::new("nocreds");
+    let bin = dir.install_pgkeep();
+    let imds = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let imds_url = format!("http://{}", imds.local_addr().unwrap());
+    std::thread::spawn(move || {
+        for stream in imds.incoming().take(64) {
+            let Ok(mut s) = stream else { continue };
+            let mut buf = [0u8; 4096];
+            let _ = std::io::Read::read(&mut s, &mut buf);
+            let _ = std::io::Write::write_all(
+                &mut s,
+                b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+            );
+        }
+    });
+    let endpoint = format!("http://127.0.0.1:{}", free_port());
+    let started = Instant::now();
+    let out = std::process::Command::new(&bin)
+        .args(["list"])
+        .env_clear()
+        .env("PGKEEP_STORAGE", "s3://pgkeep-nocreds/prod")
+        .env("PGKEEP_SYSTEM_IDENTIFIER", "7312345678901234567")
+        .env("AWS_REGION", "us-east-1")
+        .env("AWS_ALLOW_HTTP", "true")
+        .env("AWS_ENDPOINT", &endpoint)
+        .env("AWS_METADATA_ENDPOINT", &imds_url)
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    let err = stderr(&out);
+    assert!(!out.status.success(), "{err}");
+    for needle in [
+        "s3://pgkeep-nocreds/prod",
+        "no credentials for this bucket",
+        "AWS_ACCESS_KEY_ID",
+        "AWS_WEB_IDENTITY_TOKEN_FILE",
+        "instance metadata service did not give any",
+        "403",
+    ] {
+        assert!(err.contains(needle), "missing {needle:?} in: {err}");
+    }
+    assert_eq!(
+        err.matches("no credentials").count(),
+        1,
+        "said more than once: {err}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "took {:?}",
+        started.elapsed()
+    );
+}

@@ -126,6 +126,27 @@ fn streaming(backend: Backend) {
     // stop Postgres: the daemon drains until the walsender ends, so Postgres stops promptly.
     pg.psql("create table last_rows as select generate_series(1, 777) g");
     let expected = pg.table_checksum("pgbench_accounts");
+
+    // One definition of how far the archive reaches: once the stream is quiet, `list` (from
+    // storage alone, through the streamed partial's length) and `/status` name the same point,
+    // and it is past the rows just committed.
+    let committed = parse_lsn(&pg.psql("select pg_current_wal_lsn()"));
+    let mut seen = vec![];
+    wait_for("list and /status to agree", Duration::from_secs(30), || {
+        let before = daemon.durable();
+        let out = storage.pgkeep(&bin, &["list", "--json"]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        let inv: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let to = parse_lsn(inv["recoverable_window"]["to_lsn"].as_str().unwrap());
+        let after = daemon.durable();
+        seen.push((before, to, after));
+        (before == after && to == after && to >= committed).then_some(())
+    });
+    let (_, to, _) = *seen.last().unwrap();
+    assert!(
+        to % (16 << 20) != 0,
+        "the window should end inside the streamed partial, not at a segment boundary: {seen:X?}"
+    );
     daemon.signal("TERM");
     let stop_started = std::time::Instant::now();
     pg.stop("fast");

@@ -201,3 +201,58 @@ fn retention_names_what_it_cannot_delete_and_does_the_rest() {
     );
     pg.stop("fast");
 }
+
+/// A backup run by hand as root into a file:// archive the postgres user owns is handed to that
+/// owner: every object and folder it made belongs to postgres, and retention run as postgres
+/// (as the daemon runs it) deletes it like any other.
+#[test]
+fn a_backup_run_as_root_belongs_to_the_archive_owner() {
+    if !is_root() {
+        eprintln!("needs root to run a backup as another user than the archive's owner");
+        return;
+    }
+    use std::os::unix::fs::MetadataExt;
+    let dir = TestDir::new("retention-owner");
+    let storage = Storage::new(Backend::File, &dir);
+    let bin = dir.install_pgkeep();
+    let mut pg = archiving_cluster(&dir, &storage, &bin, "primary", 1);
+    pg.start();
+    let client: Vec<(String, String)> = pg.client_env();
+    let client: Vec<(&str, &str)> = client
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    let out = storage.pgkeep_in(&bin, &["backup"], None, &client);
+    assert!(out.status.success(), "backup as root: {}", stderr(&out));
+    let by_root = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let owner = std::fs::metadata(&storage.objects_dir).unwrap().uid();
+    assert_ne!(owner, 0, "the archive belongs to postgres");
+    let mut checked = 0;
+    for key in stored_keys(&storage) {
+        let mut p = storage.object_file(&key);
+        while p != storage.objects_dir {
+            let m = std::fs::symlink_metadata(&p).unwrap();
+            assert_eq!(m.uid(), owner, "{} belongs to uid {}", p.display(), m.uid());
+            p = p.parent().unwrap().to_path_buf();
+        }
+        checked += 1;
+    }
+    assert!(checked >= 4, "only {checked} objects");
+
+    pg.psql("create table later as select generate_series(1, 1000) g");
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    let out = storage.pgkeep_pg(&bin, &["backup"], &pg.client_env());
+    assert!(out.status.success(), "backup: {}", stderr(&out));
+    pg.switch_and_wait_archived();
+    let settings = [
+        ("PGKEEP_BACKUP_COUNT".to_string(), "1".to_string()),
+        ("PGKEEP_BACKUP_MAX_AGE_HOURS".to_string(), "0".to_string()),
+    ];
+    let out = storage.pgkeep_pg(&bin, &["prune"], &settings);
+    assert!(out.status.success(), "prune as postgres: {}", stderr(&out));
+    assert!(
+        !stored_keys(&storage).iter().any(|k| k.contains(&by_root)),
+        "the root-run backup {by_root} was not deleted"
+    );
+    pg.stop("fast");
+}

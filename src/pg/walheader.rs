@@ -131,6 +131,25 @@ pub fn parse_long_header(name: &str, data: &[u8]) -> Result<SegmentHeader, Heade
     })
 }
 
+/// A served segment or `.partial` as Postgres must see it: a `.partial` the daemon streamed holds
+/// only the bytes it had received, so it is padded with zeros to the segment size its page header
+/// states (the shape of Postgres' own `.partial` files), then checked as [`check_segment`] does.
+pub fn whole_segment(
+    name: &WalFileName,
+    mut data: Vec<u8>,
+    expected_system: Option<u64>,
+) -> Result<Vec<u8>, HeaderError> {
+    if name.kind == WalFileKind::Partial {
+        let header = parse_long_header(&name.to_string(), &data)?;
+        let size = header.seg_size.bytes() as usize;
+        if data.len() < size {
+            data.resize(size, 0);
+        }
+    }
+    check_segment(name, &data, expected_system)?;
+    Ok(data)
+}
+
 /// Checks that `data` is the whole segment `name` of the cluster `expected_system` (when known):
 /// magic, long header, length, start address and timeline. Only segments and `.partial` files have
 /// a page header; call this for nothing else.

@@ -387,6 +387,44 @@ impl Archive {
         Ok(with_wal_names(metas))
     }
 
+    /// Where the WAL in storage ends, the one definition `list` and the daemon's `/status`
+    /// (`durable_lsn`) share: the end of the newest complete segment (highest timeline, then
+    /// highest segment), or, when the daemon's streamed `.partial` of a later segment is stored,
+    /// the end of the bytes that partial holds; with the timeline and when that object reached
+    /// storage. Gaps before it are `verify`'s to find.
+    pub async fn wal_end(
+        &self,
+        size: WalSegSize,
+    ) -> Result<Option<(Lsn, TimelineId, DateTime<Utc>)>, StorageError> {
+        let mut end = self.newest_segment(size).await?.and_then(|(name, at)| {
+            let seg = name.segment_no(size).ok()?;
+            Some((name.timeline, size.start_of(SegmentNo(seg.0 + 1)), at))
+        });
+        let streamed = self
+            .repo()
+            .list_meta(&self.layout().streaming_root())
+            .await?;
+        for (meta, name) in with_wal_names(streamed) {
+            let Ok(seg) = name.segment_no(size) else {
+                continue;
+            };
+            if name.kind != WalFileKind::Partial
+                || end.is_some_and(|(t, e, _)| (t, e) > (name.timeline, size.start_of(seg)))
+            {
+                continue;
+            }
+            let header = match self.repo().header(&meta.location).await {
+                Ok(h) => h,
+                // Replaced by its whole segment meanwhile, or damaged (verify names it).
+                Err(StorageError::NotFound { .. } | StorageError::Corrupt { .. }) => continue,
+                Err(e) => return Err(e),
+            };
+            let reach = Lsn(size.start_of(seg).0 + header.plain_len.min(u64::from(size.bytes())));
+            end = Some((name.timeline, reach, meta.last_modified));
+        }
+        Ok(end.map(|(t, e, at)| (e, t, at)))
+    }
+
     /// The newest complete archived segment (highest timeline, then highest segment) and when it
     /// reached storage.
     pub async fn newest_segment(

@@ -102,6 +102,33 @@ impl StorageError {
     }
 }
 
+/// The (uid, gid) that objects written under `root` must be given to: its owner's, when this
+/// process runs as root and the folder belongs to another user; None otherwise.
+fn hand_to(root: &std::path::Path) -> Option<(u32, u32)> {
+    use std::os::unix::fs::MetadataExt;
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        return None;
+    }
+    let meta = std::fs::metadata(root).ok()?;
+    (meta.uid() != 0).then_some((meta.uid(), meta.gid()))
+}
+
+/// Whether an S3 client built from `b` gets its credentials from the instance metadata service,
+/// none being configured (the last of object_store's sources).
+fn asks_instance_metadata(b: &AmazonS3Builder) -> bool {
+    let set = |k: AmazonS3ConfigKey| b.get_config_value(&k).is_some_and(|v| !v.is_empty());
+    let unsigned = b
+        .get_config_value(&AmazonS3ConfigKey::SkipSignature)
+        .is_some_and(|v| v.eq_ignore_ascii_case("true"));
+    !(unsigned
+        || set(AmazonS3ConfigKey::AccessKeyId)
+        || set(AmazonS3ConfigKey::SecretAccessKey)
+        || (set(AmazonS3ConfigKey::WebIdentityTokenFile) && set(AmazonS3ConfigKey::RoleArn))
+        || set(AmazonS3ConfigKey::ContainerCredentialsRelativeUri)
+        || set(AmazonS3ConfigKey::ContainerCredentialsFullUri))
+}
+
 fn open_error(key: &Path, e: OpenError) -> StorageError {
     match e {
         OpenError::Damaged(reason) => StorageError::Corrupt {
@@ -149,6 +176,11 @@ pub struct Repo {
     durable_dirs: Arc<std::sync::Mutex<std::collections::HashSet<PathBuf>>>,
     verify_uploads: bool,
     keys: Arc<Keys>,
+    /// S3 with no credentials configured: object_store asks the instance metadata service.
+    credentials_from_metadata: bool,
+    /// `file://` written by root into an archive another user owns: that user's (uid, gid), to
+    /// hand every new file and folder to, so that the owner's daemon can still manage them.
+    owner: Option<(u32, u32)>,
 }
 
 impl std::fmt::Debug for Repo {
@@ -178,6 +210,8 @@ impl Repo {
         let timeout = format!("{}s", cfg.retry.request_timeout.as_secs());
         let connect_timeout = format!("{}s", cfg.retry.request_timeout.as_secs().min(10));
         let keys = Arc::new(Keys::from_settings(&cfg.encryption).map_err(&setup)?);
+        let mut credentials_from_metadata = false;
+        let mut owner = None;
         let (store, local_root): (Arc<dyn ObjectStore>, _) = match &cfg.url {
             StorageUrl::File { root } => {
                 if create {
@@ -190,6 +224,7 @@ impl Repo {
                             .into(),
                     ));
                 }
+                owner = hand_to(root);
                 let fs =
                     LocalFileSystem::new_with_prefix(root).map_err(|e| setup(e.to_string()))?;
                 (Arc::new(fs), Some(root.clone()))
@@ -217,19 +252,28 @@ impl Repo {
                                 .map_err(|e| setup(format!("storage option {key}: {e}")))?;
                             b = b.with_config(key, value);
                         }
-                        Arc::new(b.build().map_err(|e| setup(e.to_string()))?)
+                        b
                     }};
                 }
+                let built = |e: object_store::Error| setup(e.to_string());
                 let store: Arc<dyn ObjectStore> = match scheme {
                     CloudScheme::S3 => {
-                        cloud!(AmazonS3Builder, AmazonS3ConfigKey, with_bucket_name)
+                        let b = cloud!(AmazonS3Builder, AmazonS3ConfigKey, with_bucket_name);
+                        if asks_instance_metadata(&b) {
+                            credentials_from_metadata = true;
+                        }
+                        Arc::new(b.build().map_err(built)?)
                     }
-                    CloudScheme::Gcs => {
+                    CloudScheme::Gcs => Arc::new(
                         cloud!(GoogleCloudStorageBuilder, GoogleConfigKey, with_bucket_name)
-                    }
-                    CloudScheme::Azure => {
+                            .build()
+                            .map_err(built)?,
+                    ),
+                    CloudScheme::Azure => Arc::new(
                         cloud!(MicrosoftAzureBuilder, AzureConfigKey, with_container_name)
-                    }
+                            .build()
+                            .map_err(built)?,
+                    ),
                 };
                 let store = if prefix.is_empty() {
                     store
@@ -246,7 +290,34 @@ impl Repo {
             durable_dirs: Default::default(),
             verify_uploads: cfg.verify_uploads,
             keys,
+            credentials_from_metadata,
+            owner,
         })
+    }
+
+    /// A failed storage call as a [`StorageError`]: a missing object is `NotFound`; when no S3
+    /// credentials are configured and the instance metadata service gave none, a setup error that
+    /// says so (and is not retried) instead of the metadata service's raw answer.
+    fn backend(&self, key: &Path, op: &'static str, source: object_store::Error) -> StorageError {
+        let text = source.to_string();
+        if self.credentials_from_metadata
+            && !matches!(source, object_store::Error::NotFound { .. })
+            && (text.contains("/latest/api/token")
+                || text.contains("/latest/meta-data/")
+                || text.contains("credential"))
+        {
+            let cause = redact_userinfo(text.lines().next().unwrap_or_default());
+            return StorageError::Setup {
+                url: self.url.clone(),
+                message: format!(
+                    "no credentials for this bucket: none are configured (AWS_ACCESS_KEY_ID with \
+                     AWS_SECRET_ACCESS_KEY, AWS_WEB_IDENTITY_TOKEN_FILE with AWS_ROLE_ARN, or \
+                     AWS_CONTAINER_CREDENTIALS_RELATIVE_URI / AWS_CONTAINER_CREDENTIALS_FULL_URI), \
+                     and the instance metadata service did not give any ({cause})"
+                ),
+            };
+        }
+        StorageError::backend(key, op, source)
     }
 
     /// The encryption keys objects are sealed and opened with.
@@ -462,7 +533,8 @@ impl Repo {
         self.store
             .put(key, PutPayload::from(stored.clone()))
             .await
-            .map_err(|e| StorageError::backend(key, "upload", e))?;
+            .map_err(|e| self.backend(key, "upload", e))?;
+        self.hand_over(key).await?;
         if sync_now {
             self.sync_local(key).await?;
         }
@@ -518,11 +590,24 @@ impl Repo {
         Ok((header, stored))
     }
 
+    /// The header of the object `key` alone (one ranged read), checked.
+    pub async fn header(&self, key: &Path) -> Result<Header, StorageError> {
+        let got = self
+            .store
+            .get_range(key, 0..object::HEADER_LEN as u64)
+            .await
+            .map_err(|e| self.backend(key, "download", e))?;
+        Header::parse(&got).map_err(|reason| StorageError::Corrupt {
+            key: key.to_string(),
+            reason,
+        })
+    }
+
     pub async fn exists(&self, key: &Path) -> Result<bool, StorageError> {
         match self.store.head(key).await {
             Ok(_) => Ok(true),
             Err(object_store::Error::NotFound { .. }) => Ok(false),
-            Err(e) => Err(StorageError::backend(key, "look-up", e)),
+            Err(e) => Err(self.backend(key, "look-up", e)),
         }
     }
 
@@ -530,7 +615,7 @@ impl Repo {
     pub async fn delete(&self, key: &Path) -> Result<(), StorageError> {
         match self.store.delete(key).await {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
-            Err(e) => Err(StorageError::backend(key, "delete", e)),
+            Err(e) => Err(self.backend(key, "delete", e)),
         }
     }
 
@@ -544,7 +629,7 @@ impl Repo {
             .list(Some(dir))
             .try_collect()
             .await
-            .map_err(|e| StorageError::backend(dir, "listing", e))?;
+            .map_err(|e| self.backend(dir, "listing", e))?;
         metas.sort_by(|a, b| a.location.cmp(&b.location));
         Ok(metas)
     }
@@ -555,7 +640,7 @@ impl Repo {
             .store
             .list_with_delimiter(Some(dir))
             .await
-            .map_err(|e| StorageError::backend(dir, "listing", e))?;
+            .map_err(|e| self.backend(dir, "listing", e))?;
         Ok(listing
             .common_prefixes
             .iter()
@@ -571,7 +656,7 @@ impl Repo {
             .map_ok(|m| m.location)
             .try_collect()
             .await
-            .map_err(|e| StorageError::backend(dir, "listing", e))?;
+            .map_err(|e| self.backend(dir, "listing", e))?;
         keys.sort();
         Ok(keys)
     }
@@ -581,10 +666,48 @@ impl Repo {
             .store
             .get(key)
             .await
-            .map_err(|e| StorageError::backend(key, "download", e))?;
+            .map_err(|e| self.backend(key, "download", e))?;
         got.bytes()
             .await
-            .map_err(|e| StorageError::backend(key, "download", e))
+            .map_err(|e| self.backend(key, "download", e))
+    }
+
+    /// For `file://` storage written by root into an archive another user owns: gives the new
+    /// object, and each folder above it that is not yet the owner's, to that owner (never
+    /// following a link). Without it, a backup run by hand as root leaves objects that the
+    /// owner's daemon cannot read or delete.
+    async fn hand_over(&self, key: &Path) -> Result<(), StorageError> {
+        let (Some(root), Some((uid, gid))) = (self.local_root.clone(), self.owner) else {
+            return Ok(());
+        };
+        let mut path = root.clone();
+        for part in key.parts() {
+            path.push(part.as_ref());
+        }
+        let url = self.url.clone();
+        tokio::task::spawn_blocking(move || {
+            use std::os::unix::fs::MetadataExt;
+            let mut at = path.as_path();
+            while at != root {
+                let meta = std::fs::symlink_metadata(at);
+                if meta.is_ok_and(|m| m.uid() == uid && m.gid() == gid) {
+                    break;
+                }
+                std::os::unix::fs::lchown(at, Some(uid), Some(gid)).map_err(|e| {
+                    StorageError::Setup {
+                        url: url.clone(),
+                        message: format!(
+                            "cannot give {} to the archive's owner (uid {uid}): {e}",
+                            at.display()
+                        ),
+                    }
+                })?;
+                at = at.parent().expect("below the root");
+            }
+            Ok(())
+        })
+        .await
+        .expect("chown does not panic")
     }
 
     /// For `file://` storage: fsync the object and its folder, and each new folder's own entry up

@@ -112,11 +112,7 @@ async fn from_daemon(cfg: &Config, name: &WalFileName, sysid: Option<u64>) -> Op
             let opened = object::open(&r.body, &keys)
                 .map_err(|e| format!("{e:?}"))
                 .and_then(|(_, data)| {
-                    if matches!(served.kind, WalFileKind::Segment | WalFileKind::Partial) {
-                        walheader::check_segment(&served, &data, Some(sysid))
-                            .map_err(|e| e.to_string())?;
-                    }
-                    Ok(data)
+                    walheader::whole_segment(&served, data, Some(sysid)).map_err(|e| e.to_string())
                 });
             match opened {
                 Ok(data) => Some(data),
@@ -184,7 +180,9 @@ pub async fn fetch_verified(archive: &Archive, name: &WalFileName) -> Result<Vec
 pub fn open_checked(repo: &Repo, f: &Fetched, sysid: u64) -> Result<Vec<u8>, FetchError> {
     let (_, data) = repo.open_object(&f.key, &f.stored)?;
     if matches!(f.served.kind, WalFileKind::Segment | WalFileKind::Partial) {
-        walheader::check_segment(&f.served, &data, Some(sysid)).map_err(anyhow::Error::from)?;
+        return Ok(
+            walheader::whole_segment(&f.served, data, Some(sysid)).map_err(anyhow::Error::from)?
+        );
     }
     Ok(data)
 }

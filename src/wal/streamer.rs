@@ -429,10 +429,13 @@ impl Session<'_> {
         let name = seg.name.with_kind(WalFileKind::Partial);
         walheader::check_segment(&name, &data, Some(self.archive.system_identifier()))?;
         let key = self.archive.layout().streaming_partial(&seg.name);
+        // Only the bytes received: the object's plain length is then where the WAL in storage
+        // ends, which `list` and `/status` both report (readers pad it back to a whole segment).
+        let received = &data[..usize::try_from(written).expect("within a segment")];
         if let Err(e) = self
             .archive
             .repo()
-            .put_overwrite(&key, &data, self.cfg.codec)
+            .put_overwrite(&key, received, self.cfg.codec)
             .await
         {
             self.state.upload_errors.inc();
