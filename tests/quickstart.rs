@@ -1,6 +1,6 @@
 //! The README's first command, as a new user runs it: `scripts/quickstart.sh` starts Postgres 15
 //! with the sidecar streaming to file:// storage and prints a tour; `restore` brings a copy back
-//! with every row; `stop` leaves nothing running.
+//! with every row of every table (and refuses, changing nothing, once stopped); `stop` leaves nothing running.
 mod common;
 
 use std::path::Path;
@@ -68,21 +68,42 @@ fn quickstart_starts_the_sidecar_restores_and_stops() {
 
     let restored = ok(&quickstart(&work, "restore"), "restore");
     assert!(
-        restored.contains("OK: the copy holds every row"),
+        restored.contains("OK: the copy holds every row of every table"),
         "{restored}"
     );
-    let lines: Vec<&str> = restored
-        .lines()
-        .filter(|l| l.contains(" rows, md5 "))
-        .collect();
-    assert_eq!(lines.len(), 2, "{restored}");
-    assert_eq!(
-        lines[0].trim_start_matches("primary:").trim(),
-        lines[1].trim_start_matches("restored:").trim()
-    );
+    // Every table, not one: the quickstart's orders and pgbench's four.
+    let tables = |side: &str| -> Vec<String> {
+        restored
+            .lines()
+            .filter_map(|l| l.strip_prefix(side))
+            .map(|l| l.trim().to_string())
+            .collect()
+    };
+    let (primary, copy) = (tables("primary:"), tables("restored:"));
+    assert_eq!(primary, copy, "{restored}");
+    assert_eq!(primary.len(), 5, "{restored}");
+    for t in [
+        "public.orders: 20000 rows, md5 ",
+        "public.pgbench_accounts: 100000 rows",
+    ] {
+        assert!(primary.iter().any(|l| l.starts_with(t)), "{t}: {restored}");
+    }
 
     ok(&quickstart(&work, "stop"), "stop");
     assert!(!alive(pid), "the daemon stopped");
+    // restore after stop: says to start the quickstart, and leaves the copy where it was.
+    let out = quickstart(&work, "restore");
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("the quickstart is not running")
+            && stderr(&out).contains("start it first with scripts/quickstart.sh"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(
+        work.join("restored/PG_VERSION").exists(),
+        "the copy was kept"
+    );
     assert!(
         !work.join("primary/postmaster.pid").exists(),
         "Postgres stopped"
