@@ -8,7 +8,8 @@
 #   azurite   the Azure Blob emulator (npm, into target/azurite), for the storage conformance tests
 #   helm      a Python environment (target/pyenv) with helm-python-sdk (Helm's engine: renders and
 #             lints the chart offline), kubernetes-validate and PyYAML (PyPI), for the chart tests
-# Usage: scripts/install-deps.sh [postgres] [s3s-fs] [majors] [azurite] [helm]
+#   promtool  Prometheus' rule checker (Debian's prometheus package), for the monitoring pack
+# Usage: scripts/install-deps.sh [postgres] [s3s-fs] [majors] [azurite] [helm] [promtool]
 set -euo pipefail
 PGBIN=${PGBIN:-/usr/lib/postgresql/15/bin}
 S3S_FS_VERSION=0.14.1   # newer versions need a newer rustc than this machine's
@@ -79,6 +80,15 @@ for what in "$@"; do
         echo "installing $want into $venv (pip)"
         python3 -m venv "$venv"
         "$venv/bin/pip" install --quiet --disable-pip-version-check $want
+      fi
+      ;;
+    promtool)
+      # Checks the alert rules (deploy/helm/pgkeep/files/prometheus-rules.yaml): Debian's
+      # Prometheus package, only for its promtool (the server is not started).
+      if ! command -v promtool >/dev/null; then
+        echo "installing promtool (apt: prometheus)"
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null
       fi
       ;;
     *) echo "unknown dependency: $what" >&2; exit 2 ;;

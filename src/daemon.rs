@@ -92,7 +92,10 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     ));
     let schedule = tokio::spawn({
         let jobs = jobs.clone();
-        async move { jobs.run_schedule().await }
+        async move {
+            // Backups and the checks side by side; both end at `stop`.
+            tokio::join!(jobs.run_schedule(), jobs.checks.run_schedule());
+        }
     });
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;

@@ -158,6 +158,7 @@ async fn status(State(s): State<AppState>) -> impl IntoResponse {
         "reconnects": st.reconnects.get(),
         "last_upload_unix": st.last_upload_unix.load(Ordering::Relaxed),
         "stream_error": st.problem().map(|p| p.message),
+        "checks": s.jobs.checks.snapshot(),
     }))
 }
 

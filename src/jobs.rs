@@ -1,5 +1,5 @@
 //! The daemon's scheduled work: a base backup every `backup_interval_hours` (and at start when
-//! storage holds none), then retention. The schedule and the HTTP handlers both go through
+//! storage holds none), then retention; and the checks of [`crate::checks`] (verify, drills). The schedule and the HTTP handlers both go through
 //! [`Jobs`], which runs one backup at a time and keeps the counters `/metrics` reports.
 //!
 //! Shutdown: `stop` ends the schedule and refuses new backups, a backup in flight goes on (it
@@ -26,6 +26,8 @@ pub struct JobState {
     pub last_backup_unix: AtomicU64,
     /// How long that backup took, in milliseconds.
     pub last_backup_ms: AtomicU64,
+    /// Unix time (s) the newest backup in storage ended, as last seen (0: none seen).
+    pub newest_backup_unix: AtomicU64,
     pub backup_failures: Counter,
 }
 
@@ -34,6 +36,8 @@ pub struct Jobs {
     repo: Repo,
     stream: Arc<StreamState>,
     pub state: JobState,
+    /// The scheduled verify and restore drill, and their last results.
+    pub checks: crate::checks::Checks,
     /// One backup at a time (a scheduled and a requested one queue behind each other).
     running: tokio::sync::Mutex<()>,
     /// A base backup (not its retention) is being taken.
@@ -53,6 +57,12 @@ impl Jobs {
         abort: CancellationToken,
     ) -> Jobs {
         Jobs {
+            checks: crate::checks::Checks::new(
+                cfg.clone(),
+                repo.clone(),
+                stream.clone(),
+                stop.clone(),
+            ),
             cfg,
             repo,
             stream,
@@ -87,9 +97,11 @@ impl Jobs {
         self.state
             .last_backup_ms
             .store(started.elapsed().as_millis() as u64, Ordering::Relaxed);
+        let ended = meta.end_time.timestamp().max(0) as u64;
+        self.state.last_backup_unix.store(ended, Ordering::Relaxed);
         self.state
-            .last_backup_unix
-            .store(meta.end_time.timestamp().max(0) as u64, Ordering::Relaxed);
+            .newest_backup_unix
+            .fetch_max(ended, Ordering::Relaxed);
         let archive = Archive::new(self.repo.clone(), meta.system_identifier);
         let plan = crate::retention::prune(&self.cfg, &archive, false).await?;
         if !plan.delete_backups.is_empty() || !plan.delete_wal.is_empty() {
@@ -195,6 +207,11 @@ impl Jobs {
             crate::pg::replication::ReplConnection::connect_identified(&self.cfg.pg).await?;
         let archive = Archive::new(self.repo.clone(), server.system_identifier);
         let newest = archive.backups().await?.into_iter().next();
+        if let Some(b) = &newest {
+            self.state
+                .newest_backup_unix
+                .store(b.end_time.timestamp().max(0) as u64, Ordering::Relaxed);
+        }
         Ok(newest.is_none_or(|b| chrono::Utc::now() - b.end_time >= interval))
     }
 }

@@ -3,10 +3,12 @@
 //! call it in-process. The import graph runs one way: daemon → jobs/http → wal/backup/restore →
 //! storage → codec, pg.
 pub mod backup;
+pub mod checks;
 pub mod cluster;
 pub mod codec;
 pub mod config;
 pub mod daemon;
+pub mod drill;
 pub mod fsutil;
 pub mod http;
 pub mod http_client;

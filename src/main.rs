@@ -91,6 +91,12 @@ enum Command {
         /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
+        /// Instead of checking objects: restore the newest backup into DIR (new or empty), start
+        /// Postgres on it (pg_bin_dir, or PATH) on loopback with archive recovery to the end of
+        /// the stored WAL, wait for promotion, run a query, stop it and remove DIR; each step timed.
+        /// Exit 0: the drill passed; 1: it failed; 2: it could not run.
+        #[arg(long, value_name = "DIR")]
+        restore_drill: Option<PathBuf>,
     },
     /// Print a new age identity (the secret key, for encryption_identity_file) and, on stderr,
     /// its recipient (the public key, for encryption_recipients). `age-keygen` works as well.
@@ -342,6 +348,37 @@ async fn verify(cfg: &Config, backup: Option<&str>, json: bool) -> ExitCode {
     }
 }
 
+/// `pgkeep verify --restore-drill DIR`: 0 the drill passed, 1 it failed, 2 it could not run.
+async fn restore_drill(cfg: &Config, dir: PathBuf, json: bool) -> ExitCode {
+    let settings = pgkeep::drill::DrillSettings {
+        dir,
+        pg_bin_dir: cfg.pg_bin_dir.clone(),
+        timeout: cfg.drill_timeout,
+    };
+    let never = tokio_util::sync::CancellationToken::new();
+    match pgkeep::drill::drill(cfg, &settings, &never).await {
+        Ok(report) => {
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&report).expect("serialisable")
+                );
+            } else {
+                print!("{}", report.render());
+            }
+            if report.ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            }
+        }
+        Err(e) => {
+            tracing::error!("the restore drill could not run: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
 /// `pgkeep keygen`: needs no configuration.
 fn keygen(output: Option<&std::path::Path>) -> ExitCode {
     let (file, recipient) = pgkeep::storage::crypt::generate();
@@ -408,7 +445,12 @@ async fn run(command: Command, cfg: Config) -> ExitCode {
                 print!("{}", list::render(&inv));
             }
         }),
-        Command::Verify { backup, json } => verify(&cfg, backup.as_deref(), json).await,
+        Command::Verify {
+            restore_drill: Some(dir),
+            json,
+            ..
+        } => restore_drill(&cfg, dir, json).await,
+        Command::Verify { backup, json, .. } => verify(&cfg, backup.as_deref(), json).await,
         Command::Keygen { .. } => unreachable!("handled before the configuration is read"),
         Command::Restore(args) => {
             let result = match restore_options(args, &cfg) {

@@ -1,7 +1,8 @@
 //! The daemon's Prometheus metrics (`GET /metrics`), through `prometheus-client`: the counters
 //! live in the states of the streamer, the jobs and the prefetcher (registered here once); the
 //! gauges are read from those states at each scrape. Names are documented in
-//! `docs/http-api.md`; change both together (and the chart's alerts in `docs/operations.md`).
+//! `docs/http-api.md`; change both together (and the alert rules and dashboard under
+//! `deploy/helm/pgkeep/files/`, which `tests/monitoring.rs` checks against these names).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -28,6 +29,25 @@ pub struct Metrics {
     since_upload: FloatGauge,
     since_backup: FloatGauge,
     backup_seconds: FloatGauge,
+    newest_backup: Gauge,
+    checks: CheckGauges,
+}
+
+/// The scheduled checks' results, read at each scrape.
+#[derive(Default)]
+struct CheckGauges {
+    verify_last_run: Gauge,
+    verify_last_success: Gauge,
+    verify_problems: Gauge,
+    verify_seconds: FloatGauge,
+    restorable_backups: Gauge,
+    window_start_lsn: Gauge,
+    window_start_time: Gauge,
+    window_end_lsn: Gauge,
+    drill_last_run: Gauge,
+    drill_last_success: Gauge,
+    drill_ok: Gauge,
+    drill_seconds: FloatGauge,
 }
 
 impl Metrics {
@@ -41,6 +61,8 @@ impl Metrics {
             since_upload: FloatGauge::default(),
             since_backup: FloatGauge::default(),
             backup_seconds: FloatGauge::default(),
+            newest_backup: Gauge::default(),
+            checks: CheckGauges::default(),
             registry: Registry::with_prefix("pgkeep"),
             stream: stream.clone(),
             jobs: jobs.clone(),
@@ -113,6 +135,11 @@ impl Metrics {
             m.backup_seconds.clone(),
         );
         r.register(
+            "newest_backup_timestamp_seconds",
+            "Unix time the newest base backup in storage ended, as the backup schedule last saw it (0: none seen).",
+            m.newest_backup.clone(),
+        );
+        r.register(
             "backup_failures",
             "Failed base backups.",
             jobs.state.backup_failures.clone(),
@@ -132,7 +159,99 @@ impl Metrics {
             "WAL requests answered from the prefetch cache.",
             prefetch.hits.clone(),
         );
+        let c = &m.checks;
+        for (name, help, gauge) in [
+            (
+                "verify_last_run_timestamp_seconds",
+                "Unix time the last scheduled verify ended (0: none yet).",
+                &c.verify_last_run,
+            ),
+            (
+                "verify_last_success_timestamp_seconds",
+                "Unix time of the last scheduled verify that found no problem (0: none yet).",
+                &c.verify_last_success,
+            ),
+            (
+                "verify_problems",
+                "Problems the last scheduled verify found (-1: none ran to the end yet).",
+                &c.verify_problems,
+            ),
+            (
+                "verify_restorable_backups",
+                "Backups the last scheduled verify found restorable (-1: unknown).",
+                &c.restorable_backups,
+            ),
+            (
+                "recoverable_window_start_lsn_bytes",
+                "Start of the recoverable window by the last verify: the oldest restorable backup's end (0: none).",
+                &c.window_start_lsn,
+            ),
+            (
+                "recoverable_window_start_timestamp_seconds",
+                "Unix time of that start (0: none).",
+                &c.window_start_time,
+            ),
+            (
+                "recoverable_window_end_lsn_bytes",
+                "End of the recoverable window by the last verify (0: none).",
+                &c.window_end_lsn,
+            ),
+            (
+                "drill_last_run_timestamp_seconds",
+                "Unix time the last scheduled restore drill ended (0: none yet).",
+                &c.drill_last_run,
+            ),
+            (
+                "drill_last_success_timestamp_seconds",
+                "Unix time of the last restore drill that passed (0: none yet).",
+                &c.drill_last_success,
+            ),
+            (
+                "drill_last_ok",
+                "1 if the last restore drill passed, 0 if it failed, -1 if none ran yet.",
+                &c.drill_ok,
+            ),
+        ] {
+            r.register(name, help, gauge.clone());
+        }
+        r.register(
+            "verify_duration_seconds",
+            "How long the last scheduled verify took.",
+            c.verify_seconds.clone(),
+        );
+        r.register(
+            "drill_duration_seconds",
+            "How long the last restore drill took.",
+            c.drill_seconds.clone(),
+        );
+        r.register(
+            "check_errors",
+            "Scheduled verifies and drills that could not run at all.",
+            jobs.checks.errors.clone(),
+        );
         m
+    }
+
+    /// The checks' gauges from their last results.
+    fn set_checks(&self) {
+        let s = self.jobs.checks.snapshot();
+        let c = &self.checks;
+        let (v, d) = (&s.verify, &s.drill);
+        let signed = |n: Option<usize>| n.map_or(-1, |n| n as i64);
+        c.verify_last_run.set(v.last_run_unix as i64);
+        c.verify_last_success.set(v.last_success_unix as i64);
+        c.verify_problems.set(signed(v.problems));
+        c.restorable_backups.set(signed(v.restorable_backups));
+        c.verify_seconds.set(v.seconds);
+        let w = v.window.as_ref();
+        c.window_start_lsn.set(w.map_or(0, |w| w.from_lsn.0 as i64));
+        c.window_start_time
+            .set(w.map_or(0, |w| w.from_time.timestamp()));
+        c.window_end_lsn.set(w.map_or(0, |w| w.to_lsn.0 as i64));
+        c.drill_last_run.set(d.last_run_unix as i64);
+        c.drill_last_success.set(d.last_success_unix as i64);
+        c.drill_ok.set(d.ok.map_or(-1, i64::from));
+        c.drill_seconds.set(d.seconds);
     }
 
     /// The metrics in the OpenMetrics text format.
@@ -156,6 +275,9 @@ impl Metrics {
         self.since_backup.set(since(&jobs.last_backup_unix));
         self.backup_seconds
             .set(jobs.last_backup_ms.load(Ordering::Relaxed) as f64 / 1000.0);
+        self.newest_backup
+            .set(jobs.newest_backup_unix.load(Ordering::Relaxed) as i64);
+        self.set_checks();
         let mut out = String::new();
         encode(&mut out, &self.registry).expect("writing to a String does not fail");
         out

@@ -166,6 +166,14 @@ fn chart_lints_renders_and_validates_for_every_values_file() {
             .is_some_and(|e| e.contains("age public key")),
         "{f}"
     );
+    // The monitoring pack: off by default; when enabled, the rules pass promtool, the dashboard
+    // is there and the PodMonitor scrapes the daemon's port.
+    let mon = &f["monitoring"];
+    assert_eq!(mon["off_by_default"], true, "{f}");
+    assert_eq!(mon["rules_check"], "ok", "{f}");
+    assert!(mon["alerts"].as_array().unwrap().len() >= 8, "{f}");
+    assert!(mon["dashboard_panels"].as_u64().unwrap() >= 10, "{f}");
+    assert_eq!(mon["pod_monitor_ports"], serde_json::json!(["http"]), "{f}");
     // Least privilege: no API token in any pod; ingress only to Postgres unless metrics are opened.
     assert_eq!(
         enc["service_account_tokens"],

@@ -62,6 +62,11 @@ const KEYS: &[(&str, Kind)] = &[
     ("backup_interval_hours", Kind::Int),
     ("encryption_recipients", Kind::List),
     ("encryption_identity_file", Kind::Str),
+    ("verify_interval_hours", Kind::Int),
+    ("drill_dir", Kind::Str),
+    ("drill_interval_hours", Kind::Int),
+    ("drill_timeout_secs", Kind::Int),
+    ("pg_bin_dir", Kind::Str),
 ];
 
 /// Environment variables with the `PGKEEP_` prefix that are not settings.
@@ -127,6 +132,16 @@ pub struct Config {
     pub backup_max_age_hours: u64,
     /// The daemon takes a base backup this often (0: never on its own).
     pub backup_interval_hours: u64,
+    /// The daemon checks the stored backups and WAL (`pgkeep verify`) this often (0: never).
+    pub verify_interval_hours: u64,
+    /// Where the daemon's restore drills restore to (None: no drills).
+    pub drill_dir: Option<PathBuf>,
+    /// The daemon runs a restore drill this often when `drill_dir` is set (0: never).
+    pub drill_interval_hours: u64,
+    /// The longest a drill's copy may take to recover.
+    pub drill_timeout: Duration,
+    /// The folder of the Postgres server binaries (`postgres`) for drills (None: `PATH`).
+    pub pg_bin_dir: Option<PathBuf>,
     /// Client-side encryption: the recipients new objects are encrypted to, and the identity
     /// file that decrypts them (only `restore` and `wal-fetch` need it).
     pub encryption: crate::storage::EncryptionSettings,
@@ -280,6 +295,11 @@ impl Config {
             backup_count: v.int("backup_count", 1..=10000, 3)? as usize,
             backup_max_age_hours: v.int("backup_max_age_hours", 0..=1_000_000, 168)? as u64,
             backup_interval_hours: v.int("backup_interval_hours", 0..=100_000, 24)? as u64,
+            verify_interval_hours: v.int("verify_interval_hours", 0..=100_000, 24)? as u64,
+            drill_dir: v.absolute_path("drill_dir", None)?,
+            drill_interval_hours: v.int("drill_interval_hours", 0..=100_000, 168)? as u64,
+            drill_timeout: secs("drill_timeout_secs", 10..=604_800, 3600)?,
+            pg_bin_dir: v.absolute_path("pg_bin_dir", None)?,
             encryption: v.encryption()?,
             env_settings,
             file: file.map(Path::to_path_buf),

@@ -769,6 +769,8 @@ impl Daemon {
         env.push(("PGKEEP_SPOOL_DIR".into(), spool.display().to_string()));
         // No scheduled backups unless a test asks for them (later settings win).
         env.push(("PGKEEP_BACKUP_INTERVAL_HOURS".into(), "0".into()));
+        // Nor scheduled verifies.
+        env.push(("PGKEEP_VERIFY_INTERVAL_HOURS".into(), "0".into()));
         env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
         let log_path = dir.path().join(format!("daemon-{port}.log"));
         let log = std::fs::File::create(&log_path).unwrap();
