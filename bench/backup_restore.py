@@ -7,8 +7,10 @@ For each scale it initialises a pgbench cluster, then measures, in one run on th
 and pgkeep backup and restore encrypted with age (a key made by `pgkeep keygen`), with ratios
 against the same pgkeep without encryption in the same run. --noise-mb adds a table of random
 (incompressible) bytes so that encryption is measured on data compression cannot shrink.
-Last, `pgkeep verify` over everything stored (with the identity: content decoded), in MB/s of
-stored data checked.
+Last, `pgkeep verify` over everything stored (with the identity: content decoded, the files the
+chunks hold compared with each manifest), in MB/s of stored data checked, and a restore drill of
+the newest backup (`verify --restore-drill`: restore, start, recover, promote, query, stop, remove)
+with its steps' times.
 and prints wall time, MB/s (of the database size, pg_wal excluded) and peak RSS, with ratios against
 pg_basebackup (backup) and tar -xf followed by sync (restore: pgkeep restore syncs before it
 reports success). Peak RSS across scales shows whether memory grows with the database.
@@ -171,6 +173,17 @@ def bench_scale(scale, pgkeep, work, noise_mb):
         checked = json.loads(subprocess.run(as_pg([bin_copy, "--config", conf, "verify", "--json"],
                                                   {"PGKEEP_ENCRYPTION_IDENTITY_FILE": key}),
                                             capture_output=True, text=True, cwd="/").stdout)["stored_bytes_checked"]
+        # A restore drill of the newest backup: restore, start, recover, promote, query, stop, remove.
+        drill_dir = os.path.join(work, "drill")
+        drill_cmd = as_pg([bin_copy, "--config", conf, "verify", "--restore-drill", drill_dir, "--json"],
+                          {"PGKEEP_ENCRYPTION_IDENTITY_FILE": key, "PGKEEP_PG_BIN_DIR": PGBIN})
+        t, rss = measure(drill_cmd)
+        rows.append(("restore", "verify --restore-drill", t, rss))
+        drill = json.loads(subprocess.run(drill_cmd, capture_output=True, text=True, cwd="/").stdout)
+        if not drill["ok"]:
+            sys.exit(f"the restore drill failed: {drill['error']}")
+        steps = ", ".join(f"{s['name']} {s['seconds']:.2f}s" for s in drill["steps"])
+        print(f"{scale:>5} drill steps: {steps}")
     finally:
         run(as_pg([f"{PGBIN}/pg_ctl", "-D", data, "-m", "immediate", "stop"]), stdout=subprocess.DEVNULL)
     return size, stored, rows, checked

@@ -211,9 +211,26 @@ impl Checks {
     async fn verify(&self, archive: &Archive) {
         tracing::info!("scheduled verify starting");
         let started = Instant::now();
-        let result = tokio::select! {
-            r = crate::verify::verify(archive, None, self.cfg.parallelism) => r,
-            _ = self.stop.cancelled() => return,
+        // As the drill: on a blocking thread of its own, driving the runtime from there (the
+        // verify's future is not provably Send).
+        let (archive2, parallelism, stop, handle) = (
+            archive.clone(),
+            self.cfg.parallelism,
+            self.stop.clone(),
+            tokio::runtime::Handle::current(),
+        );
+        let run = tokio::task::spawn_blocking(move || {
+            handle.block_on(async {
+                tokio::select! {
+                    r = crate::verify::verify(&archive2, None, parallelism) => Some(r),
+                    _ = stop.cancelled() => None,
+                }
+            })
+        });
+        let result = match run.await {
+            Ok(Some(r)) => r,
+            Ok(None) => return,
+            Err(e) => Err(anyhow::anyhow!("the verify task failed: {e}")),
         };
         match &result {
             Ok(r) if r.ok() => tracing::info!(

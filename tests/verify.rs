@@ -2,7 +2,8 @@
 //! restored copy promoted and archiving into the same storage): it passes on healthy storage
 //! with the identity (without it, it says the timeline switch points are unreadable), and fails with exit 1 naming the object for a WAL segment
 //! deleted from the middle of the chain, a deleted backup chunk, a flipped byte in a chunk and a
-//! missing `.history` file; each repaired, it passes again.
+//! missing `.history` file, and (with the identity) a manifest that lists another size than the
+//! chunks hold; each repaired, it passes again.
 
 mod common;
 
@@ -10,6 +11,10 @@ use std::path::Path;
 use std::process::Command;
 
 use common::*;
+
+fn hex_string(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
 
 /// Does something bad to the file of a stored object.
 type Fault = Box<dyn Fn(&Path)>;
@@ -176,6 +181,71 @@ fn verify_life(backend: Backend) {
         let (code, text) = verify(&storage, &bin, Some(&key));
         assert_eq!(code, 0, "after repairing {key_name}: {text}");
     }
+
+    // A manifest that does not list what the chunks hold (rewritten, with backup.json updated to
+    // name it, as a forger would): with the identity the files are compared and the difference
+    // named; without it the manifest cannot be read, and only its checksum is checked.
+    let manifest_key = keys
+        .iter()
+        .find(|k| k.ends_with(&format!("basebackups/{backup}/backup_manifest")))
+        .expect("the manifest")
+        .clone();
+    let meta_key = keys
+        .iter()
+        .find(|k| k.ends_with(&format!("basebackups/{backup}/backup.json")))
+        .expect("backup.json")
+        .clone();
+    let sealer = pgkeep::storage::Keys::from_settings(&pgkeep::storage::EncryptionSettings {
+        recipients: vec![recipient.clone()],
+        identity_file: Some(key.clone()),
+    })
+    .unwrap();
+    let (manifest_file, meta_file) = (
+        storage.object_file(&manifest_key),
+        storage.object_file(&meta_key),
+    );
+    let (saved_manifest, saved_meta) = (
+        std::fs::read(&manifest_file).unwrap(),
+        std::fs::read(&meta_file).unwrap(),
+    );
+    let (header, plain) = pgkeep::storage::object::open(&saved_manifest, &sealer).unwrap();
+    let text = String::from_utf8(plain).unwrap();
+    let forged = text.replacen(
+        "\"Path\": \"PG_VERSION\", \"Size\": 3,",
+        "\"Path\": \"PG_VERSION\", \"Size\": 4,",
+        1,
+    );
+    assert_ne!(forged, text, "PG_VERSION not found in the manifest");
+    let (new_header, sealed) =
+        pgkeep::storage::object::seal(header.codec, forged.as_bytes(), &sealer);
+    let (_, meta_plain) = pgkeep::storage::object::open(&saved_meta, &Default::default()).unwrap();
+    let mut meta: serde_json::Value = serde_json::from_slice(&meta_plain).unwrap();
+    meta["manifest_sha256"] = hex_string(&new_header.checksum).into();
+    let (_, meta_sealed) = pgkeep::storage::object::seal(
+        pgkeep::codec::Codec::None,
+        &serde_json::to_vec(&meta).unwrap(),
+        &Default::default(),
+    );
+    std::fs::write(&manifest_file, sealed).unwrap();
+    std::fs::write(&meta_file, meta_sealed).unwrap();
+    let (code, text) = verify(&storage, &bin, Some(&key));
+    assert_eq!(code, 1, "{text}");
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("PROBLEM") && l.contains(&manifest_key))
+        .unwrap_or_else(|| panic!("the manifest is not named: {text}"));
+    assert!(
+        line.contains("PG_VERSION is 3 bytes in the backup but 4 in the manifest"),
+        "{line}"
+    );
+    let (_, text) = verify(&storage, &bin, None);
+    assert!(!text.contains("PG_VERSION"), "{text}");
+    std::fs::write(&manifest_file, saved_manifest).unwrap();
+    std::fs::write(&meta_file, saved_meta).unwrap();
+    give_to_postgres(&manifest_file);
+    give_to_postgres(&meta_file);
+    let (code, text) = verify(&storage, &bin, Some(&key));
+    assert_eq!(code, 0, "after repairing the manifest: {text}");
 
     // Could not run at all: exit 2.
     let out = storage.pgkeep_in(&bin, &["verify", "--backup", "nonsense"], None, &[]);

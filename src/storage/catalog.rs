@@ -199,8 +199,13 @@ impl Repo {
     pub async fn holds_archive(&self) -> Result<bool, StorageError> {
         match self.check_format().await {
             Ok(()) => Ok(true),
-            Err(StorageError::Setup { .. }) if !self.exists(&layout::format_marker()).await? => {
-                Ok(false)
+            Err(StorageError::Setup { .. }) => {
+                if !self.exists(&layout::format_marker()).await? {
+                    return Ok(false);
+                }
+                // Written meanwhile by a racing writer (archive_command's first upload while a
+                // backup starts, seen on S3), or of a layout this version cannot read: read again.
+                self.check_format().await.map(|()| true)
             }
             Err(e) => Err(e),
         }

@@ -2,7 +2,8 @@
 //! and the manifest present, intact (the checksum of its header over the stored bytes) and the
 //! very object `backup.json` names; then WAL continuity from each backup's start through the newest
 //! stored segment, across timelines, and every WAL object intact. Needs no identity; with one (or
-//! for plain objects) the content is decrypted and decoded too.
+//! for plain objects) the content is decrypted and decoded too, and the files a backup's chunks
+//! hold are compared with its manifest ([`contents`]).
 //!
 //! Timelines are followed by their `.history` files when they can be read (plain, or with the
 //! identity); otherwise by the segments present (each timeline begins at its first stored segment).
@@ -17,6 +18,8 @@ use std::collections::{HashMap, HashSet};
 use crate::pg::{Lsn, SegmentNo, TimelineId, WalFileKind, WalFileName};
 use crate::storage::layout::BackupId;
 use crate::storage::{Archive, StorageError};
+
+mod contents;
 
 /// One thing wrong, by object.
 #[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq, Eq)]
@@ -111,25 +114,33 @@ async fn check_object(
     key: &object_store::path::Path,
     want: Option<(&str, Option<u64>)>,
 ) -> Result<Checked, StorageError> {
+    Ok(check_fetched(archive, key, want, false).await?.0)
+}
+
+/// As [`check_object`]; with `keep`, also returns the decoded content when it can be read (plain,
+/// or with the identity) and the object is intact.
+async fn check_fetched(
+    archive: &Archive,
+    key: &object_store::path::Path,
+    want: Option<(&str, Option<u64>)>,
+    keep: bool,
+) -> Result<(Checked, Option<Vec<u8>>), StorageError> {
     let repo = archive.repo();
+    let trouble = |problem: String| {
+        Ok((
+            Checked {
+                stored_len: 0,
+                plain_len: 0,
+                problem: Some(problem),
+                undecoded: false,
+            },
+            None,
+        ))
+    };
     let (header, stored) = match repo.get_stored(key).await {
         Ok(found) => found,
-        Err(StorageError::NotFound { .. }) => {
-            return Ok(Checked {
-                stored_len: 0,
-                plain_len: 0,
-                problem: Some("missing".into()),
-                undecoded: false,
-            });
-        }
-        Err(StorageError::Corrupt { reason, .. }) => {
-            return Ok(Checked {
-                stored_len: 0,
-                plain_len: 0,
-                problem: Some(format!("damaged: {reason}")),
-                undecoded: false,
-            });
-        }
+        Err(StorageError::NotFound { .. }) => return trouble("missing".into()),
+        Err(StorageError::Corrupt { reason, .. }) => return trouble(format!("damaged: {reason}")),
         Err(e) => return Err(e),
     };
     let stored_len = stored.len() as u64;
@@ -143,21 +154,27 @@ async fn check_object(
                 .to_string(),
         );
     }
-    if problem.is_none() && header.age.is_some() && repo.keys().decrypts() {
+    let readable = header.age.is_none() || repo.keys().decrypts();
+    let mut content = None;
+    if problem.is_none() && readable && (keep || header.age.is_some()) {
         let (repo, key2) = (repo.clone(), key.clone());
         let opened = tokio::task::spawn_blocking(move || repo.open_object(&key2, &stored))
             .await
             .expect("decoding does not panic");
-        if let Err(e) = opened {
-            problem = Some(format!("cannot be read: {e}"));
+        match opened {
+            Ok((_, data)) => content = keep.then_some(data),
+            Err(e) => problem = Some(format!("cannot be read: {e}")),
         }
     }
-    Ok(Checked {
-        stored_len,
-        plain_len: header.plain_len,
-        problem,
-        undecoded: header.age.is_some() && !repo.keys().decrypts(),
-    })
+    Ok((
+        Checked {
+            stored_len,
+            plain_len: header.plain_len,
+            problem,
+            undecoded: !readable,
+        },
+        content,
+    ))
 }
 
 /// Lines of a timeline history file: (parent timeline, where it switched).
@@ -212,32 +229,65 @@ pub async fn verify(
         });
     }
 
-    // 1. Every backup's objects.
+    // Stored bytes to check: the backups' (as recorded), then the WAL's (once listed).
+    let mut progress = crate::progress::Progress::new(
+        "verify",
+        Some(backups.iter().map(|b| b.stored_bytes).sum()),
+    );
+
+    // 1. Every backup's objects; where their content can be read, the files the chunks hold
+    // against the manifest.
     let mut broken: BTreeSet<BackupId> = BTreeSet::new();
     for b in &backups {
-        let mut keys = vec![(
-            layout.backup_manifest(&b.id),
-            // The manifest's plain length is not recorded: its checksum alone is compared.
-            (b.manifest_sha256.clone(), None),
-        )];
+        let manifest_key = layout.backup_manifest(&b.id);
+        // The manifest's plain length is not recorded: its checksum alone is compared.
+        let (c, manifest) = check_fetched(
+            archive,
+            &manifest_key,
+            Some((&b.manifest_sha256, None)),
+            true,
+        )
+        .await?;
+        let mut checked = vec![(manifest_key.clone(), c)];
+        let listed = match manifest.map(|m| contents::manifest_files(&m)) {
+            Some(Ok(files)) => Some(files),
+            Some(Err(e)) => {
+                broken.insert(b.id.clone());
+                problems.push(Problem {
+                    key: manifest_key.to_string(),
+                    problem: e,
+                    affects: format!("backup {}: it cannot be checked or verified", b.id),
+                });
+                None
+            }
+            None => None,
+        };
+        let mut held = Some(contents::Files::new());
         for a in &b.archives {
-            for (seq, c) in a.chunks.iter().enumerate() {
-                keys.push((
-                    layout.backup_chunk(&b.id, &a.name, seq),
-                    (c.sha256.clone(), Some(c.plain_len)),
-                ));
+            let (chunks, files) =
+                contents::check_archive(archive, b, a, parallelism, listed.is_some()).await?;
+            checked.extend(chunks);
+            match (files, held.as_mut()) {
+                (Some(Ok(files)), Some(all)) => all.extend(files),
+                (Some(Err(e)), _) => {
+                    broken.insert(b.id.clone());
+                    problems.push(Problem {
+                        key: layout.backup_chunk(&b.id, &a.name, 0).to_string(),
+                        problem: format!(
+                            "the chunks of {} do not make a valid archive: {e}",
+                            String::from(a.name.clone())
+                        ),
+                        affects: format!("backup {}: it cannot be restored", b.id),
+                    });
+                    held = None;
+                }
+                _ => held = None,
             }
         }
-        let checks = futures::stream::iter(keys.into_iter().map(|(key, want)| async move {
-            let checked = check_object(archive, &key, Some((want.0.as_str(), want.1))).await;
-            (key, checked)
-        }))
-        .buffer_unordered(parallelism);
-        futures::pin_mut!(checks);
-        while let Some((key, checked)) = checks.next().await {
-            let c = checked?;
+        for (key, c) in checked {
             objects += 1;
             bytes += c.stored_len;
+            progress.add(c.stored_len);
             undecoded += u64::from(c.undecoded);
             if let Some(problem) = c.problem {
                 broken.insert(b.id.clone());
@@ -248,10 +298,23 @@ pub async fn verify(
                 });
             }
         }
+        if let (Some(manifest), Some(held)) = (&listed, &held) {
+            for difference in contents::compare(manifest, held) {
+                broken.insert(b.id.clone());
+                problems.push(Problem {
+                    key: manifest_key.to_string(),
+                    problem: format!(
+                        "the backup does not hold what its manifest lists: {difference}"
+                    ),
+                    affects: format!("backup {}: it cannot be restored as recorded", b.id),
+                });
+            }
+        }
     }
 
     // 2. Every WAL object intact.
     let wal = archive.wal_objects().await?;
+    progress.set_total(bytes + wal.iter().map(|(m, _)| m.size).sum::<u64>());
     let mut present: HashSet<WalFileName> = HashSet::new();
     // A `.partial` reaches only as far as its content: the daemon stores the bytes it received.
     let mut partial_len: HashMap<WalFileName, u64> = HashMap::new();
@@ -265,6 +328,7 @@ pub async fn verify(
         let c = checked?;
         objects += 1;
         bytes += c.stored_len;
+        progress.add(c.stored_len);
         undecoded += u64::from(c.undecoded);
         match c.problem {
             Some(problem) => problems.push(Problem {
@@ -480,6 +544,7 @@ pub async fn verify(
             });
         }
     }
+    progress.finish();
     Ok(Report {
         system_identifier: archive.system_identifier().to_string(),
         backups_checked: backups.len(),
