@@ -72,6 +72,40 @@ pub fn syncfs(path: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
+/// The (uid, gid) that what this process writes under `dir` must be given to: the folder's
+/// owner's, when this process runs as root and the folder belongs to another user (a restore or a
+/// `file://` backup run by hand as root into the database user's folder); None otherwise.
+pub fn foreign_owner(dir: &Path) -> Option<(u32, u32)> {
+    use std::os::unix::fs::MetadataExt;
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        return None;
+    }
+    let meta = std::fs::metadata(dir).ok()?;
+    (meta.uid() != 0).then_some((meta.uid(), meta.gid()))
+}
+
+/// Gives `root` and everything below it to (uid, gid), never following a link (a link itself is
+/// given, not what it points to).
+pub fn give_tree(root: &Path, uid: u32, gid: u32) -> std::io::Result<u64> {
+    use std::os::unix::fs::MetadataExt;
+    let mut given = 0;
+    let mut todo = vec![root.to_path_buf()];
+    while let Some(p) = todo.pop() {
+        let meta = std::fs::symlink_metadata(&p)?;
+        if meta.uid() != uid || meta.gid() != gid {
+            std::os::unix::fs::lchown(&p, Some(uid), Some(gid))?;
+            given += 1;
+        }
+        if meta.is_dir() {
+            for e in std::fs::read_dir(&p)? {
+                todo.push(e?.path());
+            }
+        }
+    }
+    Ok(given)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -331,7 +331,32 @@ fn tablespaces(backend: Backend) {
 
     let new_loc = s.dir.path().join("ts_new");
     let map = format!("{}={}", old_loc.display(), new_loc.display());
-    assert_ok(&restore(&s, &target, &["--tablespace-map", &map]));
+    // Run as root (an init container's default) into the database user's folder: every file,
+    // in the target and in the tablespace folder it makes, is that user's, so Postgres starts.
+    let args = [
+        "restore",
+        "--target-dir",
+        target.to_str().unwrap(),
+        "--tablespace-map",
+        &map,
+    ];
+    assert_ok(&s.storage.pgkeep(&s.bin, &args));
+    if is_root() {
+        use std::os::unix::fs::MetadataExt;
+        let owner = std::fs::metadata(&target).unwrap().uid();
+        assert_ne!(owner, 0);
+        let mut seen = 0;
+        let mut todo = vec![target.clone(), new_loc.clone()];
+        while let Some(p) = todo.pop() {
+            let m = std::fs::symlink_metadata(&p).unwrap();
+            assert_eq!(m.uid(), owner, "{} is uid {}'s", p.display(), m.uid());
+            seen += 1;
+            if m.is_dir() {
+                todo.extend(std::fs::read_dir(&p).unwrap().map(|e| e.unwrap().path()));
+            }
+        }
+        assert!(seen > 100, "only {seen} files checked");
+    }
     let links: Vec<_> = std::fs::read_dir(target.join("pg_tblspc"))
         .unwrap()
         .map(|e| e.unwrap().path())
@@ -370,8 +395,8 @@ fn s3_storage_tablespaces() {
 
 /// A forged backup (anyone with the bucket's keys can write one, checksums and all): its
 /// base.tar is rebuilt with links out of the target under the names restore writes itself
-/// (`pg_wal`, the manifest's temporary file) and a setuid file. The restore refuses it by name
-/// and writes nothing outside the target.
+/// (`pg_wal`, the manifest's temporary file) and a setuid file, or holding other files than its
+/// manifest lists. The restore refuses it by name and writes nothing outside the target.
 #[test]
 fn a_forged_backup_writes_nothing_outside_the_target() {
     let s = setup(Backend::File, "forged");
@@ -475,6 +500,20 @@ fn a_forged_backup_writes_nothing_outside_the_target() {
             "the restore wrote outside its target"
         );
     }
+    // A forged base.tar that passes every check of its own (backup.json records its checksum)
+    // but does not hold what the backup's manifest lists: refused, and no PG_VERSION appears.
+    forge(&[("PG_VERSION", Regular, None, 0o644)]);
+    let target = s.dir.mkdir("target-manifest");
+    give_to_postgres(&target);
+    let out = restore(&s, &target, &[]);
+    assert_fails(
+        &out,
+        &[
+            "the restored files do not match the backup's manifest",
+            "the backup was altered",
+        ],
+    );
+    assert!(!target.join("PG_VERSION").exists());
     // Setuid bits do not survive (the restore itself then fails later: the forged tar is no
     // cluster, which is not what this checks).
     forge(&[("suid", Regular, None, 0o4755)]);

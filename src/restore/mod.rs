@@ -132,9 +132,9 @@ async fn run(cfg: &Config, opts: &RestoreOptions) -> anyhow::Result<RestoreOutco
     };
     let started = Instant::now();
     let tablespace_dirs = target::prepare(opts, &state, &meta)?;
-    let took =
+    let (took, restored) =
         unpack::unpack_backup(&archive, &meta, dir, &opts.tablespace_map, cfg.parallelism).await?;
-    unpack::fetch_manifest_and_wal(&archive, &meta, dir).await?;
+    unpack::fetch_manifest_and_wal(&archive, &meta, dir, &restored).await?;
     recovery::write_recovery_settings(cfg, opts, &meta, dir)?;
     target::finish(dir, &tablespace_dirs)?;
     tracing::info!(

@@ -166,6 +166,15 @@ fn check_tablespace_dir(dir: &Path, loc: &str, dest: &Path) -> anyhow::Result<()
 /// Makes everything written durable, then removes the marker: a restore that reports success
 /// survives a power loss.
 pub(super) fn finish(dir: &Path, tablespace_dirs: &[PathBuf]) -> anyhow::Result<()> {
+    // Run as root into the database user's folder: everything restored is that user's, or
+    // Postgres could not open it ("Permission denied").
+    if let Some((uid, gid)) = fsutil::foreign_owner(dir) {
+        for d in std::iter::once(dir).chain(tablespace_dirs.iter().map(PathBuf::as_path)) {
+            let given = fsutil::give_tree(d, uid, gid)
+                .with_context(|| format!("giving {} to its owner (uid {uid})", d.display()))?;
+            tracing::info!(dir = %d.display(), uid, files = given, "restored as root: handed to the directory's owner");
+        }
+    }
     std::fs::rename(dir.join(HELD_PG_VERSION), dir.join("PG_VERSION"))
         .context("the backup holds no PG_VERSION: it is not a Postgres data directory")?;
     for d in std::iter::once(dir).chain(tablespace_dirs.iter().map(PathBuf::as_path)) {

@@ -14,18 +14,21 @@ use crate::pg::WalFileName;
 use crate::pg::walheader;
 use crate::progress::Progress;
 use crate::storage::{Archive, ArchiveMeta, BackupMeta};
+use crate::verify::contents::Files;
 
 use super::map_location;
 
 /// Unpacks every archive of the backup: the data directory into `dir`, each tablespace into its
-/// (mapped) location. Returns how long the data took.
+/// (mapped) location. Returns how long the data took, and the regular files written (by the
+/// paths the backup manifest uses) with their sizes.
 pub(super) async fn unpack_backup(
     archive: &Archive,
     meta: &BackupMeta,
     dir: &Path,
     map: &[(PathBuf, PathBuf)],
     parallelism: usize,
-) -> anyhow::Result<std::time::Duration> {
+) -> anyhow::Result<(std::time::Duration, Files)> {
+    let mut files = Files::new();
     let total: u64 = meta.archives.iter().map(|a| a.plain_bytes).sum();
     let mut progress = Progress::new("restore", Some(total));
     let map = Arc::new(map.to_vec());
@@ -42,9 +45,9 @@ pub(super) async fn unpack_backup(
             map: map.clone(),
             parallelism,
         };
-        job.run(&mut progress).await?;
+        files.extend(job.run(&mut progress).await?);
     }
-    Ok(progress.finish())
+    Ok((progress.finish(), files))
 }
 
 /// Writes `backup_manifest` (so pg_verifybackup can check the result) and the WAL from the
@@ -53,11 +56,22 @@ pub(super) async fn fetch_manifest_and_wal(
     archive: &Archive,
     meta: &BackupMeta,
     dir: &Path,
+    restored: &Files,
 ) -> anyhow::Result<()> {
     let key = archive.layout().backup_manifest(&meta.id);
     let (header, manifest) = archive.repo().get_with_header(&key).await?;
     if hex::encode(header.checksum) != meta.manifest_sha256 {
         bail!("{key}: does not match the checksum recorded in the backup's metadata");
+    }
+    // The files restored must be exactly those the manifest lists, with their sizes.
+    let listed = crate::verify::contents::manifest_files(&manifest)
+        .map_err(|e| anyhow::anyhow!("{key}: {e}"))?;
+    let differences = crate::verify::contents::compare(&listed, restored);
+    if let Some(first) = differences.first() {
+        bail!(
+            "the restored files do not match the backup's manifest ({} difference(s); the first: {first}): the backup was altered after it was taken",
+            differences.len()
+        );
     }
     fsutil::write_atomic(&dir.join("backup_manifest"), &manifest)?;
     let pg_wal = dir.join("pg_wal");
@@ -116,7 +130,7 @@ struct Unpack<'a> {
 
 impl Unpack<'_> {
     /// Downloads and verifies the chunks, `parallelism` at a time, and unpacks them in order.
-    async fn run(self, progress: &mut Progress) -> anyhow::Result<()> {
+    async fn run(self, progress: &mut Progress) -> anyhow::Result<Files> {
         let (tx, rx) = tokio::sync::mpsc::channel::<Vec<u8>>(1);
         // The data directory's archive links the backup's own tablespaces, nothing else.
         let tablespaces: Option<Vec<(u32, PathBuf)>> =
@@ -182,12 +196,20 @@ impl Unpack<'_> {
         if let Some(e) = failure {
             return Err(e.context(format!("restoring backup {}", self.meta.id)));
         }
-        extracted.with_context(|| {
+        let files = extracted.with_context(|| {
             format!(
                 "unpacking {} of backup {}",
                 String::from(self.tar.name.clone()),
                 self.meta.id
             )
+        })?;
+        // By the paths the manifest uses: a tablespace's files below pg_tblspc/<oid>/.
+        Ok(match self.tar.name.tablespace_oid() {
+            None => files,
+            Some(oid) => files
+                .into_iter()
+                .map(|(p, n)| (format!("pg_tblspc/{oid}/{p}"), n))
+                .collect(),
         })
     }
 }
@@ -202,7 +224,8 @@ fn extract(
     reader: impl Read,
     dest: &Path,
     tablespaces: Option<&[(u32, PathBuf)]>,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Files> {
+    let mut files = Files::new();
     use tar::EntryType;
     let mut ar = tar::Archive::new(reader);
     let mut buf = vec![0u8; WRITE_PIECE];
@@ -233,6 +256,7 @@ fn extract(
         }
         match kind {
             EntryType::Regular | EntryType::Continuous => {
+                files.insert(path.to_string_lossy().into_owned(), e.size());
                 // The data directory's PG_VERSION is held back until the restore is complete.
                 let path = match tablespaces.is_some() && path == Path::new("PG_VERSION") {
                     true => PathBuf::from(super::target::HELD_PG_VERSION),
@@ -274,7 +298,7 @@ fn extract(
             ),
         }
     }
-    Ok(())
+    Ok(files)
 }
 
 /// Mode bits a restored file or directory may keep: the owner's and the group's.

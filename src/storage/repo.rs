@@ -102,18 +102,6 @@ impl StorageError {
     }
 }
 
-/// The (uid, gid) that objects written under `root` must be given to: its owner's, when this
-/// process runs as root and the folder belongs to another user; None otherwise.
-fn hand_to(root: &std::path::Path) -> Option<(u32, u32)> {
-    use std::os::unix::fs::MetadataExt;
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    if unsafe { libc::geteuid() } != 0 {
-        return None;
-    }
-    let meta = std::fs::metadata(root).ok()?;
-    (meta.uid() != 0).then_some((meta.uid(), meta.gid()))
-}
-
 /// Whether an S3 client built from `b` gets its credentials from the instance metadata service,
 /// none being configured (the last of object_store's sources).
 fn asks_instance_metadata(b: &AmazonS3Builder) -> bool {
@@ -224,7 +212,7 @@ impl Repo {
                             .into(),
                     ));
                 }
-                owner = hand_to(root);
+                owner = crate::fsutil::foreign_owner(root);
                 let fs =
                     LocalFileSystem::new_with_prefix(root).map_err(|e| setup(e.to_string()))?;
                 (Arc::new(fs), Some(root.clone()))

@@ -14,10 +14,10 @@ use super::{Checked, check_fetched};
 use crate::storage::{Archive, ArchiveMeta, BackupMeta, StorageError};
 
 /// Regular files by the path the manifest uses, with their sizes.
-pub(super) type Files = BTreeMap<String, u64>;
+pub type Files = BTreeMap<String, u64>;
 
 /// The files Postgres' backup manifest lists (JSON: `Files: [{Path | Encoded-Path, Size}]`).
-pub(super) fn manifest_files(manifest: &[u8]) -> Result<Files, String> {
+pub fn manifest_files(manifest: &[u8]) -> Result<Files, String> {
     let v: serde_json::Value =
         serde_json::from_slice(manifest).map_err(|e| format!("not a backup manifest: {e}"))?;
     let files = v["Files"]
@@ -172,7 +172,7 @@ fn list_files(reader: impl Read, prefix: &str) -> Result<Files, String> {
 
 /// How the files a backup's chunks hold differ from its manifest's (empty: they agree). WAL that
 /// a backup carries in `pg_wal/` is not listed in manifests.
-pub(super) fn compare(manifest: &Files, held: &Files) -> Vec<String> {
+pub fn compare(manifest: &Files, held: &Files) -> Vec<String> {
     let mut out = vec![];
     for (path, size) in manifest {
         match held.get(path) {

@@ -19,7 +19,7 @@ use crate::pg::{Lsn, SegmentNo, TimelineId, WalFileKind, WalFileName};
 use crate::storage::layout::BackupId;
 use crate::storage::{Archive, StorageError};
 
-mod contents;
+pub mod contents;
 
 /// One thing wrong, by object.
 #[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq, Eq)]
