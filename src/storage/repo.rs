@@ -45,15 +45,31 @@ pub enum StorageError {
     Locked { key: String, reason: String },
     #[error("{key}: the uploaded object did not read back identically ({reason})")]
     VerifyFailed { key: String, reason: String },
-    #[error("{key}: {op} failed: {}", redact_userinfo(&source.to_string()))]
+    #[error("{key}: {op} failed: {}", tidy(&cause.to_string()))]
     Backend {
         key: String,
         op: &'static str,
-        // Not marked as the source: object_store's message already carries its whole chain.
-        source: object_store::Error,
+        // Not a `source` (thiserror would make it one, and `{:#}` would print the chain twice):
+        // object_store's message already carries its whole chain.
+        cause: object_store::Error,
     },
     #[error("storage {url}: {message}")]
     Setup { url: String, message: String },
+}
+
+/// A storage client's message as it is worth reading: credentials in URLs redacted, and the parts
+/// its chain of sources repeats said once ("…: No space left on device (os error 28): Generic
+/// LocalFileSystem error: …: No space left on device (os error 28)" reads as its first half).
+pub fn tidy(text: &str) -> String {
+    let redacted = redact_userinfo(text);
+    let mut seen: Vec<&str> = vec![];
+    for part in redacted.split(": ") {
+        let part = part.trim();
+        if !part.is_empty() && !seen.contains(&part) {
+            seen.push(part);
+        }
+    }
+    seen.join(": ")
 }
 
 /// `scheme://user:password@host` in a message becomes `scheme://***@host`: an endpoint setting
@@ -93,10 +109,10 @@ impl StorageError {
             object_store::Error::NotFound { .. } => StorageError::NotFound {
                 key: key.to_string(),
             },
-            source => StorageError::Backend {
+            cause => StorageError::Backend {
                 key: key.to_string(),
                 op,
-                source,
+                cause,
             },
         }
     }
@@ -738,6 +754,23 @@ impl Repo {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn repeated_causes_are_said_once() {
+        let t = super::tidy(
+            "Generic LocalFileSystem error: Unable to copy data to file: No space left on device (os error 28): \
+             Generic LocalFileSystem error: Unable to copy data to file: No space left on device (os error 28): \
+             No space left on device (os error 28)",
+        );
+        assert_eq!(
+            t,
+            "Generic LocalFileSystem error: Unable to copy data to file: No space left on device (os error 28)"
+        );
+        assert_eq!(
+            super::tidy("http://u:p@h/x: refused"),
+            "http://***@h/x: refused"
+        );
+    }
+
     #[test]
     fn credentials_in_urls_are_redacted() {
         let r = super::redact_userinfo;

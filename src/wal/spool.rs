@@ -117,7 +117,14 @@ impl Spool {
                 bail!("WAL stream gap: expected {} got {at}", o.received_end());
             }
             let n = (seg_bytes - offset).min(data.len() as u64) as usize;
-            std::os::unix::fs::FileExt::write_all_at(&o.file, &data[..n], offset)?;
+            std::os::unix::fs::FileExt::write_all_at(&o.file, &data[..n], offset).with_context(
+                || {
+                    format!(
+                        "writing received WAL to the spool ({}; spool_dir)",
+                        o.path.display()
+                    )
+                },
+            )?;
             o.written += n as u64;
             data = &data[n..];
             at = Lsn(at.0 + n as u64);
@@ -138,7 +145,8 @@ impl Spool {
             .write(true)
             .open(&path)
             .with_context(|| format!("creating {}", path.display()))?;
-        file.set_len(u64::from(self.size.bytes()))?;
+        file.set_len(u64::from(self.size.bytes()))
+            .with_context(|| format!("sizing {}", path.display()))?;
         Ok(OpenSegment {
             name,
             start: self.size.start_of(seg),
@@ -152,10 +160,11 @@ impl Spool {
     /// The open segment, complete: fsync, rename to its segment name, read back.
     fn complete(&mut self) -> anyhow::Result<CompleteSegment> {
         let seg = self.open.take().expect("an open segment");
-        seg.file.sync_all()?;
         let path = seg.path.with_extension("");
-        std::fs::rename(&seg.path, &path)?;
-        let data = std::fs::read(&path)?;
+        let spooled = |what: &str| format!("{what} {} in the spool", seg.path.display());
+        seg.file.sync_all().with_context(|| spooled("syncing"))?;
+        std::fs::rename(&seg.path, &path).with_context(|| spooled("renaming"))?;
+        let data = std::fs::read(&path).with_context(|| spooled("reading back"))?;
         Ok(CompleteSegment {
             name: seg.name,
             start: seg.start,

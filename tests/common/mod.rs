@@ -65,7 +65,7 @@ pub fn is_root() -> bool {
 }
 
 /// uid and gid of the `postgres` user.
-fn postgres_ids() -> (u32, u32) {
+pub fn postgres_ids() -> (u32, u32) {
     let passwd = std::fs::read_to_string("/etc/passwd").expect("read /etc/passwd");
     for line in passwd.lines() {
         let f: Vec<&str> = line.split(':').collect();
