@@ -13,6 +13,8 @@ pub struct Inventory {
     pub system_identifier: String,
     pub backups: Vec<BackupMeta>,
     pub recoverable_window: Option<Window>,
+    /// `backup.json` files that cannot be read: each names its object and why.
+    pub damaged: Vec<String>,
 }
 
 /// From the end of the oldest backup (the earliest consistent point) to where the WAL in storage
@@ -29,7 +31,8 @@ pub struct Window {
 
 /// The backups of the archive and the window they and the WAL after them make recoverable.
 pub async fn inventory(archive: &Archive) -> anyhow::Result<Inventory> {
-    let backups = archive.backups().await?;
+    let (backups, damaged) = archive.backups_and_damaged().await?;
+    let damaged = damaged.iter().map(|e| e.to_string()).collect();
     let recoverable_window = match backups.last() {
         None => None,
         Some(oldest) => {
@@ -50,6 +53,7 @@ pub async fn inventory(archive: &Archive) -> anyhow::Result<Inventory> {
         system_identifier: archive.system_identifier().to_string(),
         backups,
         recoverable_window,
+        damaged,
     })
 }
 
@@ -90,6 +94,11 @@ pub fn render(inv: &Inventory) -> String {
             } else {
                 b.encrypted_to.join(",")
             },
+        ));
+    }
+    for d in &inv.damaged {
+        out.push_str(&format!(
+            "DAMAGED {d} (this backup is not listed: run pgkeep verify)\n"
         ));
     }
     match &inv.recoverable_window {

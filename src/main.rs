@@ -435,16 +435,25 @@ async fn run(command: Command, cfg: Config) -> ExitCode {
         Command::Backup => done("backup failed", take_backup(&cfg).await, |meta| {
             println!("{}", meta.id)
         }),
-        Command::List { json } => done("list failed", inventory(&cfg).await, |inv| {
-            if json {
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&inv).expect("serialisable")
-                );
-            } else {
-                print!("{}", list::render(&inv));
-            }
-        }),
+        Command::List { json } => {
+            let mut damaged = false;
+            let code = done("list failed", inventory(&cfg).await, |inv| {
+                if json {
+                    println!(
+                        "{}",
+                        serde_json::to_string_pretty(&inv).expect("serialisable")
+                    );
+                } else {
+                    print!("{}", list::render(&inv));
+                }
+                for d in &inv.damaged {
+                    tracing::error!("damaged backup metadata: {d}");
+                }
+                damaged = !inv.damaged.is_empty();
+            });
+            // The others are listed; a damaged one is still a failure to see.
+            if damaged { ExitCode::from(1) } else { code }
+        }
         Command::Verify {
             restore_drill: Some(dir),
             json,

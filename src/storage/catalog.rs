@@ -300,16 +300,31 @@ impl Archive {
     }
 
     /// Every complete backup of the cluster, newest first. Folders without metadata (backups in
-    /// progress or interrupted) are skipped.
+    /// progress or interrupted) are skipped; a damaged `backup.json` is an error.
     pub async fn backups(&self) -> Result<Vec<BackupMeta>, StorageError> {
-        let mut out = vec![];
+        let (out, damaged) = self.backups_and_damaged().await?;
+        match damaged.into_iter().next() {
+            Some(e) => Err(e),
+            None => Ok(out),
+        }
+    }
+
+    /// As [`Archive::backups`], with the damaged `backup.json` files apart (as `Corrupt` errors
+    /// naming them) instead of failing at the first: what `list` and `verify` report.
+    pub async fn backups_and_damaged(
+        &self,
+    ) -> Result<(Vec<BackupMeta>, Vec<StorageError>), StorageError> {
+        let (mut out, mut damaged) = (vec![], vec![]);
         for id in self.backup_folders().await? {
-            if let Some(meta) = self.backup(&id).await? {
-                out.push(meta);
+            match self.backup(&id).await {
+                Ok(Some(meta)) => out.push(meta),
+                Ok(None) => {}
+                Err(e @ StorageError::Corrupt { .. }) => damaged.push(e),
+                Err(e) => return Err(e),
             }
         }
         out.sort_by(|a, b| b.id.cmp(&a.id));
-        Ok(out)
+        Ok((out, damaged))
     }
 
     /// Writes `backup.json`: from then on the backup exists.

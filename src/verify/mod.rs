@@ -214,7 +214,19 @@ pub async fn verify(
     let mut objects = 0u64;
     let mut bytes = 0u64;
     let mut undecoded = 0u64;
-    let mut backups = archive.backups().await?;
+    let (mut backups, damaged) = archive.backups_and_damaged().await?;
+    for e in damaged {
+        if let StorageError::Corrupt { key, reason } = e {
+            problems.push(Problem {
+                affects: format!(
+                    "the backup in its folder: it is not listed and cannot be restored ({})",
+                    key.rsplit('/').nth(1).unwrap_or("?")
+                ),
+                key,
+                problem: format!("damaged backup metadata: {reason}"),
+            });
+        }
+    }
     if let Some(id) = only {
         backups.retain(|b| &b.id == id);
         if backups.is_empty() {
