@@ -69,11 +69,12 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     });
     let mut http = tokio::spawn({
         let http_stop = http_stop.clone();
+        let idle = cfg.http_idle_timeout;
         async move {
             let listener = crate::http_limits::BoundedListener::new(
                 listener,
                 crate::http_limits::MAX_CONNECTIONS,
-                crate::http_limits::IDLE_TIMEOUT,
+                idle,
             );
             axum::serve(
                 listener,

@@ -15,12 +15,16 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 /// Open connections at once.
 pub const MAX_CONNECTIONS: usize = 256;
-/// A connection that moves no byte for this long is closed (longer than the slowest answer that
-/// sends nothing meanwhile: `POST /wal-switch`, at most 60 s; `POST /backups` runs apart from its
-/// connection and is not cancelled with it).
+/// The default of `http_idle_timeout_secs`: a connection that moves no byte for this long, with
+/// no request of it being answered, is closed (a request being answered, such as `POST
+/// /wal-switch`, keeps its connection).
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(120);
 /// `/wal` bodies in flight at once (each up to a segment, 16 MiB by default).
 pub const MAX_WAL_BODIES: usize = 16;
+/// The most a client may send from one blank line (the end of a request head) to the next: no
+/// request of the API has a body, and a head this large is no client's (hyper alone would hold
+/// about 400 KiB per connection).
+pub const MAX_REQUEST_HEAD: usize = 16 << 10;
 
 /// Who is connected, and how many of its requests are being answered: while one is, the
 /// connection is not idle (an answer may take minutes: a base backup), and the idle timeout waits.
@@ -65,7 +69,8 @@ pub async fn answering(
     next.run(request).await
 }
 
-/// A listener that enforces [`MAX_CONNECTIONS`] and [`IDLE_TIMEOUT`].
+/// A listener that enforces a cap on connections ([`MAX_CONNECTIONS`]) and an idle timeout
+/// ([`IDLE_TIMEOUT`] by default).
 pub struct BoundedListener {
     inner: TcpListener,
     permits: Arc<Semaphore>,
@@ -99,6 +104,8 @@ impl axum::serve::Listener for BoundedListener {
                             idle: self.idle,
                             deadline: Box::pin(tokio::time::sleep(self.idle)),
                             in_flight: peer.in_flight.clone(),
+                            head_bytes: 0,
+                            tail: 0,
                         },
                         peer,
                     );
@@ -133,6 +140,9 @@ pub struct BoundedStream {
     deadline: Pin<Box<tokio::time::Sleep>>,
     /// Requests of this connection being answered (see [`answering`]).
     in_flight: Arc<std::sync::atomic::AtomicUsize>,
+    /// Bytes read since the last blank line (`\r\n\r\n`), and the last four bytes read.
+    head_bytes: usize,
+    tail: u32,
 }
 
 impl BoundedStream {
@@ -167,10 +177,28 @@ impl AsyncRead for BoundedStream {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
         match Pin::new(&mut self.inner).poll_read(cx, buf) {
-            Poll::Ready(r) => {
+            Poll::Ready(Ok(())) => {
                 self.progressed();
-                Poll::Ready(r)
+                for &b in &buf.filled()[before..] {
+                    self.tail = (self.tail << 8) | u32::from(b);
+                    self.head_bytes += 1;
+                    if self.tail == u32::from_be_bytes(*b"\r\n\r\n") {
+                        self.head_bytes = 0;
+                    }
+                }
+                if self.head_bytes > MAX_REQUEST_HEAD {
+                    return Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        "HTTP request head over 16 KiB: connection closed",
+                    )));
+                }
+                Poll::Ready(Ok(()))
+            }
+            Poll::Ready(Err(e)) => {
+                self.progressed();
+                Poll::Ready(Err(e))
             }
             Poll::Pending => self.check_idle(cx).map(Err),
         }

@@ -67,6 +67,7 @@ const KEYS: &[(&str, Kind)] = &[
     ("drill_interval_hours", Kind::Int),
     ("drill_timeout_secs", Kind::Int),
     ("pg_bin_dir", Kind::Str),
+    ("http_idle_timeout_secs", Kind::Int),
 ];
 
 /// Environment variables with the `PGKEEP_` prefix that are not settings.
@@ -142,6 +143,9 @@ pub struct Config {
     pub drill_timeout: Duration,
     /// The folder of the Postgres server binaries (`postgres`) for drills (None: `PATH`).
     pub pg_bin_dir: Option<PathBuf>,
+    /// An HTTP connection that moves no byte for this long, with no request being answered, is
+    /// closed.
+    pub http_idle_timeout: Duration,
     /// Client-side encryption: the recipients new objects are encrypted to, and the identity
     /// file that decrypts them (only `restore` and `wal-fetch` need it).
     pub encryption: crate::storage::EncryptionSettings,
@@ -300,6 +304,7 @@ impl Config {
             drill_interval_hours: v.int("drill_interval_hours", 0..=100_000, 168)? as u64,
             drill_timeout: secs("drill_timeout_secs", 10..=604_800, 3600)?,
             pg_bin_dir: v.absolute_path("pg_bin_dir", None)?,
+            http_idle_timeout: secs("http_idle_timeout_secs", 1..=3600, 120)?,
             encryption: v.encryption()?,
             env_settings,
             file: file.map(Path::to_path_buf),

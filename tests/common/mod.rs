@@ -816,16 +816,19 @@ impl Daemon {
         parse_lsn(lsn)
     }
 
-    /// Sends a signal to the pgkeep process (not to runuser around it).
-    pub fn signal(&self, sig: &str) {
-        // The pgkeep process is the child of runuser (when root) or the child itself.
-        let pid = if is_root() {
+    /// The pgkeep process's pid (the child of runuser when root, or the child itself).
+    pub fn pid(&self) -> String {
+        if is_root() {
             let out = run_ok(Command::new("pgrep").args(["-P", &self.child.id().to_string()]));
             out.trim().to_string()
         } else {
             self.child.id().to_string()
-        };
-        run_ok(Command::new("kill").args([&format!("-{sig}"), &pid]));
+        }
+    }
+
+    /// Sends a signal to the pgkeep process (not to runuser around it).
+    pub fn signal(&self, sig: &str) {
+        run_ok(Command::new("kill").args([&format!("-{sig}"), &self.pid()]));
     }
 
     /// `pgkeep wal-switch` (the preStop hook) against this daemon for `pg`; asserts it succeeded,
