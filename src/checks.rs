@@ -83,6 +83,7 @@ impl CheckStatus {
             Err(e) => {
                 v.problems = None;
                 v.restorable_backups = None;
+                v.window = None;
                 v.first_problems.clear();
                 v.error = Some(format!("{e:#}"));
             }
@@ -175,10 +176,6 @@ impl Checks {
             return;
         }
         while !self.stop.is_cancelled() {
-            let Some(archive) = self.archive_with_backups().await else {
-                self.pause(Duration::from_secs(2)).await;
-                continue;
-            };
             let now = unix_now();
             let (last_verify, verify_failed, last_drill) = {
                 let s = self.status.lock().expect("not poisoned");
@@ -193,14 +190,24 @@ impl Checks {
                 true => e.min(Duration::from_secs(600)),
                 false => e,
             });
-            if let Some(every) = verify_every
-                && now.saturating_sub(last_verify) >= every.as_secs()
-            {
+            let verify_due =
+                verify_every.is_some_and(|e| now.saturating_sub(last_verify) >= e.as_secs());
+            let drill_due =
+                drill_every.is_some_and(|e| now.saturating_sub(last_drill) >= e.as_secs());
+            if !verify_due && !drill_due {
+                self.pause(Duration::from_secs(60)).await;
+                continue;
+            }
+            // Only when something is due: the archive (a connection to Postgres) and a backup.
+            let Some(archive) = self.archive_with_backups().await else {
+                self.pause(Duration::from_secs(2)).await;
+                continue;
+            };
+            if verify_due {
                 self.verify(&archive).await;
             }
-            if let (Some(every), Some(dir)) = (drill_every, &self.cfg.drill_dir)
+            if let (true, Some(dir)) = (drill_due, &self.cfg.drill_dir)
                 && !self.stop.is_cancelled()
-                && now.saturating_sub(last_drill) >= every.as_secs()
             {
                 self.drill(dir.clone()).await;
             }

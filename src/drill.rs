@@ -99,6 +99,16 @@ pub async fn drill(
             dir.display()
         )));
     }
+    if std::fs::symlink_metadata(&dir).is_ok_and(|m| !m.is_dir()) {
+        return Err(CannotDrill(format!(
+            "--restore-drill {}: not a directory (a link is refused: the drill would write \
+             through it and remove only the link)",
+            dir.display()
+        )));
+    }
+    // A folder that exists (a mount point of its own, say) is kept and emptied afterwards; one
+    // the drill makes is removed.
+    let existed = dir.is_dir();
     if let Ok(mut entries) = std::fs::read_dir(&dir)
         && entries.next().is_some()
     {
@@ -126,7 +136,7 @@ pub async fn drill(
     };
     let outcome = tokio::select! {
         r = run.steps(cfg, settings, &postgres, &aside) => r,
-        _ = cancel.cancelled() => Err(anyhow::anyhow!("cancelled (the daemon is stopping)")),
+        _ = cancel.cancelled() => Err(anyhow::anyhow!("cancelled (a signal, or the daemon stopping)")),
     };
     // Whatever happened: Postgres stopped, DIR and the drill's own files removed.
     let stop_started = Instant::now();
@@ -135,7 +145,7 @@ pub async fn drill(
         run.record("stop", stop_started, stopped.is_ok());
     }
     let rm_started = Instant::now();
-    let removed = remove_all(&[&dir, &aside]);
+    let removed = clean_up(&dir, existed, &aside).await;
     run.record("remove", rm_started, removed.is_ok());
     let (recovered_to, query) = outcome.as_ref().cloned().unwrap_or_default();
     let error = match (&outcome, stopped, removed) {
@@ -212,6 +222,9 @@ impl Run {
             ("unix_socket_directories", sockets.display().to_string()),
             ("hba_file", hba.display().to_string()),
             ("archive_mode", "off".into()),
+            // Nothing of the restored configuration may touch the archive or the world.
+            ("archive_cleanup_command", "".into()),
+            ("recovery_end_command", "".into()),
             ("hot_standby", "off".into()),
             ("synchronous_standby_names", "".into()),
             ("shared_buffers", "128MB".into()),
@@ -391,6 +404,46 @@ fn sibling(dir: &Path, what: &str) -> PathBuf {
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| "drill".into());
     dir.with_file_name(format!(".{name}.{what}"))
+}
+
+/// Removes what the drill wrote: DIR's contents (DIR too, when the drill made it) and its own
+/// folder beside it. A cancelled restore's unpacking thread may still write for a moment (it stops
+/// at its next chunk): removed again until nothing comes back, for a few seconds at most.
+async fn clean_up(dir: &Path, keep_dir: bool, aside: &Path) -> anyhow::Result<()> {
+    let mut last = Ok(());
+    for _ in 0..10 {
+        last = match keep_dir {
+            true => empty_dir(dir).and_then(|()| remove_all(&[aside])),
+            false => remove_all(&[dir, aside]),
+        };
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let left = match keep_dir {
+            true => std::fs::read_dir(dir)
+                .map(|mut e| e.next().is_some())
+                .unwrap_or(false),
+            false => dir.exists(),
+        };
+        if last.is_ok() && !left && !aside.exists() {
+            return Ok(());
+        }
+    }
+    last.and_then(|()| anyhow::bail!("{} could not be emptied", dir.display()))
+}
+
+fn empty_dir(dir: &Path) -> anyhow::Result<()> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Ok(());
+    };
+    for e in entries {
+        let p = e?.path();
+        let is_dir = std::fs::symlink_metadata(&p).is_ok_and(|m| m.is_dir());
+        match is_dir {
+            true => std::fs::remove_dir_all(&p),
+            false => std::fs::remove_file(&p),
+        }
+        .with_context(|| format!("removing {}", p.display()))?;
+    }
+    Ok(())
 }
 
 fn remove_all(dirs: &[&Path]) -> anyhow::Result<()> {

@@ -355,8 +355,25 @@ async fn restore_drill(cfg: &Config, dir: PathBuf, json: bool) -> ExitCode {
         pg_bin_dir: cfg.pg_bin_dir.clone(),
         timeout: cfg.drill_timeout,
     };
-    let never = tokio_util::sync::CancellationToken::new();
-    match pgkeep::drill::drill(cfg, &settings, &never).await {
+    // Ctrl-C or SIGTERM (a CronJob's pod stopping): the drill stops its Postgres and cleans up.
+    let cancel = tokio_util::sync::CancellationToken::new();
+    tokio::spawn({
+        let cancel = cancel.clone();
+        async move {
+            let Ok(mut term) =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            else {
+                return;
+            };
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            tracing::warn!("signal received: stopping the drill and cleaning up");
+            cancel.cancel();
+        }
+    });
+    match pgkeep::drill::drill(cfg, &settings, &cancel).await {
         Ok(report) => {
             if json {
                 println!(

@@ -439,7 +439,12 @@ impl Archive {
                 Err(StorageError::NotFound { .. } | StorageError::Corrupt { .. }) => continue,
                 Err(e) => return Err(e),
             };
-            let reach = Lsn(size.start_of(seg).0 + header.plain_len.min(u64::from(size.bytes())));
+            // A daemon before this layout stored the open segment padded to its full size: where
+            // its WAL ends is not known from the object, so nothing of it is claimed.
+            if header.plain_len >= u64::from(size.bytes()) {
+                continue;
+            }
+            let reach = Lsn(size.start_of(seg).0 + header.plain_len);
             end = Some((name.timeline, reach, meta.last_modified));
         }
         Ok(end.map(|(t, e, at)| (e, t, at)))

@@ -55,6 +55,10 @@ pub enum StorageError {
     },
     #[error("storage {url}: {message}")]
     Setup { url: String, message: String },
+    /// No credentials configured, and the instance metadata service gave none: maybe for good
+    /// (not on a cloud VM), maybe for a moment (the service did not answer), so not permanent.
+    #[error("storage {url}: {message}")]
+    NoCredentials { url: String, message: String },
 }
 
 /// A storage client's message as it is worth reading: credentials in URLs redacted, and the parts
@@ -100,7 +104,9 @@ impl StorageError {
     pub fn is_permanent(&self) -> bool {
         !matches!(
             self,
-            StorageError::Backend { .. } | StorageError::VerifyFailed { .. }
+            StorageError::Backend { .. }
+                | StorageError::VerifyFailed { .. }
+                | StorageError::NoCredentials { .. }
         )
     }
 
@@ -306,12 +312,10 @@ impl Repo {
         let text = source.to_string();
         if self.credentials_from_metadata
             && !matches!(source, object_store::Error::NotFound { .. })
-            && (text.contains("/latest/api/token")
-                || text.contains("/latest/meta-data/")
-                || text.contains("credential"))
+            && (text.contains("/latest/api/token") || text.contains("/latest/meta-data/"))
         {
             let cause = redact_userinfo(text.lines().next().unwrap_or_default());
-            return StorageError::Setup {
+            return StorageError::NoCredentials {
                 url: self.url.clone(),
                 message: format!(
                     "no credentials for this bucket: none are configured (AWS_ACCESS_KEY_ID with \
@@ -697,15 +701,16 @@ impl Repo {
                 if meta.is_ok_and(|m| m.uid() == uid && m.gid() == gid) {
                     break;
                 }
-                std::os::unix::fs::lchown(at, Some(uid), Some(gid)).map_err(|e| {
-                    StorageError::Setup {
-                        url: url.clone(),
-                        message: format!(
-                            "cannot give {} to the archive's owner (uid {uid}): {e}",
-                            at.display()
-                        ),
-                    }
-                })?;
+                // The object is stored either way: a root without CAP_CHOWN (or NFS's
+                // root_squash) gets a warning, not a failed upload.
+                if let Err(e) = std::os::unix::fs::lchown(at, Some(uid), Some(gid)) {
+                    tracing::warn!(
+                        storage = %url,
+                        "cannot give {} to the archive's owner (uid {uid}): {e}; run pgkeep as that user",
+                        at.display()
+                    );
+                    break;
+                }
                 at = at.parent().expect("below the root");
             }
             Ok(())

@@ -132,8 +132,42 @@ async fn from_daemon(cfg: &Config, name: &WalFileName, sysid: Option<u64>) -> Op
     }
 }
 
-/// Reads a WAL file straight from storage.
+/// Reads a WAL file straight from storage, riding out transient failures for as long as
+/// `wal_fetch_outage_secs`: object_store retries a request that fails, but not an answer whose body
+/// breaks off (seen through a faulty proxy: a listing's body cut short ended recovery with 126).
+/// A checksum mismatch is read again twice (a body cut short in transit reads as damage) before
+/// the object is taken as damaged.
 async fn from_storage(cfg: &Config, name: &WalFileName) -> Result<Vec<u8>, FetchError> {
+    let deadline = Instant::now() + cfg.wal_fetch_outage;
+    let mut pause = std::time::Duration::from_millis(100);
+    let mut damaged = 0;
+    loop {
+        let e = match from_storage_once(cfg, name).await {
+            Err(FetchError::Failed(e)) => e,
+            done => return done,
+        };
+        let again = match e.downcast_ref::<StorageError>() {
+            Some(
+                StorageError::Backend { .. }
+                | StorageError::VerifyFailed { .. }
+                | StorageError::NoCredentials { .. },
+            ) => true,
+            Some(StorageError::Corrupt { .. }) => {
+                damaged += 1;
+                damaged <= 2
+            }
+            _ => false,
+        };
+        if !again || Instant::now() + pause >= deadline {
+            return Err(FetchError::Failed(e));
+        }
+        tracing::warn!(wal = %name, "reading storage failed, trying again in {:.1}s: {e:#}", pause.as_secs_f64());
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(std::time::Duration::from_secs(5));
+    }
+}
+
+async fn from_storage_once(cfg: &Config, name: &WalFileName) -> Result<Vec<u8>, FetchError> {
     // A missing marker or cluster means misconfiguration (wrong URL, wrong cluster), never "this WAL
     // file does not exist": answering 1 there would end recovery early and silently.
     // Retried for as long as `wal_fetch_outage_secs` (bounded in time, not in attempts): ending

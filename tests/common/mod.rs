@@ -8,6 +8,7 @@
 
 mod azurite;
 mod proxy;
+pub mod s3_faults;
 #[allow(unused_imports)]
 pub use azurite::AzuriteServer;
 #[allow(unused_imports)]

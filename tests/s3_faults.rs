@@ -1,0 +1,290 @@
+//! S3 that misbehaves, through a fault-injecting proxy (tests/common/s3_faults.rs) in front of the
+//! real S3 server: 503/500/429 answers, a 500 after the request was done, connections closed
+//! without an answer, stalls past the request timeout, bodies cut short. pgkeep runs with few
+//! retries and a short request timeout, so the faults reach its own retry paths.
+//! - the daemon streams under pgbench with 20% of requests faulty: the slot never passes the
+//!   durable position, failed uploads are counted, and once the faults stop every stored segment
+//!   is byte-equal to Postgres' own;
+//! - `archive-push` with 30% faulty requests never reports success for a segment that is not
+//!   stored as Postgres wrote it;
+//! - `wal-fetch` with 30% faulty requests never exits 1 (which ends recovery) for a stored segment,
+//!   and hands over only correct bytes;
+//! - `pgkeep backup` with 20% faulty requests either completes and restores every row, or fails
+//!   and lists nothing.
+
+mod common;
+
+use std::time::Duration;
+
+use common::s3_faults::FaultProxy;
+use common::*;
+
+/// Few retries and a short timeout: faults reach pgkeep's own handling.
+const TIGHT: [(&str, &str); 3] = [
+    ("PGKEEP_STORAGE_MAX_RETRIES", "1"),
+    ("PGKEEP_STORAGE_REQUEST_TIMEOUT_SECS", "2"),
+    ("PGKEEP_STORAGE_RETRY_TIMEOUT_SECS", "10"),
+];
+
+fn tight() -> Vec<(String, String)> {
+    TIGHT
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+/// The S3 storage of a test, and a proxy in front of it; `storage.env` goes through the proxy,
+/// `direct` does not.
+fn faulty_storage(dir: &TestDir, seed: u64) -> (Storage, FaultProxy, Vec<(String, String)>) {
+    let mut storage = Storage::new(Backend::S3, dir);
+    let upstream = storage.s3.as_ref().unwrap().port;
+    let proxy = FaultProxy::start(upstream, seed, Duration::from_secs(4));
+    let direct = storage.env.clone();
+    storage.env = proxy.env(&direct);
+    (storage, proxy, direct)
+}
+
+/// Every stored segment, read past the proxy, equals Postgres' own; returns how many.
+fn compare_segments(
+    storage: &Storage,
+    direct: &[(String, String)],
+    bin: &std::path::Path,
+    pg: &PgCluster,
+    dir: &TestDir,
+) -> usize {
+    let fetched = dir.path().join("compared");
+    let mut compared = 0;
+    for key in stored_keys(storage) {
+        let name = key.rsplit('/').next().unwrap();
+        if name.len() != 24 || !key.contains("/wal/") {
+            continue;
+        }
+        let out = as_postgres(bin, direct)
+            .arg("--config")
+            .arg(&storage.config)
+            .args(["wal-fetch", name, fetched.to_str().unwrap()])
+            .current_dir("/")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{name}: {}", stderr(&out));
+        let ours = pg.data.join("pg_wal").join(name);
+        if ours.exists() {
+            assert!(
+                std::fs::read(&fetched).unwrap() == std::fs::read(&ours).unwrap(),
+                "{name} differs from Postgres' own"
+            );
+            compared += 1;
+        }
+    }
+    compared
+}
+
+#[test]
+fn streaming_under_faults_loses_nothing() {
+    let dir = TestDir::new("s3-faults-stream");
+    let (storage, proxy, direct) = faulty_storage(&dir, 0x5eed_0001);
+    let bin = dir.install_pgkeep();
+    let mut pg = PgCluster::init(dir.path(), "primary", 1, &storage.env);
+    pg.set(&[("wal_keep_size", "'2GB'"), ("max_wal_size", "'2GB'")]);
+    pg.start();
+    let mut settings: Vec<(&str, &str)> = TIGHT.to_vec();
+    settings.extend([
+        ("PGKEEP_PARTIAL_UPLOAD_SECS", "1"),
+        ("PGKEEP_STATUS_INTERVAL_SECS", "1"),
+    ]);
+    let daemon = Daemon::start(&dir, &storage, &bin, &pg, &settings);
+    run_ok(&mut pg.pgbench(&["-i", "-s", "1", "-q"]));
+    proxy.set_rate(200);
+    let mut load = pg.pgbench(&["-c", "2", "-T", "8", "-n"]).spawn().unwrap();
+    let mut samples = 0;
+    while load.try_wait().unwrap().is_none() {
+        let restart = pg.psql(
+            "select coalesce(restart_lsn::text, '0/0') from pg_replication_slots where slot_name = 'pgkeep'",
+        );
+        let durable = daemon.durable();
+        assert!(
+            parse_lsn(&restart) <= durable,
+            "slot restart_lsn {restart} passed the durable position {durable:X}"
+        );
+        samples += 1;
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    assert!(load.wait().unwrap().success());
+    assert!(samples >= 10);
+    let injected = proxy.injected_total();
+    let (code, metrics) = http("GET", daemon.port, "/metrics");
+    assert_eq!(code, 200);
+    let metrics = String::from_utf8(metrics).unwrap();
+    let errors: f64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("pgkeep_upload_errors_total "))
+        .unwrap()
+        .parse()
+        .unwrap();
+    eprintln!(
+        "{} requests, {injected} faults injected, {errors} failed uploads counted",
+        proxy.requests.load(std::sync::atomic::Ordering::Relaxed)
+    );
+    assert!(injected >= 4, "only {injected} faults injected");
+    assert!(errors >= 1.0, "no failed upload counted:\n{metrics}");
+
+    // The faults stop: everything catches up, byte for byte.
+    proxy.set_rate(0);
+    pg.psql("select pg_switch_wal()");
+    let end = parse_lsn(&pg.psql("select pg_current_wal_lsn()"));
+    wait_for("the stream to catch up", Duration::from_secs(120), || {
+        (daemon.durable() >= end).then_some(())
+    });
+    let compared = compare_segments(&storage, &direct, &bin, &pg, &dir);
+    assert!(compared >= 8, "only {compared} segments compared");
+    drop(daemon);
+    pg.stop("fast");
+}
+
+#[test]
+fn archive_push_wal_fetch_and_backup_under_faults() {
+    let dir = TestDir::new("s3-faults-cmds");
+    let (storage, proxy, direct) = faulty_storage(&dir, 0x5eed_0002);
+    let bin = dir.install_pgkeep();
+    // Postgres archives through the proxy with tight settings: a failed archive-push is retried
+    // by Postgres itself.
+    let mut pg = archiving_cluster(&dir, &storage, &bin, "primary", 1);
+    pg.start();
+    pg.psql("create table t as select generate_series(1, 20000) g");
+    pg.switch_and_wait_archived();
+
+    // archive-push by hand, 30% faulty: success only for what is stored, as Postgres wrote it.
+    proxy.set_rate(300);
+    let (mut pushed, mut failed) = (0, 0);
+    let mut tight_env = storage.env.clone();
+    tight_env.extend(tight());
+    for round in 0..12 {
+        pg.psql(&format!(
+            "insert into t select generate_series(1, 3000) -- {round}"
+        ));
+        let seg = pg.psql("select pg_walfile_name(pg_current_wal_lsn())");
+        pg.psql("select pg_switch_wal()");
+        // A copy of the finished segment, pushed under another name than Postgres' archiver would
+        // race with: a fresh cluster-less key is not possible, so push Postgres' own file.
+        let path = pg.data.join("pg_wal").join(&seg);
+        let out = as_postgres(&bin, &tight_env)
+            .arg("--config")
+            .arg(&storage.config)
+            .args(["archive-push", path.to_str().unwrap()])
+            .current_dir(&pg.data)
+            .output()
+            .unwrap();
+        if out.status.success() {
+            pushed += 1;
+            // Reported stored: it is, byte for byte (read past the proxy).
+            let fetched = dir.path().join("pushed");
+            let back = as_postgres(&bin, &direct)
+                .arg("--config")
+                .arg(&storage.config)
+                .args(["wal-fetch", &seg, fetched.to_str().unwrap()])
+                .current_dir("/")
+                .output()
+                .unwrap();
+            assert!(
+                back.status.success(),
+                "{seg} reported archived but: {}",
+                stderr(&back)
+            );
+            assert!(std::fs::read(&fetched).unwrap() == std::fs::read(&path).unwrap());
+        } else {
+            failed += 1;
+        }
+    }
+    eprintln!("archive-push under faults: {pushed} reported stored, {failed} failed");
+    assert!(pushed >= 1, "no push got through");
+
+    // wal-fetch, 30% faulty: never 1 for a stored segment, never wrong bytes.
+    pg.switch_and_wait_archived();
+    proxy.set_rate(0);
+    let stored: Vec<String> = stored_keys(&storage)
+        .into_iter()
+        .filter(|k| k.contains("/wal/") && k.len() - k.rfind('/').unwrap() == 25)
+        .map(|k| k.rsplit('/').next().unwrap().to_string())
+        .collect();
+    proxy.set_rate(300);
+    let before = proxy.injected_total();
+    let fetched = dir.path().join("fetched");
+    let mut fetches = 0;
+    for name in stored.iter().rev().take(8) {
+        let out = as_postgres(&bin, &tight_env)
+            .arg("--config")
+            .arg(&storage.config)
+            .args(["wal-fetch", name, fetched.to_str().unwrap()])
+            .current_dir("/")
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(0), "{name}: {}", stderr(&out));
+        let ours = pg.data.join("pg_wal").join(name);
+        if ours.exists() {
+            assert!(std::fs::read(&fetched).unwrap() == std::fs::read(&ours).unwrap());
+        }
+        fetches += 1;
+    }
+    assert!(fetches >= 4);
+    assert!(proxy.injected_total() > before, "no fault met wal-fetch");
+
+    // A base backup, 20% faulty: it completes and restores, or fails and is not listed.
+    proxy.set_rate(200);
+    let expected = pg.table_checksum("t");
+    let mut env = pg.client_env();
+    env.extend(tight());
+    let mut completed = None;
+    for _ in 0..4 {
+        let out = storage.pgkeep_pg(&bin, &["backup"], &env);
+        let listed = {
+            let out = as_postgres(&bin, &direct)
+                .arg("--config")
+                .arg(&storage.config)
+                .args(["list", "--json"])
+                .current_dir("/")
+                .output()
+                .unwrap();
+            let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+            v["backups"].as_array().unwrap().len()
+        };
+        if out.status.success() {
+            completed = Some(String::from_utf8_lossy(&out.stdout).trim().to_string());
+            assert_eq!(listed, 1);
+            break;
+        }
+        eprintln!("backup under faults failed (as it may): {}", stderr(&out));
+        assert_eq!(listed, 0, "a failed backup is listed");
+    }
+    let id = completed.expect("no backup completed in 4 tries under 20% faults");
+    proxy.set_rate(0);
+    pg.switch_and_wait_archived();
+    pg.stop("fast");
+    let target = dir.mkdir("restored");
+    let out = as_postgres(&bin, &direct)
+        .arg("--config")
+        .arg(&storage.config)
+        .args([
+            "restore",
+            "--backup",
+            &id,
+            "--target-dir",
+            target.to_str().unwrap(),
+        ])
+        .current_dir("/")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let mut restored = PgCluster::adopt(dir.path(), target, &direct);
+    restored.set(&[("archive_mode", "off")]);
+    restored.start();
+    restored.wait_promoted();
+    assert_eq!(restored.table_checksum("t"), expected);
+    eprintln!(
+        "faults injected: {} of {} requests (stalls {}, short bodies {}, 500 after forwarding {})",
+        proxy.injected_total(),
+        proxy.requests.load(std::sync::atomic::Ordering::Relaxed),
+        proxy.injected_of(common::s3_faults::Fault::Stall),
+        proxy.injected_of(common::s3_faults::Fault::ShortBody),
+        proxy.injected_of(common::s3_faults::Fault::InternalAfterForward),
+    );
+}
