@@ -1,8 +1,9 @@
 //! `pgkeep verify --restore-drill DIR` on both storage backends: the newest backup restored, started,
 //! recovered through the stored WAL and promoted, queried, stopped and removed, each step timed
 //! (exit 0); with a WAL segment the newest backup needs deleted from storage, the drill fails with
-//! exit 1 naming it, and still leaves nothing behind; a directory that is not empty, or a run as
-//! root, is refused with exit 2 before anything is touched.
+//! exit 1 naming it, and still leaves nothing behind; an existing empty folder is kept (emptied);
+//! a directory that is not empty, a link, or a run as root is refused with exit 2 before anything
+//! is touched.
 
 mod common;
 
@@ -138,6 +139,19 @@ fn drills(backend: Backend) {
     assert_eq!(std::fs::read_dir(&parent).unwrap().count(), 0);
     std::fs::write(&file, saved).unwrap();
     give_to_postgres(&file);
+
+    // An empty folder that exists (a volume's mount point, say) is kept, and emptied.
+    let mount = dir.mkdir("mounted");
+    let (code, stdout, err) = drill(&storage, &bin, &mount, false);
+    assert_eq!(code, 0, "{stdout}\n{err}");
+    assert!(mount.is_dir(), "the drill removed the folder it was given");
+    assert_eq!(std::fs::read_dir(&mount).unwrap().count(), 0);
+    // A link is refused: the drill would write through it and remove only the link.
+    let link = dir.path().join("link");
+    std::os::unix::fs::symlink(dir.mkdir("elsewhere"), &link).unwrap();
+    let (code, _, err) = drill(&storage, &bin, &link, false);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("a link is refused"), "{err}");
 
     // Refused before anything is touched: a directory that holds something.
     let busy = dir.mkdir("busy");
