@@ -312,6 +312,18 @@ fn main() -> ExitCode {
     code
 }
 
+/// A report on stdout: as JSON, or as its text.
+fn print_report(json: bool, report: &impl serde::Serialize, text: impl FnOnce() -> String) {
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(report).expect("serialisable")
+        );
+    } else {
+        print!("{}", text());
+    }
+}
+
 /// `pgkeep verify`: 0 all restorable, 1 problems found, 2 could not check.
 async fn verify(cfg: &Config, backup: Option<&str>, json: bool) -> ExitCode {
     let run = async {
@@ -327,14 +339,7 @@ async fn verify(cfg: &Config, backup: Option<&str>, json: bool) -> ExitCode {
     };
     match run.await {
         Ok(report) => {
-            if json {
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&report).expect("serialisable")
-                );
-            } else {
-                print!("{}", report.render());
-            }
+            print_report(json, &report, || report.render());
             if report.ok() {
                 ExitCode::SUCCESS
             } else {
@@ -375,14 +380,7 @@ async fn restore_drill(cfg: &Config, dir: PathBuf, json: bool) -> ExitCode {
     });
     match pgkeep::drill::drill(cfg, &settings, &cancel).await {
         Ok(report) => {
-            if json {
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&report).expect("serialisable")
-                );
-            } else {
-                print!("{}", report.render());
-            }
+            print_report(json, &report, || report.render());
             if report.ok {
                 ExitCode::SUCCESS
             } else {

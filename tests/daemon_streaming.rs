@@ -61,22 +61,7 @@ fn streaming(backend: Backend) {
         Duration::from_secs(60),
         || (daemon.durable() >= end).then_some(()),
     );
-    let fetched = dir.path().join("fetched");
-    let mut compared = 0;
-    for key in stored_keys(&storage) {
-        let name = key.rsplit('/').next().unwrap();
-        if name.len() != 24 {
-            continue;
-        }
-        let out = storage.pgkeep(&bin, &["wal-fetch", name, fetched.to_str().unwrap()]);
-        assert!(out.status.success(), "{}", stderr(&out));
-        assert!(
-            std::fs::read(&fetched).unwrap()
-                == std::fs::read(pg.data.join("pg_wal").join(name)).unwrap(),
-            "{name} differs"
-        );
-        compared += 1;
-    }
+    let compared = assert_stored_segments_equal(&storage, &storage.env, &bin, &pg);
     assert!(
         compared >= 10,
         "only {compared} segments streamed (last {last})"

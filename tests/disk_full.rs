@@ -120,7 +120,6 @@ fn a_full_spool_stops_durability_and_recovers_once_space_frees() {
         restart <= stuck,
         "the slot released WAL that is not in storage"
     );
-    let fetched = dir.path().join("fetched");
     for key in stored_keys(&storage) {
         let name = key.rsplit('/').next().unwrap();
         if name.len() == 24 {
@@ -144,21 +143,7 @@ fn a_full_spool_stops_durability_and_recovers_once_space_frees() {
     wait_for("the stream to catch up", Duration::from_secs(90), || {
         (daemon.durable() >= written).then_some(())
     });
-    let mut compared = 0;
-    for key in stored_keys(&storage) {
-        let name = key.rsplit('/').next().unwrap();
-        if name.len() != 24 {
-            continue;
-        }
-        let out = storage.pgkeep(&bin, &["wal-fetch", name, fetched.to_str().unwrap()]);
-        assert!(out.status.success(), "{}", stderr(&out));
-        assert!(
-            std::fs::read(&fetched).unwrap()
-                == std::fs::read(pg.data.join("pg_wal").join(name)).unwrap(),
-            "{name} differs"
-        );
-        compared += 1;
-    }
+    let compared = assert_stored_segments_equal(&storage, &storage.env, &bin, &pg);
     assert!(compared >= 4, "only {compared} segments");
     let s = daemon.status();
     assert!(s.contains("\"stream_error\":null"), "{s}");

@@ -44,41 +44,6 @@ fn faulty_storage(dir: &TestDir, seed: u64) -> (Storage, FaultProxy, Vec<(String
     (storage, proxy, direct)
 }
 
-/// Every stored segment, read past the proxy, equals Postgres' own; returns how many.
-fn compare_segments(
-    storage: &Storage,
-    direct: &[(String, String)],
-    bin: &std::path::Path,
-    pg: &PgCluster,
-    dir: &TestDir,
-) -> usize {
-    let fetched = dir.path().join("compared");
-    let mut compared = 0;
-    for key in stored_keys(storage) {
-        let name = key.rsplit('/').next().unwrap();
-        if name.len() != 24 || !key.contains("/wal/") {
-            continue;
-        }
-        let out = as_postgres(bin, direct)
-            .arg("--config")
-            .arg(&storage.config)
-            .args(["wal-fetch", name, fetched.to_str().unwrap()])
-            .current_dir("/")
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "{name}: {}", stderr(&out));
-        let ours = pg.data.join("pg_wal").join(name);
-        if ours.exists() {
-            assert!(
-                std::fs::read(&fetched).unwrap() == std::fs::read(&ours).unwrap(),
-                "{name} differs from Postgres' own"
-            );
-            compared += 1;
-        }
-    }
-    compared
-}
-
 #[test]
 fn streaming_under_faults_loses_nothing() {
     let dir = TestDir::new("s3-faults-stream");
@@ -135,7 +100,8 @@ fn streaming_under_faults_loses_nothing() {
     wait_for("the stream to catch up", Duration::from_secs(120), || {
         (daemon.durable() >= end).then_some(())
     });
-    let compared = compare_segments(&storage, &direct, &bin, &pg, &dir);
+    // Read past the proxy.
+    let compared = assert_stored_segments_equal(&storage, &direct, &bin, &pg);
     assert!(compared >= 8, "only {compared} segments compared");
     drop(daemon);
     pg.stop("fast");

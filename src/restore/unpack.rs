@@ -14,7 +14,7 @@ use crate::pg::WalFileName;
 use crate::pg::walheader;
 use crate::progress::Progress;
 use crate::storage::{Archive, ArchiveMeta, BackupMeta};
-use crate::verify::contents::Files;
+use crate::verify::contents::{Feed, Files};
 
 use super::map_location;
 
@@ -93,31 +93,6 @@ async fn fetch_segment(archive: &Archive, name: &WalFileName, dest: &Path) -> an
     Ok(())
 }
 
-/// Feeds decoded chunks, in order, to the blocking tar reader.
-struct ChunkReader {
-    rx: tokio::sync::mpsc::Receiver<Vec<u8>>,
-    cur: Vec<u8>,
-    pos: usize,
-}
-
-impl Read for ChunkReader {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        while self.pos == self.cur.len() {
-            match self.rx.blocking_recv() {
-                Some(next) => {
-                    self.cur = next;
-                    self.pos = 0;
-                }
-                None => return Ok(0),
-            }
-        }
-        let n = buf.len().min(self.cur.len() - self.pos);
-        buf[..n].copy_from_slice(&self.cur[self.pos..self.pos + n]);
-        self.pos += n;
-        Ok(n)
-    }
-}
-
 /// One tar archive of a backup to unpack.
 struct Unpack<'a> {
     archive: &'a Archive,
@@ -149,12 +124,7 @@ impl Unpack<'_> {
             });
         let dest = self.dest.clone();
         let extractor = tokio::task::spawn_blocking(move || {
-            let reader = ChunkReader {
-                rx,
-                cur: vec![],
-                pos: 0,
-            };
-            extract(reader, &dest, tablespaces.as_deref())
+            extract(Feed::new(rx), &dest, tablespaces.as_deref())
         });
         let fetches = self.tar.chunks.iter().enumerate().map(|(seq, chunk)| {
             let key = self

@@ -65,18 +65,8 @@ pub(super) async fn check_archive(
         .map(|oid| format!("pg_tblspc/{oid}/"))
         .unwrap_or_default();
     let (tx, rx) = tokio::sync::mpsc::channel::<Vec<u8>>(1);
-    let walker = read.then(|| {
-        tokio::task::spawn_blocking(move || {
-            list_files(
-                Feed {
-                    rx,
-                    cur: vec![],
-                    pos: 0,
-                },
-                &prefix,
-            )
-        })
-    });
+    let walker =
+        read.then(|| tokio::task::spawn_blocking(move || list_files(Feed::new(rx), &prefix)));
     let fetches = tar.chunks.iter().enumerate().map(|(seq, c)| {
         let key = layout.backup_chunk(&meta.id, &tar.name, seq);
         async move {
@@ -110,11 +100,21 @@ pub(super) async fn check_archive(
     Ok((checked, files))
 }
 
-/// Feeds decoded chunks, in order, to the blocking tar reader.
-struct Feed {
+/// Feeds decoded chunks, in order, to a blocking tar reader (here, and in the restore).
+pub(crate) struct Feed {
     rx: tokio::sync::mpsc::Receiver<Vec<u8>>,
     cur: Vec<u8>,
     pos: usize,
+}
+
+impl Feed {
+    pub(crate) fn new(rx: tokio::sync::mpsc::Receiver<Vec<u8>>) -> Feed {
+        Feed {
+            rx,
+            cur: vec![],
+            pos: 0,
+        }
+    }
 }
 
 impl Read for Feed {

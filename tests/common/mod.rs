@@ -703,6 +703,44 @@ impl Storage {
     }
 }
 
+/// Reads every stored WAL segment back with `wal-fetch` (as the current user, with `env` for the
+/// storage) and checks it is byte-equal to Postgres' own file in `pg_wal` (where that still
+/// exists); returns how many were compared.
+pub fn assert_stored_segments_equal(
+    storage: &Storage,
+    env: &[(String, String)],
+    bin: &Path,
+    pg: &PgCluster,
+) -> usize {
+    let fetched = storage.config.with_file_name("segment-compared");
+    let mut compared = 0;
+    for key in stored_keys(storage) {
+        let name = key.rsplit('/').next().unwrap();
+        if name.len() != 24 || !key.contains("/wal/") {
+            continue;
+        }
+        let out = Command::new(bin)
+            .arg("--config")
+            .arg(&storage.config)
+            .args(["wal-fetch", name, fetched.to_str().unwrap()])
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{name}: {}", stderr(&out));
+        let ours = pg.data.join("pg_wal").join(name);
+        if ours.exists() {
+            assert!(
+                std::fs::read(&fetched).unwrap() == std::fs::read(&ours).unwrap(),
+                "{name} differs from Postgres' own"
+            );
+            compared += 1;
+        }
+    }
+    compared
+}
+
 /// Lists the object keys (relative to the storage URL) of files under the objects folder.
 pub fn stored_keys(storage: &Storage) -> Vec<String> {
     fn walk(base: &Path, dir: &Path, out: &mut Vec<String>) {
