@@ -61,16 +61,27 @@ proptest! {
         }
     }
 
+    /// A flipped byte never yields other content: an encrypted object (its checksum is over the
+    /// stored bytes) is always refused; a plain one is refused unless the flip left the decoded
+    /// content as it was (found here: a snappy copy offset changed within a periodic run decodes
+    /// to the same bytes, which the checksum of the content then rightly accepts).
     #[test]
     fn damaged_objects_are_refused(seed in any::<u64>(), flip in 0usize..1000) {
         let plain: Vec<u8> = (0..500u64).map(|i| (i.wrapping_mul(seed) >> 3) as u8).collect();
-        for (writer, reader) in [(&Default::default(), &Default::default()), keys()] {
+        for (encrypted, (writer, reader)) in
+            [(false, (&Default::default(), &Default::default())), (true, keys())]
+        {
             let (_, mut stored) =
                 pgkeep::storage::object::seal(pgkeep::codec::Codec::Snappy, &plain, writer);
             let at = flip % stored.len();
             stored[at] ^= 0x5A;
-            prop_assert!(pgkeep::storage::object::open(&stored, reader).is_err());
-            prop_assert!(pgkeep::storage::object::check(&stored).is_err());
+            match pgkeep::storage::object::open(&stored, reader) {
+                Err(_) => prop_assert!(pgkeep::storage::object::check(&stored).is_err()),
+                Ok((_, content)) => {
+                    prop_assert!(!encrypted, "a damaged encrypted object opened");
+                    prop_assert_eq!(content, plain.clone());
+                }
+            }
         }
     }
 
