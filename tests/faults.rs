@@ -1,7 +1,7 @@
 //! Storage that misbehaves under a recovering Postgres: `wal-fetch` (restore_command) rides out an
 //! outage shorter than `wal_fetch_outage_secs` (a 1-second blip must not stop recovery with a
 //! FATAL) and stops recovery (126, never 1) once it lasts longer. The S3 server is really stopped
-//! and started again on its port.
+//! and started again on its port. A silent server on the daemon's address costs at most 10 s.
 
 mod common;
 
@@ -67,5 +67,32 @@ fn wal_fetch_rides_out_a_storage_outage_and_gives_up_past_its_limit() {
     s3.resume();
     let (out, _) = fetch("0000000100000000000000FF", "3");
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+
+    // Something on `listen` that accepts and never answers costs at most the daemon question's
+    // own timeout (10 s), not the storage request timeout (60 s); then storage delivers.
+    let hung = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let hung_at = format!("127.0.0.1:{}", hung.local_addr().unwrap().port());
+    std::thread::spawn(move || {
+        let mut held = vec![];
+        for c in hung.incoming().take(8) {
+            held.push(c);
+        }
+        std::thread::sleep(Duration::from_secs(120));
+    });
+    std::fs::remove_file(&dest).unwrap();
+    let started = Instant::now();
+    let out = storage.pgkeep_in(
+        &bin,
+        &["wal-fetch", &seg, dest.to_str().unwrap()],
+        Some(&data),
+        &[("PGKEEP_LISTEN", &hung_at)],
+    );
+    let took = started.elapsed();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(std::fs::read(&dest).unwrap(), original);
+    assert!(
+        took >= Duration::from_secs(9) && took < Duration::from_secs(25),
+        "a silent daemon held wal-fetch for {took:?}"
+    );
     pg.stop("fast");
 }

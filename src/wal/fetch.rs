@@ -14,6 +14,12 @@ use crate::pg::walheader;
 use crate::pg::{WalFileKind, WalFileName};
 use crate::storage::{Archive, Repo, StorageError, object};
 
+/// The longest `wal-fetch` waits for the daemon's answer before it reads storage itself: on
+/// loopback, a prefetched segment comes at once and one the daemon must download in seconds; a
+/// process on `listen` that accepts and never answers must not hold recovery for the storage
+/// request timeout (60 s) on every segment.
+const DAEMON_ANSWER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// The content type of `GET /wal/{name}`: the stored object, header and all.
 pub const OBJECT_CONTENT_TYPE: &str = "application/vnd.pgkeep.object";
 
@@ -78,7 +84,7 @@ async fn from_daemon(cfg: &Config, name: &WalFileName, sysid: Option<u64>) -> Op
         cfg.listen,
         "GET",
         &path,
-        cfg.retry.request_timeout,
+        cfg.retry.request_timeout.min(DAEMON_ANSWER_TIMEOUT),
         1 << 30,
     )
     .await
