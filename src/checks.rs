@@ -218,21 +218,13 @@ impl Checks {
     async fn verify(&self, archive: &Archive) {
         tracing::info!("scheduled verify starting");
         let started = Instant::now();
-        // As the drill: on a blocking thread of its own, driving the runtime from there (the
-        // verify's future is not provably Send).
-        let (archive2, parallelism, stop, handle) = (
-            archive.clone(),
-            self.cfg.parallelism,
-            self.stop.clone(),
-            tokio::runtime::Handle::current(),
-        );
-        let run = tokio::task::spawn_blocking(move || {
-            handle.block_on(async {
-                tokio::select! {
-                    r = crate::verify::verify(&archive2, None, parallelism) => Some(r),
-                    _ = stop.cancelled() => None,
-                }
-            })
+        let (archive2, parallelism, stop) =
+            (archive.clone(), self.cfg.parallelism, self.stop.clone());
+        let run = on_own_thread(move || async move {
+            tokio::select! {
+                r = crate::verify::verify(&archive2, None, parallelism) => Some(r),
+                _ = stop.cancelled() => None,
+            }
         });
         let result = match run.await {
             Ok(Some(r)) => r,
@@ -269,19 +261,12 @@ impl Checks {
             pg_bin_dir: self.cfg.pg_bin_dir.clone(),
             timeout: self.cfg.drill_timeout,
         };
-        // On a blocking thread of its own (driving the runtime from there): the restore's future
-        // is not provably Send, and it needs no task of the daemon's.
-        let (cfg, stop, handle) = (
-            self.cfg.clone(),
-            self.stop.clone(),
-            tokio::runtime::Handle::current(),
-        );
-        let result = tokio::task::spawn_blocking(move || {
-            handle.block_on(crate::drill::drill(&cfg, &settings, &stop))
-        })
-        .await
-        .map_err(|e| format!("the drill's task failed: {e}"))
-        .and_then(|r| r.map_err(|e| e.to_string()));
+        let (cfg, stop) = (self.cfg.clone(), self.stop.clone());
+        let result =
+            on_own_thread(move || async move { crate::drill::drill(&cfg, &settings, &stop).await })
+                .await
+                .map_err(|e| format!("the drill's task failed: {e}"))
+                .and_then(|r| r.map_err(|e| e.to_string()));
         if self.stop.is_cancelled() {
             return;
         }
@@ -343,6 +328,19 @@ impl Checks {
             _ = self.stop.cancelled() => {}
         }
     }
+}
+
+/// Runs the future `make` builds on a blocking thread of its own, driving the runtime from there:
+/// the restore's and verify's futures are not provably `Send` (they borrow across their
+/// buffered streams), so they cannot be spawned as tasks, and they need no task of the daemon's.
+async fn on_own_thread<T, F, Fut>(make: F) -> Result<T, tokio::task::JoinError>
+where
+    F: FnOnce() -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = T>,
+    T: Send + 'static,
+{
+    let handle = tokio::runtime::Handle::current();
+    tokio::task::spawn_blocking(move || handle.block_on(make())).await
 }
 
 fn hours(h: u64) -> Option<Duration> {

@@ -304,7 +304,11 @@ impl Config {
             drill_interval_hours: v.int("drill_interval_hours", 0..=100_000, 168)? as u64,
             drill_timeout: secs("drill_timeout_secs", 10..=604_800, 3600)?,
             pg_bin_dir: v.absolute_path("pg_bin_dir", None)?,
-            http_idle_timeout: secs("http_idle_timeout_secs", 1..=3600, 120)?,
+            http_idle_timeout: secs(
+                "http_idle_timeout_secs",
+                1..=3600,
+                crate::http_limits::IDLE_TIMEOUT.as_secs() as i64,
+            )?,
             encryption: v.encryption()?,
             env_settings,
             file: file.map(Path::to_path_buf),
