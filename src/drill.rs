@@ -253,6 +253,9 @@ impl Run {
             password: None,
             dbname: "template1".into(),
             connect_timeout: Duration::from_secs(5),
+            // Its own socket, hba trust: no TLS, no password.
+            ssl: Default::default(),
+            allow_weak_auth: false,
         };
         let promoted = self.wait_promoted(&info, settings.timeout, &log).await;
         self.record("recover", t, promoted.is_ok());

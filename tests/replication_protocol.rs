@@ -1,4 +1,5 @@
-//! The replication protocol client against a real Postgres 15: trust, md5 and SCRAM-SHA-256
+//! The replication protocol client against a real Postgres: trust, SCRAM-SHA-256 and (only when
+//! allowed) md5
 //! authentication over TCP and a Unix socket, Postgres' own errors surfaced with their code, and a
 //! CopyBoth stream (START_REPLICATION) that delivers WAL.
 
@@ -19,6 +20,8 @@ fn info(port: u16, user: &str, password: Option<&str>) -> PgConnInfo {
         password: password.map(str::to_string),
         dbname: "postgres".into(),
         connect_timeout: Duration::from_secs(10),
+        ssl: Default::default(),
+        allow_weak_auth: false,
     }
 }
 
@@ -41,13 +44,26 @@ async fn authentication_errors_and_streams() {
     pg.psql("set password_encryption = 'md5'; create role md5_user login replication password 'md5-pass'");
     let sysid = pg.psql("select system_identifier from pg_control_system()");
 
-    // trust, SCRAM and md5 all reach IDENTIFY_SYSTEM of this cluster.
+    // md5 is refused unless allowed: the message says why and which setting allows it.
+    let err = ReplConnection::connect(&info(pg.port, "md5_user", Some("md5-pass")))
+        .await
+        .err()
+        .unwrap();
+    assert!(
+        err.to_string()
+            .contains("as an md5 hash, which pgkeep refuses to send")
+            && err.to_string().contains("pg_allow_weak_auth"),
+        "{err}"
+    );
+    // trust, SCRAM and (allowed) md5 all reach IDENTIFY_SYSTEM of this cluster.
     for (user, password) in [
         ("postgres", None),
         ("scram_user", Some("sCr4m pass")),
         ("md5_user", Some("md5-pass")),
     ] {
-        let mut c = ReplConnection::connect(&info(pg.port, user, password))
+        let mut i = info(pg.port, user, password);
+        i.allow_weak_auth = user == "md5_user";
+        let mut c = ReplConnection::connect(&i)
             .await
             .unwrap_or_else(|e| panic!("{user}: {e}"));
         let sys = c.identify_system().await.unwrap();
@@ -69,7 +85,7 @@ async fn authentication_errors_and_streams() {
         other => panic!("unexpected error {other}"),
     }
     // No password where one is needed: says which variable to set.
-    let err = ReplConnection::connect(&info(pg.port, "md5_user", None))
+    let err = ReplConnection::connect(&info(pg.port, "scram_user", None))
         .await
         .err()
         .unwrap();

@@ -47,6 +47,7 @@ const KEYS: &[(&str, Kind)] = &[
     ("log_format", Kind::Str),
     ("log_level", Kind::Str),
     ("pg", Kind::Str),
+    ("pg_allow_weak_auth", Kind::Bool),
     ("backup_chunk_size_mb", Kind::Int),
     ("parallelism", Kind::Int),
     ("backup_wal_timeout_secs", Kind::Int),

@@ -219,11 +219,13 @@ impl Values {
 
     /// How to reach Postgres: the `pg` setting, then libpq's variables, then libpq's defaults.
     pub fn pg(&self, lookup: &impl Fn(&str) -> Option<String>) -> Result<PgConnInfo, ConfigError> {
-        match self.string("pg")? {
+        let mut info = match self.string("pg")? {
             None => PgConnInfo::resolve(None, lookup)
-                .map_err(|m| bad("PGHOST/PGPORT/PGUSER (environment)", m)),
-            Some((s, o)) => PgConnInfo::resolve(Some(&s), lookup).map_err(|m| bad(&o, m)),
-        }
+                .map_err(|m| bad("PGHOST/PGPORT/PGUSER/PGSSL* (environment)", m))?,
+            Some((s, o)) => PgConnInfo::resolve(Some(&s), lookup).map_err(|m| bad(&o, m))?,
+        };
+        info.allow_weak_auth = self.bool("pg_allow_weak_auth", false)?;
+        Ok(info)
     }
 
     pub fn slot_name(&self) -> Result<String, ConfigError> {

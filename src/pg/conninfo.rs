@@ -15,6 +15,77 @@ pub enum PgHost {
     Unix(PathBuf),
 }
 
+/// libpq's `sslmode`. `allow` is taken as `prefer` (TLS when the server offers it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SslMode {
+    Disable,
+    Allow,
+    #[default]
+    Prefer,
+    Require,
+    VerifyCa,
+    VerifyFull,
+}
+
+impl SslMode {
+    /// Whether a server that declines TLS is refused.
+    pub fn requires_tls(self) -> bool {
+        matches!(
+            self,
+            SslMode::Require | SslMode::VerifyCa | SslMode::VerifyFull
+        )
+    }
+}
+
+impl fmt::Display for SslMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            SslMode::Disable => "disable",
+            SslMode::Allow => "allow",
+            SslMode::Prefer => "prefer",
+            SslMode::Require => "require",
+            SslMode::VerifyCa => "verify-ca",
+            SslMode::VerifyFull => "verify-full",
+        })
+    }
+}
+
+impl FromStr for SslMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<SslMode, String> {
+        Ok(match s {
+            "disable" => SslMode::Disable,
+            "allow" => SslMode::Allow,
+            "prefer" => SslMode::Prefer,
+            "require" => SslMode::Require,
+            "verify-ca" => SslMode::VerifyCa,
+            "verify-full" => SslMode::VerifyFull,
+            _ => {
+                return Err(format!(
+                    "sslmode {s:?} is not one of disable, allow, prefer, require, verify-ca, verify-full"
+                ));
+            }
+        })
+    }
+}
+
+/// Where the CA certificates that a server's certificate must lead to come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RootCert {
+    File(PathBuf),
+    /// `sslrootcert=system`: the system's trust store.
+    System,
+}
+
+/// TLS settings, as libpq names them (`sslmode`, `sslrootcert`, `sslcert`, `sslkey`).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct SslSettings {
+    pub mode: SslMode,
+    pub root_cert: Option<RootCert>,
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+}
+
 /// Connection settings. The password is never printed (`Debug` hides it).
 #[derive(Clone, PartialEq, Eq)]
 pub struct PgConnInfo {
@@ -24,6 +95,9 @@ pub struct PgConnInfo {
     pub password: Option<String>,
     pub dbname: String,
     pub connect_timeout: Duration,
+    pub ssl: SslSettings,
+    /// Answer a server that asks for the password in cleartext or as md5 (`pg_allow_weak_auth`).
+    pub allow_weak_auth: bool,
 }
 
 impl fmt::Debug for PgConnInfo {
@@ -40,8 +114,8 @@ impl fmt::Display for PgConnInfo {
         };
         write!(
             f,
-            "host={host} port={} user={} dbname={}",
-            self.port, self.user, self.dbname
+            "host={host} port={} user={} dbname={} sslmode={}",
+            self.port, self.user, self.dbname, self.ssl.mode
         )
     }
 }
@@ -52,7 +126,14 @@ impl PgConnInfo {
         conn: Option<&str>,
         get: impl Fn(&str) -> Option<String>,
     ) -> Result<PgConnInfo, String> {
-        let parsed = match conn {
+        let (conn, ssl_options) = match conn {
+            Some(s) => {
+                let (rest, found) = split_ssl_options(s)?;
+                (Some(rest), found)
+            }
+            None => (None, vec![]),
+        };
+        let parsed = match conn.as_deref() {
             Some(s) if !s.trim().is_empty() => Some(
                 tokio_postgres::Config::from_str(s)
                     // The parser's messages can quote the string, password included: say only what it is.
@@ -104,6 +185,39 @@ impl PgConnInfo {
             .as_ref()
             .and_then(|p| p.get_connect_timeout().copied())
             .unwrap_or(Duration::from_secs(10));
+        let ssl_option = |key: &str, var: &str| {
+            ssl_options
+                .iter()
+                .rev()
+                .find(|(k, _)| k == key)
+                .map(|(_, v)| v.clone())
+                .or_else(|| env(var))
+        };
+        let mode = match ssl_option("sslmode", "PGSSLMODE") {
+            Some(m) => m.parse()?,
+            None => SslMode::default(),
+        };
+        let file = |key: &str, var: &str| -> Result<Option<PathBuf>, String> {
+            match ssl_option(key, var) {
+                None => Ok(None),
+                Some(p) if p.starts_with('/') => Ok(Some(PathBuf::from(p))),
+                Some(p) => Err(format!("{key} {p:?} must be an absolute path")),
+            }
+        };
+        let root_cert = match ssl_option("sslrootcert", "PGSSLROOTCERT") {
+            None => None,
+            Some(p) if p == "system" => Some(RootCert::System),
+            Some(_) => file("sslrootcert", "PGSSLROOTCERT")?.map(RootCert::File),
+        };
+        let (cert, key) = (file("sslcert", "PGSSLCERT")?, file("sslkey", "PGSSLKEY")?);
+        if cert.is_some() != key.is_some() {
+            return Err("sslcert and sslkey go together: set both, or neither".into());
+        }
+        if mode.requires_tls() && mode != SslMode::Require && root_cert.is_none() {
+            return Err(format!(
+                "sslmode={mode} needs sslrootcert (a file of CA certificates, or `system`)"
+            ));
+        }
         Ok(PgConnInfo {
             host,
             port,
@@ -111,6 +225,13 @@ impl PgConnInfo {
             password,
             dbname,
             connect_timeout,
+            ssl: SslSettings {
+                mode,
+                root_cert,
+                cert,
+                key,
+            },
+            allow_weak_auth: false,
         })
     }
 
@@ -121,6 +242,8 @@ impl PgConnInfo {
             PgHost::Tcp(h) => c.host(h),
             PgHost::Unix(d) => c.host_path(d),
         };
+        // TLS is pgkeep's own (see `tls::dial`): tokio-postgres gets the stream ready made.
+        c.ssl_mode(tokio_postgres::config::SslMode::Disable);
         c.port(self.port)
             .user(&self.user)
             .dbname(&self.dbname)
@@ -131,6 +254,110 @@ impl PgConnInfo {
         }
         c
     }
+}
+
+/// The TLS options libpq takes that pgkeep handles itself (tokio-postgres knows `sslmode` only
+/// up to `require`, and none of the files).
+const SSL_KEYS: &[&str] = &["sslmode", "sslrootcert", "sslcert", "sslkey"];
+
+/// Takes the `ssl*` options out of a connection string (key=value form or a URI's query), so
+/// that tokio-postgres parses the rest. Other `ssl*` options are refused by name.
+fn split_ssl_options(s: &str) -> Result<(String, Vec<(String, String)>), String> {
+    let mut found = vec![];
+    let mut take = |k: &str, v: String| -> Result<bool, String> {
+        if SSL_KEYS.contains(&k) {
+            found.push((k.to_string(), v));
+            Ok(true)
+        } else if k.starts_with("ssl") {
+            Err(format!(
+                "the connection option {k} is not supported (pgkeep knows sslmode, sslrootcert, sslcert and sslkey)"
+            ))
+        } else {
+            Ok(false)
+        }
+    };
+    let trimmed = s.trim_start();
+    if trimmed.starts_with("postgres://") || trimmed.starts_with("postgresql://") {
+        let Some((base, query)) = s.split_once('?') else {
+            return Ok((s.to_string(), found));
+        };
+        let mut kept = url::form_urlencoded::Serializer::new(String::new());
+        for (k, v) in url::form_urlencoded::parse(query.as_bytes()) {
+            if !take(&k, v.to_string())? {
+                kept.append_pair(&k, &v);
+            }
+        }
+        let kept = kept.finish();
+        let rest = if kept.is_empty() {
+            base.to_string()
+        } else {
+            format!("{base}?{kept}")
+        };
+        return Ok((rest, found));
+    }
+    // key = value pairs; a value is bare (backslash escapes) or single-quoted.
+    let b = s.as_bytes();
+    let mut rest = String::new();
+    let mut i = 0;
+    let unparsable = || "not a valid libpq connection string or postgresql:// URI".to_string();
+    while i < b.len() {
+        while i < b.len() && b[i].is_ascii_whitespace() {
+            i += 1;
+        }
+        if i == b.len() {
+            break;
+        }
+        let start = i;
+        while i < b.len() && b[i] != b'=' && !b[i].is_ascii_whitespace() {
+            i += 1;
+        }
+        let key = &s[start..i];
+        while i < b.len() && b[i].is_ascii_whitespace() {
+            i += 1;
+        }
+        if i == b.len() || b[i] != b'=' || key.is_empty() {
+            return Err(unparsable());
+        }
+        i += 1;
+        while i < b.len() && b[i].is_ascii_whitespace() {
+            i += 1;
+        }
+        let mut value = Vec::new();
+        if i < b.len() && b[i] == b'\'' {
+            i += 1;
+            loop {
+                match b.get(i) {
+                    None => return Err(unparsable()),
+                    Some(b'\'') => {
+                        i += 1;
+                        break;
+                    }
+                    Some(b'\\') if i + 1 < b.len() => {
+                        value.push(b[i + 1]);
+                        i += 2;
+                    }
+                    Some(&c) => {
+                        value.push(c);
+                        i += 1;
+                    }
+                }
+            }
+        } else {
+            while i < b.len() && !b[i].is_ascii_whitespace() {
+                if b[i] == b'\\' && i + 1 < b.len() {
+                    i += 1;
+                }
+                value.push(b[i]);
+                i += 1;
+            }
+        }
+        let value = String::from_utf8(value).map_err(|_| unparsable())?;
+        if !take(key, value)? {
+            rest.push_str(&s[start..i]);
+            rest.push(' ');
+        }
+    }
+    Ok((rest, found))
 }
 
 fn host_from_str(h: &str) -> PgHost {
@@ -175,6 +402,73 @@ mod tests {
             !format!("{c:?} {c}").contains("s3cret"),
             "the password was printed"
         );
+    }
+
+    #[test]
+    fn tls_options_in_every_form() {
+        // key=value, quoted and escaped values kept for tokio-postgres, ssl* taken out.
+        let c = PgConnInfo::resolve(
+            Some("host=db port=5 sslmode=verify-full sslrootcert='/etc/ca dir/ca.crt' password='it\\'s' user=u"),
+            env(&[("PGSSLMODE", "disable")]),
+        )
+        .unwrap();
+        assert_eq!(c.ssl.mode, SslMode::VerifyFull);
+        assert_eq!(
+            c.ssl.root_cert,
+            Some(RootCert::File("/etc/ca dir/ca.crt".into()))
+        );
+        assert_eq!(
+            (c.password.as_deref(), c.user.as_str()),
+            (Some("it's"), "u")
+        );
+        // A URI's query.
+        let c = PgConnInfo::resolve(
+            Some("postgresql://u@db:5/app?sslmode=require&connect_timeout=3&sslcert=%2Fc.pem&sslkey=/k.pem"),
+            env(&[]),
+        )
+        .unwrap();
+        assert_eq!(c.ssl.mode, SslMode::Require);
+        assert_eq!(c.ssl.cert.as_deref(), Some(std::path::Path::new("/c.pem")));
+        assert_eq!(c.connect_timeout, Duration::from_secs(3));
+        assert_eq!(c.dbname, "app");
+        // The environment, and the default.
+        let c = PgConnInfo::resolve(
+            None,
+            env(&[("PGSSLMODE", "verify-ca"), ("PGSSLROOTCERT", "system")]),
+        )
+        .unwrap();
+        assert_eq!(
+            (c.ssl.mode, c.ssl.root_cert),
+            (SslMode::VerifyCa, Some(RootCert::System))
+        );
+        assert_eq!(
+            PgConnInfo::resolve(Some("host=x"), env(&[]))
+                .unwrap()
+                .ssl
+                .mode,
+            SslMode::Prefer
+        );
+        assert!(
+            PgConnInfo::resolve(Some("host=x"), env(&[]))
+                .unwrap()
+                .to_string()
+                .contains("sslmode=prefer")
+        );
+        // Bad settings are named.
+        for (conn, says) in [
+            ("host=x sslmode=verify", "is not one of"),
+            ("host=x sslmode=verify-full", "needs sslrootcert"),
+            ("host=x sslcert=/c.pem", "go together"),
+            (
+                "host=x sslrootcert=ca.crt sslmode=verify-ca",
+                "absolute path",
+            ),
+            ("host=x sslcrl=/crl.pem", "sslcrl is not supported"),
+            ("host=x password='open", "not a valid libpq"),
+        ] {
+            let err = PgConnInfo::resolve(Some(conn), env(&[])).unwrap_err();
+            assert!(err.contains(says), "{conn}: {err}");
+        }
     }
 
     #[test]

@@ -13,3 +13,4 @@ pub use lsn::{
 pub mod conninfo;
 pub mod replication;
 pub mod sql;
+pub mod tls;

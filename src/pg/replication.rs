@@ -1,19 +1,19 @@
 //! A small client of Postgres' replication protocol: startup with `replication=true`,
-//! authentication (trust, cleartext, md5, SCRAM-SHA-256), simple queries, and CopyOut/CopyBoth
+//! authentication (trust and SCRAM-SHA-256; cleartext and md5 only when allowed), TLS as `sslmode`
+//! says (see `tls`), simple queries, and CopyOut/CopyBoth
 //! streams. Upstream tokio-postgres cannot open a replication connection, so this frames messages
 //! itself and leaves the message codecs to `postgres-protocol` (whose parser does not know the
 //! CopyBothResponse tag 'W', handled here).
 
 use std::collections::HashMap;
-use std::pin::Pin;
 
 use bytes::{Buf, Bytes, BytesMut};
 use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
 use postgres_protocol::message::backend::Message;
 use postgres_protocol::message::frontend;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use super::conninfo::{PgConnInfo, PgHost};
+use super::conninfo::PgConnInfo;
 
 /// Largest message accepted from the server (CopyData of a base backup is far smaller).
 const MAX_MESSAGE: usize = 256 << 20;
@@ -21,10 +21,11 @@ const MAX_MESSAGE: usize = 256 << 20;
 /// A failure talking to Postgres.
 #[derive(Debug, thiserror::Error)]
 pub enum PgError {
-    #[error("cannot connect to Postgres at {target}: {source}")]
+    /// The cause is said in the message, not chained as a source (it would be said twice).
+    #[error("cannot connect to Postgres at {target}: {cause}")]
     Connect {
         target: String,
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     #[error("Postgres connection failed: {0}")]
     Io(#[from] std::io::Error),
@@ -40,18 +41,17 @@ pub enum PgError {
     Auth(String),
     #[error("protocol error: {0}")]
     Protocol(String),
+    #[error("TLS: {0}")]
+    Tls(String),
     #[error("{0}")]
     Unsupported(String),
 }
 
 impl PgError {
-    fn protocol(msg: impl Into<String>) -> PgError {
+    pub(crate) fn protocol(msg: impl Into<String>) -> PgError {
         PgError::Protocol(msg.into())
     }
 }
-
-trait Io: AsyncRead + AsyncWrite + Send + Unpin {}
-impl<T: AsyncRead + AsyncWrite + Send + Unpin> Io for T {}
 
 /// One result set of a simple query, as text.
 #[derive(Debug, Default, Clone)]
@@ -81,7 +81,7 @@ pub enum Event {
 
 /// A replication connection (`replication=true`).
 pub struct ReplConnection {
-    io: Pin<Box<dyn Io>>,
+    io: super::tls::PgStream,
     rbuf: BytesMut,
     wbuf: BytesMut,
     /// ParameterStatus values the server reported (server_version, ...).
@@ -141,31 +141,7 @@ enum Incoming {
 impl ReplConnection {
     /// Connects and authenticates as a physical replication client.
     pub async fn connect(info: &PgConnInfo) -> Result<ReplConnection, PgError> {
-        let target = info.to_string();
-        let connect = async {
-            let io: Pin<Box<dyn Io>> = match &info.host {
-                PgHost::Tcp(h) => {
-                    let s = tokio::net::TcpStream::connect((h.as_str(), info.port)).await?;
-                    s.set_nodelay(true)?;
-                    Box::pin(s)
-                }
-                PgHost::Unix(dir) => Box::pin(
-                    tokio::net::UnixStream::connect(dir.join(format!(".s.PGSQL.{}", info.port)))
-                        .await?,
-                ),
-            };
-            Ok::<_, std::io::Error>(io)
-        };
-        let io = match tokio::time::timeout(info.connect_timeout, connect).await {
-            Ok(Ok(io)) => io,
-            Ok(Err(source)) => return Err(PgError::Connect { target, source }),
-            Err(_) => {
-                return Err(PgError::Connect {
-                    target,
-                    source: std::io::Error::new(std::io::ErrorKind::TimedOut, "timed out"),
-                });
-            }
-        };
+        let (io, _tls) = super::tls::dial(info).await?;
         let mut conn = ReplConnection {
             io,
             rbuf: BytesMut::with_capacity(64 << 10),
@@ -207,13 +183,34 @@ impl ReplConnection {
             })
         };
         let mut scram: Option<ScramSha256> = None;
+        let mut scram_done = false;
         loop {
             match self.read().await? {
-                Incoming::Message(Message::AuthenticationOk) => return Ok(()),
+                Incoming::Message(Message::AuthenticationOk) => {
+                    // Begun, SCRAM ends only with the server's proof that it knows the password.
+                    if scram.is_some() && !scram_done {
+                        return Err(PgError::Auth(
+                            "the server ended SCRAM authentication without proving it knows the password".into(),
+                        ));
+                    }
+                    return Ok(());
+                }
                 Incoming::Message(Message::AuthenticationCleartextPassword) => {
+                    if !info.allow_weak_auth {
+                        return Err(PgError::Auth(super::tls::weak_auth_refused(
+                            "in cleartext",
+                            &info.user,
+                        )));
+                    }
                     frontend::password_message(password()?.as_bytes(), &mut self.wbuf)?;
                 }
                 Incoming::Message(Message::AuthenticationMd5Password(body)) => {
+                    if !info.allow_weak_auth {
+                        return Err(PgError::Auth(super::tls::weak_auth_refused(
+                            "as an md5 hash",
+                            &info.user,
+                        )));
+                    }
                     let hash = postgres_protocol::authentication::md5_hash(
                         info.user.as_bytes(),
                         password()?.as_bytes(),
@@ -250,6 +247,7 @@ impl ReplConnection {
                         .ok_or_else(|| PgError::protocol("SASL final before start"))?;
                     s.finish(body.data())
                         .map_err(|e| PgError::Auth(e.to_string()))?;
+                    scram_done = true;
                     continue;
                 }
                 Incoming::Message(Message::ErrorResponse(e)) => return Err(server_error(e)),

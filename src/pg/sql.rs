@@ -7,12 +7,25 @@ use super::Lsn;
 use super::conninfo::PgConnInfo;
 
 /// Connects; the connection task runs in the background until the client is dropped.
+/// The stream is pgkeep's own (`tls::dial`: TLS as `sslmode` says), watched by an
+/// [`AuthGuard`](super::tls::AuthGuard) so that a cleartext or md5 request is refused unanswered.
 pub async fn connect(info: &PgConnInfo) -> anyhow::Result<tokio_postgres::Client> {
-    let (client, conn) = info
-        .to_tokio_postgres()
-        .connect(NoTls)
-        .await
-        .with_context(|| format!("connecting to Postgres ({info})"))?;
+    let context = || format!("connecting to Postgres ({info})");
+    let (stream, _tls) = match super::tls::dial(info).await {
+        Ok(s) => s,
+        // Names the server already.
+        Err(e @ super::replication::PgError::Connect { .. }) => return Err(e.into()),
+        Err(e) => return Err(anyhow::Error::from(e).context(context())),
+    };
+    let guarded = super::tls::AuthGuard::new(stream, info.allow_weak_auth, &info.user);
+    let (client, conn) = tokio::time::timeout(
+        info.connect_timeout,
+        info.to_tokio_postgres().connect_raw(guarded, NoTls),
+    )
+    .await
+    .map_err(|_| anyhow::anyhow!("timed out after {:?}", info.connect_timeout))
+    .with_context(context)?
+    .with_context(context)?;
     tokio::spawn(async move {
         if let Err(e) = conn.await {
             tracing::debug!("SQL connection ended: {e}");
