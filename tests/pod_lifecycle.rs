@@ -166,6 +166,36 @@ fn chart_lints_renders_and_validates_for_every_values_file() {
             .is_some_and(|e| e.contains("age public key")),
         "{f}"
     );
+    // TLS for Postgres: the key in the Postgres container only, the CA alone in the Job, which
+    // connects with verify-full; a new cluster refuses outside connections without TLS.
+    let tls = &f["tls"]["on"];
+    assert_eq!(
+        tls["key_in"],
+        serde_json::json!(["StatefulSet/postgres"]),
+        "{f}"
+    );
+    assert_eq!(tls["ca_in"], serde_json::json!(["Job/backup"]), "{f}");
+    assert_eq!(
+        tls["ssl_args"],
+        serde_json::json!([
+            "ssl=on",
+            "ssl_cert_file=/etc/postgres-tls/tls.crt",
+            "ssl_key_file=/etc/postgres-tls/tls.key"
+        ]),
+        "{f}"
+    );
+    assert_eq!(tls["hba_type"], "hostssl", "{f}");
+    assert!(
+        tls["job_pg"]
+            .as_str()
+            .unwrap()
+            .ends_with(" sslmode=verify-full sslrootcert=/etc/postgres-tls/ca.crt"),
+        "{f}"
+    );
+    let off = &f["tls"]["off"];
+    assert_eq!(off["ssl_args"], serde_json::json!([]), "{f}");
+    assert_eq!(off["hba_type"], "host", "{f}");
+    assert!(!off["job_pg"].as_str().unwrap().contains("ssl"), "{f}");
     // The monitoring pack: off by default; when enabled, the rules pass promtool, the dashboard
     // is there and the PodMonitor scrapes the daemon's port.
     let mon = &f["monitoring"];

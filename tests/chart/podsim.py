@@ -144,7 +144,41 @@ def check():
     except Exception as e:  # helm's fail() surfaces as a render error
         refused = str(e)
     print(json.dumps({"rendered": rendered, "images": images, "major_12": refused,
-                      "encryption": encryption_findings(), "monitoring": monitoring_findings()}))
+                      "encryption": encryption_findings(), "monitoring": monitoring_findings(),
+                      "tls": tls_findings()}))
+
+
+def tls_findings():
+    """postgres.tls: Postgres serves the Secret's certificate, its key reaches the Postgres
+    container only, the Job gets the CA alone and connects with verify-full, a new cluster's
+    pg_hba.conf takes outside connections over TLS only; and none of it by default."""
+    def look(values):
+        objects, _ = render(values, name="db", upgrade=True)
+        out = {"key_in": [], "ca_in": [], "ssl_args": [], "hba_type": "", "job_pg": ""}
+        tls = values.get("postgres", {}).get("tls", {})
+        secret, ca_key = tls.get("secretName", ""), tls.get("caKey", "ca.crt")
+        for o in objects:
+            if o["kind"] not in ("StatefulSet", "Job"):
+                continue
+            spec = o["spec"]["template"]["spec"]
+            items = {v["name"]: [i["key"] for i in v["secret"].get("items", [])]
+                     for v in spec.get("volumes", []) if secret and v.get("secret", {}).get("secretName") == secret}
+            for c in spec.get("initContainers", []) + spec["containers"]:
+                label = f"{o['kind']}/{c['name']}"
+                keys = [k for m in c.get("volumeMounts", []) for k in items.get(m["name"], [])]
+                if "tls.key" in keys:
+                    out["key_in"].append(label)
+                if ca_key in keys:
+                    out["ca_in"].append(label)
+                env = {e["name"]: e.get("value", "") for e in c.get("env", [])}
+                if c["name"] == "postgres":
+                    out["ssl_args"] = [a for a in c.get("args", []) if a.startswith("ssl")]
+                    out["hba_type"] = env.get("HBA_TYPE", "")
+                if o["kind"] == "Job":
+                    out["job_pg"] = env.get("PGKEEP_PG", "")
+        return out
+    return {"on": look(load_values([os.path.join(EXAMPLES, "values-tls.yaml")])),
+            "off": look(load_values([]))}
 
 
 def monitoring_findings():

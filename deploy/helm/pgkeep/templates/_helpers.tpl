@@ -119,7 +119,9 @@ if [ ! -s "$PGDATA/PG_VERSION" ]; then
   initdb -D "$PGDATA" --username="${PGUSER:-postgres}" --pwfile="$pwfile" --auth-local=trust --auth-host=scram-sha-256 --data-checksums --encoding=UTF8 || status=$?
   rm -f "$pwfile"
   [ "$status" = 0 ] || exit "$status"
-  printf '%s\n' "host all all all scram-sha-256" "host replication all all scram-sha-256" >> "$PGDATA/pg_hba.conf"
+  # With TLS on (HBA_TYPE=hostssl), connections from outside the pod must use it.
+  hba="${HBA_TYPE:-host}"
+  printf '%s\n' "$hba all all all scram-sha-256" "$hba replication all all scram-sha-256" >> "$PGDATA/pg_hba.conf"
 fi
 postgres "$@" &
 pid=$!
@@ -203,3 +205,6 @@ capabilities:
 {{- end -}}
 {{- printf "%s:%s" .Values.postgres.image.repository (.Values.postgres.image.tag | default (printf "%d-bookworm" $major)) -}}
 {{- end -}}
+
+{{/* TLS for Postgres (postgres.tls.secretName): where the Secret is mounted. */}}
+{{- define "pgkeep.tlsDir" -}}/etc/postgres-tls{{- end -}}
