@@ -187,7 +187,8 @@ $(http_get "http://127.0.0.1:$HTTP/status" | sed 's/^/                /')
   metrics       curl -s http://127.0.0.1:$HTTP/metrics
   backups       $PGKEEP list
 $($PGKEEP list | sed 's/^/                /')
-  a backup now  curl -s -X POST http://127.0.0.1:$HTTP/backups    (or: $PGKEEP backup)
+  a backup now  curl -s -X POST -H "Authorization: Bearer \$(cat $WORK/spool/http-token)" http://127.0.0.1:$HTTP/backups
+                  (or: $PGKEEP backup; the token is the daemon's, readable by its user only)
   a WAL file    curl -s -o /tmp/seg http://127.0.0.1:$HTTP/wal/<name>
   psql          psql -h 127.0.0.1 -p $P1 -U postgres
   restore       scripts/quickstart.sh restore

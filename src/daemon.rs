@@ -66,6 +66,16 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         cfg: cfg.clone(),
         prefetch,
         wal_bodies: crate::http_limits::wal_bodies(),
+        token: match crate::http_token::Token::create(&cfg.http_token_file) {
+            Ok(t) => Some(Arc::new(t)),
+            Err(e) => {
+                tracing::warn!(
+                    file = %cfg.http_token_file.display(),
+                    "cannot write the daemon's token (http_token_file): {e}; wal-fetch and wal-switch will not trust this daemon, and POST /wal-switch and /backups are closed"
+                );
+                None
+            }
+        },
     });
     let mut http = tokio::spawn({
         let http_stop = http_stop.clone();

@@ -31,6 +31,9 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     /// One permit per `/wal` body in flight (each holds a segment until it is sent).
     pub wal_bodies: Arc<tokio::sync::Semaphore>,
+    /// The daemon's token (`http_token_file`): proofs for its answers, and the key to its
+    /// `POST` routes. None if it could not be written: then those routes are refused.
+    pub token: Option<Arc<crate::http_token::Token>>,
 }
 
 /// Every failure of a request, with its status code.
@@ -48,6 +51,8 @@ pub enum ApiError {
     Conflict(String),
     #[error("{0}")]
     Forbidden(String),
+    #[error("{0}")]
+    Unauthorized(String),
 }
 
 impl IntoResponse for ApiError {
@@ -59,6 +64,7 @@ impl IntoResponse for ApiError {
             ApiError::Storage(_) => StatusCode::BAD_GATEWAY,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
+            ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
         };
         (code, format!("{self}\n")).into_response()
     }
@@ -123,8 +129,52 @@ async fn readyz(State(s): State<AppState>) -> Result<&'static str, ApiError> {
     Ok("ready\n")
 }
 
+/// The `POST` routes act on the database: only a client holding the daemon's token may call them.
+fn authorized(s: &AppState, headers: &axum::http::HeaderMap) -> Result<(), ApiError> {
+    let given = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    match &s.token {
+        Some(t) if t.authorizes(given) => Ok(()),
+        Some(t) => Err(ApiError::Unauthorized(format!(
+            "this route needs the daemon's token: send 'Authorization: Bearer <the content of {}>'",
+            t.file.display()
+        ))),
+        None => Err(ApiError::Unauthorized(format!(
+            "the daemon could not write its token to {} (http_token_file), so this route is closed",
+            s.cfg.http_token_file.display()
+        ))),
+    }
+}
+
+/// Adds the proof of an answer when the client sent a nonce.
+fn with_proof(
+    s: &AppState,
+    headers: &axum::http::HeaderMap,
+    subject: &[u8],
+    mut r: Response,
+) -> Response {
+    let nonce = headers
+        .get(crate::http_token::NONCE_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .filter(|n| crate::http_token::valid_nonce(n));
+    if let (Some(t), Some(n)) = (&s.token, nonce)
+        && let Ok(v) = header::HeaderValue::from_str(&t.proof(n, subject))
+    {
+        r.headers_mut().insert(
+            header::HeaderName::from_static(crate::http_token::PROOF_HEADER),
+            v,
+        );
+    }
+    r
+}
+
 /// `POST /wal-switch`: pg_switch_wal(), answered once that WAL is durable in storage (504 after 60 s).
-async fn wal_switch(State(s): State<AppState>) -> Result<Response, ApiError> {
+async fn wal_switch(
+    State(s): State<AppState>,
+    headers: axum::http::HeaderMap,
+) -> Result<Response, ApiError> {
+    authorized(&s, &headers)?;
     let stream = s.stream.clone();
     let result =
         crate::wal::switch::switch_and_wait(&s.cfg, std::time::Duration::from_secs(60), || {
@@ -142,11 +192,11 @@ async fn wal_switch(State(s): State<AppState>) -> Result<Response, ApiError> {
     }
 }
 
-async fn status(State(s): State<AppState>) -> impl IntoResponse {
+async fn status(State(s): State<AppState>, headers: axum::http::HeaderMap) -> Response {
     let st = &s.stream;
     let received = st.received_lsn();
     let durable = st.durable_lsn();
-    axum::Json(serde_json::json!({
+    let body = serde_json::json!({
         "system_identifier": s.system_identifier.load(Ordering::Acquire).to_string(),
         "timeline": st.timeline.load(Ordering::Acquire),
         "received_lsn": received.to_string(),
@@ -159,7 +209,10 @@ async fn status(State(s): State<AppState>) -> impl IntoResponse {
         "last_upload_unix": st.last_upload_unix.load(Ordering::Relaxed),
         "stream_error": st.problem().map(|p| p.message),
         "checks": s.jobs.checks.snapshot(),
-    }))
+    })
+    .to_string();
+    let r = ([(header::CONTENT_TYPE, "application/json")], body.clone()).into_response();
+    with_proof(&s, &headers, body.as_bytes(), r)
 }
 
 async fn metrics(State(s): State<AppState>) -> impl IntoResponse {
@@ -196,7 +249,11 @@ async fn list_backups(State(s): State<AppState>) -> Result<Response, ApiError> {
 }
 
 /// `POST /backups`: takes a base backup now (then applies retention); answers when it exists.
-async fn take_backup(State(s): State<AppState>) -> Result<Response, ApiError> {
+async fn take_backup(
+    State(s): State<AppState>,
+    headers: axum::http::HeaderMap,
+) -> Result<Response, ApiError> {
+    authorized(&s, &headers)?;
     // Apart from the request: a client that goes away does not cancel a backup half-way.
     let jobs = s.jobs.clone();
     let result = tokio::spawn(async move { jobs.backup_now().await })
@@ -224,6 +281,7 @@ pub struct WalQuery {
 /// `x-pgkeep-served`, the name it was stored under (a segment's `.partial` when only that exists).
 async fn wal(
     State(s): State<AppState>,
+    headers: axum::http::HeaderMap,
     Path(name): Path<String>,
     axum::extract::Query(q): axum::extract::Query<WalQuery>,
 ) -> Result<Response, ApiError> {
@@ -261,21 +319,25 @@ async fn wal(
         .get(&Archive::new(s.repo.clone(), sysid), &name)
         .await
     {
-        Ok(f) => Ok((
-            [
-                (
-                    header::CONTENT_TYPE,
-                    crate::wal::fetch::OBJECT_CONTENT_TYPE.to_string(),
-                ),
-                (
-                    header::HeaderName::from_static("x-pgkeep-served"),
-                    f.served.to_string(),
-                ),
-                (header::CONTENT_LENGTH, f.stored.len().to_string()),
-            ],
-            crate::http_limits::body_with_permit(f.stored, permit),
-        )
-            .into_response()),
+        Ok(f) => {
+            let subject = crate::http_token::wal_subject(&f.served.to_string(), f.stored.len());
+            let r = (
+                [
+                    (
+                        header::CONTENT_TYPE,
+                        crate::wal::fetch::OBJECT_CONTENT_TYPE.to_string(),
+                    ),
+                    (
+                        header::HeaderName::from_static("x-pgkeep-served"),
+                        f.served.to_string(),
+                    ),
+                    (header::CONTENT_LENGTH, f.stored.len().to_string()),
+                ],
+                crate::http_limits::body_with_permit(f.stored, permit),
+            )
+                .into_response();
+            Ok(with_proof(&s, &headers, &subject, r))
+        }
         Err(FetchError::NotInArchive(_)) => Err(ApiError::NotFound(name.to_string())),
         Err(e) => Err(ApiError::Storage(format!("{e:#}"))),
     }
@@ -355,6 +417,7 @@ mod guard_tests {
             cfg,
             prefetch,
             wal_bodies: Arc::new(tokio::sync::Semaphore::new(bodies)),
+            token: None,
         }
     }
 

@@ -46,11 +46,16 @@ pub async fn request(
     path: &str,
     timeout: Duration,
     limit: usize,
+    headers: &[(&str, &str)],
 ) -> anyhow::Result<Response> {
     let addr = dial_address(addr);
+    let extra: String = headers
+        .iter()
+        .map(|(n, v)| format!("{n}: {v}\r\n"))
+        .collect();
     tokio::time::timeout(timeout, async {
         let mut s = tokio::net::TcpStream::connect(addr).await.with_context(|| format!("connecting to {addr}"))?;
-        s.write_all(format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: 0\r\n\r\n").as_bytes())
+        s.write_all(format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n{extra}Content-Length: 0\r\n\r\n").as_bytes())
             .await?;
         let mut raw = Vec::new();
         (&mut s).take(limit as u64 + 64 * 1024).read_to_end(&mut raw).await?;

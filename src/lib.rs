@@ -13,6 +13,7 @@ pub mod fsutil;
 pub mod http;
 pub mod http_client;
 pub mod http_limits;
+pub mod http_token;
 pub mod jobs;
 pub mod list;
 pub mod logging;

@@ -319,7 +319,23 @@ fn scheduled_backups(backend: Backend) {
         );
         std::thread::sleep(Duration::from_millis(200));
     }
-    let (code, body) = http("POST", daemon.port, "/backups");
+    // The POST routes act on the database: without the daemon's token they are refused, with a
+    // message naming the file that holds it; with it, the backup is taken.
+    for bad in [None, Some("Bearer 00"), Some("Basic cG9zdGdyZXM6eA==")] {
+        let headers: Vec<(&str, &str)> = bad.iter().map(|b| ("authorization", *b)).collect();
+        let (code, body) = http_with("POST", daemon.port, "/backups", &headers);
+        let body = String::from_utf8_lossy(&body);
+        assert_eq!(code, 401, "{bad:?}: {body}");
+        assert!(body.contains(&daemon.token.display().to_string()), "{body}");
+        let (code, _) = http_with("POST", daemon.port, "/wal-switch", &headers);
+        assert_eq!(code, 401, "{bad:?}");
+    }
+    let (code, body) = http_with(
+        "POST",
+        daemon.port,
+        "/backups",
+        &[("authorization", &daemon.bearer())],
+    );
     assert_eq!(code, 201, "{}", String::from_utf8_lossy(&body));
     let id: serde_json::Value = serde_json::from_slice(&body).unwrap();
     assert_eq!(listed()["backups"][0]["id"], id["id"]);

@@ -69,7 +69,10 @@ fn wal_fetch_rides_out_a_storage_outage_and_gives_up_past_its_limit() {
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
 
     // Something on `listen` that accepts and never answers costs at most the daemon question's
-    // own timeout (10 s), not the storage request timeout (60 s); then storage delivers.
+    // own timeout (10 s), not the storage request timeout (60 s); then storage delivers. (The
+    // daemon's token is there, as after a daemon ran: without one, nothing on `listen` is asked.)
+    pgkeep::http_token::Token::create(&storage.config.with_file_name("http").join("token"))
+        .unwrap();
     let hung = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let hung_at = format!("127.0.0.1:{}", hung.local_addr().unwrap().port());
     std::thread::spawn(move || {

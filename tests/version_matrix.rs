@@ -187,7 +187,12 @@ fn an_unknown_wal_page_magic_is_refused_and_reported() {
         &storage,
         &bin,
         &pg,
-        &[("PGPORT", &port), ("PGKEEP_PARTIAL_UPLOAD_SECS", "1")],
+        // The proxy reads the server's side message by message: no TLS request's one-byte answer.
+        &[
+            ("PGPORT", &port),
+            ("PGSSLMODE", "disable"),
+            ("PGKEEP_PARTIAL_UPLOAD_SECS", "1"),
+        ],
     );
     let status = wait_for(
         "the daemon to report the stream's failure",

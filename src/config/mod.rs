@@ -69,6 +69,7 @@ const KEYS: &[(&str, Kind)] = &[
     ("drill_timeout_secs", Kind::Int),
     ("pg_bin_dir", Kind::Str),
     ("http_idle_timeout_secs", Kind::Int),
+    ("http_token_file", Kind::Str),
 ];
 
 /// Environment variables with the `PGKEEP_` prefix that are not settings.
@@ -147,6 +148,8 @@ pub struct Config {
     /// An HTTP connection that moves no byte for this long, with no request being answered, is
     /// closed.
     pub http_idle_timeout: Duration,
+    /// Where the daemon writes its token and its clients read it (`http_token`).
+    pub http_token_file: PathBuf,
     /// Client-side encryption: the recipients new objects are encrypted to, and the identity
     /// file that decrypts them (only `restore` and `wal-fetch` need it).
     pub encryption: crate::storage::EncryptionSettings,
@@ -310,6 +313,13 @@ impl Config {
                 1..=3600,
                 crate::http_limits::IDLE_TIMEOUT.as_secs() as i64,
             )?,
+            http_token_file: match v.absolute_path("http_token_file", None)? {
+                Some(p) => p,
+                None => v
+                    .absolute_path("spool_dir", Some("/var/lib/pgkeep/spool"))?
+                    .expect("a default")
+                    .join("http-token"),
+            },
             encryption: v.encryption()?,
             env_settings,
             file: file.map(Path::to_path_buf),

@@ -79,6 +79,15 @@ async fn from_daemon(cfg: &Config, name: &WalFileName, sysid: Option<u64>) -> Op
     if !matches!(name.kind, WalFileKind::Segment | WalFileKind::Partial) {
         return None;
     }
+    // Only the daemon holds the token in `http_token_file`: without it, no answer is proven.
+    let token = match crate::http_token::Token::read(&cfg.http_token_file) {
+        Ok(t) => t,
+        Err(e) => {
+            tracing::debug!(file = %cfg.http_token_file.display(), "no daemon token ({e}): reading storage directly");
+            return None;
+        }
+    };
+    let nonce = crate::http_token::nonce().ok()?;
     let path = format!("/wal/{name}?system_identifier={sysid}");
     let r = match crate::http_client::request(
         cfg.listen,
@@ -86,6 +95,7 @@ async fn from_daemon(cfg: &Config, name: &WalFileName, sysid: Option<u64>) -> Op
         &path,
         cfg.retry.request_timeout.min(DAEMON_ANSWER_TIMEOUT),
         1 << 30,
+        &[(crate::http_token::NONCE_HEADER, &nonce)],
     )
     .await
     {
@@ -107,6 +117,14 @@ async fn from_daemon(cfg: &Config, name: &WalFileName, sysid: Option<u64>) -> Op
                 tracing::warn!(wal = %name, "the daemon's answer is not a stored WAL object; reading storage directly");
                 return None;
             };
+            let subject = crate::http_token::wal_subject(&served.to_string(), r.body.len());
+            let proven = r
+                .header(crate::http_token::PROOF_HEADER)
+                .is_some_and(|p| token.verify(&nonce, &subject, p));
+            if !proven {
+                tracing::warn!(wal = %name, listen = %cfg.listen, "what answers on listen did not prove it is this pod's pgkeep daemon (no or a wrong proof of the token in {}); reading storage directly", cfg.http_token_file.display());
+                return None;
+            }
             let keys = match crate::storage::Keys::from_settings(&cfg.storage_settings().encryption)
             {
                 Ok(k) => k,

@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, bail};
+use anyhow::{Context, anyhow, bail};
 
 use crate::config::Config;
 use crate::pg::{Lsn, sql};
@@ -28,6 +28,7 @@ where
     tracing::info!(target = %target, "switched WAL; waiting until it is durable in storage");
     let started = Instant::now();
     let mut last = Lsn(0);
+    let mut last_error: Option<String> = None;
     loop {
         match durable().await {
             Ok(d) if d >= target => {
@@ -35,11 +36,21 @@ where
                 return Ok(Some(target));
             }
             Ok(d) => last = d,
-            Err(e) => tracing::warn!("asking the daemon: {e:#}"),
+            Err(e) => {
+                let e = format!("{e:#}");
+                // Said once, not five times a second.
+                if last_error.as_deref() != Some(e.as_str()) {
+                    tracing::warn!("asking the daemon: {e}");
+                }
+                last_error = Some(e);
+            }
         }
         if started.elapsed() >= timeout {
+            let why = last_error.map_or(format!("the daemon reports {last} as durable"), |e| {
+                format!("the last answer: {e}")
+            });
             bail!(
-                "WAL up to {target} did not reach storage within {}s (the daemon reports {last} as durable)",
+                "WAL up to {target} did not reach storage within {}s ({why})",
                 timeout.as_secs()
             );
         }
@@ -48,17 +59,38 @@ where
 }
 
 /// The durable position the daemon at `cfg.listen` reports.
+/// Taken only with the proof that the daemon holds the token in `http_token_file`: another
+/// process on `listen` could otherwise claim WAL is durable that is not.
 pub async fn daemon_durable(cfg: &Config) -> anyhow::Result<Lsn> {
+    let file = &cfg.http_token_file;
+    let token = crate::http_token::Token::read(file).with_context(|| {
+        format!(
+            "reading the daemon's token {} (http_token_file: the daemon writes it at start;              both must name the same file)",
+            file.display()
+        )
+    })?;
+    let nonce = crate::http_token::nonce()?;
     let r = crate::http_client::request(
         cfg.listen,
         "GET",
         "/status",
         Duration::from_secs(5),
         1 << 20,
+        &[(crate::http_token::NONCE_HEADER, &nonce)],
     )
     .await?;
     if r.status != 200 {
         bail!("the daemon answered /status with {}", r.status);
+    }
+    let proven = r
+        .header(crate::http_token::PROOF_HEADER)
+        .is_some_and(|p| token.verify(&nonce, &r.body, p));
+    if !proven {
+        bail!(
+            "what answers on {} did not prove it is the pgkeep daemon (no or a wrong proof of the token in {})",
+            cfg.listen,
+            file.display()
+        );
     }
     let v: serde_json::Value = serde_json::from_slice(&r.body)?;
     v["durable_lsn"]

@@ -647,7 +647,17 @@ impl Storage {
             }
         };
         let config = dir.path().join("pgkeep.toml");
-        std::fs::write(&config, format!("storage = \"{url}\"\n")).unwrap();
+        // The daemon's token where its clients (wal-fetch, wal-switch, as the postgres user) find
+        // it, as the chart puts it in a folder the pod's containers share.
+        let token = dir.mkdir("http").join("token");
+        std::fs::write(
+            &config,
+            format!(
+                "storage = \"{url}\"\nhttp_token_file = \"{}\"\n",
+                token.display()
+            ),
+        )
+        .unwrap();
         Storage {
             backend,
             url,
@@ -768,6 +778,11 @@ pub fn stderr(out: &Output) -> String {
 
 /// An HTTP request to the daemon on loopback, through pgkeep's own client: (status code, body).
 pub fn http(method: &str, port: u16, path: &str) -> (u16, Vec<u8>) {
+    http_with(method, port, path, &[])
+}
+
+/// [`http`] with request headers.
+pub fn http_with(method: &str, port: u16, path: &str, headers: &[(&str, &str)]) -> (u16, Vec<u8>) {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -780,6 +795,7 @@ pub fn http(method: &str, port: u16, path: &str) -> (u16, Vec<u8>) {
             path,
             Duration::from_secs(30),
             1 << 30,
+            headers,
         ))
         .unwrap_or_else(|e| panic!("{method} {path}: {e:#}"));
     (r.status, r.body)
@@ -790,6 +806,8 @@ pub struct Daemon {
     child: Child,
     pub port: u16,
     log: PathBuf,
+    /// The daemon's token file (`http_token_file` in the storage's config).
+    pub token: PathBuf,
 }
 
 impl Daemon {
@@ -826,12 +844,22 @@ impl Daemon {
             child,
             port,
             log: log_path,
+            token: storage.config.with_file_name("http").join("token"),
         };
         wait_for("the daemon to be ready", Duration::from_secs(30), || {
             TcpStream::connect(("127.0.0.1", port)).ok()?;
             (http("GET", port, "/readyz").0 == 200).then_some(())
         });
         d
+    }
+
+    /// The `Authorization` header value that opens the daemon's `POST` routes (its token, from
+    /// the file it wrote at start).
+    pub fn bearer(&self) -> String {
+        format!(
+            "Bearer {}",
+            std::fs::read_to_string(&self.token).unwrap().trim()
+        )
     }
 
     /// What the daemon logged so far.

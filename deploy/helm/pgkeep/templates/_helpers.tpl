@@ -63,6 +63,9 @@ PGPASSWORD: {{ include "pgkeep.postgresPassword" . | b64enc | quote }}
 # Credentials are not here: they come from the Secret as environment variables.
 storage = {{ required "storage.url is required (s3://, gs://, az:// or file://)" .Values.storage.url | toJson }}
 spool_dir = "/var/lib/pgkeep/spool"
+# The daemon's token, in a folder only the daemon and the Postgres container mount (wal-fetch and
+# the preStop hook take the daemon's answers only with its proof of it).
+http_token_file = "/var/run/pgkeep/http-token"
 listen = {{ printf "%s:%d" .Values.daemon.listenAddress (int .Values.daemon.port) | toJson }}
 pg = {{ printf "host=127.0.0.1 port=%d user=%s dbname=postgres" (int .Values.postgres.port) .Values.postgres.user | toJson }}
 {{- range $k, $v := .Values.config }}
@@ -191,6 +194,7 @@ capabilities:
   volumeMounts:
     - {name: config, mountPath: /etc/pgkeep, readOnly: true}
     - {name: spool, mountPath: /var/lib/pgkeep/spool}
+    - {name: pgkeep-token, mountPath: /var/run/pgkeep}
     - {name: tmp, mountPath: /tmp}
     {{- if include "pgkeep.archiveVolume" . }}
     - {name: archive, mountPath: /var/lib/pgkeep/archive}

@@ -1,0 +1,159 @@
+//! The daemon's token: a secret the daemon writes at start to `http_token_file` (mode 0600, in a
+//! folder only the pod's containers share) so that its clients can tell it from any other process
+//! that listens on `listen` (every container of a pod shares loopback).
+//! - `wal-fetch` sends a fresh nonce with `GET /wal/{name}` (and `wal-switch` with `GET /status`)
+//!   and takes the answer only with `x-pgkeep-proof: HMAC-SHA256(token, "pgkeep-proof-v1\n" nonce
+//!   "\n" subject)`, where the subject is `wal <served name> <length>` for a WAL file and the
+//!   body itself for `/status`. The token never goes over the connection, so an impostor learns
+//!   nothing.
+//! - `POST /wal-switch` and `POST /backups` (which act on the database) need
+//!   `Authorization: Bearer <token>`.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
+
+/// The header carrying the client's nonce.
+pub const NONCE_HEADER: &str = "x-pgkeep-nonce";
+/// The header carrying the daemon's proof.
+pub const PROOF_HEADER: &str = "x-pgkeep-proof";
+
+/// A nonce is 16 to 64 hex digits.
+pub fn valid_nonce(n: &str) -> bool {
+    (16..=64).contains(&n.len()) && n.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+#[derive(Clone)]
+pub struct Token {
+    secret: [u8; 32],
+    pub file: PathBuf,
+}
+
+impl std::fmt::Debug for Token {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Token({})", self.file.display())
+    }
+}
+
+fn random<const N: usize>() -> std::io::Result<[u8; N]> {
+    let mut b = [0u8; N];
+    std::fs::File::open("/dev/urandom")?.read_exact(&mut b)?;
+    Ok(b)
+}
+
+/// A fresh nonce for one request.
+pub fn nonce() -> std::io::Result<String> {
+    Ok(hex::encode(random::<16>()?))
+}
+
+impl Token {
+    /// A new token, written to `file` (replacing any earlier one) readable by this user only.
+    pub fn create(file: &Path) -> std::io::Result<Token> {
+        use std::os::unix::fs::PermissionsExt;
+        let secret = random::<32>()?;
+        if let Some(dir) = file.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        crate::fsutil::write_atomic(file, hex::encode(secret).as_bytes())?;
+        std::fs::set_permissions(file, std::fs::Permissions::from_mode(0o600))?;
+        Ok(Token {
+            secret,
+            file: file.to_path_buf(),
+        })
+    }
+
+    /// The token the daemon wrote to `file`.
+    pub fn read(file: &Path) -> std::io::Result<Token> {
+        let text = std::fs::read_to_string(file)?;
+        let bytes = hex::decode(text.trim())
+            .ok()
+            .and_then(|b| <[u8; 32]>::try_from(b).ok())
+            .ok_or_else(|| {
+                std::io::Error::new(std::io::ErrorKind::InvalidData, "not a pgkeep token")
+            })?;
+        Ok(Token {
+            secret: bytes,
+            file: file.to_path_buf(),
+        })
+    }
+
+    fn mac(&self) -> Hmac<Sha256> {
+        Hmac::<Sha256>::new_from_slice(&self.secret).expect("any key length")
+    }
+
+    /// The proof of an answer about `subject` (what the answer says, or names and sizes).
+    pub fn proof(&self, nonce: &str, subject: &[u8]) -> String {
+        hex::encode(self.proof_mac(nonce, subject).finalize().into_bytes())
+    }
+
+    fn proof_mac(&self, nonce: &str, subject: &[u8]) -> Hmac<Sha256> {
+        let mut m = self.mac();
+        m.update(format!("pgkeep-proof-v1\n{nonce}\n").as_bytes());
+        m.update(subject);
+        m
+    }
+
+    /// Whether `proof` is the daemon's for this answer (compared in constant time).
+    pub fn verify(&self, nonce: &str, subject: &[u8], proof: &str) -> bool {
+        let Ok(given) = hex::decode(proof) else {
+            return false;
+        };
+        self.proof_mac(nonce, subject).verify_slice(&given).is_ok()
+    }
+
+    /// Whether an `Authorization` header carries this token (constant time).
+    pub fn authorizes(&self, header: Option<&str>) -> bool {
+        let Some(given) = header.and_then(|h| h.strip_prefix("Bearer ")) else {
+            return false;
+        };
+        let Ok(given) = hex::decode(given.trim()) else {
+            return false;
+        };
+        // Compared through the MAC: equal inputs give equal tags, in constant time.
+        let mut a = self.mac();
+        a.update(&given);
+        let mut b = self.mac();
+        b.update(&self.secret);
+        b.verify_slice(&a.finalize().into_bytes()).is_ok()
+    }
+}
+
+/// The subject of a `/wal` answer's proof.
+pub fn wal_subject(served: &str, len: usize) -> Vec<u8> {
+    format!("wal {served} {len}").into_bytes()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn proofs_and_bearers() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("t");
+        let t = Token::create(&file).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(
+            std::fs::metadata(&file).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        let read = Token::read(&file).unwrap();
+        let n = nonce().unwrap();
+        assert!(valid_nonce(&n));
+        let p = t.proof(&n, b"wal 000000010000000000000001 10");
+        assert!(read.verify(&n, b"wal 000000010000000000000001 10", &p));
+        assert!(!read.verify(&n, b"wal 000000010000000000000002 10", &p));
+        assert!(!read.verify(&n, b"wal 000000010000000000000001 11", &p));
+        assert!(!read.verify(&nonce().unwrap(), b"wal 000000010000000000000001 10", &p));
+        let other = Token::create(&dir.path().join("u")).unwrap();
+        assert!(!other.verify(&n, b"wal 000000010000000000000001 10", &p));
+        let bearer = format!("Bearer {}", std::fs::read_to_string(&file).unwrap());
+        assert!(t.authorizes(Some(&bearer)));
+        assert!(!other.authorizes(Some(&bearer)));
+        assert!(!t.authorizes(None));
+        assert!(!t.authorizes(Some("Bearer zz")));
+        assert!(!valid_nonce("short") && !valid_nonce(&"g".repeat(20)));
+    }
+}

@@ -1,0 +1,135 @@
+//! Another process on the daemon's `listen` address (every container of a pod shares loopback,
+//! and the port is free while the daemon restarts): `wal-fetch` takes nothing from it without the
+//! daemon's proof of its token, so a forged segment that passes every other check (the right
+//! name, the cluster's page headers, a valid object checksum) is not delivered and storage's copy
+//! is; the same object with a proof made from the token is taken, so the proof is what decides.
+//! `wal-switch` does not take such a process's word that WAL is durable (#21, finding 5).
+
+mod common;
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::TcpListener;
+use std::time::Duration;
+
+use common::*;
+use pgkeep::http_token::Token;
+
+/// An HTTP server on loopback that answers `/wal/…` with `object` (served as `served`) and
+/// `/status` with a durable position far ahead, each with the proof `prove` makes (or none).
+fn impostor(object: Vec<u8>, served: String, prove: Option<Token>) -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for conn in listener.incoming().take(64) {
+            let Ok(mut conn) = conn else { return };
+            conn.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            let mut head = vec![];
+            let mut reader = BufReader::new(conn.try_clone().unwrap());
+            loop {
+                let mut line = String::new();
+                if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                    break;
+                }
+                head.push(line);
+            }
+            let path = head
+                .first()
+                .and_then(|l| l.split_whitespace().nth(1))
+                .unwrap_or("")
+                .to_string();
+            let nonce = head
+                .iter()
+                .find_map(|l| l.strip_prefix("x-pgkeep-nonce: "))
+                .map(|n| n.trim().to_string())
+                .unwrap_or_default();
+            let (ctype, body, subject) = if path.starts_with("/wal/") {
+                let subject = pgkeep::http_token::wal_subject(&served, object.len());
+                ("application/vnd.pgkeep.object", object.clone(), subject)
+            } else {
+                let body = br#"{"durable_lsn":"FFFFFFFF/0","received_lsn":"FFFFFFFF/0"}"#.to_vec();
+                ("application/json", body.clone(), body)
+            };
+            let proof = match &prove {
+                Some(t) => t.proof(&nonce, &subject),
+                None => "ab".repeat(32),
+            };
+            let _ = write!(
+                conn,
+                "HTTP/1.1 200 OK\r\ncontent-type: {ctype}\r\nx-pgkeep-served: {served}\r\n\
+                 x-pgkeep-proof: {proof}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+                body.len()
+            );
+            let _ = conn.write_all(&body);
+        }
+    });
+    port
+}
+
+#[test]
+fn an_impostor_on_listen_is_not_believed() {
+    let dir = TestDir::new("impostor");
+    let storage = Storage::new(Backend::File, &dir);
+    let bin = dir.install_pgkeep();
+    let mut pg = archiving_cluster(&dir, &storage, &bin, "primary", 1);
+    pg.start();
+    pg.psql("create table t as select generate_series(1, 20000) g");
+    let seg = pg.switch_and_wait_archived();
+    let original = std::fs::read(pg.data.join("pg_wal").join(&seg)).unwrap();
+    // The token a daemon wrote at its last start.
+    let token = Token::create(&storage.config.with_file_name("http").join("token")).unwrap();
+
+    // A forgery that passes every check but the proof: the segment with a byte changed inside a
+    // record (its page headers untouched), stored as pgkeep stores a plain segment.
+    let mut forged = original.clone();
+    forged[0x3000 + 100] ^= 0xff;
+    let (_, object) =
+        pgkeep::storage::object::seal(pgkeep::codec::Codec::Snappy, &forged, &Default::default());
+    let dest = dir.path().join("RECOVERYXLOG");
+    let fetch = |port: u16| {
+        let _ = std::fs::remove_file(&dest);
+        let listen = format!("127.0.0.1:{port}");
+        let out = storage.pgkeep_in(
+            &bin,
+            &["wal-fetch", &seg, dest.to_str().unwrap()],
+            Some(&pg.data),
+            &[("PGKEEP_LISTEN", &listen)],
+        );
+        assert!(out.status.success(), "{}", stderr(&out));
+        (std::fs::read(&dest).unwrap(), stderr(&out))
+    };
+
+    // Without the token's proof: storage's copy, and a warning that says why.
+    let (got, log) = fetch(impostor(object.clone(), seg.clone(), None));
+    assert!(got == original, "the impostor's segment was delivered");
+    assert!(
+        log.contains("did not prove it is this pod's pgkeep daemon"),
+        "{log}"
+    );
+    assert!(
+        log.contains("via=\"storage\"") || log.contains("via=storage"),
+        "{log}"
+    );
+
+    // With a proof made from the token (what only the daemon can make), the same object is taken:
+    // the proof, not some other check, is what kept the forgery out above.
+    let (got, log) = fetch(impostor(object, seg.clone(), Some(token)));
+    assert!(got == forged, "{log}");
+    assert!(
+        log.contains("via=\"daemon\"") || log.contains("via=daemon"),
+        "{log}"
+    );
+
+    // wal-switch does not believe an impostor's "durable": it fails, saying so.
+    let port = impostor(vec![], seg.clone(), None);
+    let mut env: Vec<(String, String)> = pg.client_env();
+    env.push(("PGKEEP_LISTEN".into(), format!("127.0.0.1:{port}")));
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let out = storage.pgkeep_in(&bin, &["wal-switch", "--timeout", "2"], None, &env);
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(
+        err.contains("did not prove it is the pgkeep daemon") && err.contains("within 2s"),
+        "{err}"
+    );
+    pg.stop("fast");
+}
