@@ -256,6 +256,7 @@ impl Run {
             // Its own socket, hba trust: no TLS, no password.
             ssl: Default::default(),
             allow_weak_auth: false,
+            application_name: "pgkeep-drill".into(),
         };
         let promoted = self.wait_promoted(&info, settings.timeout, &log).await;
         self.record("recover", t, promoted.is_ok());

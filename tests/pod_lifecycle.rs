@@ -196,6 +196,31 @@ fn chart_lints_renders_and_validates_for_every_values_file() {
     assert_eq!(off["ssl_args"], serde_json::json!([]), "{f}");
     assert_eq!(off["hba_type"], "host", "{f}");
     assert!(!off["job_pg"].as_str().unwrap().contains("ssl"), "{f}");
+    // Synchronous mode sets both sides; a standby list of the user's own is kept.
+    let sync = &f["synchronous"];
+    assert_eq!(sync["off"]["args"], serde_json::json!([]), "{f}");
+    assert_eq!(sync["off"]["toml"], serde_json::json!([]), "{f}");
+    assert_eq!(
+        sync["on"]["args"],
+        serde_json::json!(["synchronous_standby_names=pgkeep"]),
+        "{f}"
+    );
+    assert_eq!(
+        sync["on"]["toml"],
+        serde_json::json!(["synchronous = true"]),
+        "{f}"
+    );
+    assert_eq!(
+        sync["own"]["args"],
+        serde_json::json!(["synchronous_standby_names=ANY 1 (pgkeep, standby1)"]),
+        "{f}"
+    );
+    assert!(
+        sync["config_refused"]
+            .as_str()
+            .is_some_and(|e| e.contains("daemon.synchronous")),
+        "{f}"
+    );
     // The monitoring pack: off by default; when enabled, the rules pass promtool, the dashboard
     // is there and the PodMonitor scrapes the daemon's port.
     let mon = &f["monitoring"];

@@ -22,6 +22,7 @@ fn info(port: u16, user: &str, password: Option<&str>) -> PgConnInfo {
         connect_timeout: Duration::from_secs(10),
         ssl: Default::default(),
         allow_weak_auth: false,
+        application_name: "pgkeep".into(),
     }
 }
 

@@ -48,6 +48,8 @@ const KEYS: &[(&str, Kind)] = &[
     ("log_level", Kind::Str),
     ("pg", Kind::Str),
     ("pg_allow_weak_auth", Kind::Bool),
+    ("application_name", Kind::Str),
+    ("synchronous", Kind::Bool),
     ("backup_chunk_size_mb", Kind::Int),
     ("parallelism", Kind::Int),
     ("backup_wal_timeout_secs", Kind::Int),
@@ -125,6 +127,10 @@ pub struct Config {
     pub status_interval: Duration,
     /// How often the open WAL segment is uploaded as `.partial`.
     pub partial_upload_interval: Duration,
+    /// Upload the open segment as soon as new WAL has arrived (and the previous upload ended),
+    /// so that with `synchronous_standby_names` naming pgkeep a COMMIT returns only once its WAL
+    /// is in storage.
+    pub synchronous: bool,
     /// How long the daemon drains WAL after SIGTERM before it gives up.
     pub shutdown_timeout: Duration,
     /// How many segments after a requested one the daemon downloads ahead.
@@ -298,6 +304,7 @@ impl Config {
             listen: v.listen()?,
             status_interval: secs("status_interval_secs", 1..=3600, 10)?,
             partial_upload_interval: secs("partial_upload_secs", 1..=3600, 5)?,
+            synchronous: v.bool("synchronous", false)?,
             shutdown_timeout: secs("shutdown_timeout_secs", 1..=86400, 60)?,
             prefetch_segments: v.int("prefetch_segments", 0..=256, 8)? as usize,
             backup_count: v.int("backup_count", 1..=10000, 3)? as usize,

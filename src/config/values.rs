@@ -225,6 +225,24 @@ impl Values {
             Some((s, o)) => PgConnInfo::resolve(Some(&s), lookup).map_err(|m| bad(&o, m))?,
         };
         info.allow_weak_auth = self.bool("pg_allow_weak_auth", false)?;
+        if let Some((name, o)) = self.string("application_name")? {
+            // What synchronous_standby_names lists: a plain name (Postgres truncates at 63 bytes
+            // and would then not match the setting).
+            let valid = !name.is_empty()
+                && name.len() <= 63
+                && name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'.');
+            if !valid {
+                return Err(bad(
+                    &o,
+                    format!(
+                        "{name:?} is not an application name pgkeep uses: 1 to 63 of a-z, A-Z, 0-9, _, - and ."
+                    ),
+                ));
+            }
+            info.application_name = name;
+        }
         Ok(info)
     }
 

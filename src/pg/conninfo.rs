@@ -98,6 +98,9 @@ pub struct PgConnInfo {
     pub ssl: SslSettings,
     /// Answer a server that asks for the password in cleartext or as md5 (`pg_allow_weak_auth`).
     pub allow_weak_auth: bool,
+    /// What the connections call themselves (`application_name`): the name
+    /// `synchronous_standby_names` lists to make commits wait for storage.
+    pub application_name: String,
 }
 
 impl fmt::Debug for PgConnInfo {
@@ -232,6 +235,7 @@ impl PgConnInfo {
                 key,
             },
             allow_weak_auth: false,
+            application_name: "pgkeep".into(),
         })
     }
 
@@ -247,7 +251,7 @@ impl PgConnInfo {
         c.port(self.port)
             .user(&self.user)
             .dbname(&self.dbname)
-            .application_name("pgkeep")
+            .application_name(&self.application_name)
             .connect_timeout(self.connect_timeout);
         if let Some(p) = &self.password {
             c.password(p);

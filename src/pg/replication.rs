@@ -153,7 +153,7 @@ impl ReplConnection {
                 ("user", info.user.as_str()),
                 ("database", info.dbname.as_str()),
                 ("replication", "true"),
-                ("application_name", "pgkeep"),
+                ("application_name", info.application_name.as_str()),
             ],
             &mut conn.wbuf,
         )?;

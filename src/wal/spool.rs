@@ -33,6 +33,10 @@ impl OpenSegment {
     pub fn uploaded_end(&self) -> Lsn {
         Lsn(self.start.0 + self.uploaded_partial)
     }
+    /// Bytes of the segment received so far.
+    pub fn written(&self) -> u64 {
+        self.written
+    }
     /// Whether anything was received since the last `.partial` upload.
     pub fn has_news(&self) -> bool {
         self.written > self.uploaded_partial

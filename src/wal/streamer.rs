@@ -5,6 +5,11 @@
 //! not a segment; a verified partial upload is durable too, so the reported flush position
 //! advances to its end. While stopping, every received piece is uploaded at once, so the
 //! walsender (which waits for the flush report to reach what it sent) can finish Postgres' shutdown.
+//! In synchronous mode (`synchronous`) the open segment is uploaded as soon as the walsender has
+//! sent what it had (or after `SYNC_BATCH_WAIT` while it keeps sending), so with
+//! `synchronous_standby_names` naming pgkeep a COMMIT returns once its WAL is in storage. A session
+//! never replaces a stored `.partial` with fewer bytes than it holds (it first receives that much
+//! again).
 
 use std::time::{Duration, Instant};
 
@@ -18,7 +23,7 @@ use crate::pg::messages::{StandbyStatusUpdate, WalMessage, XLogData, pg_now};
 use crate::pg::replication::{Event, PgError, ReplConnection, ServerIdentity};
 use crate::pg::walheader;
 use crate::pg::{AtomicLsn, Lsn, SegmentNo, TimelineId, WalFileKind, WalFileName};
-use crate::storage::{Archive, ClusterInfo, PutOutcome, Repo};
+use crate::storage::{Archive, ClusterInfo, PutOutcome, Repo, StorageError};
 use crate::wal::spool::{CompleteSegment, Spool};
 
 /// Shared, lock-free view of the streamer for status and metrics.
@@ -176,6 +181,20 @@ async fn stream_once(
     state.durable.advance(start);
     state.received.advance(start);
     let spool = Spool::new(&cfg.spool_dir, tli, server.seg_size)?;
+    // What an earlier session (or process) stored of the segment this one starts in: it is
+    // received again from its start, and no upload may replace that partial with fewer bytes.
+    let first = WalFileName::segment(tli, server.seg_size.segment_of(start), server.seg_size);
+    let stored_partial = match archive
+        .repo()
+        .header(&archive.layout().streaming_partial(&first))
+        .await
+    {
+        Ok(h) if h.plain_len < u64::from(server.seg_size.bytes()) => Some((first, h.plain_len)),
+        // An old padded partial (its end unknown), none, or a damaged one: nothing to keep.
+        Ok(_) | Err(StorageError::NotFound { .. } | StorageError::Corrupt { .. }) => None,
+        // Not known: this session must not start (it reconnects).
+        Err(e) => return Err(e.into()),
+    };
     let slot = &cfg.slot_name;
     // Every event of this session carries the timeline and slot; segment events add the segment.
     let span = tracing::info_span!("stream", timeline = tli.get(), slot = %slot);
@@ -206,6 +225,9 @@ async fn stream_once(
             last_partial: Instant::now(),
             stopping: false,
             hung_up: false,
+            stored_partial,
+            pending_since: None,
+            drained: false,
         };
         session.run(stop).await
     }
@@ -286,7 +308,18 @@ struct Session<'a> {
     /// The server hung up: while stopping that is the normal end (the walsender leaves once our
     /// flush report reaches what it sent), otherwise an error to reconnect from.
     hung_up: bool,
+    /// The stored `.partial` of the segment this session started in and its length: no upload
+    /// replaces it with fewer bytes (a pod lost right then would lose WAL already acknowledged).
+    stored_partial: Option<(WalFileName, u64)>,
+    /// Synchronous mode: since when received WAL waits for an upload.
+    pending_since: Option<Instant>,
+    /// Synchronous mode: the walsender had nothing more to send at once.
+    drained: bool,
 }
+
+/// In synchronous mode, the longest received WAL waits for more to join its upload while the
+/// walsender keeps sending (a steady stream must not starve the commits waiting on it).
+const SYNC_BATCH_WAIT: Duration = Duration::from_millis(20);
 
 impl Session<'_> {
     async fn run(mut self, stop: &CancellationToken) -> anyhow::Result<()> {
@@ -294,11 +327,22 @@ impl Session<'_> {
             if self.last_status.elapsed() >= self.cfg.status_interval {
                 self.report().await?;
             }
+            let pending = self.received > self.durable && !self.held_back();
+            // Synchronous: as soon as the walsender has sent what it had (commits that arrived
+            // together share one upload), or after a short wait while it keeps sending.
+            let sync_due = self.cfg.synchronous
+                && pending
+                && (self.drained
+                    || self
+                        .pending_since
+                        .is_some_and(|t| t.elapsed() >= SYNC_BATCH_WAIT));
             if self.last_partial.elapsed() >= self.cfg.partial_upload_interval
-                || (self.stopping && self.received > self.durable)
+                || (self.stopping && pending)
+                || sync_due
             {
                 self.upload_partial().await?;
             }
+            self.drained = false;
             if !self.stopping && stop.is_cancelled() {
                 // Shutdown: keep receiving until the walsender ends the stream after Postgres'
                 // shutdown checkpoint (or the daemon's deadline ends this), then keep what was
@@ -306,23 +350,32 @@ impl Session<'_> {
                 self.stopping = true;
                 tracing::info!("stopping: draining WAL until the server ends the stream");
             }
-            let tick = self
-                .cfg
-                .status_interval
-                .saturating_sub(self.last_status.elapsed())
-                .min(
-                    self.cfg
-                        .partial_upload_interval
-                        .saturating_sub(self.last_partial.elapsed()),
-                )
-                .max(Duration::from_millis(10));
+            let waiting = self.cfg.synchronous && self.received > self.durable && !self.held_back();
+            let tick = if waiting {
+                // Only what the socket holds already: then the upload.
+                Duration::ZERO
+            } else {
+                self.cfg
+                    .status_interval
+                    .saturating_sub(self.last_status.elapsed())
+                    .min(
+                        self.cfg
+                            .partial_upload_interval
+                            .saturating_sub(self.last_partial.elapsed()),
+                    )
+                    .max(Duration::from_millis(10))
+            };
             let msg = if self.hung_up {
                 Ok(None)
             } else {
                 tokio::select! {
+                    biased;
                     m = self.conn.next_copy_data() => m,
-                    _ = tokio::time::sleep(tick) => continue,
                     _ = stop.cancelled(), if !self.stopping => continue,
+                    _ = tokio::time::sleep(tick) => {
+                        self.drained = waiting;
+                        continue;
+                    }
                 }
             };
             let msg = match msg {
@@ -403,7 +456,12 @@ impl Session<'_> {
 
     async fn on_wal(&mut self, x: XLogData) -> anyhow::Result<()> {
         let end = x.data_end();
-        for seg in self.spool.write(x.wal_start, &x.data)? {
+        for mut seg in self.spool.write(x.wal_start, &x.data)? {
+            // An earlier session's partial of it goes once the whole segment is stored.
+            seg.had_partial |= self
+                .stored_partial
+                .as_ref()
+                .is_some_and(|(first, _)| *first == seg.name);
             let upto =
                 complete_segment(self.archive, &self.spool, seg, self.cfg, self.state).await?;
             // Reported as written too: a flush position never runs ahead of the write position.
@@ -412,13 +470,30 @@ impl Session<'_> {
         }
         self.received = end;
         self.state.received.advance(end);
+        if self.received > self.durable {
+            self.pending_since.get_or_insert_with(Instant::now);
+        }
         Ok(())
+    }
+
+    /// Whether the open segment's upload waits until this session has received as much of it as
+    /// an earlier one stored.
+    fn held_back(&self) -> bool {
+        match (&self.stored_partial, &self.spool.open) {
+            (Some((first, stored)), Some(seg)) => *first == seg.name && seg.written() < *stored,
+            _ => false,
+        }
     }
 
     /// Uploads the open segment as `<segment>.partial` if it grew since the last upload: a partial
     /// in storage is as durable as a segment, so the slot may advance to its end.
     async fn upload_partial(&mut self) -> anyhow::Result<()> {
         self.last_partial = Instant::now();
+        if self.held_back() {
+            // Storage holds more of this segment than received so far: it stays as it is until
+            // this session has caught up with it.
+            return Ok(());
+        }
         let Some(seg) = self.spool.open.as_mut() else {
             return Ok(());
         };
@@ -443,6 +518,7 @@ impl Session<'_> {
         }
         seg.uploaded(written);
         let upto = seg.uploaded_end();
+        self.pending_since = None;
         self.state.partial_uploads.inc();
         tracing::debug!(wal = %name, bytes = written, "partial segment uploaded");
         self.made_durable(upto).await

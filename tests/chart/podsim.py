@@ -145,7 +145,30 @@ def check():
         refused = str(e)
     print(json.dumps({"rendered": rendered, "images": images, "major_12": refused,
                       "encryption": encryption_findings(), "monitoring": monitoring_findings(),
-                      "tls": tls_findings()}))
+                      "tls": tls_findings(), "synchronous": synchronous_findings()}))
+
+
+def synchronous_findings():
+    """daemon.synchronous sets both sides: pgkeep.toml and synchronous_standby_names (unless
+    postgres.extraSettings names its own)."""
+    def look(values):
+        objects, _ = render(values, name="db")
+        sts = next(o for o in objects if o["kind"] == "StatefulSet")
+        pg = next(c for c in sts["spec"]["template"]["spec"]["containers"] if c["name"] == "postgres")
+        toml = next(o["data"]["pgkeep.toml"] for o in objects
+                    if o["kind"] == "ConfigMap" and o["metadata"]["name"] == "db-pgkeep")
+        return {"args": [a for a in pg["args"] if a.startswith("synchronous_standby_names")],
+                "toml": [l for l in toml.splitlines() if l.startswith("synchronous")]}
+    on = {"daemon": {"synchronous": True}}
+    try:
+        render(deep_merge(load_values([]), {"config": {"synchronous": True}}), name="db")
+        refused = ""
+    except Exception as e:
+        refused = str(e)
+    return {"off": look(load_values([])), "on": look(deep_merge(load_values([]), on)),
+            "own": look(deep_merge(load_values([]), {**on, "postgres": {"extraSettings": {
+                "synchronous_standby_names": "ANY 1 (pgkeep, standby1)"}}})),
+            "config_refused": refused}
 
 
 def tls_findings():

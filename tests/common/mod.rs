@@ -396,6 +396,36 @@ impl PgCluster {
             .unwrap()
     }
 
+    /// Runs a script through psql's standard input: each statement its own transaction (unless
+    /// the script says otherwise), all of them done and acknowledged when this returns.
+    pub fn psql_script(&self, script: &str) {
+        use std::io::Write;
+        let mut child = Command::new("psql")
+            .args([
+                "-X",
+                "-q",
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-h",
+                "127.0.0.1",
+                "-U",
+                "postgres",
+            ])
+            .args(["-p", &self.port.to_string(), "-d", "postgres", "-f", "-"])
+            .env("PGCONNECT_TIMEOUT", "10")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(script.as_bytes())
+            .unwrap();
+        assert!(child.wait().unwrap().success(), "psql script failed");
+    }
+
     /// The server log so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.logfile).unwrap_or_default()

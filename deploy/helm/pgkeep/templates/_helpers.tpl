@@ -68,6 +68,12 @@ spool_dir = "/var/lib/pgkeep/spool"
 http_token_file = "/var/run/pgkeep/http-token"
 listen = {{ printf "%s:%d" .Values.daemon.listenAddress (int .Values.daemon.port) | toJson }}
 pg = {{ printf "host=127.0.0.1 port=%d user=%s dbname=postgres" (int .Values.postgres.port) .Values.postgres.user | toJson }}
+{{- if hasKey .Values.config "synchronous" }}
+{{- fail "set synchronous mode through daemon.synchronous (it sets Postgres' side too), not config.synchronous" }}
+{{- end }}
+{{- if .Values.daemon.synchronous }}
+synchronous = true
+{{- end }}
 {{- range $k, $v := .Values.config }}
 {{ $k }} = {{ $v | toJson }}
 {{- end }}
