@@ -216,6 +216,13 @@ impl PgConnInfo {
         if cert.is_some() != key.is_some() {
             return Err("sslcert and sslkey go together: set both, or neither".into());
         }
+        // As libpq 16: any public CA signs certificates for anyone, so the system's CAs prove
+        // something only together with the host name.
+        if root_cert == Some(RootCert::System) && mode != SslMode::VerifyFull {
+            return Err(format!(
+                "sslrootcert=system needs sslmode=verify-full (with the system's CAs, a certificate proves nothing without the name), not {mode}"
+            ));
+        }
         if mode.requires_tls() && mode != SslMode::Require && root_cert.is_none() {
             return Err(format!(
                 "sslmode={mode} needs sslrootcert (a file of CA certificates, or `system`)"
@@ -438,13 +445,19 @@ mod tests {
         // The environment, and the default.
         let c = PgConnInfo::resolve(
             None,
-            env(&[("PGSSLMODE", "verify-ca"), ("PGSSLROOTCERT", "system")]),
+            env(&[("PGSSLMODE", "verify-full"), ("PGSSLROOTCERT", "system")]),
         )
         .unwrap();
         assert_eq!(
             (c.ssl.mode, c.ssl.root_cert),
-            (SslMode::VerifyCa, Some(RootCert::System))
+            (SslMode::VerifyFull, Some(RootCert::System))
         );
+        let err = PgConnInfo::resolve(
+            None,
+            env(&[("PGSSLMODE", "verify-ca"), ("PGSSLROOTCERT", "system")]),
+        )
+        .unwrap_err();
+        assert!(err.contains("needs sslmode=verify-full"), "{err}");
         assert_eq!(
             PgConnInfo::resolve(Some("host=x"), env(&[]))
                 .unwrap()

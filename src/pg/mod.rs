@@ -11,6 +11,7 @@ pub use lsn::{
     AtomicLsn, Lsn, ParseError, SegmentNo, TimelineId, WalFileKind, WalFileName, WalSegSize,
 };
 pub mod conninfo;
+pub mod error;
 pub mod replication;
 pub mod sql;
 pub mod tls;

@@ -14,7 +14,7 @@ pub async fn connect(info: &PgConnInfo) -> anyhow::Result<tokio_postgres::Client
     let (stream, _tls) = match super::tls::dial(info).await {
         Ok(s) => s,
         // Names the server already.
-        Err(e @ super::replication::PgError::Connect { .. }) => return Err(e.into()),
+        Err(e @ super::error::PgError::Connect { .. }) => return Err(e.into()),
         Err(e) => return Err(anyhow::Error::from(e).context(context())),
     };
     let guarded = super::tls::AuthGuard::new(stream, info.allow_weak_auth, &info.user);

@@ -21,7 +21,7 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 
 use super::conninfo::{PgConnInfo, PgHost, RootCert, SslMode};
-use super::replication::PgError;
+use super::error::PgError;
 
 /// A connection to Postgres, encrypted or not.
 pub trait Io: AsyncRead + AsyncWrite + Send + Unpin {}
@@ -58,7 +58,16 @@ pub async fn dial(info: &PgConnInfo) -> Result<(PgStream, bool), PgError> {
                 let answer = s.read_u8().await?;
                 match answer {
                     b'S' => {
-                        let name = server_name(&host);
+                        let name = match server_name(&host) {
+                            Some(n) => n,
+                            // Checked against some other name, verify-full would prove nothing.
+                            None if info.ssl.mode == SslMode::VerifyFull => {
+                                return Ok(Err(PgError::Tls(format!(
+                                    "sslmode=verify-full: the host {host:?} is not a name or address a certificate can be checked against"
+                                ))));
+                            }
+                            None => ServerName::try_from("localhost").expect("a valid name"),
+                        };
                         let tls = tokio_rustls::TlsConnector::from(config)
                             .connect(name, s)
                             .await
@@ -109,9 +118,8 @@ pub async fn dial(info: &PgConnInfo) -> Result<(PgStream, bool), PgError> {
     }
 }
 
-fn server_name(host: &str) -> ServerName<'static> {
-    ServerName::try_from(host.to_string())
-        .unwrap_or_else(|_| ServerName::try_from("localhost").expect("a valid name"))
+fn server_name(host: &str) -> Option<ServerName<'static>> {
+    ServerName::try_from(host.to_string()).ok()
 }
 
 fn provider() -> Arc<CryptoProvider> {

@@ -65,7 +65,7 @@ pub async fn daemon_durable(cfg: &Config) -> anyhow::Result<Lsn> {
     let file = &cfg.http_token_file;
     let token = crate::http_token::Token::read(file).with_context(|| {
         format!(
-            "reading the daemon's token {} (http_token_file: the daemon writes it at start;              both must name the same file)",
+            "reading the daemon's token {} (http_token_file: the daemon writes it at start; both must name the same file)",
             file.display()
         )
     })?;
