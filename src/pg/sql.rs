@@ -11,6 +11,8 @@ use super::conninfo::PgConnInfo;
 /// [`AuthGuard`](super::tls::AuthGuard) so that a cleartext or md5 request is refused unanswered.
 pub async fn connect(info: &PgConnInfo) -> anyhow::Result<tokio_postgres::Client> {
     let context = || format!("connecting to Postgres ({info})");
+    // One connect_timeout for the whole of it: dialling, TLS, startup and authentication.
+    let deadline = tokio::time::Instant::now() + info.connect_timeout;
     let (stream, _tls) = match super::tls::dial(info).await {
         Ok(s) => s,
         // Names the server already.
@@ -18,8 +20,8 @@ pub async fn connect(info: &PgConnInfo) -> anyhow::Result<tokio_postgres::Client
         Err(e) => return Err(anyhow::Error::from(e).context(context())),
     };
     let guarded = super::tls::AuthGuard::new(stream, info.allow_weak_auth, &info.user);
-    let (client, conn) = tokio::time::timeout(
-        info.connect_timeout,
+    let (client, conn) = tokio::time::timeout_at(
+        deadline,
         info.to_tokio_postgres().connect_raw(guarded, NoTls),
     )
     .await

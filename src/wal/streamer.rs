@@ -449,6 +449,11 @@ impl Session<'_> {
         if upto > self.durable {
             self.durable = upto;
             self.state.durable.advance(upto);
+            if self.durable >= self.received {
+                // Nothing waits any more (a completed segment counts too): the next WAL starts
+                // a batch of its own.
+                self.pending_since = None;
+            }
             self.report().await?;
         }
         Ok(())
@@ -518,7 +523,6 @@ impl Session<'_> {
         }
         seg.uploaded(written);
         let upto = seg.uploaded_end();
-        self.pending_since = None;
         self.state.partial_uploads.inc();
         tracing::debug!(wal = %name, bytes = written, "partial segment uploaded");
         self.made_durable(upto).await

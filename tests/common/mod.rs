@@ -377,42 +377,37 @@ impl PgCluster {
     }
 
     pub fn try_psql(&self, sql: &str) -> Output {
-        Command::new("psql")
-            .args([
-                "-X",
-                "-A",
-                "-t",
-                "-q",
-                "-v",
-                "ON_ERROR_STOP=1",
-                "-h",
-                "127.0.0.1",
-                "-U",
-                "postgres",
-            ])
-            .args(["-p", &self.port.to_string(), "-d", "postgres", "-c", sql])
-            .env("PGCONNECT_TIMEOUT", "10")
+        self.psql_command()
+            .args(["-A", "-t", "-c", sql])
             .output()
             .unwrap()
+    }
+
+    /// psql to this cluster over TCP as the superuser, stopping at the first error.
+    fn psql_command(&self) -> Command {
+        let mut c = Command::new("psql");
+        c.args([
+            "-X",
+            "-q",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-h",
+            "127.0.0.1",
+            "-U",
+            "postgres",
+        ])
+        .args(["-p", &self.port.to_string(), "-d", "postgres"])
+        .env("PGCONNECT_TIMEOUT", "10");
+        c
     }
 
     /// Runs a script through psql's standard input: each statement its own transaction (unless
     /// the script says otherwise), all of them done and acknowledged when this returns.
     pub fn psql_script(&self, script: &str) {
         use std::io::Write;
-        let mut child = Command::new("psql")
-            .args([
-                "-X",
-                "-q",
-                "-v",
-                "ON_ERROR_STOP=1",
-                "-h",
-                "127.0.0.1",
-                "-U",
-                "postgres",
-            ])
-            .args(["-p", &self.port.to_string(), "-d", "postgres", "-f", "-"])
-            .env("PGCONNECT_TIMEOUT", "10")
+        let mut child = self
+            .psql_command()
+            .args(["-f", "-"])
             .stdin(Stdio::piped())
             .stdout(Stdio::null())
             .spawn()
