@@ -10,7 +10,9 @@ use crate::codec::Codec;
 use crate::pg::conninfo::PgConnInfo;
 pub use crate::storage::settings::{CloudScheme, RetrySettings, StorageSettings, StorageUrl};
 
+mod credentials;
 mod values;
+pub use credentials::Credentials;
 use values::{Raw, Values};
 
 /// A bad setting: which key, from where, and what is wrong.
@@ -72,6 +74,8 @@ const KEYS: &[(&str, Kind)] = &[
     ("pg_bin_dir", Kind::Str),
     ("http_idle_timeout_secs", Kind::Int),
     ("http_token_file", Kind::Str),
+    ("credentials_dir", Kind::Str),
+    ("wal_fetch_storage", Kind::Bool),
 ];
 
 /// Environment variables with the `PGKEEP_` prefix that are not settings.
@@ -156,6 +160,11 @@ pub struct Config {
     pub http_idle_timeout: Duration,
     /// Where the daemon writes its token and its clients read it (`http_token`).
     pub http_token_file: PathBuf,
+    /// Credentials read from the files in `credentials_dir` (over the environment's).
+    pub credentials: Credentials,
+    /// Whether `wal-fetch` may read storage itself; false: only through the daemon (a container
+    /// that holds no storage credentials).
+    pub wal_fetch_storage: bool,
     /// Client-side encryption: the recipients new objects are encrypted to, and the identity
     /// file that decrypts them (only `restore` and `wal-fetch` need it).
     pub encryption: crate::storage::EncryptionSettings,
@@ -259,8 +268,27 @@ impl Config {
                 },
             );
         }
-        let lookup = |k: &str| env.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
-        Self::from_raw(raw, file, lookup, env_settings)
+        let credentials = match raw.get("credentials_dir") {
+            None => Credentials::default(),
+            Some(r) => match r.value.as_str() {
+                Some(d) if d.starts_with('/') => Credentials::read_dir(Path::new(d), &r.origin)?,
+                _ => {
+                    return Err(ConfigError {
+                        origin: r.origin.clone(),
+                        message: format!("expected an absolute path, got {}", r.value),
+                    });
+                }
+            },
+        };
+        let lookup = |k: &str| {
+            credentials
+                .get(k)
+                .map(str::to_string)
+                .or_else(|| env.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone()))
+        };
+        let mut cfg = Self::from_raw(raw, file, lookup, env_settings)?;
+        cfg.credentials = credentials;
+        Ok(cfg)
     }
 
     fn from_raw(
@@ -327,6 +355,8 @@ impl Config {
                     .expect("a default")
                     .join("http-token"),
             },
+            credentials: Credentials::default(),
+            wal_fetch_storage: v.bool("wal_fetch_storage", true)?,
             encryption: v.encryption()?,
             env_settings,
             file: file.map(Path::to_path_buf),
@@ -339,7 +369,7 @@ impl Config {
             url: self.storage.clone(),
             retry: self.retry,
             verify_uploads: self.verify_uploads,
-            options: vec![],
+            options: self.credentials.storage_options(&self.storage),
             encryption: self.encryption.clone(),
         }
     }

@@ -244,3 +244,45 @@ fn a_secret_key_in_an_encryption_setting_is_refused_without_being_echoed() {
         .to_string();
     assert!(err.contains("entry 1"), "{err}");
 }
+
+#[test]
+fn credentials_dir_gives_the_password_and_the_storage_keys() {
+    let d = tempfile::tempdir().unwrap();
+    std::fs::write(d.path().join("PGPASSWORD"), "from-file\n").unwrap();
+    std::fs::write(d.path().join("AWS_ACCESS_KEY_ID"), "AKIDFILE").unwrap();
+    let dir = d.path().to_str().unwrap();
+    let c = Config::load(
+        None,
+        env(&[
+            ("PGKEEP_STORAGE", "s3://bucket/p"),
+            ("PGKEEP_CREDENTIALS_DIR", dir),
+            ("PGPASSWORD", "from-env"),
+        ]),
+    )
+    .unwrap();
+    // The file wins over the variable, and its value is never printed.
+    assert_eq!(c.pg.password.as_deref(), Some("from-file"));
+    assert_eq!(
+        c.storage_settings().options,
+        vec![("aws_access_key_id".to_string(), "AKIDFILE".to_string())]
+    );
+    let shown = format!("{c:?} {:?}", c.storage_settings());
+    assert!(
+        !shown.contains("AKIDFILE") && !shown.contains("from-file"),
+        "{shown}"
+    );
+    assert!(c.wal_fetch_storage);
+
+    let e = err(None, &[("PGKEEP_CREDENTIALS_DIR", "relative/dir")]);
+    assert!(
+        e.contains("PGKEEP_CREDENTIALS_DIR") && e.contains("absolute path"),
+        "{e}"
+    );
+    let e = err(None, &[("PGKEEP_CREDENTIALS_DIR", "/nonexistent/creds")]);
+    assert!(
+        e.contains("cannot read the directory /nonexistent/creds"),
+        "{e}"
+    );
+    let e = err(None, &[("PGKEEP_WAL_FETCH_STORAGE", "maybe")]);
+    assert!(e.contains("PGKEEP_WAL_FETCH_STORAGE"), "{e}");
+}

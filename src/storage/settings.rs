@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 /// What [`super::Repo::open`] needs.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct StorageSettings {
     pub url: StorageUrl,
     pub retry: RetrySettings,
@@ -19,6 +19,22 @@ pub struct StorageSettings {
     pub options: Vec<(String, String)>,
     /// Client-side encryption of database content.
     pub encryption: super::crypt::EncryptionSettings,
+}
+
+/// Option values may be credentials: only their names are shown.
+impl fmt::Debug for StorageSettings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("StorageSettings")
+            .field("url", &self.url)
+            .field("retry", &self.retry)
+            .field("verify_uploads", &self.verify_uploads)
+            .field(
+                "options",
+                &self.options.iter().map(|(k, _)| k).collect::<Vec<_>>(),
+            )
+            .field("encryption", &self.encryption)
+            .finish()
+    }
 }
 
 /// Where the object store is, parsed from `storage`.
