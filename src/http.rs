@@ -112,6 +112,7 @@ fn routes(state: AppState) -> Router {
         .route("/wal/{name}", get(wal))
         .route("/wal-switch", axum::routing::post(wal_switch))
         .route("/backups", get(list_backups).post(take_backup))
+        .route("/marks", axum::routing::post(take_mark))
         .with_state(state)
 }
 
@@ -235,6 +236,54 @@ fn archive(s: &AppState) -> Result<Archive, ApiError> {
     }
 }
 
+#[derive(serde::Deserialize)]
+pub struct MarkQuery {
+    name: String,
+    #[serde(default)]
+    note: String,
+}
+
+/// `POST /marks?name=NAME&note=TEXT`: `pgkeep mark` (201 with the mark once its WAL is in
+/// storage; 400 for a bad name, 409 for a taken one, 504 when the WAL does not arrive in 60 s).
+async fn take_mark(
+    State(s): State<AppState>,
+    headers: axum::http::HeaderMap,
+    axum::extract::Query(q): axum::extract::Query<MarkQuery>,
+) -> Result<Response, ApiError> {
+    authorized(&s, &headers)?;
+    crate::mark::check_name(&q.name).map_err(ApiError::BadRequest)?;
+    let archive = archive(&s)?;
+    if archive
+        .mark(&q.name)
+        .await
+        .map_err(|e| ApiError::Storage(e.to_string()))?
+        .is_some()
+    {
+        return Err(ApiError::Conflict(format!(
+            "a mark named {:?} exists already",
+            q.name
+        )));
+    }
+    // Apart from the request, as a backup: a client that goes away does not stop it half-way.
+    let (cfg, repo) = (s.cfg.clone(), s.repo.clone());
+    let result = tokio::spawn(async move {
+        crate::mark::take_mark(
+            &cfg,
+            &repo,
+            &q.name,
+            &q.note,
+            std::time::Duration::from_secs(60),
+        )
+        .await
+    })
+    .await
+    .map_err(|e| ApiError::Storage(format!("the mark task failed: {e}")))?;
+    match result {
+        Ok(m) => Ok((StatusCode::CREATED, axum::Json(m)).into_response()),
+        Err(e) => Ok((StatusCode::GATEWAY_TIMEOUT, format!("{e:#}\n")).into_response()),
+    }
+}
+
 /// `GET /backups`: what `pgkeep list --json` prints.
 async fn list_backups(State(s): State<AppState>) -> Result<Response, ApiError> {
     let archive = archive(&s)?;
@@ -320,7 +369,7 @@ async fn wal(
         .await
     {
         Ok(f) => {
-            let subject = crate::http_token::wal_subject(&f.served.to_string(), f.stored.len());
+            let subject = crate::http_token::wal_subject(&f.served.to_string(), &f.stored);
             let r = (
                 [
                     (
@@ -338,7 +387,13 @@ async fn wal(
                 .into_response();
             Ok(with_proof(&s, &headers, &subject, r))
         }
-        Err(FetchError::NotInArchive(_)) => Err(ApiError::NotFound(name.to_string())),
+        // Proven too: a wal-fetch that may not read storage itself (wal_fetch_storage = false)
+        // takes it as "not in the archive".
+        Err(FetchError::NotInArchive(_)) => {
+            let subject = crate::http_token::absent_subject(&name.to_string());
+            let r = ApiError::NotFound(name.to_string()).into_response();
+            Ok(with_proof(&s, &headers, &subject, r))
+        }
         Err(e) => Err(ApiError::Storage(format!("{e:#}"))),
     }
 }

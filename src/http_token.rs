@@ -105,7 +105,12 @@ impl Token {
 
     /// Whether an `Authorization` header carries this token (constant time).
     pub fn authorizes(&self, header: Option<&str>) -> bool {
-        let Some(given) = header.and_then(|h| h.strip_prefix("Bearer ")) else {
+        // The scheme is case-insensitive (RFC 9110); the token follows one space.
+        let Some(given) = header
+            .and_then(|h| h.split_once(' '))
+            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+            .map(|(_, t)| t)
+        else {
             return false;
         };
         let Ok(given) = hex::decode(given.trim()) else {
@@ -120,9 +125,17 @@ impl Token {
     }
 }
 
-/// The subject of a `/wal` answer's proof.
-pub fn wal_subject(served: &str, len: usize) -> Vec<u8> {
-    format!("wal {served} {len}").into_bytes()
+/// The subject of a `/wal` answer's proof: the name served, the length, and the stored object's
+/// header, whose checksum `object::open` then holds the content to (so a proven answer cannot
+/// carry other bytes).
+pub fn wal_subject(served: &str, stored: &[u8]) -> Vec<u8> {
+    let header = &stored[..stored.len().min(crate::storage::object::HEADER_LEN)];
+    format!("wal {served} {} {}", stored.len(), hex::encode(header)).into_bytes()
+}
+
+/// The subject of a `/wal` answer saying that storage holds no such file.
+pub fn absent_subject(name: &str) -> Vec<u8> {
+    format!("absent {name}").into_bytes()
 }
 
 #[cfg(test)]
@@ -154,6 +167,17 @@ mod tests {
         assert!(!other.authorizes(Some(&bearer)));
         assert!(!t.authorizes(None));
         assert!(!t.authorizes(Some("Bearer zz")));
+        let secret = std::fs::read_to_string(&file).unwrap();
+        assert!(t.authorizes(Some(&format!("bearer {secret}"))));
+        assert!(!t.authorizes(Some(&format!("Basic {secret}"))));
+        // A /wal proof binds the object's header (its checksum), not only name and length.
+        let obj = [7u8; 100];
+        let mut forged = obj;
+        forged[20] ^= 1;
+        let p = t.proof(&n, &wal_subject("000000010000000000000001", &obj));
+        assert!(read.verify(&n, &wal_subject("000000010000000000000001", &obj), &p));
+        assert!(!read.verify(&n, &wal_subject("000000010000000000000001", &forged), &p));
+        assert!(!read.verify(&n, &absent_subject("000000010000000000000001"), &p));
         assert!(!valid_nonce("short") && !valid_nonce(&"g".repeat(20)));
     }
 }

@@ -43,7 +43,7 @@ fn impostor(object: Vec<u8>, served: String, prove: Option<Token>) -> u16 {
                 .map(|n| n.trim().to_string())
                 .unwrap_or_default();
             let (ctype, body, subject) = if path.starts_with("/wal/") {
-                let subject = pgkeep::http_token::wal_subject(&served, object.len());
+                let subject = pgkeep::http_token::wal_subject(&served, &object);
                 ("application/vnd.pgkeep.object", object.clone(), subject)
             } else {
                 let body = br#"{"durable_lsn":"FFFFFFFF/0","received_lsn":"FFFFFFFF/0"}"#.to_vec();
@@ -131,5 +131,65 @@ fn an_impostor_on_listen_is_not_believed() {
         err.contains("did not prove it is the pgkeep daemon") && err.contains("within 2s"),
         "{err}"
     );
+    pg.stop("fast");
+}
+
+/// `wal_fetch_storage = false` (the chart's Postgres container without storage keys): wal-fetch
+/// reads nothing but the daemon, believes its proven answers, "not in the archive" included, and
+/// stops recovery (126) when no proven answer comes, never ends it (1) on a guess.
+#[test]
+fn a_storage_less_wal_fetch_believes_only_the_daemons_proofs() {
+    let dir = TestDir::new("storageless");
+    let storage = Storage::new(Backend::File, &dir);
+    let bin = dir.install_pgkeep();
+    let mut pg = archiving_cluster(&dir, &storage, &bin, "primary", 1);
+    pg.start();
+    pg.psql("create table t as select generate_series(1, 20000) g");
+    let seg = pg.switch_and_wait_archived();
+    let original = std::fs::read(pg.data.join("pg_wal").join(&seg)).unwrap();
+    let daemon = Daemon::start(&dir, &storage, &bin, &pg, &[]);
+    let dest = dir.path().join("RECOVERYXLOG");
+    // Storage the container cannot read: any fallback to it would fail loudly.
+    let fetch = |name: &str, port: u16| {
+        let _ = std::fs::remove_file(&dest);
+        let listen = format!("127.0.0.1:{port}");
+        let out = storage.pgkeep_in(
+            &bin,
+            &["wal-fetch", name, dest.to_str().unwrap()],
+            Some(&pg.data),
+            &[
+                ("PGKEEP_LISTEN", &listen),
+                ("PGKEEP_WAL_FETCH_STORAGE", "false"),
+                ("PGKEEP_STORAGE", "file:///nonexistent/pgkeep-archive"),
+                ("PGKEEP_WAL_FETCH_OUTAGE_SECS", "2"),
+            ],
+        );
+        (out.status.code(), stderr(&out))
+    };
+    let (code, log) = fetch(&seg, daemon.port);
+    assert_eq!(code, Some(0), "{log}");
+    assert!(std::fs::read(&dest).unwrap() == original, "{log}");
+    assert!(
+        log.contains("via=daemon") || log.contains("via=\"daemon\""),
+        "{log}"
+    );
+    // Not in the archive, by the daemon's proven word: exit 1 (recovery ends there).
+    for missing in ["0000000100000000000000F0", "00000007.history"] {
+        let (code, log) = fetch(missing, daemon.port);
+        assert_eq!(code, Some(1), "{missing}: {log}");
+        assert!(!dest.exists());
+    }
+    // An impostor's unproven 404, or no daemon at all: 126 after the outage window, saying why.
+    let port = impostor(vec![], seg.clone(), None);
+    let (code, log) = fetch("0000000100000000000000F0", port);
+    assert_eq!(code, Some(126), "{log}");
+    assert!(
+        log.contains("no proven answer") && log.contains("wal_fetch_storage = false"),
+        "{log}"
+    );
+    drop(daemon);
+    let (code, log) = fetch(&seg, free_port());
+    assert_eq!(code, Some(126), "{log}");
+    assert!(!dest.exists());
     pg.stop("fast");
 }

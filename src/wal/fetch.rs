@@ -56,9 +56,13 @@ pub async fn wal_fetch(cfg: &Config, name: &str, dest: &Path) -> Result<FetchRep
         Some(id) => Some(id),
         None => local_system_identifier(cfg)?.map(|(id, _)| id),
     };
-    let (data, via) = match from_daemon(cfg, &name, local).await {
-        Some(data) => (data, "daemon"),
-        None => (from_storage(cfg, &name).await?, "storage"),
+    let (data, via) = if cfg.wal_fetch_storage {
+        match from_daemon(cfg, &name, local, false).await {
+            Daemon::File(data) => (data, "daemon"),
+            Daemon::Absent | Daemon::NoAnswer => (from_storage(cfg, &name).await?, "storage"),
+        }
+    } else {
+        (only_from_daemon(cfg, &name, local).await?, "daemon")
     };
     fsutil::write_atomic(dest, &data)
         .with_context(|| format!("writing {}", dest.display()))
@@ -70,24 +74,85 @@ pub async fn wal_fetch(cfg: &Config, name: &str, dest: &Path) -> Result<FetchRep
     })
 }
 
-/// Asks the daemon at `listen` for a segment. None: no daemon answered for this cluster, or it
-/// does not have the file (then storage decides).
-async fn from_daemon(cfg: &Config, name: &WalFileName, sysid: Option<u64>) -> Option<Vec<u8>> {
-    let sysid = sysid?;
-    // A history or backup-label file steers recovery and carries no page header to check it
-    // against the cluster: those few bytes always come from storage.
-    if !matches!(name.kind, WalFileKind::Segment | WalFileKind::Partial) {
-        return None;
+/// What the daemon said of a WAL file, as far as it proved it.
+enum Daemon {
+    /// The file, verified.
+    File(Vec<u8>),
+    /// Storage holds no such file (proven; a storage-less wal-fetch takes it as the answer).
+    Absent,
+    /// No proven answer: no daemon, an impostor, a failure, or a file it cannot serve.
+    NoAnswer,
+}
+
+/// `wal_fetch_storage = false`: the container holds no storage credentials, so only the daemon's
+/// proven answers count. Without one, it asks again for as long as `wal_fetch_outage_secs` (a
+/// restarting sidecar), then stops recovery (126); never "not in the archive" on a guess.
+async fn only_from_daemon(
+    cfg: &Config,
+    name: &WalFileName,
+    sysid: Option<u64>,
+) -> Result<Vec<u8>, FetchError> {
+    let Some(sysid) = sysid else {
+        return Err(anyhow!(
+            "wal_fetch_storage = false, but the cluster is unknown (no readable pg_control in \
+             PGDATA and no system_identifier setting): the daemon cannot be asked"
+        )
+        .into());
+    };
+    let deadline = Instant::now() + cfg.wal_fetch_outage;
+    let mut pause = std::time::Duration::from_millis(100);
+    loop {
+        match from_daemon(cfg, name, Some(sysid), true).await {
+            Daemon::File(data) => return Ok(data),
+            Daemon::Absent => return Err(FetchError::NotInArchive(name.to_string())),
+            Daemon::NoAnswer if Instant::now() + pause < deadline => {
+                tracing::warn!(wal = %name, listen = %cfg.listen, "no proven answer from the daemon, asking again in {:.1}s", pause.as_secs_f64());
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(std::time::Duration::from_secs(5));
+            }
+            Daemon::NoAnswer => {
+                return Err(anyhow!(
+                    "no proven answer for {name} from the daemon at {} within {}s, and \
+                     wal_fetch_storage = false: this container reads WAL only through the daemon \
+                     (is the pgkeep sidecar running? its token is {})",
+                    cfg.listen,
+                    cfg.wal_fetch_outage.as_secs(),
+                    cfg.http_token_file.display()
+                )
+                .into());
+            }
+        }
+    }
+}
+
+/// Asks the daemon at `listen` for a WAL file. Without `every_kind`, only segments: a history or
+/// backup-label file steers recovery and carries no page header to check against the cluster, so
+/// while storage can be read those few bytes come from it.
+async fn from_daemon(
+    cfg: &Config,
+    name: &WalFileName,
+    sysid: Option<u64>,
+    every_kind: bool,
+) -> Daemon {
+    let Some(sysid) = sysid else {
+        return Daemon::NoAnswer;
+    };
+    let segment = matches!(name.kind, WalFileKind::Segment | WalFileKind::Partial);
+    if !segment && !every_kind {
+        return Daemon::NoAnswer;
     }
     // Only the daemon holds the token in `http_token_file`: without it, no answer is proven.
     let token = match crate::http_token::Token::read(&cfg.http_token_file) {
         Ok(t) => t,
         Err(e) => {
-            tracing::debug!(file = %cfg.http_token_file.display(), "no daemon token ({e}): reading storage directly");
-            return None;
+            // Said once per call at most; a pod whose daemon runs should have the token.
+            tracing::warn!(file = %cfg.http_token_file.display(), "cannot read the daemon's token ({e}): not asking the daemon");
+            return Daemon::NoAnswer;
         }
     };
-    let nonce = crate::http_token::nonce().ok()?;
+    let Ok(nonce) = crate::http_token::nonce() else {
+        return Daemon::NoAnswer;
+    };
     let path = format!("/wal/{name}?system_identifier={sysid}");
     let r = match crate::http_client::request(
         cfg.listen,
@@ -102,7 +167,7 @@ async fn from_daemon(cfg: &Config, name: &WalFileName, sysid: Option<u64>) -> Op
         Ok(r) => r,
         Err(e) => {
             tracing::debug!("no daemon at {}: {e:#}", cfg.listen);
-            return None;
+            return Daemon::NoAnswer;
         }
     };
     match r.status {
@@ -111,49 +176,80 @@ async fn from_daemon(cfg: &Config, name: &WalFileName, sysid: Option<u64>) -> Op
             // it): verified, decrypted and decoded here.
             let served: Option<WalFileName> =
                 r.header("x-pgkeep-served").and_then(|n| n.parse().ok());
-            let served = served.filter(|s| s.timeline == name.timeline && s.stem() == name.stem());
+            let served = served.filter(|s| {
+                if segment {
+                    s.timeline == name.timeline && s.stem() == name.stem()
+                } else {
+                    s == name
+                }
+            });
             let (Some(served), Some(OBJECT_CONTENT_TYPE)) = (served, r.header("content-type"))
             else {
-                tracing::warn!(wal = %name, "the daemon's answer is not a stored WAL object; reading storage directly");
-                return None;
+                tracing::warn!(wal = %name, "the daemon's answer is not a stored WAL object");
+                return Daemon::NoAnswer;
             };
-            let subject = crate::http_token::wal_subject(&served.to_string(), r.body.len());
-            let proven = r
-                .header(crate::http_token::PROOF_HEADER)
-                .is_some_and(|p| token.verify(&nonce, &subject, p));
-            if !proven {
-                tracing::warn!(wal = %name, listen = %cfg.listen, "what answers on listen did not prove it is this pod's pgkeep daemon (no or a wrong proof of the token in {}); reading storage directly", cfg.http_token_file.display());
-                return None;
+            let subject = crate::http_token::wal_subject(&served.to_string(), &r.body);
+            if !proven(cfg, &token, &nonce, &subject, &r) {
+                return Daemon::NoAnswer;
             }
             let keys = match crate::storage::Keys::from_settings(&cfg.storage_settings().encryption)
             {
                 Ok(k) => k,
                 Err(e) => {
                     tracing::debug!("{e}");
-                    return None;
+                    return Daemon::NoAnswer;
                 }
             };
             let opened = object::open(&r.body, &keys)
                 .map_err(|e| format!("{e:?}"))
                 .and_then(|(_, data)| {
-                    walheader::whole_segment(&served, data, Some(sysid)).map_err(|e| e.to_string())
+                    if segment {
+                        walheader::whole_segment(&served, data, Some(sysid))
+                            .map_err(|e| e.to_string())
+                    } else {
+                        Ok(data)
+                    }
                 });
             match opened {
-                Ok(data) => Some(data),
+                Ok(data) => Daemon::File(data),
                 Err(e) => {
-                    tracing::warn!(wal = %name, "the daemon's copy did not verify ({e}); reading storage directly");
-                    None
+                    tracing::warn!(wal = %name, "the daemon's copy did not verify ({e})");
+                    Daemon::NoAnswer
                 }
             }
         }
-        // Not taken on the daemon's word: only storage may say "not in the archive", the answer
-        // that ends recovery.
-        404 => None,
+        // While storage can be read, not taken on the daemon's word: storage confirms "not in
+        // the archive", the answer that ends recovery.
+        404 => {
+            let subject = crate::http_token::absent_subject(&name.to_string());
+            if proven(cfg, &token, &nonce, &subject, &r) {
+                Daemon::Absent
+            } else {
+                Daemon::NoAnswer
+            }
+        }
         code => {
-            tracing::debug!(wal = %name, code, "the daemon cannot serve it; reading storage directly");
-            None
+            tracing::debug!(wal = %name, code, "the daemon cannot serve it");
+            Daemon::NoAnswer
         }
     }
+}
+
+/// Whether an answer carries the daemon's proof for `subject`; says so when it does not.
+fn proven(
+    cfg: &Config,
+    token: &crate::http_token::Token,
+    nonce: &str,
+    subject: &[u8],
+    r: &crate::http_client::Response,
+) -> bool {
+    let ok = r
+        .header(crate::http_token::PROOF_HEADER)
+        .is_some_and(|p| token.verify(nonce, subject, p));
+    if !ok {
+        tracing::warn!(listen = %cfg.listen, "what answers on listen did not prove it is this pod's pgkeep daemon (no or a wrong proof of the token in {})", cfg.http_token_file.display());
+    }
+    ok
 }
 
 /// Reads a WAL file straight from storage, riding out transient failures for as long as
