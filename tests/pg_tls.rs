@@ -200,6 +200,11 @@ fn tls_to_a_real_postgres() {
             conn("localhost", "verify-full", "other-ca.crt"),
             "TLS handshake failed (sslmode=verify-full)",
         ),
+        // verify-ca skips only the name: another CA is still refused, by IP or by name.
+        (
+            conn("127.0.0.1", "verify-ca", "other-ca.crt"),
+            "TLS handshake failed (sslmode=verify-ca)",
+        ),
         (
             format!(
                 "host=localhost port={} user=keeper sslmode=verify-full",
@@ -229,6 +234,12 @@ fn tls_to_a_real_postgres() {
         &with(&conn("localhost", "verify-full", "other-ca.crt")),
     ));
     assert!(err.to_lowercase().contains("issuer"), "{err}");
+    let err = stderr(&storage.pgkeep_pg(
+        &bin,
+        &["wal-switch"],
+        &with(&conn("127.0.0.1", "verify-ca", "other-ca.crt")),
+    ));
+    assert!(err.contains("UnknownIssuer"), "{err}");
 
     // The restore of what went over TLS holds every row.
     drop(daemon);

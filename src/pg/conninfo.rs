@@ -184,6 +184,17 @@ impl PgConnInfo {
             .and_then(|p| p.get_dbname().map(str::to_string))
             .or_else(|| env("PGDATABASE"))
             .unwrap_or_else(|| "postgres".into());
+        if parsed.as_ref().is_some_and(|p| {
+            p.get_channel_binding() == tokio_postgres::config::ChannelBinding::Require
+        }) || env("PGCHANNELBINDING").is_some_and(|v| v == "require")
+        {
+            return Err(
+                "channel_binding=require is not supported: pgkeep does not do \
+                        SCRAM-SHA-256-PLUS (it does check the server's SCRAM proof; use \
+                        sslmode=verify-full against a man in the middle)"
+                    .into(),
+            );
+        }
         let connect_timeout = parsed
             .as_ref()
             .and_then(|p| p.get_connect_timeout().copied())
@@ -267,6 +278,29 @@ impl PgConnInfo {
     }
 }
 
+/// `%XX` escapes of a URI part decoded (libpq's rules: no `+` for space).
+fn percent_decode(s: &str) -> Result<String, String> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' {
+            let hex = s
+                .get(i + 1..i + 3)
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+                .ok_or_else(|| {
+                    "a % in a postgresql:// URI must start an escape (%XX)".to_string()
+                })?;
+            out.push(hex);
+            i += 3;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).map_err(|_| "a URI escape that is not UTF-8".to_string())
+}
+
 /// The TLS options libpq takes that pgkeep handles itself (tokio-postgres knows `sslmode` only
 /// up to `require`, and none of the files).
 const SSL_KEYS: &[&str] = &["sslmode", "sslrootcert", "sslcert", "sslkey"];
@@ -289,20 +323,30 @@ fn split_ssl_options(s: &str) -> Result<(String, Vec<(String, String)>), String>
     };
     let trimmed = s.trim_start();
     if trimmed.starts_with("postgres://") || trimmed.starts_with("postgresql://") {
-        let Some((base, query)) = s.split_once('?') else {
+        // As libpq: user info runs to the first '@' before any '/' (a password may hold '?'),
+        // the query starts at the first '?' after it. Pairs other than ssl* are kept as written
+        // ('+' is not a space, escapes stay as they are).
+        let after_scheme = s.find("://").expect("a scheme") + 3;
+        let tail = &s[after_scheme..];
+        let auth_end = match tail.find(['@', '/']) {
+            Some(i) if tail.as_bytes()[i] == b'@' => after_scheme + i + 1,
+            _ => after_scheme,
+        };
+        let Some(q) = s[auth_end..].find('?').map(|i| auth_end + i) else {
             return Ok((s.to_string(), found));
         };
-        let mut kept = url::form_urlencoded::Serializer::new(String::new());
-        for (k, v) in url::form_urlencoded::parse(query.as_bytes()) {
-            if !take(&k, v.to_string())? {
-                kept.append_pair(&k, &v);
+        let (base, query) = (&s[..q], &s[q + 1..]);
+        let mut kept = vec![];
+        for pair in query.split('&').filter(|p| !p.is_empty()) {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            if !take(&percent_decode(k)?, percent_decode(v)?)? {
+                kept.push(pair);
             }
         }
-        let kept = kept.finish();
         let rest = if kept.is_empty() {
             base.to_string()
         } else {
-            format!("{base}?{kept}")
+            format!("{base}?{}", kept.join("&"))
         };
         return Ok((rest, found));
     }
@@ -442,6 +486,29 @@ mod tests {
         assert_eq!(c.ssl.cert.as_deref(), Some(std::path::Path::new("/c.pem")));
         assert_eq!(c.connect_timeout, Duration::from_secs(3));
         assert_eq!(c.dbname, "app");
+        // A password holding '?' (user info runs to the '@'), a '+' in a kept value.
+        let c = PgConnInfo::resolve(
+            Some("postgresql://u:p%3Fw+d@db:5/app?application_name=a+b&sslmode=disable"),
+            env(&[]),
+        )
+        .unwrap();
+        assert_eq!(c.password.as_deref(), Some("p?w+d"));
+        assert_eq!(c.ssl.mode, SslMode::Disable);
+        let (rest, _) =
+            split_ssl_options("postgresql://u:p?w@db/app?application_name=a+b&sslmode=disable")
+                .unwrap();
+        assert_eq!(rest, "postgresql://u:p?w@db/app?application_name=a+b");
+        // channel_binding=require cannot be honoured: refused, not dropped.
+        for given in [
+            (Some("host=db channel_binding=require"), vec![]),
+            (None, vec![("PGCHANNELBINDING", "require")]),
+        ] {
+            let err = PgConnInfo::resolve(given.0, env(&given.1)).unwrap_err();
+            assert!(
+                err.contains("channel_binding=require is not supported"),
+                "{err}"
+            );
+        }
         // The environment, and the default.
         let c = PgConnInfo::resolve(
             None,
