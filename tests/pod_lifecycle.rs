@@ -97,16 +97,26 @@ fn assert_clean_stop(stop: &serde_json::Value) {
 }
 
 fn assert_primary(f: &serde_json::Value) {
-    assert_eq!(
-        f["pre_upgrade_hooks"],
+    // file:// storage needs no storage credentials, so no hook copy of them.
+    let hooks = if f["storage"] == "file" {
+        serde_json::json!(["ConfigMap/db-pgkeep-backup-hook", "Job/db-pgkeep-backup"])
+    } else {
         serde_json::json!([
             "ConfigMap/db-pgkeep-backup-hook",
             "Secret/db-pgkeep-backup-hook",
             "Job/db-pgkeep-backup"
-        ]),
+        ])
+    };
+    assert_eq!(
+        f["pre_upgrade_hooks"], hooks,
         "the hook's config and credentials come before the Job"
     );
     assert!(f["hook_backup"].as_str().is_some_and(|id| !id.is_empty()));
+    assert_eq!(
+        f["pgkeep_role"], "pgkeep:super=false:replication=true",
+        "{f}"
+    );
+    assert_eq!(f["walsender_users"], "pgkeep", "{f}");
     assert_eq!(f["rows"], 160, "every committed row came back");
     // Replay fetched WAL through the new pod's daemon (before Postgres is consistent, too).
     assert!(
@@ -126,6 +136,23 @@ fn chart_lints_renders_and_validates_for_every_values_file() {
     let f = findings(&podsim(&["check"], &[]));
     assert_eq!(f["images"]["13"], "postgres:13-bookworm", "{f}");
     assert_eq!(f["images"]["18"], "postgres:18-bookworm", "{f}");
+    // Digest pins, the tag beside them for humans.
+    let d = format!("sha256:{}", "ab".repeat(32));
+    assert_eq!(
+        f["images"]["pinned"],
+        serde_json::json!([
+            format!("ghcr.io/pgkeep/pgkeep:0.1.0@{d}"),
+            format!("postgres:15-bookworm@{d}")
+        ]),
+        "{f}"
+    );
+    assert!(
+        f["images"]["bad_digest"]
+            .as_str()
+            .unwrap()
+            .contains("image.digest \"latest\": expected sha256:"),
+        "{f}"
+    );
     assert!(
         f["major_12"]
             .as_str()
@@ -239,6 +266,121 @@ fn chart_lints_renders_and_validates_for_every_values_file() {
         enc["network_policy_ports"],
         serde_json::json!(["postgres"]),
         "{f}"
+    );
+    // Credentials: files, each container only its own; the pgkeep role, not the superuser.
+    let cred = &f["credentials"];
+    let reads = |set: &str, c: &str| -> Vec<String> {
+        cred[set]["containers"][c]["reads"]
+            .as_array()
+            .unwrap_or_else(|| panic!("{set} {c}: {cred}"))
+            .iter()
+            .map(|k| k.as_str().unwrap().to_string())
+            .collect()
+    };
+    for set in ["file", "s3", "s3_readonly", "standby"] {
+        assert_eq!(
+            cred[set]["env_secrets"],
+            serde_json::json!([]),
+            "{set}: {cred}"
+        );
+        assert_eq!(cred[set]["token_mounted"], serde_json::json!([]), "{set}");
+        assert_eq!(
+            cred[set]["network_policy"],
+            serde_json::json!(["db-pgkeep"]),
+            "{set}"
+        );
+        assert!(
+            cred[set]["config_pg"]
+                .as_str()
+                .unwrap()
+                .contains("user=pgkeep "),
+            "{set}: {cred}"
+        );
+        // Nothing but the Postgres container (initdb) reads the superuser's password, and the
+        // Postgres container never holds the write credentials.
+        for (c, v) in cred[set]["containers"].as_object().unwrap() {
+            let keys = reads(set, c);
+            if c != "StatefulSet/postgres" {
+                assert!(
+                    !keys.iter().any(|k| k.ends_with(":postgres-password")),
+                    "{set} {c}: {keys:?}"
+                );
+            } else {
+                assert!(
+                    !keys
+                        .iter()
+                        .any(|k| k.ends_with("-storage:*") || k.ends_with("-backup-hook:*")),
+                    "{set}: the Postgres container reads the write credentials: {keys:?}"
+                );
+            }
+            if c.starts_with("Job/") {
+                assert!(
+                    v["pg"].as_str().unwrap().contains("user=pgkeep "),
+                    "{set}: {v}"
+                );
+            }
+        }
+    }
+    assert_eq!(
+        reads("s3", "StatefulSet/pgkeep"),
+        ["db-pgkeep-storage:*", "db-pgkeep:pgkeep-password"],
+        "{cred}"
+    );
+    // Cloud storage without read-only keys: the Postgres container reads WAL only through the
+    // daemon; with them, it reads storage with those.
+    assert_eq!(
+        cred["s3"]["containers"]["StatefulSet/postgres"]["wal_fetch_storage"],
+        "false"
+    );
+    assert!(
+        reads("s3_readonly", "StatefulSet/postgres")
+            .contains(&"db-pgkeep-storage-readonly:*".to_string())
+    );
+    assert_eq!(
+        reads("s3_readonly", "StatefulSet/restore"),
+        ["db-pgkeep-storage-readonly:*"]
+    );
+    assert_eq!(
+        cred["s3_readonly"]["containers"]["StatefulSet/postgres"]["wal_fetch_storage"],
+        "true"
+    );
+    // The standby example: read-only keys everywhere, the primary's passwords.
+    for c in [
+        "StatefulSet/pgkeep",
+        "StatefulSet/restore",
+        "StatefulSet/postgres",
+    ] {
+        let keys = reads("standby", c);
+        assert!(
+            keys.contains(&"db-pgkeep-storage-readonly:*".to_string()),
+            "{c}: {keys:?}"
+        );
+        assert!(
+            !keys.iter().any(|k| k.starts_with("db-pgkeep-storage:")),
+            "{c}: {keys:?}"
+        );
+    }
+    // The file:// archive volume: written by the sidecar and the backup Job only.
+    for (c, rw) in [
+        ("StatefulSet/pgkeep", true),
+        ("Job/backup", true),
+        ("StatefulSet/postgres", false),
+        ("StatefulSet/restore", false),
+    ] {
+        assert_eq!(cred["file"]["containers"][c]["archive_rw"], rw, "{c}");
+    }
+    let hba = cred["file"]["hba"].to_string();
+    assert!(
+        hba.contains("host all $BACKUP_ROLE all reject")
+            && hba.contains("$hba replication $BACKUP_ROLE all scram-sha-256"),
+        "{hba}"
+    );
+    assert!(
+        cred["stranger_refused"]
+            .as_str()
+            .unwrap()
+            .contains("\"HOME\" is not a storage credential"),
+        "{cred}"
     );
     let rendered = f["rendered"].as_object().unwrap();
     let mut files: Vec<String> =
@@ -403,9 +545,9 @@ fn the_dockerfile_gives_the_chart_what_it_expects() {
         .collect();
     assert!(
         docker.contains(&format!(
-            "FROM rust:{}.{}-slim-bookworm AS build",
+            "ARG BUILD_IMAGE=rust:{}.{}-slim-bookworm\n",
             version[0], version[1]
-        )),
+        )) && docker.contains("FROM ${BUILD_IMAGE} AS build"),
         "the build stage uses this machine's Rust ({rustc})"
     );
     // Nothing copied into the build that the build does not need; no secrets baked in.

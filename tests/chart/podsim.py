@@ -143,9 +143,20 @@ def check():
         refused = ""
     except Exception as e:  # helm's fail() surfaces as a render error
         refused = str(e)
+    # Digest pins: repository:tag@digest for both images; a malformed digest is refused.
+    d = "sha256:" + "ab" * 32
+    objects, _ = render(deep_merge(load_values([]), {"image": {"digest": d}, "postgres": {"image": {"digest": d}}}), name="db")
+    sts = next(o for o in objects if o["kind"] == "StatefulSet")["spec"]["template"]["spec"]
+    images["pinned"] = sorted({c["image"] for c in sts["initContainers"] + sts["containers"]})
+    try:
+        render(deep_merge(load_values([]), {"image": {"digest": "latest"}}), name="db")
+        images["bad_digest"] = ""
+    except Exception as e:
+        images["bad_digest"] = str(e)
     print(json.dumps({"rendered": rendered, "images": images, "major_12": refused,
                       "encryption": encryption_findings(), "monitoring": monitoring_findings(),
-                      "tls": tls_findings(), "synchronous": synchronous_findings()}))
+                      "tls": tls_findings(), "synchronous": synchronous_findings(),
+                      "credentials": credentials_findings()}))
 
 
 def synchronous_findings():
@@ -169,6 +180,66 @@ def synchronous_findings():
             "own": look(deep_merge(load_values([]), {**on, "postgres": {"extraSettings": {
                 "synchronous_standby_names": "ANY 1 (pgkeep, standby1)"}}})),
             "config_refused": refused}
+
+
+def credentials_findings():
+    """Least privilege in the rendered chart: for each container, the Secrets' keys it can read
+    (mounted files; no envFrom, no secretKeyRef), the role it connects as, what it may do with
+    storage; the NetworkPolicy and the service-account token."""
+    def look(values):
+        objects, _ = render(values, name="db", upgrade=True)
+        secrets = {o["metadata"]["name"]: sorted((o.get("data") or {}).keys())
+                   for o in objects if o["kind"] == "Secret"}
+        out = {"secrets": secrets, "containers": {}, "env_secrets": [],
+               "network_policy": [o["metadata"]["name"] for o in objects if o["kind"] == "NetworkPolicy"],
+               "token_mounted": []}
+        for o in objects:
+            if o["kind"] not in ("StatefulSet", "Job"):
+                continue
+            spec = o["spec"]["template"]["spec"]
+            if spec.get("automountServiceAccountToken") is not False:
+                out["token_mounted"].append(f"{o['kind']}/{o['metadata']['name']}")
+            vols = {}
+            for v in spec.get("volumes", []):
+                srcs = [{"secret": v["secret"]}] if "secret" in v else (v.get("projected") or {}).get("sources", [])
+                keys = []
+                for src in srcs:
+                    ref = src.get("secret")
+                    if not ref:
+                        continue
+                    name = ref.get("name") or ref.get("secretName")
+                    items = ref.get("items")
+                    keys += [f"{name}:{i['key']}" for i in items] if items else [f"{name}:*"]
+                if keys:
+                    vols[v["name"]] = keys
+            for c in spec.get("initContainers", []) + spec["containers"]:
+                label = f"{o['kind']}/{c['name']}"
+                env = {e["name"]: e.get("value") for e in c.get("env", [])}
+                if c.get("envFrom") or any("valueFrom" in e for e in c.get("env", [])):
+                    out["env_secrets"].append(label)
+                out["containers"][label] = {
+                    "reads": sorted(k for m in c.get("volumeMounts", []) for k in vols.get(m["name"], [])),
+                    "archive_rw": any(m["name"] == "archive" and not m.get("readOnly") for m in c.get("volumeMounts", [])),
+                    "wal_fetch_storage": env.get("PGKEEP_WAL_FETCH_STORAGE", "true"),
+                    "pg": env.get("PGKEEP_PG", ""),
+                }
+        cm = next(o for o in objects if o["kind"] == "ConfigMap" and o["metadata"]["name"] == "db-pgkeep")
+        out["config_pg"] = next(l for l in cm["data"]["pgkeep.toml"].splitlines() if l.startswith("pg ="))
+        out["hba"] = [l.strip() for l in cm["data"]["start-postgres.sh"].splitlines() if "scram-sha-256\"" in l or "reject\"" in l]
+        return out
+    s3 = {"storage": {"url": "s3://bucket/db"},
+          "secret": {"env": {"AWS_ACCESS_KEY_ID": "AKIDWRITE", "AWS_SECRET_ACCESS_KEY": "write-secret"}}}
+    ro = deep_merge(s3, {"secret": {"readOnlyEnv": {"AWS_ACCESS_KEY_ID": "AKIDREAD", "AWS_SECRET_ACCESS_KEY": "read-secret"}}})
+    try:
+        render(deep_merge(load_values([]), {"secret": {"env": {"HOME": "/x"}}}), name="db")
+        stranger = ""
+    except Exception as e:
+        stranger = str(e)
+    return {"file": look(load_values([])),
+            "s3": look(deep_merge(load_values([]), s3)),
+            "s3_readonly": look(deep_merge(load_values([]), ro)),
+            "standby": look(load_values([os.path.join(EXAMPLES, "values-s3.yaml"), os.path.join(EXAMPLES, "values-standby.yaml")])),
+            "stranger_refused": stranger}
 
 
 def tls_findings():
@@ -352,10 +423,58 @@ class Pod:
             elif "persistentVolumeClaim" in v:
                 claim = v["persistentVolumeClaim"]["claimName"]
                 self.volumes[v["name"]] = ("dir", sim.claim_dir(claim))
+            elif "secret" in v or "projected" in v:
+                self.volumes[v["name"]] = ("dir", self.secret_volume(v))
             else:
                 fail(f"{name}: volume kind not simulated: {v}")
         for vol, folder in claims.items():
             self.volumes.setdefault(vol, ("dir", folder))
+
+    def secret_volume(self, v):
+        """A Secret (or projected Secrets) volume as the kubelet writes one: the files in a
+        timestamped folder, `..data` linking to it and each key a link through `..data`; owned by
+        root, group fsGroup (here: postgres), mode defaultMode. A missing Secret or key fails, as
+        the pod would not start."""
+        if "secret" in v:
+            sources, mode = [{"secret": v["secret"]}], v["secret"].get("defaultMode", 0o644)
+        else:
+            sources, mode = v["projected"]["sources"], v["projected"].get("defaultMode", 0o644)
+        files = {}
+        for src in sources:
+            ref = src.get("secret")
+            if ref is None:
+                fail(f"{self.name}: projected source not simulated: {src}")
+            name = ref.get("name") or ref.get("secretName")
+            sec = self.sim.namespace.get(("Secret", name))
+            if sec is None:
+                fail(f"{self.name}: volume {v['name']}: Secret {name} does not exist in the namespace")
+            data = {k: base64.b64decode(x) for k, x in (sec.get("data") or {}).items()}
+            items = ref.get("items")
+            if items is None:
+                files.update(data)
+            for it in items or []:
+                if it["key"] not in data:
+                    fail(f"{self.name}: volume {v['name']}: Secret {name} has no key {it['key']}")
+                files[it["path"]] = data[it["key"]]
+        d = self.fresh_dir(f"secret-{v['name']}")
+        stamp = "..2026_12_02_00_00_00.000000001"
+        os.makedirs(os.path.join(d, stamp))
+        _, gid = postgres_ids() if IS_ROOT else (None, os.getgid())
+        for k, data in files.items():
+            path = os.path.join(d, stamp, k)
+            with open(path, "wb") as f:
+                f.write(data)
+            os.chmod(path, mode)
+            if IS_ROOT:
+                os.chown(path, 0, gid)
+            os.symlink(os.path.join("..data", k), os.path.join(d, k))
+        os.symlink(stamp, os.path.join(d, "..data"))
+        if IS_ROOT:
+            os.chown(os.path.join(d, stamp), 0, gid)
+            os.chown(d, 0, gid)
+        os.chmod(os.path.join(d, stamp), 0o750)
+        os.chmod(d, 0o750)
+        return d
 
     def fresh_dir(self, label):
         d = os.path.join(self.root, label)
@@ -746,7 +865,7 @@ def wait(what, seconds, check):
 
 def password_of(sim, release):
     sec = sim.namespace[("Secret", release.values.get("secret", {}).get("existingSecret") or f"{release.name}-pgkeep")]
-    return base64.b64decode(sec["data"]["PGPASSWORD"]).decode()
+    return base64.b64decode(sec["data"]["postgres-password"]).decode()
 
 
 def start_primary(sim, storage, ordinary_sidecar=False):
@@ -767,6 +886,11 @@ def primary(sim, storage, ordinary_sidecar):
     findings = {}
     rel, pod, client = start_primary(sim, storage, ordinary_sidecar)
     client.sql("CREATE TABLE ledger (id int PRIMARY KEY, note text)")
+    # pgkeep runs as its own role (made by the Postgres container), not as the superuser.
+    findings["pgkeep_role"] = client.sql(
+        "SELECT rolname || ':super=' || rolsuper || ':replication=' || rolreplication FROM pg_roles WHERE rolname = 'pgkeep'")
+    findings["walsender_users"] = wait("the daemon's walsender", 30, lambda: client.sql(
+        "SELECT string_agg(DISTINCT usename, ',') FROM pg_stat_replication"))
     acked = write_rows(client, 1, 50)
     client.pgbench("-i", "-s", "2", "-q")
     client.pgbench("-c", "2", "-T", "4", "-n")
@@ -837,6 +961,11 @@ def standby(sim, storage):
     acked = write_rows(client, 1, 20)
     sb_pg, sb_daemon = free_port(), free_port()
     values = values_for(storage, sb_pg, sb_daemon, ["values-standby.yaml"])
+    # What the example asks the user to create: read-only keys to the primary's archive (the S3
+    # server here has one key pair, so they are the primary's; what matters is where they go).
+    ro = values["secret"]["existingStorageSecret"]
+    primary_storage = sim.namespace[("Secret", f"{rel.name}-pgkeep-storage")]
+    sim.namespace[("Secret", ro)] = {"kind": "Secret", "metadata": {"name": ro}, "data": dict(primary_storage["data"])}
     srel = Release(sim, "replica", values)
     spod = sim.pod(srel, 0, 1)
     spod.start()

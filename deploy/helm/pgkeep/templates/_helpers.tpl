@@ -21,53 +21,131 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 {{- end -}}
 
-{{/* The Secret that holds PGPASSWORD and the storage credentials (one env var per key). */}}
+{{/* The Secret that holds the passwords (postgres-password, pgkeep-password). */}}
 {{- define "pgkeep.secretName" -}}
 {{- .Values.secret.existingSecret | default (include "pgkeep.fullname" .) -}}
 {{- end -}}
 
-{{- define "pgkeep.image" -}}
-{{- printf "%s:%s" .Values.image.repository (.Values.image.tag | default .Chart.AppVersion) -}}
+{{/* The storage credentials' Secret (read and write), if there is one ("" otherwise). */}}
+{{- define "pgkeep.storageSecretName" -}}
+{{- if .Values.secret.existingStorageSecret -}}
+{{- .Values.secret.existingStorageSecret -}}
+{{- else if .Values.secret.env -}}
+{{- printf "%s-storage" (include "pgkeep.fullname" .) -}}
+{{- end -}}
 {{- end -}}
 
-{{/* The Postgres password: the value given, else the one the release's Secret already holds
-     (so an upgrade keeps it), else a new random one. */}}
-{{- define "pgkeep.postgresPassword" -}}
-{{- if .Values.secret.postgresPassword -}}
-{{- .Values.secret.postgresPassword -}}
+{{/* The read-only storage credentials' Secret, if there is one ("" otherwise). */}}
+{{- define "pgkeep.readOnlySecretName" -}}
+{{- if .Values.secret.existingReadOnlyStorageSecret -}}
+{{- .Values.secret.existingReadOnlyStorageSecret -}}
+{{- else if .Values.secret.readOnlyEnv -}}
+{{- printf "%s-storage-readonly" (include "pgkeep.fullname" .) -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "pgkeep.image" -}}
+{{- printf "%s:%s%s" .Values.image.repository (.Values.image.tag | default .Chart.AppVersion) (include "pgkeep.digest" (list "image.digest" .Values.image.digest)) -}}
+{{- end -}}
+
+{{/* "@sha256:…" for a digest pin, checked; "" without one. */}}
+{{- define "pgkeep.digest" -}}
+{{- $key := index . 0 -}}{{- $d := index . 1 -}}
+{{- if $d -}}
+{{- if not (regexMatch "^sha256:[0-9a-f]{64}$" $d) -}}
+{{- fail (printf "%s %q: expected sha256: and 64 lower-case hex digits" $key $d) -}}
+{{- end -}}
+{{- printf "@%s" $d -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The role pgkeep connects as, checked: it goes into pg_hba.conf and SQL. */}}
+{{- define "pgkeep.pgkeepUser" -}}
+{{- $u := .Values.postgres.pgkeepUser | default .Values.postgres.user -}}
+{{- if not (regexMatch "^[a-z_][a-z0-9_]{0,62}$" $u) -}}
+{{- fail (printf "postgres.pgkeepUser %q: use lower-case letters, digits and _ (it is written into pg_hba.conf)" $u) -}}
+{{- end -}}
+{{- $u -}}
+{{- end -}}
+
+{{/* A password of the release's Secret: the value given, else the one the Secret already holds
+     (so an upgrade keeps it; an earlier chart's Secret held the superuser's as PGPASSWORD),
+     else a new random one. */}}
+{{- define "pgkeep.password" -}}
+{{- $ctx := index . 0 -}}{{- $key := index . 1 -}}{{- $given := index . 2 -}}{{- $legacy := index . 3 -}}
+{{- if $given -}}
+{{- $given -}}
 {{- else -}}
-{{- $existing := lookup "v1" "Secret" .Release.Namespace (include "pgkeep.fullname" .) -}}
-{{- if and $existing $existing.data (hasKey $existing.data "PGPASSWORD") -}}
-{{- index $existing.data "PGPASSWORD" | b64dec -}}
+{{- $existing := lookup "v1" "Secret" $ctx.Release.Namespace (include "pgkeep.fullname" $ctx) -}}
+{{- if and $existing $existing.data (hasKey $existing.data $key) -}}
+{{- index $existing.data $key | b64dec -}}
+{{- else if and $legacy $existing $existing.data (hasKey $existing.data $legacy) -}}
+{{- index $existing.data $legacy | b64dec -}}
 {{- else -}}
 {{- randAlphaNum 32 -}}
 {{- end -}}
 {{- end -}}
 {{- end -}}
 
-{{/* Secret data: PGPASSWORD and the storage credentials (secret.env). */}}
-{{- define "pgkeep.secretData" -}}
-PGPASSWORD: {{ include "pgkeep.postgresPassword" . | b64enc | quote }}
-{{ include "pgkeep.storageSecretData" . }}
+{{/* "true" when the release's running Secret is an earlier chart's (the superuser's password as
+     PGPASSWORD, no pgkeep role yet): the pre-upgrade Job then connects as the superuser, once. */}}
+{{- define "pgkeep.legacySecret" -}}
+{{- if not .Values.secret.existingSecret -}}
+{{- $existing := lookup "v1" "Secret" .Release.Namespace (include "pgkeep.fullname" .) -}}
+{{- if and $existing $existing.data (hasKey $existing.data "PGPASSWORD") (not (hasKey $existing.data "pgkeep-password")) -}}true{{- end -}}
+{{- end -}}
 {{- end -}}
 
-{{- define "pgkeep.storageSecretData" -}}
-{{- range $k, $v := .Values.secret.env }}
+{{/* The passwords' Secret data. */}}
+{{- define "pgkeep.secretData" -}}
+postgres-password: {{ include "pgkeep.password" (list . "postgres-password" .Values.secret.postgresPassword "PGPASSWORD") | b64enc | quote }}
+pgkeep-password: {{ include "pgkeep.password" (list . "pgkeep-password" .Values.secret.pgkeepPassword "") | b64enc | quote }}
+{{- end -}}
+
+{{- define "pgkeep.envSecretData" -}}
+{{- range $k, $v := . }}
+{{- if not (regexMatch "^(AWS|GOOGLE|AZURE)_[A-Z0-9_]+$" $k) }}
+{{- fail (printf "secret: %q is not a storage credential pgkeep reads (AWS_*, GOOGLE_* or AZURE_*)" $k) }}
+{{- end }}
 {{ $k }}: {{ $v | toString | b64enc | quote }}
 {{- end }}
+{{- end -}}
+
+{{/* A projected volume of credential files for PGKEEP_CREDENTIALS_DIR: the storage Secret given
+     (may be ""), and the pgkeep role's password as PGPASSWORD when withPassword. */}}
+{{- define "pgkeep.credentialsVolume" -}}
+{{- $ctx := index . 0 -}}{{- $name := index . 1 -}}{{- $storage := index . 2 -}}{{- $withPassword := index . 3 -}}
+- name: {{ $name }}
+  projected:
+    defaultMode: 0440
+    sources:
+      {{- if $storage }}
+      - secret: {name: {{ $storage }}}
+      {{- end }}
+      {{- if $withPassword }}
+      - secret:
+          name: {{ include "pgkeep.secretName" $ctx }}
+          items:
+            - {key: pgkeep-password, path: PGPASSWORD}
+      {{- end }}
+{{- end -}}
+
+{{/* "true" when storage is a cloud's (its credentials are needed to read it). */}}
+{{- define "pgkeep.cloudStorage" -}}
+{{- if not (hasPrefix "file://" .Values.storage.url) -}}true{{- end -}}
 {{- end -}}
 
 {{/* pgkeep.toml: the settings every container of the release reads (PGKEEP_CONFIG). */}}
 {{- define "pgkeep.config" -}}
 # pgkeep settings for release {{ .Release.Name }}; every key is described in docs/configuration.md.
-# Credentials are not here: they come from the Secret as environment variables.
+# Credentials are not here: each container reads its own from files (PGKEEP_CREDENTIALS_DIR).
 storage = {{ required "storage.url is required (s3://, gs://, az:// or file://)" .Values.storage.url | toJson }}
 spool_dir = "/var/lib/pgkeep/spool"
 # The daemon's token, in a folder only the daemon and the Postgres container mount (wal-fetch and
 # the preStop hook take the daemon's answers only with its proof of it).
 http_token_file = "/var/run/pgkeep/http-token"
 listen = {{ printf "%s:%d" .Values.daemon.listenAddress (int .Values.daemon.port) | toJson }}
-pg = {{ printf "host=127.0.0.1 port=%d user=%s dbname=postgres" (int .Values.postgres.port) .Values.postgres.user | toJson }}
+pg = {{ printf "host=127.0.0.1 port=%d user=%s dbname=postgres" (int .Values.postgres.port) (include "pgkeep.pgkeepUser" .) | toJson }}
 {{- if hasKey .Values.config "synchronous" }}
 {{- fail "set synchronous mode through daemon.synchronous (it sets Postgres' side too), not config.synchronous" }}
 {{- end }}
@@ -121,19 +199,56 @@ if [ ! -s "$PGDATA/PG_VERSION" ]; then
     exit 1
   fi
   echo "start-postgres: $PGDATA holds no cluster and storage held no backup: creating a new cluster"
-  pwfile="$PGDATA.pw"
-  (umask 077; printf '%s' "${PGPASSWORD:?PGPASSWORD must be set}" > "$pwfile")
-  # The password file goes whether initdb succeeds or not: no secret stays on the volume.
-  status=0
-  initdb -D "$PGDATA" --username="${PGUSER:-postgres}" --pwfile="$pwfile" --auth-local=trust --auth-host=scram-sha-256 --data-checksums --encoding=UTF8 || status=$?
-  rm -f "$pwfile"
-  [ "$status" = 0 ] || exit "$status"
-  # With TLS on (HBA_TYPE=hostssl), connections from outside the pod must use it.
+  # The superuser's password, from the Secret's file (never in the environment).
+  initdb -D "$PGDATA" --username="${PGUSER:-postgres}" --pwfile="$AUTH_DIR/postgres-password" --auth-local=trust --auth-host=scram-sha-256 --data-checksums --encoding=UTF8
+  # initdb's lines: local (trust, inside the container only) and loopback. Then: pgkeep's role
+  # runs SQL over loopback only (the sidecar) and replicates from anywhere (the backup Job comes
+  # through the Service); every other role, any database but replication, from anywhere. With
+  # TLS on (HBA_TYPE=hostssl), connections from outside the pod must use it.
   hba="${HBA_TYPE:-host}"
-  printf '%s\n' "$hba all all all scram-sha-256" "$hba replication all all scram-sha-256" >> "$PGDATA/pg_hba.conf"
+  if [ -n "${BACKUP_ROLE:-}" ] && [ "$BACKUP_ROLE" != "${PGUSER:-postgres}" ]; then
+    printf '%s\n' "host all $BACKUP_ROLE 127.0.0.1/32 scram-sha-256" "host all $BACKUP_ROLE ::1/128 scram-sha-256" \
+      "host all $BACKUP_ROLE all reject" "host replication $BACKUP_ROLE 127.0.0.1/32 scram-sha-256" \
+      "host replication $BACKUP_ROLE ::1/128 scram-sha-256" "$hba replication $BACKUP_ROLE all scram-sha-256" \
+      "$hba all all all scram-sha-256" >> "$PGDATA/pg_hba.conf"
+  else
+    printf '%s\n' "$hba all all all scram-sha-256" "$hba replication all all scram-sha-256" >> "$PGDATA/pg_hba.conf"
+  fi
 fi
+
+# pgkeep's role (BACKUP_ROLE): created, or its password and rights set again, once the cluster
+# runs as a primary (a standby has the primary's roles). Over the local socket as the superuser;
+# the password comes from the Secret's file and is kept out of the server's log.
+ensure_role() {
+  role="${BACKUP_ROLE:-}"
+  if [ -z "$role" ] || [ "$role" = "${PGUSER:-postgres}" ]; then return 0; fi
+  sock="-h /var/run/postgresql -p ${PGPORT:-5432} -U ${PGUSER:-postgres} -d postgres"
+  until [ "$(psql -XtAq $sock -c 'select pg_is_in_recovery()' 2>/dev/null)" = f ]; do
+    kill -0 "$pid" 2>/dev/null || return 0
+    sleep 1
+  done
+  if psql -Xq $sock -v ON_ERROR_STOP=1 -v role="$role" <<'SQL'
+SET synchronous_commit = local;
+SET log_statement = 'none';
+SET log_min_duration_statement = -1;
+SET log_min_error_statement = 'panic';
+SET password_encryption = 'scram-sha-256';
+\set pw `cat "$AUTH_DIR/pgkeep-password"`
+SELECT format('CREATE ROLE %I', :'role') WHERE NOT EXISTS (SELECT FROM pg_roles WHERE rolname = :'role') \gexec
+ALTER ROLE :"role" WITH LOGIN REPLICATION NOSUPERUSER NOCREATEDB NOCREATEROLE NOBYPASSRLS PASSWORD :'pw';
+GRANT EXECUTE ON FUNCTION pg_switch_wal() TO :"role";
+GRANT EXECUTE ON FUNCTION pg_create_restore_point(text) TO :"role";
+SQL
+  then
+    echo "start-postgres: role $role ready for pgkeep (LOGIN REPLICATION, pg_switch_wal, pg_create_restore_point)"
+  else
+    echo "start-postgres: could not set up the role $role for pgkeep" >&2
+  fi
+}
+
 postgres "$@" &
 pid=$!
+ensure_role &
 trap 'kill -INT "$pid" 2>/dev/null || true' TERM INT
 status=0
 wait "$pid" || status=$?
@@ -176,9 +291,7 @@ capabilities:
   {{- end }}
   env:
     {{- include "pgkeep.env" . | nindent 4 }}
-  envFrom:
-    - secretRef:
-        name: {{ include "pgkeep.secretName" . }}
+    - {name: PGKEEP_CREDENTIALS_DIR, value: /etc/pgkeep-credentials}
   ports:
     - name: http
       containerPort: {{ .Values.daemon.port }}
@@ -201,6 +314,7 @@ capabilities:
     - {name: config, mountPath: /etc/pgkeep, readOnly: true}
     - {name: spool, mountPath: /var/lib/pgkeep/spool}
     - {name: pgkeep-token, mountPath: /var/run/pgkeep}
+    - {name: credentials-pgkeep, mountPath: /etc/pgkeep-credentials, readOnly: true}
     - {name: tmp, mountPath: /tmp}
     {{- if include "pgkeep.archiveVolume" . }}
     - {name: archive, mountPath: /var/lib/pgkeep/archive}
@@ -213,7 +327,7 @@ capabilities:
 {{- if or (lt $major 13) (gt $major 18) -}}
 {{- fail (printf "postgres.major %v is not supported: pgkeep supports Postgres 13 to 18" .Values.postgres.major) -}}
 {{- end -}}
-{{- printf "%s:%s" .Values.postgres.image.repository (.Values.postgres.image.tag | default (printf "%d-bookworm" $major)) -}}
+{{- printf "%s:%s%s" .Values.postgres.image.repository (.Values.postgres.image.tag | default (printf "%d-bookworm" $major)) (include "pgkeep.digest" (list "postgres.image.digest" .Values.postgres.image.digest)) -}}
 {{- end -}}
 
 {{/* TLS for Postgres (postgres.tls.secretName): where the Secret is mounted. */}}
