@@ -17,6 +17,7 @@ pub mod http_token;
 pub mod jobs;
 pub mod list;
 pub mod logging;
+pub mod mark;
 pub mod metrics;
 pub mod pg;
 pub mod progress;

@@ -3,9 +3,10 @@
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 
+use crate::mark::Mark;
 use crate::pg::{Lsn, TimelineId};
 use crate::progress::human_bytes;
-use crate::storage::{Archive, BackupMeta};
+use crate::storage::{Archive, BackupMeta, StorageError};
 
 #[derive(Debug, Serialize)]
 pub struct Inventory {
@@ -13,7 +14,9 @@ pub struct Inventory {
     pub system_identifier: String,
     pub backups: Vec<BackupMeta>,
     pub recoverable_window: Option<Window>,
-    /// `backup.json` files that cannot be read: each names its object and why.
+    /// Named points to restore to (`pgkeep mark`), oldest first.
+    pub marks: Vec<Mark>,
+    /// `backup.json` (or mark) files that cannot be read: each names its object and why.
     pub damaged: Vec<String>,
 }
 
@@ -32,7 +35,15 @@ pub struct Window {
 /// The backups of the archive and the window they and the WAL after them make recoverable.
 pub async fn inventory(archive: &Archive) -> anyhow::Result<Inventory> {
     let (backups, damaged) = archive.backups_and_damaged().await?;
-    let damaged = damaged.iter().map(|e| e.to_string()).collect();
+    let mut damaged: Vec<String> = damaged.iter().map(|e| e.to_string()).collect();
+    let marks = match archive.marks().await {
+        Ok(m) => m,
+        Err(e @ StorageError::Corrupt { .. }) => {
+            damaged.push(e.to_string());
+            vec![]
+        }
+        Err(e) => return Err(e.into()),
+    };
     let recoverable_window = match backups.last() {
         None => None,
         Some(oldest) => {
@@ -53,6 +64,7 @@ pub async fn inventory(archive: &Archive) -> anyhow::Result<Inventory> {
         system_identifier: archive.system_identifier().to_string(),
         backups,
         recoverable_window,
+        marks,
         damaged,
     })
 }
@@ -97,9 +109,28 @@ pub fn render(inv: &Inventory) -> String {
         ));
     }
     for d in &inv.damaged {
+        out.push_str(&format!("DAMAGED {d} (not listed: run pgkeep verify)\n"));
+    }
+    if !inv.marks.is_empty() {
         out.push_str(&format!(
-            "DAMAGED {d} (this backup is not listed: run pgkeep verify)\n"
+            "{} mark(s) (restore --target-name NAME):\n{:<32} {:<20} {:<14} {:>3}  {}\n",
+            inv.marks.len(),
+            "NAME",
+            "TAKEN (UTC)",
+            "LSN",
+            "TL",
+            "NOTE"
         ));
+        for m in &inv.marks {
+            out.push_str(&format!(
+                "{:<32} {:<20} {:<14} {:>3}  {}\n",
+                m.name,
+                m.time.format("%Y-%m-%d %H:%M:%S").to_string(),
+                m.lsn.to_string(),
+                m.timeline.get(),
+                m.note
+            ));
+        }
     }
     match &inv.recoverable_window {
         Some(w) => out.push_str(&format!(

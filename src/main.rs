@@ -52,6 +52,22 @@ enum Command {
     },
     /// Take one base backup now (over the replication protocol) and wait until it is in storage.
     Backup,
+    /// Take a mark: a named restore point (pg_create_restore_point), a WAL switch, and a record
+    /// in storage once that WAL is there. Seconds at any database size; restore to it with
+    /// `restore --target-name NAME`.
+    Mark {
+        /// The mark's name: 1 to 63 of A-Z a-z 0-9 . _ - : (unique).
+        name: String,
+        /// Free text kept with the mark (a release and revision, a ticket).
+        #[arg(long, default_value = "")]
+        note: String,
+        /// Give up (exit 1) if the WAL is not in storage after this many seconds.
+        #[arg(long, default_value_t = 60, value_name = "SECS")]
+        timeout: u64,
+        /// Print the mark as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// List the base backups, newest first, and the recoverable window.
     List {
         /// Print JSON instead of a table.
@@ -450,6 +466,30 @@ async fn run(command: Command, cfg: Config) -> ExitCode {
         Command::Backup => done("backup failed", take_backup(&cfg).await, |meta| {
             println!("{}", meta.id)
         }),
+        Command::Mark {
+            name,
+            note,
+            timeout,
+            json,
+        } => {
+            let result = async {
+                let repo = pgkeep::storage::Repo::open(&cfg.storage_settings(), true)?;
+                pgkeep::mark::take_mark(
+                    &cfg,
+                    &repo,
+                    &name,
+                    &note,
+                    std::time::Duration::from_secs(timeout),
+                )
+                .await
+            }
+            .await;
+            done("mark failed", result, |m| {
+                print_report(json, &m, || {
+                    format!("{} {} {}\n", m.name, m.lsn, m.timeline)
+                })
+            })
+        }
         Command::List { json } => {
             let mut damaged = false;
             let code = done("list failed", inventory(&cfg).await, |inv| {

@@ -39,6 +39,38 @@ pub(super) async fn find_backup(
     if backups.is_empty() {
         return Ok(None);
     }
+    // A mark names its LSN: the backup must end before it, as for --target-lsn.
+    let by_mark;
+    let opts = match &opts.target {
+        Some(RecoveryTarget::Name(name)) => match archive.mark(name).await? {
+            Some(m) => {
+                tracing::info!(mark = %m.name, lsn = %m.lsn, timeline = %m.timeline, note = %m.note, "restoring to a mark");
+                if backups.iter().all(|b| b.end_lsn > m.lsn) {
+                    bail!(
+                        "mark {name:?} is at {}, before the oldest backup ended ({}): no backup \
+                         can reach it",
+                        m.lsn,
+                        backups.last().expect("not empty").end_lsn
+                    );
+                }
+                by_mark = RestoreOptions {
+                    target: Some(RecoveryTarget::Lsn(m.lsn)),
+                    ..opts.clone()
+                };
+                &by_mark
+            }
+            None => {
+                tracing::warn!(
+                    "--target-name {name:?}: no mark of that name in storage (`pgkeep list` shows \
+                     them); a restore point made with pg_create_restore_point() is not checked \
+                     here: if the WAL holds none of that name, Postgres stops at the end of \
+                     recovery with \"recovery ended before configured recovery target was reached\""
+                );
+                opts
+            }
+        },
+        _ => opts,
+    };
     let chosen = choose(&backups, opts)?.clone();
     tracing::info!(backup = %chosen.id, end_lsn = %chosen.end_lsn, end_time = %chosen.end_time, "chosen backup");
     let missing = archive.missing_wal(&chosen.required_wal()).await?;

@@ -81,6 +81,16 @@ impl ClusterLayout {
 }
 
 impl ClusterLayout {
+    /// The folder of the marks (`pgkeep mark`): `<name>.json` each.
+    pub fn marks_dir(&self) -> Path {
+        self.root().join("marks")
+    }
+
+    /// A mark's record; `name` is checked by `mark::check_name` before it gets here.
+    pub fn mark(&self, name: &str) -> Path {
+        self.marks_dir().join(format!("{name}.json"))
+    }
+
     pub fn backups_dir(&self) -> Path {
         self.root().join("basebackups")
     }
