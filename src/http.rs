@@ -267,14 +267,12 @@ async fn take_mark(
     // Apart from the request, as a backup: a client that goes away does not stop it half-way.
     let (cfg, repo) = (s.cfg.clone(), s.repo.clone());
     let result = tokio::spawn(async move {
-        crate::mark::take_mark(
-            &cfg,
-            &repo,
-            &q.name,
-            &q.note,
-            std::time::Duration::from_secs(60),
-        )
-        .await
+        let opts = crate::mark::MarkOptions {
+            note: q.note.clone(),
+            timeout: std::time::Duration::from_secs(60),
+            ..Default::default()
+        };
+        crate::mark::take_mark(&cfg, &repo, &q.name, &opts).await
     })
     .await
     .map_err(|e| ApiError::Storage(format!("the mark task failed: {e}")))?;

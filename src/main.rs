@@ -67,6 +67,13 @@ enum Command {
         /// Print the mark as JSON.
         #[arg(long)]
         json: bool,
+        /// A mark of that name already in storage is success (a retried hook), not an error.
+        #[arg(long)]
+        exists_ok: bool,
+        /// Fail unless the server runs this Postgres major (the chart's pre-upgrade hook: a
+        /// change of major is refused before anything is applied).
+        #[arg(long, value_name = "MAJOR")]
+        expect_major: Option<u32>,
     },
     /// List the base backups, newest first, and the recoverable window.
     List {
@@ -471,17 +478,18 @@ async fn run(command: Command, cfg: Config) -> ExitCode {
             note,
             timeout,
             json,
+            exists_ok,
+            expect_major,
         } => {
+            let opts = pgkeep::mark::MarkOptions {
+                note,
+                timeout: std::time::Duration::from_secs(timeout),
+                exists_ok,
+                expect_major,
+            };
             let result = async {
                 let repo = pgkeep::storage::Repo::open(&cfg.storage_settings(), true)?;
-                pgkeep::mark::take_mark(
-                    &cfg,
-                    &repo,
-                    &name,
-                    &note,
-                    std::time::Duration::from_secs(timeout),
-                )
-                .await
+                pgkeep::mark::take_mark(&cfg, &repo, &name, &opts).await
             }
             .await;
             done("mark failed", result, |m| {

@@ -123,19 +123,48 @@ impl Archive {
 /// Takes a mark: the restore point, a WAL switch, the wait until the restore point's segment is
 /// in storage (the daemon's upload, or archive_command's), then the record. Refuses a name a mark
 /// already has, before anything is written.
+/// How a mark is taken.
+#[derive(Debug, Clone, Default)]
+pub struct MarkOptions {
+    pub note: String,
+    /// The longest wait for the restore point's WAL to reach storage.
+    pub timeout: Duration,
+    /// A mark of that name already stored is the answer (a retried hook Job), not an error.
+    pub exists_ok: bool,
+    /// Refuse unless the server runs this Postgres major (a chart upgrade that changes it).
+    pub expect_major: Option<u32>,
+}
+
 pub async fn take_mark(
     cfg: &Config,
     repo: &Repo,
     name: &str,
-    note: &str,
-    timeout: Duration,
+    opts: &MarkOptions,
 ) -> anyhow::Result<Mark> {
+    let (note, timeout) = (opts.note.as_str(), opts.timeout);
     check_name(name).map_err(|e| anyhow!(e))?;
     check_note(note).map_err(|e| anyhow!(e))?;
     let (_repl, server) = ReplConnection::connect_identified(&cfg.pg).await?;
     drop(_repl);
+    if let Some(want) = opts.expect_major
+        && want != server.major()
+    {
+        bail!(
+            "the running cluster is Postgres {} ({}), and Postgres {want} is asked for: a data \
+             directory cannot change major by a restart, and physical backups cannot cross \
+             majors. Keep postgres.major at {}, or move the data with a dump and restore or \
+             pg_upgrade (docs/kubernetes.md, \"Changing the Postgres major\")",
+            server.major(),
+            server.version,
+            server.major()
+        );
+    }
     let archive = repo.ensure_cluster(&ClusterInfo::from(&server)).await?;
     if let Some(m) = archive.mark(name).await? {
+        if opts.exists_ok {
+            tracing::info!(mark = name, lsn = %m.lsn, "the mark exists already");
+            return Ok(m);
+        }
         bail!(
             "a mark named {name:?} exists already (at {} on timeline {}, {}): mark names are unique",
             m.lsn,

@@ -42,8 +42,14 @@ fn marks_on(backend: Backend) {
     assert_eq!(m["name"], "pre-upgrade-db-7");
     assert_eq!(m["note"], "helm release db revision 7");
     eprintln!("mark took {:.2}s", took.as_secs_f64());
-    // Its WAL is in storage: the daemon's durable position is past the restore point.
-    assert!(daemon.durable() >= parse_lsn(m["lsn"].as_str().unwrap()));
+    // Its WAL is in storage (the mark saw the segment there): the daemon's durable position
+    // reaches the restore point as soon as it has recorded that upload.
+    let lsn = parse_lsn(m["lsn"].as_str().unwrap());
+    wait_for(
+        "the daemon to report the mark durable",
+        std::time::Duration::from_secs(10),
+        || (daemon.durable() >= lsn).then_some(()),
+    );
 
     // A taken name, a bad name, a note with a line break: refused, saying why.
     for (args, says) in [

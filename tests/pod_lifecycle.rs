@@ -112,6 +112,20 @@ fn assert_primary(f: &serde_json::Value) {
         "the hook's config and credentials come before the Job"
     );
     assert!(f["hook_backup"].as_str().is_some_and(|id| !id.is_empty()));
+    // The default hook took a mark; a change of major failed the hook, saying why; the
+    // rollback to the mark holds every table as it was then, without the migration's column.
+    assert_eq!(f["hook_mark"], "pre-upgrade-r1-db", "{f}");
+    assert_ne!(f["major_change"]["exit"], 0, "{f}");
+    assert!(
+        f["major_change"]["says"]
+            .as_str()
+            .unwrap()
+            .contains("physical backups cannot cross majors"),
+        "{f}"
+    );
+    assert_eq!(f["rollback_rows"], 100, "{f}");
+    assert_eq!(f["rollback_migrated_column"], "0", "{f}");
+    assert_clean_stop(&f["stop_pod3"]);
     assert_eq!(
         f["pgkeep_role"], "pgkeep:super=false:replication=true",
         "{f}"

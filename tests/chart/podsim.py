@@ -761,7 +761,7 @@ class Sim:
         self.pods.append(p)
         return p
 
-    def run_job(self, release, job, generation):
+    def run_job(self, release, job, generation, check=True, tag=""):
         """A Job's pod: its one container, run to completion, against the claims of the given
         StatefulSet pod generation (what a Job mounts by claim name)."""
         spec = job["spec"]["template"]["spec"]
@@ -769,10 +769,10 @@ class Sim:
             if "persistentVolumeClaim" in v:
                 claim = v["persistentVolumeClaim"]["claimName"]
                 self.claims.setdefault(claim, self.claims.get(f"{claim}-g{generation}", None) or self.claim_dir(claim))
-        p = Pod(self, release, spec, job["metadata"]["name"], os.path.join(self.workdir, job["metadata"]["name"]), {})
+        p = Pod(self, release, spec, job["metadata"]["name"], os.path.join(self.workdir, job["metadata"]["name"] + tag), {})
         (c,) = spec["containers"]
-        _, out, _ = p.run(c, timeout=job["spec"].get("activeDeadlineSeconds", 600))
-        return out
+        code, out, err = p.run(c, timeout=job["spec"].get("activeDeadlineSeconds", 600), check=check)
+        return out if check else (code, out, err)
 
 
 # ---------------------------------------------------------------- Postgres as a client sees it
@@ -897,22 +897,49 @@ def primary(sim, storage, ordinary_sidecar):
     acked += write_rows(client, 51, 50)
 
     # helm upgrade: the rendered pre-upgrade hooks, in weight order (the ConfigMap and Secret
-    # copies first, then the Job), against the running pod.
+    # copies first, then the Job), against the running pod; `over` changes the values.
+    def upgrade_hooks(over, tag, check=True):
+        objects, _ = render(deep_merge(rel.values, over), name=rel.name, upgrade=True)
+        hooks = sorted([o for o in objects if "pre-upgrade" in (o["metadata"].get("annotations") or {}).get("helm.sh/hook", "")],
+                       key=lambda o: int(o["metadata"]["annotations"].get("helm.sh/hook-weight", "0")))
+        for o in hooks:
+            if o["kind"] in ("ConfigMap", "Secret"):
+                sim.namespace[(o["kind"], o["metadata"]["name"])] = o
+        job = next(o for o in hooks if o["kind"] == "Job")
+        return [f"{o['kind']}/{o['metadata']['name']}" for o in hooks], sim.run_job(rel, job, 1, check=check, tag=tag)
+
+    # The default hook: a mark, durable in storage, in seconds.
+    started = time.monotonic()
+    findings["pre_upgrade_hooks"], out = upgrade_hooks({}, "-mark")
+    findings["hook_mark_seconds"] = round(time.monotonic() - started, 2)
+    mark = out.strip().splitlines()[-1].split()[0]
+    code, listing, _ = pod.run(pod.container("pgkeep"), ["pgkeep", "list", "--json"], label="list-marks", check=False)
+    marks = [m["name"] for m in json.loads(listing)["marks"]] if code == 0 else []
+    if mark not in marks:
+        fail(f"the pre-upgrade Job's mark {mark} is not listed: {marks}\n{out}")
+    findings["hook_mark"] = mark
+    log(f"pre-upgrade Job took mark {mark} in {findings['hook_mark_seconds']}s")
+    at_mark = {"ledger": client.ledger(), **{t: client.checksum(t) for t in ("pgbench_accounts", "pgbench_branches", "pgbench_tellers")}}
+    acked_at_mark = list(acked)
+
+    # The migration: schema and rows change.
+    client.sql("ALTER TABLE ledger ADD COLUMN migrated boolean DEFAULT true")
+    client.sql("UPDATE pgbench_accounts SET abalance = abalance + 1 WHERE aid <= 5000")
+
+    # backupHook.mode=backup: the mark (there already: the same revision), then a full backup.
     before = {b["id"] for b in backups(pod)}
-    hooks = sorted(rel.hook_objects("pre-upgrade"),
-                   key=lambda o: int(o["metadata"]["annotations"].get("helm.sh/hook-weight", "0")))
-    findings["pre_upgrade_hooks"] = [f"{o['kind']}/{o['metadata']['name']}" for o in hooks]
-    for o in hooks:
-        if o["kind"] in ("ConfigMap", "Secret"):
-            sim.namespace[(o["kind"], o["metadata"]["name"])] = o
-    job = next(o for o in hooks if o["kind"] == "Job")
-    out = sim.run_job(rel, job, 1)
+    _, out = upgrade_hooks({"backupHook": {"mode": "backup"}}, "-backup")
     after = {b["id"] for b in backups(pod)}
     new = after - before
     if len(new) != 1 or out.strip().splitlines()[-1].strip() not in new:
         fail(f"the pre-upgrade Job should have made exactly one new backup (before {before}, after {after}):\n{out}")
     findings["hook_backup"] = new.pop()
     log(f"pre-upgrade Job made backup {findings['hook_backup']}")
+
+    # A change of major in the values: the hook fails the upgrade, saying why.
+    other = 16 if int(rel.values.get("postgres", {}).get("major", 15)) != 16 else 17
+    _, (code, out, err) = upgrade_hooks({"postgres": {"major": other}}, "-major", check=False)
+    findings["major_change"] = {"exit": code, "says": next((l for l in err.splitlines() if "is asked for" in l), err[-400:])}
 
     acked += write_rows(client, 101, 50)
     client.pgbench("-c", "2", "-T", "3", "-n")
@@ -951,6 +978,27 @@ def primary(sim, storage, ordinary_sidecar):
     if "already holds a cluster" not in pod2b.init_logs.get("restore", ""):
         fail(f"the restart's init container did not leave the cluster alone:\n{pod2b.init_logs.get('restore')}")
     pod2b.stop()
+
+    # Rollback to the mark: a pod on new, empty volumes restores to it (restore.extraArgs), the
+    # same passwords kept; every table as it was at the mark, the migration's column not there.
+    secret = sim.namespace[("Secret", f"{rel.name}-pgkeep")]["data"]
+    keep = {k: base64.b64decode(v).decode() for k, v in secret.items()}
+    rb_values = deep_merge(rel.values, {"restore": {"extraArgs": ["--target-name", mark]},
+                                        "secret": {"postgresPassword": keep["postgres-password"],
+                                                   "pgkeepPassword": keep["pgkeep-password"]}})
+    rb = Release(sim, rel.name, rb_values)
+    pod3 = sim.pod(rb, 0, 3, keep=("archive",))
+    pod3.start()
+    if "restoring to a mark" not in pod3.init_logs.get("restore", ""):
+        fail(f"pod 3's init container did not restore to the mark:\n{pod3.init_logs.get('restore')}")
+    wait("the rolled-back Postgres to finish recovery", 180, lambda: client.sql("SELECT pg_is_in_recovery()") == "f")
+    got = {"ledger": client.ledger(), **{t: client.checksum(t) for t in ("pgbench_accounts", "pgbench_branches", "pgbench_tellers")}}
+    if got != at_mark:
+        fail(f"the rollback to {mark} differs from the state at the mark:\n{got}\n{at_mark}")
+    findings["rollback_rows"] = len(acked_at_mark)
+    findings["rollback_migrated_column"] = client.sql(
+        "SELECT count(*) FROM information_schema.columns WHERE table_name = 'ledger' AND column_name = 'migrated'")
+    findings["stop_pod3"] = pod3.stop()
     return findings
 
 

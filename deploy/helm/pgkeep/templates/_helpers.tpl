@@ -202,12 +202,15 @@ if [ ! -s "$PGDATA/PG_VERSION" ]; then
   # The superuser's password, from the Secret's file (never in the environment).
   initdb -D "$PGDATA" --username="${PGUSER:-postgres}" --pwfile="$AUTH_DIR/postgres-password" --auth-local=trust --auth-host=scram-sha-256 --data-checksums --encoding=UTF8
   # initdb's lines: local (trust, inside the container only) and loopback. Then: pgkeep's role
-  # runs SQL over loopback only (the sidecar) and replicates from anywhere (the backup Job comes
-  # through the Service); every other role, any database but replication, from anywhere. With
+  # runs SQL over loopback (the sidecar) and, from elsewhere, in the postgres database only (the
+  # hook Job's mark: it can run nothing there but pg_switch_wal and pg_create_restore_point), and
+  # replicates from anywhere (the backup Job comes through the Service); every other role, any
+  # database but replication, from anywhere. With
   # TLS on (HBA_TYPE=hostssl), connections from outside the pod must use it.
   hba="${HBA_TYPE:-host}"
   if [ -n "${BACKUP_ROLE:-}" ] && [ "$BACKUP_ROLE" != "${PGUSER:-postgres}" ]; then
     printf '%s\n' "host all $BACKUP_ROLE 127.0.0.1/32 scram-sha-256" "host all $BACKUP_ROLE ::1/128 scram-sha-256" \
+      "$hba postgres $BACKUP_ROLE all scram-sha-256" \
       "host all $BACKUP_ROLE all reject" "host replication $BACKUP_ROLE 127.0.0.1/32 scram-sha-256" \
       "host replication $BACKUP_ROLE ::1/128 scram-sha-256" "$hba replication $BACKUP_ROLE all scram-sha-256" \
       "$hba all all all scram-sha-256" >> "$PGDATA/pg_hba.conf"
