@@ -309,6 +309,7 @@ impl Run {
             require_backup: true,
             tablespace_map,
             pgkeep_path: None,
+            rollback_to: None,
         };
         match crate::restore::restore(cfg, &opts).await? {
             RestoreOutcome::Restored(meta) => Ok(meta.id.to_string()),

@@ -37,6 +37,11 @@ pub fn write_atomic(dest: &Path, data: &[u8]) -> std::io::Result<()> {
     result
 }
 
+/// Fsyncs a directory, so that a rename or a creation in it survives a crash.
+pub fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    std::fs::File::open(dir)?.sync_all()
+}
+
 /// Creates `path` for writing, failing if anything (a file or a link) is there already.
 pub fn create_new(path: &Path) -> std::io::Result<std::fs::File> {
     use std::os::unix::fs::OpenOptionsExt;

@@ -163,6 +163,11 @@ struct RestoreArgs {
     /// Fail (instead of exiting 0) when storage holds no backup.
     #[arg(long)]
     require_backup: bool,
+    /// Bring the directory back to this mark: a cluster there is set aside (renamed to
+    /// DIR.before-rollback-MARK, never deleted), the newest backup before the mark is restored
+    /// and recovery stops at it; done once (recorded in storage), later runs restore as usual.
+    #[arg(long, value_name = "MARK", conflicts_with_all = ["target", "standby", "overwrite"])]
+    rollback_to: Option<String>,
     /// Restore a tablespace at another place: OLD=NEW (repeatable).
     #[arg(long, value_name = "OLD=NEW")]
     tablespace_map: Vec<String>,
@@ -225,6 +230,7 @@ fn restore_options(args: RestoreArgs, cfg: &Config) -> anyhow::Result<restore::R
         require_backup: args.require_backup,
         tablespace_map,
         pgkeep_path: args.pgkeep_path,
+        rollback_to: args.rollback_to,
     })
 }
 

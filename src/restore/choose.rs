@@ -10,12 +10,13 @@ use crate::storage::{Archive, BackupMeta, Repo, StorageError};
 
 use super::{BackupChoice, RecoveryTarget, RestoreOptions};
 
-/// The archive and the backup to restore; None when storage holds no backup (or no archive at
-/// all: a `file://` directory never written, or one without a format marker).
+/// The archive, the backup to restore and the recovery target to write (a name that is a mark
+/// becomes the mark's LSN); None when storage holds no backup (or no archive at all: a `file://`
+/// directory never written, or one without a format marker).
 pub(super) async fn find_backup(
     cfg: &Config,
     opts: &RestoreOptions,
-) -> anyhow::Result<Option<(Archive, BackupMeta)>> {
+) -> anyhow::Result<Option<(Archive, BackupMeta, Option<RecoveryTarget>)>> {
     let repo = match (Repo::open(&cfg.storage_settings(), false), &cfg.storage) {
         (Ok(r), _) => r,
         // A file:// archive that was never written holds no backup.
@@ -39,9 +40,7 @@ pub(super) async fn find_backup(
     if backups.is_empty() {
         return Ok(None);
     }
-    // A mark names its LSN: the backup must end before it, as for --target-lsn.
-    let by_mark;
-    let opts = match &opts.target {
+    let target = match &opts.target {
         Some(RecoveryTarget::Name(name)) => match archive.mark(name).await? {
             Some(m) => {
                 tracing::info!(mark = %m.name, lsn = %m.lsn, timeline = %m.timeline, note = %m.note, "restoring to a mark");
@@ -53,11 +52,11 @@ pub(super) async fn find_backup(
                         backups.last().expect("not empty").end_lsn
                     );
                 }
-                by_mark = RestoreOptions {
-                    target: Some(RecoveryTarget::Lsn(m.lsn)),
-                    ..opts.clone()
-                };
-                &by_mark
+                Some(RecoveryTarget::Mark {
+                    name: m.name,
+                    lsn: m.lsn,
+                    timeline: m.timeline,
+                })
             }
             None => {
                 tracing::warn!(
@@ -66,10 +65,14 @@ pub(super) async fn find_backup(
                      here: if the WAL holds none of that name, Postgres stops at the end of \
                      recovery with \"recovery ended before configured recovery target was reached\""
                 );
-                opts
+                opts.target.clone()
             }
         },
-        _ => opts,
+        other => other.clone(),
+    };
+    let opts = &RestoreOptions {
+        target: target.clone(),
+        ..opts.clone()
     };
     let chosen = choose(&backups, opts)?.clone();
     tracing::info!(backup = %chosen.id, end_lsn = %chosen.end_lsn, end_time = %chosen.end_time, "chosen backup");
@@ -81,7 +84,7 @@ pub(super) async fn find_backup(
             crate::pg::lsn::join_names(&missing)
         );
     }
-    Ok(Some((archive, chosen)))
+    Ok(Some((archive, chosen, target)))
 }
 
 /// The backup `opts` asks for among `backups` (newest first, not empty).
@@ -108,14 +111,15 @@ fn choose<'a>(backups: &'a [BackupMeta], opts: &RestoreOptions) -> anyhow::Resul
                     oldest.end_time
                 )
             })?,
-        (BackupChoice::Latest, Some(RecoveryTarget::Lsn(l))) => {
-            backups.iter().find(|b| b.end_lsn <= *l).ok_or_else(|| {
-                anyhow!(
-                    "no backup ended before LSN {l}; the oldest ended at {}",
-                    oldest.end_lsn
-                )
-            })?
-        }
+        (
+            BackupChoice::Latest,
+            Some(RecoveryTarget::Lsn(l) | RecoveryTarget::Mark { lsn: l, .. }),
+        ) => backups.iter().find(|b| b.end_lsn <= *l).ok_or_else(|| {
+            anyhow!(
+                "no backup ended before LSN {l}; the oldest ended at {}",
+                oldest.end_lsn
+            )
+        })?,
         (BackupChoice::Latest, Some(t)) => {
             tracing::info!(
                 "the backups' metadata cannot tell which of them precede {t:?}: using the latest; \

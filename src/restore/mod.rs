@@ -8,6 +8,7 @@
 
 mod choose;
 mod recovery;
+pub mod rollback;
 mod target;
 mod unpack;
 
@@ -43,6 +44,13 @@ pub enum RecoveryTarget {
     Lsn(Lsn),
     Xid(String),
     Name(String),
+    /// A mark (`pgkeep mark`): recovery stops right after its restore point, by LSN on its
+    /// timeline (a restore point's name may repeat in the WAL; the mark's LSN does not).
+    Mark {
+        name: String,
+        lsn: Lsn,
+        timeline: crate::pg::TimelineId,
+    },
 }
 
 impl RecoveryTarget {
@@ -92,6 +100,8 @@ pub struct RestoreOptions {
     pub tablespace_map: Vec<(PathBuf, PathBuf)>,
     /// The pgkeep that restore_command runs (default: this executable).
     pub pgkeep_path: Option<PathBuf>,
+    /// `--rollback-to MARK`: set a cluster aside and restore to the mark, once.
+    pub rollback_to: Option<String>,
 }
 
 #[derive(Debug)]
@@ -106,7 +116,10 @@ pub enum RestoreOutcome {
 /// Restores a backup into `opts.target_dir`: the script of the init container.
 pub async fn restore(cfg: &Config, opts: &RestoreOptions) -> anyhow::Result<RestoreOutcome> {
     let created = !opts.target_dir.exists();
-    let result = run(cfg, opts).await;
+    let result = match &opts.rollback_to {
+        Some(mark) => rollback::rollback(cfg, opts, mark).await,
+        None => run(cfg, opts).await,
+    };
     if result.is_err() && created {
         // A directory this restore made and never wrote into (say, the backup asked for does not
         // exist) is not left behind; one holding the marker stays, marked as interrupted.
@@ -120,7 +133,7 @@ async fn run(cfg: &Config, opts: &RestoreOptions) -> anyhow::Result<RestoreOutco
     let Some(state) = target::check_target(opts)? else {
         return Ok(RestoreOutcome::AlreadyACluster);
     };
-    let Some((archive, meta)) = choose::find_backup(cfg, opts).await? else {
+    let Some((archive, meta, target)) = choose::find_backup(cfg, opts).await? else {
         if opts.require_backup {
             bail!(
                 "storage {} holds no base backup to restore (--require-backup)",
@@ -135,7 +148,11 @@ async fn run(cfg: &Config, opts: &RestoreOptions) -> anyhow::Result<RestoreOutco
     let (took, restored) =
         unpack::unpack_backup(&archive, &meta, dir, &opts.tablespace_map, cfg.parallelism).await?;
     unpack::fetch_manifest_and_wal(&archive, &meta, dir, &restored).await?;
-    recovery::write_recovery_settings(cfg, opts, &meta, dir)?;
+    let settled = RestoreOptions {
+        target,
+        ..opts.clone()
+    };
+    recovery::write_recovery_settings(cfg, &settled, &meta, dir)?;
     target::finish(dir, &tablespace_dirs)?;
     tracing::info!(
         backup = %meta.id,

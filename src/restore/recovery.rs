@@ -64,8 +64,14 @@ pub(super) fn write_recovery_settings(
         Some(p) => p.clone(),
         None => std::env::current_exe().context("finding the pgkeep executable")?,
     };
+    // A mark is on its own timeline: 'latest' could follow a later timeline that branched off
+    // before it, where the same LSN holds other data.
+    let timeline = match &opts.target {
+        Some(RecoveryTarget::Mark { timeline, .. }) => format!("'{}'", timeline.get()),
+        _ => "'latest'".to_string(),
+    };
     let mut conf = format!(
-        "\n# Added by pgkeep restore of backup {} at {}\nrestore_command = {}\nrecovery_target_timeline = 'latest'\n",
+        "\n# Added by pgkeep restore of backup {} at {}\nrestore_command = {}\nrecovery_target_timeline = {timeline}\n",
         meta.id,
         Utc::now().to_rfc3339(),
         guc_quote("restore_command", &restore_command(cfg, &pgkeep))?
@@ -76,6 +82,15 @@ pub(super) fn write_recovery_settings(
             RecoveryTarget::Lsn(l) => ("recovery_target_lsn", l.to_string()),
             RecoveryTarget::Xid(x) => ("recovery_target_xid", x.clone()),
             RecoveryTarget::Name(n) => ("recovery_target_name", n.clone()),
+            // Everything before the LSN where the restore point record ends, nothing after:
+            // recovery stops before the first record that starts there.
+            RecoveryTarget::Mark { name, lsn, .. } => {
+                conf.push_str(&format!(
+                    "# the mark {}\nrecovery_target_inclusive = off\n",
+                    guc_quote("mark", name)?
+                ));
+                ("recovery_target_lsn", lsn.to_string())
+            }
         };
         let action = match opts.target_action {
             TargetAction::Promote => "promote",

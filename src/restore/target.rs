@@ -28,7 +28,7 @@ pub(super) enum TargetState {
     Other,
 }
 
-fn inspect(dir: &Path) -> anyhow::Result<TargetState> {
+pub(super) fn inspect(dir: &Path) -> anyhow::Result<TargetState> {
     if dir.join(MARKER).exists() {
         return Ok(TargetState::Interrupted);
     }

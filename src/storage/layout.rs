@@ -91,6 +91,11 @@ impl ClusterLayout {
         self.marks_dir().join(format!("{name}.json"))
     }
 
+    /// The record of a rollback to a mark that was done (`restore --rollback-to`).
+    pub fn rollback(&self, mark: &str) -> Path {
+        self.root().join("rollbacks").join(format!("{mark}.json"))
+    }
+
     pub fn backups_dir(&self) -> Path {
         self.root().join("basebackups")
     }
