@@ -252,6 +252,7 @@ async fn take_mark(
 ) -> Result<Response, ApiError> {
     authorized(&s, &headers)?;
     crate::mark::check_name(&q.name).map_err(ApiError::BadRequest)?;
+    crate::mark::check_note(&q.note).map_err(ApiError::BadRequest)?;
     let archive = archive(&s)?;
     if archive
         .mark(&q.name)
@@ -278,7 +279,13 @@ async fn take_mark(
     .map_err(|e| ApiError::Storage(format!("the mark task failed: {e}")))?;
     match result {
         Ok(m) => Ok((StatusCode::CREATED, axum::Json(m)).into_response()),
-        Err(e) => Ok((StatusCode::GATEWAY_TIMEOUT, format!("{e:#}\n")).into_response()),
+        Err(e) if e.downcast_ref::<crate::mark::NotDurable>().is_some() => {
+            Ok((StatusCode::GATEWAY_TIMEOUT, format!("{e:#}\n")).into_response())
+        }
+        Err(e) if e.downcast_ref::<crate::mark::Taken>().is_some() => {
+            Err(ApiError::Conflict(format!("{e:#}")))
+        }
+        Err(e) => Err(ApiError::Storage(format!("{e:#}"))),
     }
 }
 
@@ -388,6 +395,19 @@ async fn wal(
         // Proven too: a wal-fetch that may not read storage itself (wal_fetch_storage = false)
         // takes it as "not in the archive".
         Err(FetchError::NotInArchive(_)) => {
+            // "Not in the archive" only of an archive that exists: a wrong prefix or another
+            // cluster's storage is a misconfiguration, never the end of recovery.
+            let archive = Archive::new(s.repo.clone(), sysid);
+            match archive.is_described().await {
+                Ok(true) => {}
+                Ok(false) => {
+                    return Err(ApiError::Unavailable(format!(
+                        "storage {} holds no archive for cluster {sysid}",
+                        s.repo.url()
+                    )));
+                }
+                Err(e) => return Err(ApiError::Storage(e.to_string())),
+            }
             let subject = crate::http_token::absent_subject(&name.to_string());
             let r = ApiError::NotFound(name.to_string()).into_response();
             Ok(with_proof(&s, &headers, &subject, r))

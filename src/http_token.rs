@@ -3,10 +3,11 @@
 //! that listens on `listen` (every container of a pod shares loopback).
 //! - `wal-fetch` sends a fresh nonce with `GET /wal/{name}` (and `wal-switch` with `GET /status`)
 //!   and takes the answer only with `x-pgkeep-proof: HMAC-SHA256(token, "pgkeep-proof-v1\n" nonce
-//!   "\n" subject)`, where the subject is `wal <served name> <length>` for a WAL file and the
-//!   body itself for `/status`. The token never goes over the connection, so an impostor learns
-//!   nothing.
-//! - `POST /wal-switch` and `POST /backups` (which act on the database) need
+//!   "\n" subject)`, where the subject is `wal <served name> <length> <hex of the object's
+//!   header>` for a WAL file (the header's checksum then holds the bytes), `absent <name>` for a
+//!   404, and the body itself for `/status`. The token never goes over the connection, so an
+//!   impostor learns nothing.
+//! - `POST /wal-switch`, `POST /backups` and `POST /marks` (which act on the database) need
 //!   `Authorization: Bearer <token>`.
 
 use std::io::Read;

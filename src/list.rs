@@ -6,7 +6,7 @@ use serde::Serialize;
 use crate::mark::Mark;
 use crate::pg::{Lsn, TimelineId};
 use crate::progress::human_bytes;
-use crate::storage::{Archive, BackupMeta, StorageError};
+use crate::storage::{Archive, BackupMeta};
 
 #[derive(Debug, Serialize)]
 pub struct Inventory {
@@ -36,14 +36,8 @@ pub struct Window {
 pub async fn inventory(archive: &Archive) -> anyhow::Result<Inventory> {
     let (backups, damaged) = archive.backups_and_damaged().await?;
     let mut damaged: Vec<String> = damaged.iter().map(|e| e.to_string()).collect();
-    let marks = match archive.marks().await {
-        Ok(m) => m,
-        Err(e @ StorageError::Corrupt { .. }) => {
-            damaged.push(e.to_string());
-            vec![]
-        }
-        Err(e) => return Err(e.into()),
-    };
+    let (marks, bad) = archive.marks().await?;
+    damaged.extend(bad.iter().map(|e| e.to_string()));
     let recoverable_window = match backups.last() {
         None => None,
         Some(oldest) => {

@@ -54,7 +54,8 @@ pub fn check_name(name: &str) -> Result<(), String> {
     Ok(())
 }
 
-fn check_note(note: &str) -> Result<(), String> {
+/// A note: at most 1024 bytes, no control characters.
+pub fn check_note(note: &str) -> Result<(), String> {
     if note.len() > MAX_NOTE {
         return Err(format!("a note has at most {MAX_NOTE} bytes"));
     }
@@ -100,9 +101,9 @@ impl Archive {
         Ok(Some(m))
     }
 
-    /// Every mark, oldest first; damaged ones are errors naming their object.
-    pub async fn marks(&self) -> Result<Vec<Mark>, StorageError> {
-        let mut out = vec![];
+    /// Every mark, oldest first, and the damaged ones apart (as errors naming their object).
+    pub async fn marks(&self) -> Result<(Vec<Mark>, Vec<StorageError>), StorageError> {
+        let (mut out, mut damaged) = (vec![], vec![]);
         for key in self.repo().list(&self.layout().marks_dir()).await? {
             let Some(name) = key
                 .filename()
@@ -111,18 +112,31 @@ impl Archive {
             else {
                 continue;
             };
-            if let Some(m) = self.mark(name).await? {
-                out.push(m);
+            match self.mark(name).await {
+                Ok(Some(m)) => out.push(m),
+                Ok(None) => {}
+                Err(e @ StorageError::Corrupt { .. }) => damaged.push(e),
+                Err(e) => return Err(e),
             }
         }
         out.sort_by(|a, b| a.lsn.cmp(&b.lsn).then(a.time.cmp(&b.time)));
-        Ok(out)
+        Ok((out, damaged))
     }
 }
 
 /// Takes a mark: the restore point, a WAL switch, the wait until the restore point's segment is
 /// in storage (the daemon's upload, or archive_command's), then the record. Refuses a name a mark
 /// already has, before anything is written.
+/// The restore point's WAL did not reach storage in time (no mark was recorded).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct NotDurable(String);
+
+/// A mark of that name exists.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Taken(String);
+
 /// How a mark is taken.
 #[derive(Debug, Clone, Default)]
 pub struct MarkOptions {
@@ -159,22 +173,23 @@ pub async fn take_mark(
             server.major()
         );
     }
+    let client = sql::connect(&cfg.pg).await?;
+    if sql::is_in_recovery(&client).await? {
+        bail!("Postgres is in recovery: a mark is taken on the primary");
+    }
     let archive = repo.ensure_cluster(&ClusterInfo::from(&server)).await?;
     if let Some(m) = archive.mark(name).await? {
         if opts.exists_ok {
             tracing::info!(mark = name, lsn = %m.lsn, "the mark exists already");
             return Ok(m);
         }
-        bail!(
+        return Err(Taken(format!(
             "a mark named {name:?} exists already (at {} on timeline {}, {}): mark names are unique",
             m.lsn,
             m.timeline,
             m.time.format("%Y-%m-%d %H:%M:%S UTC")
-        );
-    }
-    let client = sql::connect(&cfg.pg).await?;
-    if sql::is_in_recovery(&client).await? {
-        bail!("Postgres is in recovery: a mark is taken on the primary");
+        ))
+        .into());
     }
     let lsn: Lsn = client
         .query_one("select pg_create_restore_point($1)::text", &[&name])
@@ -200,12 +215,13 @@ pub async fn take_mark(
             Err(e) => tracing::warn!("checking storage for {seg}: {e}"),
         }
         if started.elapsed() >= timeout {
-            bail!(
+            return Err(NotDurable(format!(
                 "the WAL of mark {name:?} ({seg}) did not reach storage within {}s: is the daemon \
                  (or archive_command) running? The restore point exists in Postgres; no mark was \
-                 recorded",
+                 recorded (a mark records its LSN, so a retry with the same name is safe)",
                 timeout.as_secs()
-            );
+            ))
+            .into());
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
@@ -218,9 +234,19 @@ pub async fn take_mark(
         durable_lsn: switched.max(lsn),
     };
     let json = serde_json::to_vec_pretty(&mark).expect("serialisable");
-    repo.put_new_metadata(&archive.layout().mark(name), &json)
+    match repo
+        .put_new_metadata(&archive.layout().mark(name), &json)
         .await
-        .with_context(|| format!("recording mark {name:?}"))?;
+    {
+        Ok(_) => {}
+        Err(StorageError::Conflict { .. }) => {
+            return Err(Taken(format!(
+                "a mark named {name:?} was recorded by another writer meanwhile"
+            ))
+            .into());
+        }
+        Err(e) => return Err(anyhow::Error::from(e).context(format!("recording mark {name:?}"))),
+    }
     tracing::info!(mark = name, lsn = %lsn, seconds = crate::progress::round3(started.elapsed().as_secs_f64()), "mark recorded");
     Ok(mark)
 }

@@ -126,6 +126,58 @@ fn marks_on(backend: Backend) {
         ),
         "0"
     );
+    drop(back);
+
+    // In place: --rollback-to sets the "migrated" data directory aside and restores to the mark;
+    // a name no mark holds changes nothing; a second run does not roll back twice.
+    let data = pg.data.clone();
+    let aside = data.with_file_name("primary.before-rollback-pre-upgrade-db-7");
+    let rollback = |mark: &str| {
+        storage.pgkeep_pg(
+            &bin,
+            &[
+                "restore",
+                "--target-dir",
+                data.to_str().unwrap(),
+                "--rollback-to",
+                mark,
+            ],
+            &[],
+        )
+    };
+    let out = rollback("no-such-mark");
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("no mark named \"no-such-mark\""),
+        "{}",
+        stderr(&out)
+    );
+    assert!(data.join("PG_VERSION").exists() && !aside.exists());
+    let out = rollback("pre-upgrade-db-7");
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stderr(&out).contains("set aside"), "{}", stderr(&out));
+    assert!(
+        aside.join("PG_VERSION").exists(),
+        "the old data directory is kept"
+    );
+    let mut rolled = start_restored(&dir, &storage, data.clone());
+    assert_eq!(rolled.table_checksum("accounts"), at_mark);
+    rolled.psql("insert into accounts values (5000, 1)");
+    rolled.stop("fast");
+    let out = rollback("pre-upgrade-db-7");
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("was done already"),
+        "{}",
+        stderr(&out)
+    );
+    let again = start_restored(&dir, &storage, data.clone());
+    assert_eq!(
+        again.psql("select count(*) from accounts where id = 5000"),
+        "1"
+    );
+    drop(again);
+
     // A name that is no mark: restored anyway (a restore point made with SQL is not checked
     // here), with a warning that says what Postgres does if the WAL holds none.
     let target = dir.mkdir("unmarked");

@@ -125,7 +125,18 @@ fn assert_primary(f: &serde_json::Value) {
     );
     assert_eq!(f["rollback_rows"], 100, "{f}");
     assert_eq!(f["rollback_migrated_column"], "0", "{f}");
+    assert_eq!(
+        f["set_aside_kept"], true,
+        "the pre-rollback data directory is kept: {f}"
+    );
     assert_clean_stop(&f["stop_pod3"]);
+    // Started again with the same values: no second rollback, the row written after it stays.
+    assert_eq!(
+        f["rollback_again"],
+        serde_json::json!({"done_already": true, "left_alone": true, "row_after_rollback": "1"}),
+        "{f}"
+    );
+    assert_clean_stop(&f["stop_pod3b"]);
     assert_eq!(
         f["pgkeep_role"], "pgkeep:super=false:replication=true",
         "{f}"

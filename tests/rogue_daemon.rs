@@ -134,6 +134,31 @@ fn an_impostor_on_listen_is_not_believed() {
     pg.stop("fast");
 }
 
+/// A server on loopback that answers every request with 404 and the given proof header (or none).
+fn answers_404(proof: Option<String>) -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for conn in listener.incoming().take(64) {
+            let Ok(mut conn) = conn else { continue };
+            let mut reader = BufReader::new(conn.try_clone().unwrap());
+            let mut line = String::new();
+            while reader.read_line(&mut line).unwrap_or(0) > 0 && line != "\r\n" {
+                line.clear();
+            }
+            let header = proof
+                .as_ref()
+                .map(|p| format!("x-pgkeep-proof: {p}\r\n"))
+                .unwrap_or_default();
+            let _ = write!(
+                conn,
+                "HTTP/1.1 404 Not Found\r\n{header}content-length: 0\r\nconnection: close\r\n\r\n"
+            );
+        }
+    });
+    port
+}
+
 /// `wal_fetch_storage = false` (the chart's Postgres container without storage keys): wal-fetch
 /// reads nothing but the daemon, believes its proven answers, "not in the archive" included, and
 /// stops recovery (126) when no proven answer comes, never ends it (1) on a guess.
@@ -187,6 +212,22 @@ fn a_storage_less_wal_fetch_believes_only_the_daemons_proofs() {
         log.contains("no proven answer") && log.contains("wal_fetch_storage = false"),
         "{log}"
     );
+    // A 404 with no proof, with a proof replayed from another nonce, with the proof of a WAL
+    // answer instead of "absent": none ends recovery.
+    let token = Token::read(&daemon.token).unwrap();
+    let missing = "0000000100000000000000F0";
+    let replayed = token.proof(
+        &"00".repeat(16),
+        &pgkeep::http_token::absent_subject(missing),
+    );
+    let other_kind = token.proof(
+        &"00".repeat(16),
+        &pgkeep::http_token::wal_subject(missing, &[]),
+    );
+    for proof in [None, Some(replayed), Some(other_kind)] {
+        let (code, log) = fetch(missing, answers_404(proof.clone()));
+        assert_eq!(code, Some(126), "{proof:?}: {log}");
+    }
     drop(daemon);
     let (code, log) = fetch(&seg, free_port());
     assert_eq!(code, Some(126), "{log}");

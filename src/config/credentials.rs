@@ -58,6 +58,39 @@ impl Credentials {
             .collect()
     }
 
+    /// Refuses a file for `url`'s cloud that its client does not know (`AWS_PROFILE`, a typo):
+    /// named now, not as a failure to open storage later.
+    pub fn check_for(&self, url: &StorageUrl) -> Result<(), String> {
+        use object_store::aws::AmazonS3ConfigKey;
+        use object_store::azure::AzureConfigKey;
+        use object_store::gcp::GoogleConfigKey;
+        for (key, _) in self.storage_options(url) {
+            let known = match url {
+                StorageUrl::Cloud {
+                    scheme: CloudScheme::S3,
+                    ..
+                } => key.parse::<AmazonS3ConfigKey>().is_ok(),
+                StorageUrl::Cloud {
+                    scheme: CloudScheme::Gcs,
+                    ..
+                } => key.parse::<GoogleConfigKey>().is_ok(),
+                StorageUrl::Cloud {
+                    scheme: CloudScheme::Azure,
+                    ..
+                } => key.parse::<AzureConfigKey>().is_ok(),
+                StorageUrl::File { .. } => true,
+            };
+            if !known {
+                return Err(format!(
+                    "{} is not a setting of the storage client for {url} (a typo, or a variable \
+                     only other tools read): remove that file",
+                    key.to_ascii_uppercase()
+                ));
+            }
+        }
+        Ok(())
+    }
+
     /// Reads every credential file in `dir` (`origin` says where the setting came from). Names
     /// starting with `.` are skipped (a Secret volume's `..data` links); every other entry must be
     /// a file (or a link to one) named like a variable pgkeep reads.
@@ -162,6 +195,11 @@ mod tests {
         );
         let gcs = StorageUrl::parse("gs://b/p").unwrap();
         assert!(c.storage_options(&gcs).is_empty());
+        c.check_for(&s3).unwrap();
+        let odd = Credentials(vec![("AWS_PROFILE".into(), "x".into())]);
+        let e = odd.check_for(&s3).unwrap_err();
+        assert!(e.contains("AWS_PROFILE is not a setting"), "{e}");
+        odd.check_for(&gcs).unwrap();
 
         std::fs::write(d.path().join("HOME"), "x").unwrap();
         let e = Credentials::read_dir(d.path(), "credentials_dir").unwrap_err();

@@ -286,7 +286,13 @@ impl Config {
                 .map(str::to_string)
                 .or_else(|| env.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone()))
         };
+        let origin = raw.get("credentials_dir").map(|r| r.origin.clone());
         let mut cfg = Self::from_raw(raw, file, lookup, env_settings)?;
+        if let Some(origin) = origin {
+            credentials
+                .check_for(&cfg.storage)
+                .map_err(|message| ConfigError { origin, message })?;
+        }
         cfg.credentials = credentials;
         Ok(cfg)
     }

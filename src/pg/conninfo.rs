@@ -129,6 +129,8 @@ impl PgConnInfo {
         conn: Option<&str>,
         get: impl Fn(&str) -> Option<String>,
     ) -> Result<PgConnInfo, String> {
+        // As libpq: the connection string's channel_binding wins over PGCHANNELBINDING.
+        let conn_given_channel_binding = conn.is_some_and(|c| c.contains("channel_binding"));
         let (conn, ssl_options) = match conn {
             Some(s) => {
                 let (rest, found) = split_ssl_options(s)?;
@@ -186,7 +188,8 @@ impl PgConnInfo {
             .unwrap_or_else(|| "postgres".into());
         if parsed.as_ref().is_some_and(|p| {
             p.get_channel_binding() == tokio_postgres::config::ChannelBinding::Require
-        }) || env("PGCHANNELBINDING").is_some_and(|v| v == "require")
+        }) || (!conn_given_channel_binding
+            && env("PGCHANNELBINDING").is_some_and(|v| v == "require"))
         {
             return Err(
                 "channel_binding=require is not supported: pgkeep does not do \

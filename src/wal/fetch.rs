@@ -145,8 +145,12 @@ async fn from_daemon(
     let token = match crate::http_token::Token::read(&cfg.http_token_file) {
         Ok(t) => t,
         Err(e) => {
-            // Said once per call at most; a pod whose daemon runs should have the token.
-            tracing::warn!(file = %cfg.http_token_file.display(), "cannot read the daemon's token ({e}): not asking the daemon");
+            // A problem only where the daemon is the one source (a plain restore has none).
+            if every_kind {
+                tracing::warn!(file = %cfg.http_token_file.display(), "cannot read the daemon's token ({e}): not asking the daemon");
+            } else {
+                tracing::debug!(file = %cfg.http_token_file.display(), "no daemon token ({e}): reading storage directly");
+            }
             return Daemon::NoAnswer;
         }
     };
@@ -158,7 +162,13 @@ async fn from_daemon(
         cfg.listen,
         "GET",
         &path,
-        cfg.retry.request_timeout.min(DAEMON_ANSWER_TIMEOUT),
+        // With storage to fall back to, a daemon slow to answer is left for it; without, the
+        // daemon's own download of the file may take as long as a storage request does.
+        if every_kind {
+            cfg.retry.request_timeout
+        } else {
+            cfg.retry.request_timeout.min(DAEMON_ANSWER_TIMEOUT)
+        },
         1 << 30,
         &[(crate::http_token::NONCE_HEADER, &nonce)],
     )

@@ -928,7 +928,9 @@ def primary(sim, storage, ordinary_sidecar):
 
     # backupHook.mode=backup: the mark (there already: the same revision), then a full backup.
     before = {b["id"] for b in backups(pod)}
+    started = time.monotonic()
     _, out = upgrade_hooks({"backupHook": {"mode": "backup"}}, "-backup")
+    findings["hook_backup_seconds"] = round(time.monotonic() - started, 2)
     after = {b["id"] for b in backups(pod)}
     new = after - before
     if len(new) != 1 or out.strip().splitlines()[-1].strip() not in new:
@@ -979,18 +981,21 @@ def primary(sim, storage, ordinary_sidecar):
         fail(f"the restart's init container did not leave the cluster alone:\n{pod2b.init_logs.get('restore')}")
     pod2b.stop()
 
-    # Rollback to the mark: a pod on new, empty volumes restores to it (restore.extraArgs), the
-    # same passwords kept; every table as it was at the mark, the migration's column not there.
+    # Rollback to the mark, in place: restore.rollbackTo on the running volumes (helm upgrade,
+    # the pod restarts). The data directory is set aside, not deleted; every table is as it was
+    # at the mark, without the migration's column; a restart does not roll back twice.
     secret = sim.namespace[("Secret", f"{rel.name}-pgkeep")]["data"]
     keep = {k: base64.b64decode(v).decode() for k, v in secret.items()}
-    rb_values = deep_merge(rel.values, {"restore": {"extraArgs": ["--target-name", mark]},
+    rb_values = deep_merge(rel.values, {"restore": {"rollbackTo": mark},
                                         "secret": {"postgresPassword": keep["postgres-password"],
                                                    "pgkeepPassword": keep["pgkeep-password"]}})
     rb = Release(sim, rel.name, rb_values)
-    pod3 = sim.pod(rb, 0, 3, keep=("archive",))
+    rb_spec = rb.one("StatefulSet")["spec"]["template"]["spec"]
+    pod3 = Pod(sim, rb, rb_spec, pod2.name, pod2.root + "-rollback", pod2.claims)
+    sim.pods.append(pod3)
     pod3.start()
-    if "restoring to a mark" not in pod3.init_logs.get("restore", ""):
-        fail(f"pod 3's init container did not restore to the mark:\n{pod3.init_logs.get('restore')}")
+    if "rolling back to the mark" not in pod3.init_logs.get("restore", ""):
+        fail(f"pod 3's init container did not roll back to the mark:\n{pod3.init_logs.get('restore')}")
     wait("the rolled-back Postgres to finish recovery", 180, lambda: client.sql("SELECT pg_is_in_recovery()") == "f")
     got = {"ledger": client.ledger(), **{t: client.checksum(t) for t in ("pgbench_accounts", "pgbench_branches", "pgbench_tellers")}}
     if got != at_mark:
@@ -998,7 +1003,18 @@ def primary(sim, storage, ordinary_sidecar):
     findings["rollback_rows"] = len(acked_at_mark)
     findings["rollback_migrated_column"] = client.sql(
         "SELECT count(*) FROM information_schema.columns WHERE table_name = 'ledger' AND column_name = 'migrated'")
+    aside = os.path.join(pod2.claims["data"], f"pgdata.before-rollback-{mark}")
+    findings["set_aside_kept"] = os.path.isfile(os.path.join(aside, "PG_VERSION"))
+    client.sql("INSERT INTO ledger (id, note) VALUES (9001, 'after the rollback')")
     findings["stop_pod3"] = pod3.stop()
+    pod3b = Pod(sim, rb, rb_spec, pod2.name, pod2.root + "-rollback-again", pod2.claims)
+    sim.pods.append(pod3b)
+    pod3b.start()
+    again = pod3b.init_logs.get("restore", "")
+    findings["rollback_again"] = {"done_already": "was done already" in again,
+                                  "left_alone": "already holds a cluster" in again,
+                                  "row_after_rollback": client.sql("SELECT count(*) FROM ledger WHERE id = 9001")}
+    findings["stop_pod3b"] = pod3b.stop()
     return findings
 
 
