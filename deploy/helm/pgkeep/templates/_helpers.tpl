@@ -61,11 +61,21 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 
 {{/* The role pgkeep connects as, checked: it goes into pg_hba.conf and SQL. */}}
 {{- define "pgkeep.pgkeepUser" -}}
-{{- $u := .Values.postgres.pgkeepUser | default .Values.postgres.user -}}
+{{- /* Not the superuser's name by default: `helm upgrade --reuse-values` from an earlier chart
+       leaves the value empty. */ -}}
+{{- $u := .Values.postgres.pgkeepUser | default "pgkeep" -}}
 {{- if not (regexMatch "^[a-z_][a-z0-9_]{0,62}$" $u) -}}
 {{- fail (printf "postgres.pgkeepUser %q: use lower-case letters, digits and _ (it is written into pg_hba.conf)" $u) -}}
 {{- end -}}
+{{- if or (has $u (list "all" "public" "none" "replication" "samerole" "samegroup" "sameuser" "current_user" "session_user")) (hasPrefix "pg_" $u) -}}
+{{- fail (printf "postgres.pgkeepUser %q is a reserved name in pg_hba.conf or Postgres" $u) -}}
+{{- end -}}
 {{- $u -}}
+{{- end -}}
+
+{{/* The key of the passwords' Secret that holds the password of the role pgkeep connects as. */}}
+{{- define "pgkeep.roleKey" -}}
+{{- ternary "postgres-password" "pgkeep-password" (eq (include "pgkeep.pgkeepUser" .) .Values.postgres.user) -}}
 {{- end -}}
 
 {{/* A password of the release's Secret: the value given, else the one the Secret already holds
@@ -90,9 +100,28 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 {{/* "true" when the release's running Secret is an earlier chart's (the superuser's password as
      PGPASSWORD, no pgkeep role yet): the pre-upgrade Job then connects as the superuser, once. */}}
 {{- define "pgkeep.legacySecret" -}}
-{{- if not .Values.secret.existingSecret -}}
-{{- $existing := lookup "v1" "Secret" .Release.Namespace (include "pgkeep.fullname" .) -}}
-{{- if and $existing $existing.data (hasKey $existing.data "PGPASSWORD") (not (hasKey $existing.data "pgkeep-password")) -}}true{{- end -}}
+{{- $sts := lookup "apps/v1" "StatefulSet" .Release.Namespace (include "pgkeep.fullname" .) -}}
+{{- if $sts -}}
+{{- $pg := dict -}}
+{{- range $sts.spec.template.spec.containers -}}{{- if eq .name "postgres" -}}{{- $pg = . -}}{{- end -}}{{- end -}}
+{{- $roled := false -}}
+{{- range ($pg.env | default list) -}}{{- if eq .name "BACKUP_ROLE" -}}{{- $roled = true -}}{{- end -}}{{- end -}}
+{{- if not $roled -}}true{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{/* An earlier chart kept the storage keys in the release's Secret: refuse an upgrade that would
+     drop them silently. */}}
+{{- define "pgkeep.checkLegacyStorageKeys" -}}
+{{- if not (or .Values.secret.env .Values.secret.existingStorageSecret) -}}
+{{- $existing := lookup "v1" "Secret" .Release.Namespace (include "pgkeep.secretName" .) -}}
+{{- if and $existing $existing.data -}}
+{{- range $k, $v := $existing.data -}}
+{{- if regexMatch "^(AWS|GOOGLE|AZURE)_" $k -}}
+{{- fail (printf "the Secret %s holds %s, as an earlier chart kept the storage credentials: give them as secret.env (or name a Secret in secret.existingStorageSecret); this chart reads them from a Secret of their own" (include "pgkeep.secretName" $) $k) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
 {{- end -}}
 {{- end -}}
 
@@ -126,7 +155,7 @@ pgkeep-password: {{ include "pgkeep.password" (list . "pgkeep-password" .Values.
       - secret:
           name: {{ include "pgkeep.secretName" $ctx }}
           items:
-            - {key: pgkeep-password, path: PGPASSWORD}
+            - {key: {{ include "pgkeep.roleKey" $ctx }}, path: PGPASSWORD}
       {{- end }}
 {{- end -}}
 
@@ -225,10 +254,14 @@ fi
 ensure_role() {
   role="${BACKUP_ROLE:-}"
   if [ -z "$role" ] || [ "$role" = "${PGUSER:-postgres}" ]; then return 0; fi
+  # A standby stays in recovery: it has the primary's roles.
+  if [ -f "$PGDATA/standby.signal" ]; then return 0; fi
   sock="-h /var/run/postgresql -p ${PGPORT:-5432} -U ${PGUSER:-postgres} -d postgres"
+  pause=1
   until [ "$(psql -XtAq $sock -c 'select pg_is_in_recovery()' 2>/dev/null)" = f ]; do
     kill -0 "$pid" 2>/dev/null || return 0
-    sleep 1
+    sleep "$pause"
+    [ "$pause" -ge 16 ] || pause=$((pause * 2))
   done
   if psql -Xq $sock -v ON_ERROR_STOP=1 -v role="$role" <<'SQL'
 SET synchronous_commit = local;
