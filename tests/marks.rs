@@ -176,7 +176,34 @@ fn marks_on(backend: Backend) {
         again.psql("select count(*) from accounts where id = 5000"),
         "1"
     );
+
+    // The rolled-back cluster streams and is backed up; a restore of the latest backup into an
+    // empty directory recovers to the end, not to the old mark its postgresql.auto.conf named
+    // (and chooses among the backups on the new timeline's history).
+    let daemon = Daemon::start(&dir, &storage, &bin, &again, &fast);
+    let out = storage.pgkeep_pg(&bin, &["backup"], &again.client_env());
+    assert!(
+        out.status.success(),
+        "backup after the rollback: {}",
+        stderr(&out)
+    );
+    again.psql("insert into accounts values (5001, 1)");
+    let expected = again.table_checksum("accounts");
+    daemon.wal_switch(&storage, &bin, &again);
+    drop(daemon);
     drop(again);
+    let fresh = dir.mkdir("after-rollback");
+    let out = storage.pgkeep_pg(
+        &bin,
+        &["restore", "--target-dir", fresh.to_str().unwrap()],
+        &[],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let auto = std::fs::read_to_string(fresh.join("postgresql.auto.conf")).unwrap();
+    assert!(!auto.contains("recovery_target_lsn"), "{auto}");
+    let latest = start_restored(&dir, &storage, fresh);
+    assert_eq!(latest.table_checksum("accounts"), expected);
+    drop(latest);
 
     // A name that is no mark: restored anyway (a restore point made with SQL is not checked
     // here), with a warning that says what Postgres does if the WAL holds none.

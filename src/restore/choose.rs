@@ -74,6 +74,7 @@ pub(super) async fn find_backup(
         target: target.clone(),
         ..opts.clone()
     };
+    let backups = on_history(&archive, backups, opts).await?;
     let chosen = choose(&backups, opts)?.clone();
     tracing::info!(backup = %chosen.id, end_lsn = %chosen.end_lsn, end_time = %chosen.end_time, "chosen backup");
     let missing = archive.missing_wal(&chosen.required_wal()).await?;
@@ -85,6 +86,66 @@ pub(super) async fn find_backup(
         );
     }
     Ok(Some((archive, chosen, target)))
+}
+
+/// Only the backups on the history recovery will follow: the mark's timeline, else the newest
+/// timeline in storage (what `recovery_target_timeline = 'latest'` reaches). A backup of another
+/// timeline is on it only if that timeline is in the history file and the backup ended before
+/// the switch: a timeline left behind by a rollback or a PITR carries backups (even newer ones)
+/// of another history, from which recovery cannot reach the target. When the history cannot be
+/// read (or nothing would be left) the list stays as it is.
+async fn on_history(
+    archive: &Archive,
+    backups: Vec<BackupMeta>,
+    opts: &RestoreOptions,
+) -> anyhow::Result<Vec<BackupMeta>> {
+    if matches!(opts.backup, BackupChoice::Id(_)) {
+        return Ok(backups);
+    }
+    let target = match &opts.target {
+        Some(RecoveryTarget::Mark { timeline, .. }) => *timeline,
+        _ => match archive.wal_end(backups[0].wal_segment_size).await? {
+            Some((_, tli, _)) => tli,
+            None => return Ok(backups),
+        },
+    };
+    let history = if target.get() > 1 {
+        let key = archive
+            .layout()
+            .wal(&crate::pg::WalFileName::history(target));
+        match archive.repo().get(&key).await {
+            Ok(text) => match crate::verify::parse_history(&String::from_utf8_lossy(&text)) {
+                Ok(h) => h,
+                Err(e) => {
+                    tracing::warn!("{key}: {e}; choosing among all backups");
+                    return Ok(backups);
+                }
+            },
+            Err(e) => {
+                tracing::debug!("{key}: {e}; choosing among all backups");
+                return Ok(backups);
+            }
+        }
+    } else {
+        vec![]
+    };
+    let on = |b: &BackupMeta| {
+        b.timeline == target
+            || history
+                .iter()
+                .any(|(tli, switch)| *tli == b.timeline && b.end_lsn <= *switch)
+    };
+    let (kept, other): (Vec<_>, Vec<_>) = backups.into_iter().partition(|b| on(b));
+    if kept.is_empty() {
+        tracing::warn!(timeline = %target, "no backup lies on the history of timeline {target}; choosing among all");
+        let mut all = other;
+        all.sort_by(|a, b| b.id.cmp(&a.id));
+        return Ok(all);
+    }
+    for b in &other {
+        tracing::info!(backup = %b.id, timeline = %b.timeline, "not on the history of timeline {target}: not chosen");
+    }
+    Ok(kept)
 }
 
 /// The backup `opts` asks for among `backups` (newest first, not empty).

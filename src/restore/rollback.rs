@@ -94,56 +94,92 @@ pub(super) async fn rollback(
         tracing::info!(mark, done_at = %done.time, set_aside = ?done.set_aside, "the rollback to this mark was done already: restoring as without --rollback-to (a cluster stays as it is)");
         return super::run(cfg, &plain).await;
     }
+    let to_mark = RestoreOptions {
+        target: Some(RecoveryTarget::Name(mark.to_string())),
+        overwrite: false,
+        ..plain.clone()
+    };
     let aside = set_aside_path(dir, mark);
-    let state = if dir.exists() {
+    // What this rollback has done so far, beside the directory on the same volume (fsynced):
+    // "set-aside" once the cluster is renamed, "restored" once the restore to the mark is done.
+    let state_file = aside.with_file_name(format!(
+        "{}.state",
+        aside.file_name().expect("a name").to_string_lossy()
+    ));
+    let state = std::fs::read_to_string(&state_file).unwrap_or_default();
+    let here = if dir.exists() {
         Some(target::inspect(dir)?)
     } else {
         None
     };
-    match state {
-        Some(TargetState::Cluster) if aside.exists() => {
-            // Set aside and restored by an earlier run that stopped before its record: done.
-            tracing::info!(mark, dir = %dir.display(), set_aside = %aside.display(), "an earlier run rolled back to this mark; recording it");
+    match (state.trim(), here) {
+        ("restored", Some(TargetState::Cluster)) => {
+            tracing::info!(mark, dir = %dir.display(), "an earlier run restored to this mark; recording it");
             archive
                 .record_rollback(&RollbackRecord {
                     mark: mark.into(),
                     time: Utc::now(),
                     backup: "(an earlier run's)".into(),
-                    set_aside: Some(aside),
+                    set_aside: aside.exists().then_some(aside),
                 })
                 .await?;
             return Ok(RestoreOutcome::AlreadyACluster);
         }
-        Some(TargetState::Cluster) => {
+        ("set-aside", Some(TargetState::Cluster)) => bail!(
+            "{} holds a cluster again after it was set aside for a rollback to {mark:?} (see {}): \
+             decide by hand (remove the new cluster to roll back, or the state file to roll back \
+             this one too); nothing was changed",
+            dir.display(),
+            state_file.display()
+        ),
+        (_, Some(TargetState::Cluster)) => {
             if dir.join("postmaster.pid").exists() {
                 bail!(
-                    "{} has a postmaster.pid: a server may be running there; stop it before a rollback (nothing was changed)",
+                    "{} has a postmaster.pid: a server may be running there (or the file is stale, \
+                     after a crash: then remove it); stop it before a rollback (nothing was changed)",
                     dir.display()
+                );
+            }
+            if aside.exists() {
+                bail!(
+                    "{} exists already: refusing to set {} aside over it (nothing was changed)",
+                    aside.display(),
+                    dir.display()
+                );
+            }
+            // Everything that can refuse the restore is asked first, before the cluster moves:
+            // a backup before the mark, its WAL in storage, and no tablespace to restore where
+            // the cluster set aside still keeps one.
+            let Some((_, meta, _)) = super::choose::find_backup(cfg, &to_mark).await? else {
+                bail!("storage holds no base backup to roll back from (nothing was changed)");
+            };
+            if meta.archives.iter().any(|a| a.location.is_some()) && opts.tablespace_map.is_empty()
+            {
+                bail!(
+                    "backup {} has tablespaces, which the cluster set aside would keep using: a \
+                     rollback in place cannot restore them; restore elsewhere with --target-name \
+                     and --tablespace-map (nothing was changed)",
+                    meta.id
                 );
             }
             std::fs::rename(dir, &aside).with_context(|| {
                 format!("setting {} aside as {}", dir.display(), aside.display())
             })?;
-            if let Some(parent) = aside.parent() {
-                crate::fsutil::sync_dir(parent)
-                    .with_context(|| format!("syncing {}", parent.display()))?;
-            }
+            crate::fsutil::write_atomic(&state_file, b"set-aside\n")
+                .with_context(|| format!("writing {}", state_file.display()))?;
             tracing::warn!(dir = %dir.display(), set_aside = %aside.display(), "the current data directory is set aside (not deleted): remove it once the rollback is good");
         }
-        Some(TargetState::Other) => bail!(
+        (_, Some(TargetState::Other)) => bail!(
             "{} is not empty and holds no cluster: refusing to roll back into it (nothing was changed)",
             dir.display()
         ),
-        Some(TargetState::Empty | TargetState::Interrupted) | None => {}
+        (_, Some(TargetState::Empty | TargetState::Interrupted) | None) => {}
     }
     tracing::info!(mark, lsn = %m.lsn, timeline = %m.timeline, note = %m.note, "rolling back to the mark");
-    let to_mark = RestoreOptions {
-        target: Some(RecoveryTarget::Name(mark.to_string())),
-        overwrite: false,
-        ..plain
-    };
     match super::run(cfg, &to_mark).await? {
         RestoreOutcome::Restored(meta) => {
+            crate::fsutil::write_atomic(&state_file, b"restored\n")
+                .with_context(|| format!("writing {}", state_file.display()))?;
             archive
                 .record_rollback(&RollbackRecord {
                     mark: mark.into(),
