@@ -7,6 +7,21 @@ mod common;
 
 use common::*;
 
+/// `pgkeep restore` into a new folder `name` of the test directory, with `args`.
+fn restore_into(
+    dir: &TestDir,
+    storage: &Storage,
+    bin: &std::path::Path,
+    name: &str,
+    args: &[&str],
+) -> (std::path::PathBuf, std::process::Output) {
+    let target = dir.mkdir(name);
+    let mut full = vec!["restore", "--target-dir", target.to_str().unwrap()];
+    full.extend_from_slice(args);
+    let out = storage.pgkeep_pg(bin, &full, &[]);
+    (target, out)
+}
+
 fn marks_on(backend: Backend) {
     let dir = TestDir::new("marks");
     let storage = Storage::new(backend, &dir);
@@ -99,17 +114,12 @@ fn marks_on(backend: Backend) {
     // Back to the mark: every row as it was, the column not there.
     drop(daemon);
     pg.stop("fast");
-    let target = dir.mkdir("rolled-back");
-    let out = storage.pgkeep_pg(
+    let (target, out) = restore_into(
+        &dir,
+        &storage,
         &bin,
-        &[
-            "restore",
-            "--target-dir",
-            target.to_str().unwrap(),
-            "--target-name",
-            "pre-upgrade-db-7",
-        ],
-        &[],
+        "rolled-back",
+        &["--target-name", "pre-upgrade-db-7"],
     );
     assert!(out.status.success(), "restore: {}", stderr(&out));
     assert!(
@@ -192,12 +202,7 @@ fn marks_on(backend: Backend) {
     daemon.wal_switch(&storage, &bin, &again);
     drop(daemon);
     drop(again);
-    let fresh = dir.mkdir("after-rollback");
-    let out = storage.pgkeep_pg(
-        &bin,
-        &["restore", "--target-dir", fresh.to_str().unwrap()],
-        &[],
-    );
+    let (fresh, out) = restore_into(&dir, &storage, &bin, "after-rollback", &[]);
     assert!(out.status.success(), "{}", stderr(&out));
     let auto = std::fs::read_to_string(fresh.join("postgresql.auto.conf")).unwrap();
     assert!(!auto.contains("recovery_target_lsn"), "{auto}");
@@ -207,17 +212,12 @@ fn marks_on(backend: Backend) {
 
     // A name that is no mark: restored anyway (a restore point made with SQL is not checked
     // here), with a warning that says what Postgres does if the WAL holds none.
-    let target = dir.mkdir("unmarked");
-    let out = storage.pgkeep_pg(
+    let (_, out) = restore_into(
+        &dir,
+        &storage,
         &bin,
-        &[
-            "restore",
-            "--target-dir",
-            target.to_str().unwrap(),
-            "--target-name",
-            "no-such-mark",
-        ],
-        &[],
+        "unmarked",
+        &["--target-name", "no-such-mark"],
     );
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(

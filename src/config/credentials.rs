@@ -35,11 +35,6 @@ impl Credentials {
             .map(|(_, v)| v.as_str())
     }
 
-    /// The names read, for messages.
-    pub fn names(&self) -> Vec<&str> {
-        self.0.iter().map(|(n, _)| n.as_str()).collect()
-    }
-
     /// The storage client options for `url`'s cloud: its own variables, by `object_store`'s key
     /// names (`AWS_SECRET_ACCESS_KEY` is `aws_secret_access_key`).
     pub fn storage_options(&self, url: &StorageUrl) -> Vec<(String, String)> {

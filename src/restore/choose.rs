@@ -172,35 +172,16 @@ fn choose<'a>(backups: &'a [BackupMeta], opts: &RestoreOptions) -> anyhow::Resul
                     oldest.end_time
                 )
             })?,
-        (BackupChoice::Latest, Some(RecoveryTarget::Lsn(l))) => {
-            backups.iter().find(|b| b.end_lsn <= *l).ok_or_else(|| {
-                anyhow!(
-                    "no backup ended before LSN {l}; the oldest ended at {}",
-                    oldest.end_lsn
-                )
-            })?
-        }
-        // On the mark's timeline or one before it: a backup of a later timeline, even at a
-        // lower LSN, lies on another history than the mark's.
+        // A mark's backups were already kept to its timeline's history (`on_history`).
         (
             BackupChoice::Latest,
-            Some(RecoveryTarget::Mark {
-                name,
-                lsn,
-                timeline,
-                ..
-            }),
-        ) => backups
-            .iter()
-            .find(|b| b.end_lsn <= *lsn && b.timeline <= *timeline)
-            .ok_or_else(|| {
-                anyhow!(
-                    "no backup of timeline {timeline} or before ended before mark {name:?} \
-                     ({lsn}); the oldest ended at {} on timeline {}",
-                    oldest.end_lsn,
-                    oldest.timeline
-                )
-            })?,
+            Some(RecoveryTarget::Lsn(l) | RecoveryTarget::Mark { lsn: l, .. }),
+        ) => backups.iter().find(|b| b.end_lsn <= *l).ok_or_else(|| {
+            anyhow!(
+                "no backup ended before LSN {l}; the oldest ended at {}",
+                oldest.end_lsn
+            )
+        })?,
         (BackupChoice::Latest, Some(t)) => {
             tracing::info!(
                 "the backups' metadata cannot tell which of them precede {t:?}: using the latest; \
