@@ -456,3 +456,59 @@ fn sigterm_during_a_scheduled_backup_drains_it() {
 fn sigterm_during_a_scheduled_backup_past_the_deadline_cancels_it() {
     sigterm_during_a_scheduled_backup(6, false);
 }
+
+/// SIGTERM while the daemon waits between reconnects, with Postgres up again as a primary and
+/// WAL the daemon has not streamed: it streams that WAL before it leaves, so the preStop hook's
+/// `wal-switch`, run at the same moment (the daemon as an ordinary container gets SIGTERM at once)
+/// succeeds. The daemon used to leave at once, and the hook waited for a closed port.
+#[test]
+fn sigterm_between_reconnects_still_streams_the_pending_wal() {
+    let dir = TestDir::new("sigterm-reconnect");
+    let storage = Storage::new(Backend::File, &dir);
+    let bin = dir.install_pgkeep();
+    let mut pg = PgCluster::init(dir.path(), "primary", 1, &storage.env);
+    pg.start();
+    let mut daemon = Daemon::start(
+        &dir,
+        &storage,
+        &bin,
+        &pg,
+        &[("PGKEEP_PARTIAL_UPLOAD_SECS", "1")],
+    );
+    wait_for("streaming", Duration::from_secs(30), || {
+        daemon
+            .log()
+            .contains("starting WAL streaming")
+            .then_some(())
+    });
+    pg.stop("fast");
+    // Postgres is gone: the reconnects back off until the daemon sleeps 8 s between them.
+    wait_for("the backoff to grow", Duration::from_secs(60), || {
+        daemon.log().contains("reconnecting in 8.0s").then_some(())
+    });
+    pg.start();
+    pg.psql("create table after_restart as select g from generate_series(1, 1000) g");
+    std::thread::scope(|s| {
+        let hook = s.spawn(|| daemon.wal_switch(&storage, &bin, &pg));
+        std::thread::sleep(Duration::from_millis(200));
+        daemon.signal("TERM");
+        hook.join().expect("the wal-switch hook");
+    });
+    let switched = pg.psql("select pg_walfile_name(pg_current_wal_lsn() - 1)");
+    pg.stop("fast");
+    let status = daemon.wait(Duration::from_secs(30));
+    let log = daemon.log();
+    assert!(status.success(), "{log}");
+    assert!(
+        log.contains("stopping: draining WAL until the server ends the stream"),
+        "{log}"
+    );
+    // The segment the hook switched away from is in storage, as Postgres wrote it.
+    assert!(
+        stored_keys(&storage)
+            .iter()
+            .any(|k| k.contains("/wal/") && k.contains(&switched)),
+        "{switched} is not in storage:\n{log}"
+    );
+    assert_stored_segments_equal(&storage, &storage.env, &bin, &pg);
+}

@@ -88,7 +88,10 @@ impl StreamState {
 }
 
 /// Streams until `stop` is cancelled and the server has nothing more to send, or a fatal error.
-/// Reconnects with bounded backoff after connection losses.
+/// Reconnects with bounded backoff after connection losses. A stop that comes while no stream
+/// runs (waiting for a promotion, or between attempts) gets one more attempt: a Postgres that is
+/// up as a primary then is streamed until its shutdown ends the stream (the preStop hook waits for
+/// exactly that WAL), and one that is gone or in recovery has nothing more to send.
 pub async fn run(
     cfg: Config,
     repo: Repo,
@@ -98,15 +101,24 @@ pub async fn run(
     let mut backoff = Duration::from_millis(500);
     loop {
         let started = Instant::now();
-        match stream_once(&cfg, &repo, &state, &stop).await {
+        let mut streaming = false;
+        match stream_once(&cfg, &repo, &state, &stop, &mut streaming).await {
             Ok(()) => return Ok(()),
             Err(e) => {
                 if stop.is_cancelled() {
+                    if !streaming {
+                        tracing::info!(
+                            durable = %state.durable_lsn(),
+                            "stopping: no WAL stream to drain ({e:#})"
+                        );
+                        return Ok(());
+                    }
                     tracing::warn!("streaming ended during shutdown: {e:#}");
                     return Err(e);
                 }
                 state.reconnects.inc();
                 let ended = e.downcast_ref::<StreamEnded>().is_some();
+                let soon = starting_up(&e);
                 let unsupported =
                     matches!(e.downcast_ref::<PgError>(), Some(PgError::Unsupported(_)));
                 // A server that ended the stream is no failure to report (it reconnects).
@@ -120,7 +132,13 @@ pub async fn run(
                 if started.elapsed() > Duration::from_secs(60) {
                     backoff = Duration::from_millis(500);
                 }
-                if e.downcast_ref::<StreamEnded>().is_some() {
+                // Postgres starting up (replaying a restore's WAL) answers, and soon: retried
+                // every second, so that the stream starts within a second of consistency or a
+                // promotion, not after a backoff grown during a long replay.
+                if soon {
+                    backoff = backoff.min(Duration::from_secs(1));
+                }
+                if ended {
                     tracing::info!("{e}; reconnecting in {:.1}s", backoff.as_secs_f64());
                 } else {
                     tracing::warn!(
@@ -130,27 +148,43 @@ pub async fn run(
                 }
                 tokio::select! {
                     _ = tokio::time::sleep(backoff) => {}
-                    _ = stop.cancelled() => return Ok(()),
+                    // The last attempt (above): stop is cancelled now.
+                    _ = stop.cancelled() => continue,
                 }
-                backoff = (backoff * 2).min(Duration::from_secs(30));
+                backoff = (backoff * 2).min(Duration::from_secs(if soon { 1 } else { 30 }));
             }
         }
     }
 }
 
+/// Postgres refused the connection because it is starting up or not yet consistent
+/// (SQLSTATE 57P03, `cannot_connect_now`).
+fn starting_up(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<tokio_postgres::Error>()
+            .and_then(tokio_postgres::Error::code)
+            .is_some_and(|code| *code == tokio_postgres::error::SqlState::CANNOT_CONNECT_NOW)
+            || matches!(c.downcast_ref::<PgError>(), Some(PgError::Server { code, .. }) if code == "57P03")
+    })
+}
+
 /// Waits while Postgres is in recovery (just restored, or a standby): its WAL is the archive's
-/// own. Returns false when `stop` came first.
+/// own. Returns false when `stop` came first and Postgres was still in recovery then.
 async fn wait_until_primary(cfg: &Config, stop: &CancellationToken) -> anyhow::Result<bool> {
     let sql = crate::pg::sql::connect(&cfg.pg).await?;
     let mut said = false;
     while crate::pg::sql::is_in_recovery(&sql).await? {
+        if stop.is_cancelled() {
+            return Ok(false);
+        }
         if !said {
             tracing::info!("Postgres is in recovery: WAL streaming waits until it is promoted");
             said = true;
         }
+        // A stop asks once more (a promotion in the last second is streamed).
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-            _ = stop.cancelled() => return Ok(false),
+            _ = stop.cancelled() => {}
         }
     }
     Ok(true)
@@ -162,6 +196,7 @@ async fn stream_once(
     repo: &Repo,
     state: &StreamState,
     stop: &CancellationToken,
+    streaming: &mut bool,
 ) -> anyhow::Result<()> {
     if !wait_until_primary(cfg, stop).await? {
         return Ok(());
@@ -210,6 +245,7 @@ async fn stream_once(
             other => bail!("START_REPLICATION answered {other:?}"),
         }
         state.set_problem(None);
+        *streaming = true;
         let session = Session {
             cfg,
             archive: &archive,
