@@ -310,6 +310,7 @@ impl Run {
             tablespace_map,
             pgkeep_path: None,
             rollback_to: None,
+            seed_from: None,
         };
         match crate::restore::restore(cfg, &opts).await? {
             RestoreOutcome::Restored(meta) => Ok(meta.id.to_string()),

@@ -168,6 +168,11 @@ struct RestoreArgs {
     /// and recovery stops at it; done once (recorded in storage), later runs restore as usual.
     #[arg(long, value_name = "MARK", conflicts_with_all = ["target", "standby", "overwrite"])]
     rollback_to: Option<String>,
+    /// Moving into a new release: when this release's storage holds no backup of the cluster yet,
+    /// first copy the backup to restore, its WAL, the history files and the marks from this other
+    /// release's archive (only read), then restore from this release's storage.
+    #[arg(long, value_name = "URL", conflicts_with_all = ["rollback_to", "standby"])]
+    seed_from: Option<String>,
     /// Restore a tablespace at another place: OLD=NEW (repeatable).
     #[arg(long, value_name = "OLD=NEW")]
     tablespace_map: Vec<String>,
@@ -231,6 +236,11 @@ fn restore_options(args: RestoreArgs, cfg: &Config) -> anyhow::Result<restore::R
         tablespace_map,
         pgkeep_path: args.pgkeep_path,
         rollback_to: args.rollback_to,
+        seed_from: args
+            .seed_from
+            .as_deref()
+            .map(|u| pgkeep::config::StorageUrl::parse(u).map_err(|e| anyhow!("--seed-from: {e}")))
+            .transpose()?,
     })
 }
 

@@ -55,6 +55,7 @@ fn simulate(scenario: &str, backend: Backend, extra: &[&str]) -> (serde_json::Va
     if let Some(s3) = &s3 {
         env = s3.env();
         env.push(("PGKEEP_SIM_BUCKET".into(), s3.bucket.clone()));
+        env.push(("PGKEEP_SIM_S3_DIR".into(), s3.dir.display().to_string()));
     }
     let work = dir.mkdir("sim");
     let storage = if backend == Backend::S3 { "s3" } else { "file" };
@@ -475,6 +476,25 @@ fn pod_lifecycle_standby_replica_follows_the_primary_on_s3() {
     );
     assert_clean_stop(&f["stop_standby"]);
     assert_clean_stop(&f["stop_primary"]);
+}
+
+/// Moving a database into a new release (values-move.yaml): the new release's first pod seeds its
+/// storage from the old release's archive and restores; a standby release of the new one follows
+/// it; the rows are equal on both, and the old archive is byte for byte what it was.
+#[test]
+fn pod_lifecycle_move_into_a_new_release_with_a_standby_on_s3() {
+    let (f, _dir) = simulate("move", Backend::S3, &[]);
+    assert_eq!(f["source_unchanged"], true, "{f}");
+    assert!(f["source_objects"].as_u64().unwrap() > 0, "{f}");
+    // 40 rows before the move, 10 after it, 10 while the standby follows.
+    assert_eq!(f["primary_rows"], 60, "{f}");
+    assert_eq!(f["standby_rows"], 60, "{f}");
+    assert_eq!(f["standby_tables_equal"], true, "{f}");
+    assert!(f["seeded"]["objects"].as_u64().unwrap() > 0, "{f}");
+    assert_eq!(f["new_timeline"], "2", "{f}");
+    for stop in ["stop_old", "stop_new", "stop_standby"] {
+        assert_clean_stop(&f[stop]);
+    }
 }
 
 /// The simulation is only worth something if it fails when the chart and the binary disagree.

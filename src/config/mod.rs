@@ -371,11 +371,17 @@ impl Config {
 
     /// What the storage layer needs of these settings.
     pub fn storage_settings(&self) -> StorageSettings {
+        self.storage_settings_for(&self.storage)
+    }
+
+    /// The settings for another store (a seed's source archive): this one's retry bounds,
+    /// encryption and credentials, at `url`.
+    pub fn storage_settings_for(&self, url: &StorageUrl) -> StorageSettings {
         StorageSettings {
-            url: self.storage.clone(),
+            url: url.clone(),
             retry: self.retry,
             verify_uploads: self.verify_uploads,
-            options: self.credentials.storage_options(&self.storage),
+            options: self.credentials.storage_options(url),
             encryption: self.encryption.clone(),
         }
     }

@@ -35,7 +35,14 @@ pub(super) async fn find_backup(
             _ => cluster::resolve_from_storage(&repo).await?,
         },
     };
-    let archive = Archive::new(repo, system_identifier);
+    find_in(Archive::new(repo, system_identifier), opts).await
+}
+
+/// As [`find_backup`], in one cluster's archive (this release's, or a seed's source).
+pub(super) async fn find_in(
+    archive: Archive,
+    opts: &RestoreOptions,
+) -> anyhow::Result<Option<(Archive, BackupMeta, Option<RecoveryTarget>)>> {
     let backups = archive.backups().await?;
     if backups.is_empty() {
         return Ok(None);

@@ -9,6 +9,7 @@
 mod choose;
 mod recovery;
 pub mod rollback;
+mod seed;
 mod target;
 mod unpack;
 
@@ -102,6 +103,9 @@ pub struct RestoreOptions {
     pub pgkeep_path: Option<PathBuf>,
     /// `--rollback-to MARK`: set a cluster aside and restore to the mark, once.
     pub rollback_to: Option<String>,
+    /// `--seed-from URL`: another release's archive to copy the backup and its WAL from, read
+    /// only, when this release's storage holds no backup of the cluster yet.
+    pub seed_from: Option<crate::config::StorageUrl>,
 }
 
 #[derive(Debug)]
@@ -133,6 +137,9 @@ async fn run(cfg: &Config, opts: &RestoreOptions) -> anyhow::Result<RestoreOutco
     let Some(state) = target::check_target(opts)? else {
         return Ok(RestoreOutcome::AlreadyACluster);
     };
+    if let Some(from) = &opts.seed_from {
+        seed::seed(cfg, opts, from).await?;
+    }
     let Some((archive, meta, target)) = choose::find_backup(cfg, opts).await? else {
         if opts.require_backup {
             bail!(

@@ -512,6 +512,35 @@ impl Repo {
         self.put_sealed_opt(key, stored, false).await
     }
 
+    /// Copies `key` from `source` as it is stored there (an encrypted object stays sealed to its
+    /// recipients), checked there as far as its header allows; verified here, and durable unless
+    /// `deferred` (then after [`Repo::sync_all`]). A copy already here, byte for byte, is left
+    /// alone (false); other bytes under the key are refused. Returns whether it wrote, and the size.
+    pub async fn copy_from(
+        &self,
+        source: &Repo,
+        key: &Path,
+        deferred: bool,
+    ) -> Result<(bool, u64), StorageError> {
+        let (_, stored) = source.get_stored(key).await?;
+        match self.fetch_raw(key).await {
+            Ok(existing) if existing == stored => return Ok((false, stored.len() as u64)),
+            Ok(existing) => {
+                return Err(StorageError::Conflict {
+                    key: key.to_string(),
+                    stored_len: existing.len() as u64,
+                    stored_sha: hex::encode(object::content_sha256(&existing)),
+                    new_len: stored.len() as u64,
+                    new_sha: hex::encode(object::content_sha256(&stored)),
+                });
+            }
+            Err(StorageError::NotFound { .. }) => {}
+            Err(e) => return Err(e),
+        }
+        let len = self.put_sealed_opt(key, stored.to_vec(), !deferred).await?;
+        Ok((true, len))
+    }
+
     /// Makes everything written so far durable (`file://`: one syncfs of the storage's file system;
     /// cloud stores acknowledge durably on each write).
     pub async fn sync_all(&self) -> Result<(), StorageError> {

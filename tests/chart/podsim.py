@@ -25,6 +25,7 @@ Needs helm-python-sdk, kubernetes-validate and PyYAML (scripts/install-deps.sh h
 """
 import argparse
 import base64
+import hashlib
 import json
 import os
 import re
@@ -1052,6 +1053,95 @@ def standby(sim, storage):
     return findings
 
 
+def snapshot(root):
+    """Every file below `root` with the SHA-256 of its bytes."""
+    out = {}
+    for d, _, files in os.walk(root):
+        for f in files:
+            path = os.path.join(d, f)
+            with open(path, "rb") as fh:
+                out[os.path.relpath(path, root)] = hashlib.sha256(fh.read()).hexdigest()
+    return out
+
+
+def move(sim, storage):
+    """A standalone release's database moved into a new release (values-move.yaml: restore.seedFrom
+    names the old release's storage), with a standby release following the new primary: rows
+    equal on both, the old archive byte for byte what it was."""
+    if storage != "s3":
+        fail("the move scenario needs object storage (a file:// archive lives on the old release's volume)")
+    findings = {}
+    rel, pod, client = start_primary(sim, storage)
+    client.sql("CREATE TABLE ledger (id int PRIMARY KEY, note text)")
+    acked = write_rows(client, 1, 40)
+    client.pgbench("-i", "-s", "1", "-q")
+    sums = {t: client.checksum(t) for t in ("pgbench_accounts", "pgbench_branches")}
+    # The old release is retired first: its preStop makes its last WAL durable.
+    findings["stop_old"] = pod.stop()
+    bucket = os.environ["PGKEEP_SIM_BUCKET"]
+    old_url = rel.values["storage"]["url"]
+    old_dir = os.path.join(os.environ["PGKEEP_SIM_S3_DIR"], bucket, old_url.split("/", 3)[3])
+    before = snapshot(old_dir)
+    if not before:
+        fail(f"nothing in the old archive at {old_dir}")
+
+    pg_port, daemon_port = free_port(), free_port()
+    values = deep_merge(values_for(storage, pg_port, daemon_port, ["values-move.yaml"]),
+                        {"storage": {"url": f"s3://{bucket}/db-moved"},
+                         "restore": {"seedFrom": old_url},
+                         "secret": {"existingSecret": f"{rel.name}-pgkeep"}})
+    new = Release(sim, "moved", values)
+    npod = sim.pod(new, 0, 1)
+    npod.start()
+    seeded = npod.init_logs.get("restore", "")
+    if "seeded this release's storage" not in seeded or "restored; start Postgres" not in seeded:
+        fail(f"the new release's init container did not seed and restore:\n{seeded}")
+    findings["seeded"] = next(json.loads(l) for l in seeded.splitlines() if "seeded this release" in l)
+    nclient = Client(pg_port, password_of(sim, new))
+    wait("the moved Postgres to finish recovery", 180, lambda: nclient.sql("SELECT pg_is_in_recovery()") == "f")
+    if nclient.ledger() != ",".join(map(str, acked)):
+        fail(f"rows differ after the move: {nclient.ledger()}")
+    for t, v in sums.items():
+        if nclient.checksum(t) != v:
+            fail(f"{t} differs after the move")
+    acked += write_rows(nclient, 41, 10)
+
+    # A standby of the new release: restores from the new release's storage, follows its primary.
+    sb_pg, sb_daemon = free_port(), free_port()
+    svalues = deep_merge(values_for(storage, sb_pg, sb_daemon, ["values-standby.yaml"]),
+                         {"storage": {"url": f"s3://{bucket}/db-moved"},
+                          "secret": {"existingSecret": f"{rel.name}-pgkeep",
+                                     "existingStorageSecret": "moved-pgkeep-storage-readonly",
+                                     "existingReadOnlyStorageSecret": "moved-pgkeep-storage-readonly"}})
+    primary_storage = sim.namespace[("Secret", "moved-pgkeep-storage")]
+    sim.namespace[("Secret", "moved-pgkeep-storage-readonly")] = {
+        "kind": "Secret", "metadata": {"name": "moved-pgkeep-storage-readonly"}, "data": dict(primary_storage["data"])}
+    srel = Release(sim, "moved-replica", svalues)
+    spod = sim.pod(srel, 0, 1)
+    spod.start()
+    sclient = Client(sb_pg, password_of(sim, srel))
+    if sclient.sql("SELECT pg_is_in_recovery()") != "t":
+        fail("the new release's standby is not in recovery")
+    acked += write_rows(nclient, 51, 10)
+    nclient.sql("SELECT pg_switch_wal()")
+    want = ",".join(map(str, acked))
+    wait("the standby to replay the new primary's rows", 120, lambda: sclient.ledger() == want
+         if sclient.sql("SELECT to_regclass('ledger') IS NOT NULL") == "t" else False)
+    findings["primary_rows"] = len(nclient.ledger().split(","))
+    findings["standby_rows"] = len(sclient.ledger().split(","))
+    findings["standby_tables_equal"] = all(sclient.checksum(t) == v for t, v in sums.items())
+    findings["new_timeline"] = nclient.sql("SELECT timeline_id FROM pg_control_checkpoint()")
+    findings["stop_standby"] = spod.stop()
+    findings["stop_new"] = npod.stop()
+    after = snapshot(old_dir)
+    findings["source_unchanged"] = after == before
+    findings["source_objects"] = len(before)
+    if after != before:
+        changed = sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))
+        findings["source_changed"] = changed[:20]
+    return findings
+
+
 def simulate(args):
     if not IS_ROOT:
         fail("the pod simulation runs each container in a mount namespace of its own: run it as root")
@@ -1061,6 +1151,8 @@ def simulate(args):
     try:
         if args.scenario == "primary":
             findings = primary(sim, args.storage, args.ordinary_sidecar)
+        elif args.scenario == "move":
+            findings = move(sim, args.storage)
         else:
             findings = standby(sim, args.storage)
     finally:
@@ -1074,7 +1166,7 @@ def main():
     sub = ap.add_subparsers(dest="cmd", required=True)
     sub.add_parser("check")
     s = sub.add_parser("simulate")
-    s.add_argument("--scenario", choices=["primary", "standby"], required=True)
+    s.add_argument("--scenario", choices=["primary", "standby", "move"], required=True)
     s.add_argument("--storage", choices=["s3", "file"], default="s3")
     s.add_argument("--pgkeep", required=True)
     s.add_argument("--workdir", required=True)
