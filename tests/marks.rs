@@ -210,21 +210,48 @@ fn marks_on(backend: Backend) {
     assert_eq!(latest.table_checksum("accounts"), expected);
     drop(latest);
 
-    // A name that is no mark: restored anyway (a restore point made with SQL is not checked
-    // here), with a warning that says what Postgres does if the WAL holds none.
-    let (_, out) = restore_into(
+    // A name that is no mark, nor any restore point in the WAL: refused before anything is
+    // written, saying so.
+    let (unmarked, out) = restore_into(
         &dir,
         &storage,
         &bin,
         "unmarked",
         &["--target-name", "no-such-mark"],
     );
-    assert!(out.status.success(), "{}", stderr(&out));
+    let said = stderr(&out);
+    assert!(!out.status.success(), "{said}");
     assert!(
-        stderr(&out).contains("no mark of that name in storage"),
-        "{}",
-        stderr(&out)
+        said.contains("no mark of that name, and no restore point of that name"),
+        "{said}"
     );
+    assert_eq!(std::fs::read_dir(&unmarked).map_or(0, |d| d.count()), 0);
+    // A restore point made with SQL after the newest backup: found in the WAL and restored to.
+    let mut latest = PgCluster::adopt(dir.path(), dir.path().join("after-rollback"), &storage.env);
+    latest.start();
+    let daemon = Daemon::start(&dir, &storage, &bin, &latest, &fast);
+    latest.psql("insert into accounts values (6001, 1)");
+    let at_point = latest.table_checksum("accounts");
+    latest.psql("select pg_create_restore_point('made-with-sql')");
+    latest.psql("insert into accounts values (6002, 1)");
+    daemon.wal_switch(&storage, &bin, &latest);
+    drop(daemon);
+    drop(latest);
+    let (target, out) = restore_into(
+        &dir,
+        &storage,
+        &bin,
+        "to-sql-point",
+        &["--target-name", "made-with-sql"],
+    );
+    let said = stderr(&out);
+    assert!(out.status.success(), "{said}");
+    assert!(
+        said.contains("holds a restore point of that name"),
+        "{said}"
+    );
+    let pitr = start_restored(&dir, &storage, target);
+    assert_eq!(pitr.table_checksum("accounts"), at_point);
 }
 
 #[test]

@@ -10,6 +10,9 @@ use crate::storage::{Archive, BackupMeta, Repo, StorageError};
 
 use super::{BackupChoice, RecoveryTarget, RestoreOptions};
 
+/// WAL files read at once when looking for a restore point.
+const SCAN_PARALLELISM: usize = 4;
+
 /// The archive, the backup to restore and the recovery target to write (a name that is a mark
 /// becomes the mark's LSN); None when storage holds no backup (or no archive at all: a `file://`
 /// directory never written, or one without a format marker).
@@ -66,11 +69,9 @@ pub(super) async fn find_in(
                 })
             }
             None => {
-                tracing::warn!(
-                    "--target-name {name:?}: no mark of that name in storage (`pgkeep list` shows \
-                     them); a restore point made with pg_create_restore_point() is not checked \
-                     here: if the WAL holds none of that name, Postgres stops at the end of \
-                     recovery with \"recovery ended before configured recovery target was reached\""
+                tracing::info!(
+                    "--target-name {name:?}: no mark of that name in storage; looking for a \
+                     restore point of that name (pg_create_restore_point) in the WAL"
                 );
                 opts.target.clone()
             }
@@ -91,6 +92,21 @@ pub(super) async fn find_in(
             chosen.id,
             crate::pg::lsn::join_names(&missing)
         );
+    }
+    if let Some(RecoveryTarget::Name(name)) = &target {
+        match super::points::find(&archive, &chosen, name, SCAN_PARALLELISM).await? {
+            super::points::Found::In(file) => {
+                tracing::info!(name, wal = %file, "the WAL after the backup holds a restore point of that name")
+            }
+            super::points::Found::Nowhere { scanned } => bail!(
+                "--target-name {name:?}: no mark of that name, and no restore point of that name \
+                 in the WAL after backup {} ({scanned} WAL files from {} on): `pgkeep list` \
+                 shows the marks; a restore point made before that backup needs an older one \
+                 (--backup ID); nothing was written",
+                chosen.id,
+                chosen.start_lsn
+            ),
+        }
     }
     Ok(Some((archive, chosen, target)))
 }

@@ -7,6 +7,7 @@
 //! backup), `unpack` (its data, manifest and WAL), `recovery` (the settings Postgres reads).
 
 mod choose;
+mod points;
 mod recovery;
 pub mod rollback;
 mod seed;
