@@ -56,11 +56,15 @@ fn streaming_under_faults_loses_nothing() {
     settings.extend([
         ("PGKEEP_PARTIAL_UPLOAD_SECS", "1"),
         ("PGKEEP_STATUS_INTERVAL_SECS", "1"),
+        // No retry inside the client: each fault on an upload is a failed upload the daemon
+        // counts and recovers from (with one, two faults in a row were needed, and a CI run saw
+        // all eight faults absorbed).
+        ("PGKEEP_STORAGE_MAX_RETRIES", "0"),
     ]);
     let daemon = Daemon::start(&dir, &storage, &bin, &pg, &settings);
     run_ok(&mut pg.pgbench(&["-i", "-s", "1", "-q"]));
     proxy.set_rate(200);
-    let mut load = pg.pgbench(&["-c", "2", "-T", "8", "-n"]).spawn().unwrap();
+    let mut load = pg.pgbench(&["-c", "2", "-T", "10", "-n"]).spawn().unwrap();
     let mut samples = 0;
     while load.try_wait().unwrap().is_none() {
         let restart = pg.psql(
@@ -90,7 +94,7 @@ fn streaming_under_faults_loses_nothing() {
         "{} requests, {injected} faults injected, {errors} failed uploads counted",
         proxy.requests.load(std::sync::atomic::Ordering::Relaxed)
     );
-    assert!(injected >= 4, "only {injected} faults injected");
+    assert!(injected >= 3, "only {injected} faults injected");
     assert!(errors >= 1.0, "no failed upload counted:\n{metrics}");
 
     // The faults stop: everything catches up, byte for byte.
