@@ -484,6 +484,7 @@ fn pod_lifecycle_standby_replica_follows_the_primary_on_s3() {
 #[test]
 fn pod_lifecycle_move_into_a_new_release_with_a_standby_on_s3() {
     let (f, _dir) = simulate("move", Backend::S3, &[]);
+    eprintln!("findings: {f}");
     assert_eq!(f["source_unchanged"], true, "{f}");
     assert!(f["source_objects"].as_u64().unwrap() > 0, "{f}");
     // 40 rows before the move, 10 after it, 10 while the standby follows.

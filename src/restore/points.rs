@@ -59,7 +59,7 @@ pub(super) async fn find(
             Some((seg, n, m.location))
         })
         .collect();
-    files.sort_by(|a, b| (b.0, b.1.timeline).cmp(&(a.0, a.1.timeline)));
+    files.sort_by_key(|f| std::cmp::Reverse((f.0, f.1.timeline)));
     let scanned = files.len();
     let mut reads = futures::stream::iter(files.into_iter().map(|(_, n, key)| async move {
         let wal = archive.repo().get(&key).await?;
