@@ -1019,6 +1019,22 @@ def primary(sim, storage, ordinary_sidecar):
     return findings
 
 
+def start_standby(sim, name, values, primary_fullname, pg_port):
+    """A standby release `name` of the primary release whose fullname is `primary_fullname`: the
+    read-only storage Secret its values name is made from the primary's keys (the S3 server here
+    has one key pair; what matters is where they go). Returns once it runs in recovery."""
+    ro = values["secret"]["existingStorageSecret"]
+    primary_storage = sim.namespace[("Secret", f"{primary_fullname}-storage")]
+    sim.namespace[("Secret", ro)] = {"kind": "Secret", "metadata": {"name": ro}, "data": dict(primary_storage["data"])}
+    srel = Release(sim, name, values)
+    spod = sim.pod(srel, 0, 1)
+    spod.start()
+    sclient = Client(pg_port, password_of(sim, srel))
+    if sclient.sql("SELECT pg_is_in_recovery()") != "t":
+        fail(f"the standby {name} is not in recovery")
+    return srel, spod, sclient
+
+
 def standby(sim, storage):
     findings = {}
     rel, pod, client = start_primary(sim, storage)
@@ -1028,15 +1044,7 @@ def standby(sim, storage):
     values = values_for(storage, sb_pg, sb_daemon, ["values-standby.yaml"])
     # What the example asks the user to create: read-only keys to the primary's archive (the S3
     # server here has one key pair, so they are the primary's; what matters is where they go).
-    ro = values["secret"]["existingStorageSecret"]
-    primary_storage = sim.namespace[("Secret", f"{rel.name}-pgkeep-storage")]
-    sim.namespace[("Secret", ro)] = {"kind": "Secret", "metadata": {"name": ro}, "data": dict(primary_storage["data"])}
-    srel = Release(sim, "replica", values)
-    spod = sim.pod(srel, 0, 1)
-    spod.start()
-    sclient = Client(sb_pg, password_of(sim, srel))
-    if sclient.sql("SELECT pg_is_in_recovery()") != "t":
-        fail("the standby is not in recovery")
+    srel, spod, sclient = start_standby(sim, "replica", values, f"{rel.name}-pgkeep", sb_pg)
     acked += write_rows(client, 21, 30)
     # The primary's daemon streams the open segment as .partial; a switch completes it.
     client.sql("SELECT pg_switch_wal()")
@@ -1113,15 +1121,7 @@ def move(sim, storage):
                           "secret": {"existingSecret": f"{rel.name}-pgkeep",
                                      "existingStorageSecret": "moved-pgkeep-storage-readonly",
                                      "existingReadOnlyStorageSecret": "moved-pgkeep-storage-readonly"}})
-    primary_storage = sim.namespace[("Secret", "moved-pgkeep-storage")]
-    sim.namespace[("Secret", "moved-pgkeep-storage-readonly")] = {
-        "kind": "Secret", "metadata": {"name": "moved-pgkeep-storage-readonly"}, "data": dict(primary_storage["data"])}
-    srel = Release(sim, "moved-replica", svalues)
-    spod = sim.pod(srel, 0, 1)
-    spod.start()
-    sclient = Client(sb_pg, password_of(sim, srel))
-    if sclient.sql("SELECT pg_is_in_recovery()") != "t":
-        fail("the new release's standby is not in recovery")
+    srel, spod, sclient = start_standby(sim, "moved-replica", svalues, "moved-pgkeep", sb_pg)
     acked += write_rows(nclient, 51, 10)
     nclient.sql("SELECT pg_switch_wal()")
     want = ",".join(map(str, acked))
