@@ -351,10 +351,29 @@ def encryption_findings():
 
 # ---------------------------------------------------------------- the pod simulation
 
+_PORTS_TRIED = set()
+
+
 def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A loopback port nobody uses now, for a server started later.
+
+    Drawn from below the kernel's ephemeral range (32768-60999): a port from bind(0) lies in that
+    range, where an outgoing connection of a parallel test may hold it by the time Postgres binds
+    ("could not bind ... Address already in use", seen in CI)."""
+    import random
+    rng = random.Random(os.getpid() ^ time.time_ns())
+    for _ in range(200):
+        port = rng.randrange(20000, 32000)
+        if port in _PORTS_TRIED:
+            continue
+        _PORTS_TRIED.add(port)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise SystemExit("podsim: no free loopback port in 20000..32000")
 
 
 def postgres_ids():

@@ -124,13 +124,31 @@ pub fn run_ok(cmd: &mut Command) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// A loopback port nobody listens on right now.
+/// A loopback port nobody uses right now, for a server a test starts later.
+///
+/// Drawn from below the kernel's ephemeral range (32768-60999): a port from `bind(":0")` comes
+/// from that range, where any outgoing connection of a parallel test (an S3 client, a libpq
+/// session) may be holding it by the time the server binds, and Postgres then fails with
+/// "could not bind ... Address already in use" (seen in CI). Ports are spread by process id and
+/// a counter, so parallel test processes rarely try the same one, and each is checked free.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    const LOW: u32 = 20_000;
+    const SPAN: u32 = 12_000;
+    let seed = std::process::id().wrapping_mul(2_654_435_761)
+        ^ std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
+    for _ in 0..200 {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = (LOW + seed.wrapping_add(n.wrapping_mul(7_919)) % SPAN) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free loopback port in {LOW}..{}", LOW + SPAN);
 }
 
 /// Polls `check` until it returns Some, or panics after `timeout` with `what`.
