@@ -26,6 +26,9 @@ pub struct Metrics {
     durable: Gauge,
     lag: Gauge,
     failing: Gauge,
+    spooled: Gauge,
+    in_flight: Gauge,
+    pending_seconds: FloatGauge,
     since_upload: FloatGauge,
     since_backup: FloatGauge,
     backup_seconds: FloatGauge,
@@ -58,6 +61,9 @@ impl Metrics {
             durable: Gauge::default(),
             lag: Gauge::default(),
             failing: Gauge::default(),
+            spooled: Gauge::default(),
+            in_flight: Gauge::default(),
+            pending_seconds: FloatGauge::default(),
             since_upload: FloatGauge::default(),
             since_backup: FloatGauge::default(),
             backup_seconds: FloatGauge::default(),
@@ -98,7 +104,32 @@ impl Metrics {
             "Seconds since the last completed segment reached storage (-1: none yet).",
             m.since_upload.clone(),
         );
+        r.register(
+            "wal_spooled_segments",
+            "Completed segments in the spool that storage does not hold yet.",
+            m.spooled.clone(),
+        );
+        r.register(
+            "wal_uploads_in_flight",
+            "WAL uploads running (segments and .partial).",
+            m.in_flight.clone(),
+        );
+        r.register(
+            "wal_pending_seconds",
+            "Age of the oldest received WAL not yet in storage (0: none waits).",
+            m.pending_seconds.clone(),
+        );
         let s = &stream;
+        r.register(
+            "wal_backpressure_events",
+            "Times the spool filled with WAL storage had not taken and receiving paused.",
+            s.backpressure_events.clone(),
+        );
+        r.register(
+            "wal_durable_lag_seconds",
+            "How long received WAL waited until it was in storage (per advance of the durable position, its oldest WAL).",
+            s.durable_lag.0.clone(),
+        );
         r.register(
             "wal_segments_uploaded",
             "Segments streamed to storage.",
@@ -111,7 +142,7 @@ impl Metrics {
         );
         r.register(
             "upload_errors",
-            "Failed uploads (each is retried by reconnecting).",
+            "Failed WAL uploads (each is tried again; the replication connection stays).",
             s.upload_errors.clone(),
         );
         r.register(
@@ -264,6 +295,15 @@ impl Metrics {
         self.durable.set(durable as i64);
         self.lag.set(received.saturating_sub(durable) as i64);
         self.failing.set(i64::from(st.problem().is_some()));
+        self.spooled
+            .set(st.spooled_segments.load(Ordering::Relaxed) as i64);
+        self.in_flight
+            .set(st.uploads_in_flight.load(Ordering::Relaxed) as i64);
+        self.pending_seconds
+            .set(match st.oldest_pending_unix_ms.load(Ordering::Relaxed) {
+                0 => 0.0,
+                t => crate::progress::unix_now_ms().saturating_sub(t) as f64 / 1000.0,
+            });
         let now = crate::progress::unix_now();
         // -1 for "never", else the seconds since the recorded Unix time.
         let since = |t: &AtomicU64| match t.load(Ordering::Relaxed) {

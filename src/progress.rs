@@ -140,6 +140,14 @@ pub fn unix_now() -> u64 {
         .as_secs()
 }
 
+/// Unix time in milliseconds.
+pub fn unix_now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_millis() as u64
+}
+
 #[cfg(test)]
 mod progress_tests {
     #[test]

@@ -94,7 +94,18 @@ fn streaming(backend: Backend) {
         .lines()
         .filter(|l| !l.starts_with('#') && !l.is_empty())
     {
-        let (name, value) = line.split_once(' ').expect("name value");
+        let (name, value) = line.rsplit_once(' ').expect("name value");
+        // A histogram's buckets carry a label: name{le="0.5"}.
+        let name = match name.split_once('{') {
+            Some((n, labels)) => {
+                assert!(
+                    labels.starts_with("le=\"") && labels.ends_with("\"}"),
+                    "{line}"
+                );
+                n
+            }
+            None => name,
+        };
         assert!(
             name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_'),
             "{line}"

@@ -60,6 +60,8 @@ const KEYS: &[(&str, Kind)] = &[
     ("listen", Kind::Str),
     ("status_interval_secs", Kind::Int),
     ("partial_upload_secs", Kind::Int),
+    ("wal_uploads", Kind::Int),
+    ("spool_max_mb", Kind::Int),
     ("shutdown_timeout_secs", Kind::Int),
     ("prefetch_segments", Kind::Int),
     ("backup_count", Kind::Int),
@@ -131,6 +133,11 @@ pub struct Config {
     pub status_interval: Duration,
     /// How often the open WAL segment is uploaded as `.partial`.
     pub partial_upload_interval: Duration,
+    /// How many WAL uploads (completed segments and the open segment's `.partial`) run at once.
+    pub wal_uploads: usize,
+    /// How many bytes of completed segments the spool holds for storage before the daemon stops
+    /// reading from the walsender (Postgres keeps the WAL in the slot meanwhile).
+    pub spool_max_bytes: u64,
     /// Upload the open segment as soon as new WAL has arrived (and the previous upload ended),
     /// so that with `synchronous_standby_names` naming pgkeep a COMMIT returns only once its WAL
     /// is in storage.
@@ -338,6 +345,8 @@ impl Config {
             listen: v.listen()?,
             status_interval: secs("status_interval_secs", 1..=3600, 10)?,
             partial_upload_interval: secs("partial_upload_secs", 1..=3600, 5)?,
+            wal_uploads: v.int("wal_uploads", 1..=64, 4)? as usize,
+            spool_max_bytes: (v.int("spool_max_mb", 1..=16_777_216, 1024)? as u64) << 20,
             synchronous: v.bool("synchronous", false)?,
             shutdown_timeout: secs("shutdown_timeout_secs", 1..=86400, 60)?,
             prefetch_segments: v.int("prefetch_segments", 0..=256, 8)? as usize,

@@ -60,21 +60,45 @@ impl OpenSegment {
     }
 }
 
-/// A segment received whole, synced and renamed in the spool; [`Spool::discard`] it once it is
-/// in storage.
+/// A segment received whole, synced and renamed in the spool. Its bytes stay on disk until its
+/// upload reads them ([`CompleteSegment::read`]), so a queue of them costs no memory; the upload
+/// removes the file once storage holds the segment.
 #[derive(Debug)]
 pub struct CompleteSegment {
     pub name: WalFileName,
     pub start: Lsn,
-    pub data: Vec<u8>,
-    /// Whether a `.partial` of it was uploaded (and must be removed from storage).
+    /// The segment's size.
+    pub len: u64,
+    /// Whether a `.partial` of it was (or may have been) uploaded and must be removed from
+    /// storage.
     pub had_partial: bool,
     path: PathBuf,
 }
 
 impl CompleteSegment {
     pub fn end(&self) -> Lsn {
-        Lsn(self.start.0 + self.data.len() as u64)
+        Lsn(self.start.0 + self.len)
+    }
+
+    /// The segment's bytes, from the spool; a file of another length is refused.
+    pub fn read(&self) -> anyhow::Result<Vec<u8>> {
+        let data = std::fs::read(&self.path)
+            .with_context(|| format!("reading {} in the spool", self.path.display()))?;
+        if data.len() as u64 != self.len {
+            bail!(
+                "{} in the spool holds {} bytes, not {}",
+                self.path.display(),
+                data.len(),
+                self.len
+            );
+        }
+        Ok(data)
+    }
+
+    /// Drops the segment from the spool (storage holds it).
+    pub fn discard(self) -> anyhow::Result<()> {
+        std::fs::remove_file(&self.path)
+            .with_context(|| format!("removing {}", self.path.display()))
     }
 }
 
@@ -99,6 +123,11 @@ impl Spool {
             size,
             open: None,
         })
+    }
+
+    /// The segment size of this stream.
+    pub fn seg_size(&self) -> WalSegSize {
+        self.size
     }
 
     /// Writes WAL received for position `at`. WAL must arrive in order, without gaps; returns the
@@ -161,26 +190,20 @@ impl Spool {
         })
     }
 
-    /// The open segment, complete: fsync, rename to its segment name, read back.
+    /// The open segment, complete: fsync, rename to its segment name.
     fn complete(&mut self) -> anyhow::Result<CompleteSegment> {
         let seg = self.open.take().expect("an open segment");
         let path = seg.path.with_extension("");
         let spooled = |what: &str| format!("{what} {} in the spool", seg.path.display());
         seg.file.sync_all().with_context(|| spooled("syncing"))?;
         std::fs::rename(&seg.path, &path).with_context(|| spooled("renaming"))?;
-        let data = std::fs::read(&path).with_context(|| spooled("reading back"))?;
         Ok(CompleteSegment {
             name: seg.name,
             start: seg.start,
-            data,
+            len: seg.written,
             had_partial: seg.was_uploaded(),
             path,
         })
-    }
-
-    /// Drops a segment that storage holds from the spool.
-    pub fn discard(&self, seg: CompleteSegment) -> anyhow::Result<()> {
-        std::fs::remove_file(&seg.path).with_context(|| format!("removing {}", seg.path.display()))
     }
 }
 
@@ -227,12 +250,12 @@ mod tests {
         assert_eq!(done[0].name.to_string(), "000000020000000000000003");
         assert_eq!(done[0].end(), size.start_of(SegmentNo(4)));
         assert!(done[0].had_partial);
-        assert_eq!(&done[0].data[(1 << 20) - 10..], &[9u8; 10]);
+        assert_eq!(&done[0].read().unwrap()[(1 << 20) - 10..], &[9u8; 10]);
         let o = spool.open.as_ref().unwrap();
         assert_eq!(o.name.to_string(), "000000020000000000000004");
         assert!(!o.was_uploaded());
         for d in done {
-            spool.discard(d).unwrap();
+            d.discard().unwrap();
         }
         assert!(!dir.path().join("000000020000000000000003").exists());
         // A gap, and WAL of a later segment before this one is complete.

@@ -11,7 +11,10 @@
 //! never replaces a stored `.partial` with fewer bytes than it holds (it first receives that much
 //! again).
 
+use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
+
+use futures::StreamExt;
 
 use anyhow::{Context, anyhow, bail};
 use prometheus_client::metrics::counter::Counter;
@@ -44,9 +47,39 @@ pub struct StreamState {
     pub partial_uploads: Counter,
     pub upload_errors: Counter,
     pub reconnects: Counter,
+    /// Completed segments in the spool that storage does not hold yet.
+    pub spooled_segments: std::sync::atomic::AtomicU64,
+    /// Uploads running (segments and `.partial`s), and the most that ever ran at once.
+    pub uploads_in_flight: std::sync::atomic::AtomicU64,
+    pub uploads_in_flight_max: std::sync::atomic::AtomicU64,
+    /// Times the spool filled up and receiving paused.
+    pub backpressure_events: Counter,
+    /// When the oldest WAL not yet in storage was received (Unix ms; 0: none waits).
+    pub oldest_pending_unix_ms: std::sync::atomic::AtomicU64,
+    /// How long received WAL waited until it was in storage, at each advance of the durable
+    /// position (the oldest WAL that advance covered).
+    pub durable_lag: LagHistogram,
     /// Why the last attempt to stream failed; None while streaming works. `/status`, `/readyz`
     /// and `/metrics` report it, so WAL held in the slot never goes unexplained.
     pub problem: std::sync::Mutex<Option<StreamProblem>>,
+}
+
+/// Seconds from receiving WAL until it is in storage.
+#[derive(Debug, Clone)]
+pub struct LagHistogram(pub prometheus_client::metrics::histogram::Histogram);
+
+impl Default for LagHistogram {
+    fn default() -> Self {
+        LagHistogram(prometheus_client::metrics::histogram::Histogram::new([
+            0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
+        ]))
+    }
+}
+
+impl LagHistogram {
+    pub fn observe(&self, secs: f64) {
+        self.0.observe(secs);
+    }
 }
 
 /// The server ended the stream by itself: Postgres is shutting down, or its timeline ended (a
@@ -246,25 +279,16 @@ async fn stream_once(
         }
         state.set_problem(None);
         *streaming = true;
-        let session = Session {
+        let session = Session::new(
             cfg,
-            archive: &archive,
+            &archive,
             state,
             conn,
             spool,
-            timeline: tli,
-            received: start,
-            durable: start,
-            last_status: Instant::now()
-                .checked_sub(cfg.status_interval)
-                .unwrap_or_else(Instant::now),
-            last_partial: Instant::now(),
-            stopping: false,
-            hung_up: false,
+            tli,
+            start,
             stored_partial,
-            pending_since: None,
-            drained: false,
-        };
+        );
         session.run(stop).await
     }
     .instrument(span)
@@ -325,7 +349,14 @@ async fn first_missing_segment(
     Ok(size.start_of(seg))
 }
 
-/// One START_REPLICATION stream: receives into the spool, uploads, reports.
+/// One START_REPLICATION stream: receives into the spool, uploads beside it, reports.
+///
+/// Receiving never waits on storage: completed segments queue in the spool and upload several at
+/// once (`wal_uploads`) while the walsender's WAL keeps arriving; the open segment's `.partial`
+/// uploads once nothing queues before it. The flush position reported is the end of the
+/// contiguous prefix in storage. An upload that fails is tried again (with a growing wait) on the
+/// same replication connection. Only when the queue reaches `spool_max_mb` does the receiver stop
+/// reading (back-pressure: Postgres keeps the WAL in the slot).
 struct Session<'a> {
     cfg: &'a Config,
     archive: &'a Archive,
@@ -347,37 +378,141 @@ struct Session<'a> {
     /// The stored `.partial` of the segment this session started in and its length: no upload
     /// replaces it with fewer bytes (a pod lost right then would lose WAL already acknowledged).
     stored_partial: Option<(WalFileName, u64)>,
-    /// Synchronous mode: since when received WAL waits for an upload.
-    pending_since: Option<Instant>,
     /// Synchronous mode: the walsender had nothing more to send at once.
     drained: bool,
+    /// Completed segments not yet in storage, in WAL order.
+    queue: std::collections::VecDeque<Queued>,
+    /// The uploads running.
+    uploads: futures::stream::FuturesUnordered<futures::future::BoxFuture<'a, Finished>>,
+    /// The start of the segment whose `.partial` upload runs.
+    partial_running: Option<Lsn>,
+    /// The start of the segment whose `.partial` this session last tried to store (it may be
+    /// stored even when the store said otherwise: the segment's upload removes it).
+    partial_tried: Option<Lsn>,
+    /// The newest `.partial` stored this session: its segment's start and the end it holds.
+    partial_stored: Option<(Lsn, Lsn)>,
+    /// After a failed upload no other starts before this.
+    retry_at: Option<Instant>,
+    retry_wait: Duration,
+    /// An upload failed and none succeeded since (the problem `/status` shows).
+    failing: bool,
+    /// The queue is at `spool_max_mb`: nothing is read from the server.
+    paused: bool,
+    /// WAL not yet in storage: the end of each piece received, and when it came (pieces that
+    /// arrive within a millisecond share an entry). Oldest first.
+    arrivals: std::collections::VecDeque<(Lsn, Instant)>,
+}
+
+/// A completed segment waiting for storage.
+struct Queued {
+    start: Lsn,
+    end: Lsn,
+    name: WalFileName,
+    /// The segment while it waits; None while its upload runs.
+    seg: Option<CompleteSegment>,
+    done: bool,
+}
+
+/// What an upload came to.
+enum Finished {
+    /// A completed segment: stored (and gone from the spool), or failed.
+    Segment {
+        start: Lsn,
+        outcome: Result<(), Failed>,
+    },
+    /// The open segment's `.partial`, holding the segment's first `written` bytes.
+    Partial {
+        name: WalFileName,
+        seg_start: Lsn,
+        written: u64,
+        outcome: anyhow::Result<()>,
+    },
+}
+
+/// A segment whose upload failed: back into the queue, unless `retry` is false (the WAL itself is
+/// wrong, or the spool cannot be read), which ends the session.
+struct Failed {
+    seg: CompleteSegment,
+    error: anyhow::Error,
+    retry: bool,
+}
+
+/// What woke the session.
+enum Wake {
+    Upload(Finished),
+    Data(Result<Option<bytes::Bytes>, PgError>),
+    Stop,
+    Tick { drained: bool },
 }
 
 /// In synchronous mode, the longest received WAL waits for more to join its upload while the
 /// walsender keeps sending (a steady stream must not starve the commits waiting on it).
 const SYNC_BATCH_WAIT: Duration = Duration::from_millis(20);
+/// The wait after a failed upload before the next try: first, and at most (it doubles).
+const RETRY_FIRST: Duration = Duration::from_millis(500);
+const RETRY_MAX: Duration = Duration::from_secs(30);
+/// How long a session that failed waits for the uploads it started before it ends.
+const SETTLE: Duration = Duration::from_secs(60);
 
-impl Session<'_> {
+impl<'a> Session<'a> {
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        cfg: &'a Config,
+        archive: &'a Archive,
+        state: &'a StreamState,
+        conn: ReplConnection,
+        spool: Spool,
+        timeline: TimelineId,
+        start: Lsn,
+        stored_partial: Option<(WalFileName, u64)>,
+    ) -> Session<'a> {
+        Session {
+            cfg,
+            archive,
+            state,
+            conn,
+            spool,
+            timeline,
+            received: start,
+            durable: start,
+            last_status: Instant::now()
+                .checked_sub(cfg.status_interval)
+                .unwrap_or_else(Instant::now),
+            last_partial: Instant::now(),
+            stopping: false,
+            hung_up: false,
+            stored_partial,
+            drained: false,
+            queue: Default::default(),
+            uploads: Default::default(),
+            partial_running: None,
+            partial_tried: None,
+            partial_stored: None,
+            retry_at: None,
+            retry_wait: RETRY_FIRST,
+            failing: false,
+            paused: false,
+            arrivals: Default::default(),
+        }
+    }
+
     async fn run(mut self, stop: &CancellationToken) -> anyhow::Result<()> {
+        let result = self.stream(stop).await;
+        if result.is_err() {
+            self.settle().await;
+        }
+        self.state.spooled_segments.store(0, Relaxed);
+        self.state.uploads_in_flight.store(0, Relaxed);
+        self.state.oldest_pending_unix_ms.store(0, Relaxed);
+        result
+    }
+
+    async fn stream(&mut self, stop: &CancellationToken) -> anyhow::Result<()> {
         loop {
             if self.last_status.elapsed() >= self.cfg.status_interval {
                 self.report().await?;
             }
-            let pending = self.received > self.durable && !self.held_back();
-            // Synchronous: as soon as the walsender has sent what it had (commits that arrived
-            // together share one upload), or after a short wait while it keeps sending.
-            let sync_due = self.cfg.synchronous
-                && pending
-                && (self.drained
-                    || self
-                        .pending_since
-                        .is_some_and(|t| t.elapsed() >= SYNC_BATCH_WAIT));
-            if self.last_partial.elapsed() >= self.cfg.partial_upload_interval
-                || (self.stopping && pending)
-                || sync_due
-            {
-                self.upload_partial().await?;
-            }
+            self.start_uploads()?;
             self.drained = false;
             if !self.stopping && stop.is_cancelled() {
                 // Shutdown: keep receiving until the walsender ends the stream after Postgres'
@@ -385,66 +520,318 @@ impl Session<'_> {
                 // received.
                 self.stopping = true;
                 tracing::info!("stopping: draining WAL until the server ends the stream");
-            }
-            let waiting = self.cfg.synchronous && self.received > self.durable && !self.held_back();
-            let tick = if waiting {
-                // Only what the socket holds already: then the upload.
-                Duration::ZERO
-            } else {
-                self.cfg
-                    .status_interval
-                    .saturating_sub(self.last_status.elapsed())
-                    .min(
-                        self.cfg
-                            .partial_upload_interval
-                            .saturating_sub(self.last_partial.elapsed()),
-                    )
-                    .max(Duration::from_millis(10))
-            };
-            let msg = if self.hung_up {
-                Ok(None)
-            } else {
-                tokio::select! {
-                    biased;
-                    m = self.conn.next_copy_data() => m,
-                    _ = stop.cancelled(), if !self.stopping => continue,
-                    _ = tokio::time::sleep(tick) => {
-                        self.drained = waiting;
-                        continue;
-                    }
-                }
-            };
-            let msg = match msg {
-                Ok(m) => m,
-                Err(e) if self.stopping => {
-                    tracing::info!("the server closed the stream: {e}");
-                    None
-                }
-                Err(e) => return Err(e.into()),
-            };
-            let Some(msg) = msg else {
-                return self.end_of_stream().await;
-            };
-            if msg.is_empty() {
-                // 13's walsender has been seen to send empty CopyData frames mid-stream.
                 continue;
             }
-            match WalMessage::parse(msg)? {
-                WalMessage::XLogData(x) => self.on_wal(x).await?,
-                WalMessage::Keepalive(k) => {
-                    if k.reply_requested && !(self.stopping && self.received > self.durable) {
-                        self.report().await?;
+            if self.hung_up {
+                return self.end_of_stream().await;
+            }
+            let full = self.spool_full();
+            // Synchronous: the open segment's upload starts as soon as the walsender has sent
+            // what it had (commits that arrived together share one upload).
+            let waiting = self.cfg.synchronous && self.partial_possible();
+            let tick = if waiting {
+                Duration::ZERO
+            } else {
+                self.next_tick()
+            };
+            let wake = tokio::select! {
+                biased;
+                Some(f) = self.uploads.next(), if !self.uploads.is_empty() => Wake::Upload(f),
+                m = self.conn.next_copy_data(), if !full => Wake::Data(m),
+                _ = stop.cancelled(), if !self.stopping => Wake::Stop,
+                _ = tokio::time::sleep(tick) => Wake::Tick { drained: waiting },
+            };
+            match wake {
+                Wake::Upload(f) => self.finished(f).await?,
+                Wake::Stop => {}
+                Wake::Tick { drained } => self.drained = drained,
+                Wake::Data(m) => {
+                    let msg = match m {
+                        Ok(m) => m,
+                        Err(e) if self.stopping => {
+                            tracing::info!("the server closed the stream: {e}");
+                            None
+                        }
+                        Err(e) => return Err(e.into()),
+                    };
+                    let Some(msg) = msg else {
+                        return self.end_of_stream().await;
+                    };
+                    if msg.is_empty() {
+                        // 13's walsender has been seen to send empty CopyData frames mid-stream.
+                        continue;
+                    }
+                    match WalMessage::parse(msg)? {
+                        WalMessage::XLogData(x) => self.on_wal(x)?,
+                        WalMessage::Keepalive(k) => {
+                            if k.reply_requested && !(self.stopping && self.received > self.durable)
+                            {
+                                self.report().await?;
+                            }
+                        }
                     }
                 }
             }
         }
     }
 
+    /// How long the session may sleep: until the next status report, the next `.partial` upload
+    /// (if one could start) or the next try of a failed upload.
+    fn next_tick(&self) -> Duration {
+        let mut tick = self
+            .cfg
+            .status_interval
+            .saturating_sub(self.last_status.elapsed());
+        if self.partial_possible() {
+            tick = tick.min(
+                self.cfg
+                    .partial_upload_interval
+                    .saturating_sub(self.last_partial.elapsed()),
+            );
+        }
+        if let Some(at) = self.retry_at {
+            tick = tick.min(at.saturating_duration_since(Instant::now()));
+        }
+        tick.max(Duration::from_millis(10))
+    }
+
+    /// Whether the queue holds as much as the spool may: then nothing is read from the server
+    /// until storage takes some (Postgres keeps the WAL in the slot meanwhile).
+    fn spool_full(&mut self) -> bool {
+        let seg_bytes = u64::from(self.spool.seg_size().bytes());
+        let limit = (self.cfg.spool_max_bytes / seg_bytes).max(1);
+        let full = self.queue.len() as u64 >= limit;
+        if full && !self.paused {
+            self.state.backpressure_events.inc();
+            tracing::warn!(
+                segments = self.queue.len(),
+                spool_max_mb = self.cfg.spool_max_bytes >> 20,
+                durable = %self.durable,
+                "the spool is full of WAL that storage has not taken yet: receiving pauses \
+                 (Postgres keeps the WAL in the slot) until uploads catch up"
+            );
+        } else if !full && self.paused {
+            tracing::info!(durable = %self.durable, "uploads caught up: receiving WAL again");
+        }
+        self.paused = full;
+        full
+    }
+
+    /// Starts what may upload now: completed segments in WAL order, as many as `wal_uploads`
+    /// allows, then the open segment's `.partial` when it is due.
+    fn start_uploads(&mut self) -> anyhow::Result<()> {
+        if self.retry_at.is_some_and(|at| Instant::now() < at) {
+            return Ok(());
+        }
+        self.retry_at = None;
+        let mut running = self.uploads.len();
+        for q in self.queue.iter_mut() {
+            if running >= self.cfg.wal_uploads {
+                break;
+            }
+            // A segment whose `.partial` upload runs waits for it: the segment's upload removes
+            // that object, which must not come back after it.
+            if q.done || self.partial_running == Some(q.start) {
+                continue;
+            }
+            let Some(seg) = q.seg.take() else { continue };
+            self.uploads.push(Box::pin(upload_segment(
+                self.archive,
+                self.cfg,
+                self.state,
+                seg,
+            )));
+            running += 1;
+        }
+        if running < self.cfg.wal_uploads && self.partial_due() {
+            self.start_partial()?;
+        }
+        let running = self.uploads.len() as u64;
+        self.state.uploads_in_flight.store(running, Relaxed);
+        self.state.uploads_in_flight_max.fetch_max(running, Relaxed);
+        Ok(())
+    }
+
+    /// Whether the open segment holds WAL that a `.partial` upload could store now.
+    fn partial_possible(&self) -> bool {
+        self.partial_running.is_none()
+            && self.queue.is_empty()
+            && !self.held_back()
+            && self.spool.open.as_ref().is_some_and(|o| o.has_news())
+    }
+
+    /// Whether the open segment's `.partial` uploads now: its interval passed, or the stream
+    /// stops or ended, or (synchronous) received WAL waits.
+    fn partial_due(&self) -> bool {
+        if !self.partial_possible() {
+            return false;
+        }
+        let sync_due = self.cfg.synchronous
+            && (self.drained
+                || self
+                    .arrivals
+                    .front()
+                    .is_some_and(|(_, at)| at.elapsed() >= SYNC_BATCH_WAIT));
+        self.last_partial.elapsed() >= self.cfg.partial_upload_interval
+            || self.stopping
+            || self.hung_up
+            || sync_due
+    }
+
+    /// Uploads the open segment as `<segment>.partial`, beside the receiving: a partial in
+    /// storage is as durable as a segment, so the slot may advance to its end once it is stored.
+    fn start_partial(&mut self) -> anyhow::Result<()> {
+        self.last_partial = Instant::now();
+        let seg = self.spool.open.as_ref().expect("a partial is due");
+        let (mut data, written) = seg.snapshot()?;
+        let name = seg.name.with_kind(WalFileKind::Partial);
+        walheader::check_segment(&name, &data, Some(self.archive.system_identifier()))?;
+        // Only the bytes received: the object's plain length is then where the WAL in storage
+        // ends, which `list` and `/status` both report (readers pad it back to a whole segment).
+        data.truncate(usize::try_from(written).expect("within a segment"));
+        let key = self.archive.layout().streaming_partial(&seg.name);
+        let seg_start = seg.start;
+        let (archive, codec) = (self.archive, self.cfg.codec);
+        self.partial_running = Some(seg_start);
+        self.partial_tried = Some(seg_start);
+        self.uploads.push(Box::pin(async move {
+            let outcome = archive
+                .repo()
+                .put_overwrite(&key, &data, codec)
+                .await
+                .map(drop)
+                .map_err(anyhow::Error::from);
+            Finished::Partial {
+                name,
+                seg_start,
+                written,
+                outcome,
+            }
+        }));
+        Ok(())
+    }
+
+    /// Takes an upload's outcome: moves the durable position, or queues the upload again.
+    async fn finished(&mut self, f: Finished) -> anyhow::Result<()> {
+        match f {
+            Finished::Segment { start, outcome } => {
+                let q = self
+                    .queue
+                    .iter_mut()
+                    .find(|q| q.start == start)
+                    .expect("an upload's segment is queued");
+                match outcome {
+                    Ok(()) => {
+                        q.done = true;
+                        self.upload_ok();
+                    }
+                    Err(failed) if !failed.retry => return Err(failed.error),
+                    Err(failed) => {
+                        let what = format!("uploading {}", q.name);
+                        q.seg = Some(failed.seg);
+                        self.upload_failed(&what, &failed.error);
+                    }
+                }
+            }
+            Finished::Partial {
+                name,
+                seg_start,
+                written,
+                outcome,
+            } => {
+                self.partial_running = None;
+                match outcome {
+                    Ok(()) => {
+                        if let Some(open) =
+                            self.spool.open.as_mut().filter(|o| o.start == seg_start)
+                        {
+                            open.uploaded(written);
+                        }
+                        let end = Lsn(seg_start.0 + written);
+                        if self
+                            .partial_stored
+                            .is_none_or(|(s, e)| s != seg_start || e < end)
+                        {
+                            self.partial_stored = Some((seg_start, end));
+                        }
+                        self.state.partial_uploads.inc();
+                        tracing::debug!(wal = %name, bytes = written, "partial segment uploaded");
+                        self.upload_ok();
+                    }
+                    Err(e) => self.upload_failed(&format!("uploading {name}"), &e),
+                }
+            }
+        }
+        self.state
+            .uploads_in_flight
+            .store(self.uploads.len() as u64, Relaxed);
+        self.advance().await
+    }
+
+    fn upload_ok(&mut self) {
+        self.retry_wait = RETRY_FIRST;
+        if self.failing {
+            self.failing = false;
+            self.state.set_problem(None);
+            tracing::info!("uploads succeed again");
+        }
+    }
+
+    fn upload_failed(&mut self, what: &str, e: &anyhow::Error) {
+        self.state.upload_errors.inc();
+        let wait = self.retry_wait;
+        self.retry_at = Some(Instant::now() + wait);
+        self.retry_wait = (wait * 2).min(RETRY_MAX);
+        self.failing = true;
+        tracing::warn!(
+            durable = %self.durable,
+            queued = self.queue.len(),
+            "{what} failed, trying again in {:.1}s (WAL is still received into the spool): {e:#}",
+            wait.as_secs_f64()
+        );
+        self.state.set_problem(Some(StreamProblem {
+            message: format!("{what} failed: {e:#}"),
+            unsupported: false,
+        }));
+    }
+
+    /// Moves the durable position to the end of what storage holds without a gap: the stored
+    /// segments at the head of the queue, then a stored `.partial` that follows them.
+    async fn advance(&mut self) -> anyhow::Result<()> {
+        let mut upto = self.durable;
+        while self.queue.front().is_some_and(|q| q.done) {
+            let q = self.queue.pop_front().expect("a front");
+            upto = upto.max(q.end);
+        }
+        if let Some((start, end)) = self.partial_stored {
+            // Nothing before its segment waits (everything before `upto` is stored).
+            let first = self.queue.front().is_none_or(|q| q.start == start);
+            if first && start <= upto {
+                upto = upto.max(end);
+            }
+        }
+        self.state
+            .spooled_segments
+            .store(self.queue.len() as u64, Relaxed);
+        self.made_durable(upto).await
+    }
+
     /// The stream ended (end of timeline, or shutdown): keep what we have. The server is gone:
     /// nothing more is reported to it.
-    async fn end_of_stream(mut self) -> anyhow::Result<()> {
+    async fn end_of_stream(&mut self) -> anyhow::Result<()> {
         self.hung_up = true;
-        self.upload_partial().await?;
+        loop {
+            self.start_uploads()?;
+            if let Some(f) = self.uploads.next().await {
+                self.finished(f).await?;
+                continue;
+            }
+            if self.queue.is_empty() && !self.partial_possible() {
+                break;
+            }
+            // A failed upload waits for its next try.
+            tokio::time::sleep(self.next_tick()).await;
+        }
         if self.stopping {
             tracing::info!(durable = %self.state.durable_lsn(), "WAL stream drained");
             return Ok(());
@@ -453,6 +840,25 @@ impl Session<'_> {
             timeline: self.timeline,
         }
         .into())
+    }
+
+    /// After a failure: the uploads already running finish (or are given up after `SETTLE`);
+    /// nothing new starts. What they stored counts (the durable position only grows); the rest is
+    /// received again by the next session, which starts at the durable position.
+    async fn settle(&mut self) {
+        self.hung_up = true;
+        self.retry_at = Some(Instant::now() + SETTLE);
+        let deadline = tokio::time::Instant::now() + SETTLE;
+        while !self.uploads.is_empty() {
+            match tokio::time::timeout_at(deadline, self.uploads.next()).await {
+                Ok(Some(f)) => {
+                    if let Err(e) = self.finished(f).await {
+                        tracing::debug!("after the stream failed: {e:#}");
+                    }
+                }
+                Ok(None) | Err(_) => break,
+            }
+        }
     }
 
     /// Sends a standby status update: written up to `received`, flushed (= durable in storage) up
@@ -482,37 +888,70 @@ impl Session<'_> {
 
     /// Moves the durable position (and tells Postgres at once: the slot may release WAL).
     async fn made_durable(&mut self, upto: Lsn) -> anyhow::Result<()> {
-        if upto > self.durable {
-            self.durable = upto;
-            self.state.durable.advance(upto);
-            if self.durable >= self.received {
-                // Nothing waits any more (a completed segment counts too): the next WAL starts
-                // a batch of its own.
-                self.pending_since = None;
-            }
-            self.report().await?;
+        if upto <= self.durable {
+            return Ok(());
         }
-        Ok(())
+        self.durable = upto;
+        self.state.durable.advance(upto);
+        // How long the oldest WAL this made durable waited since it was received.
+        let mut oldest = None;
+        while let Some(&(end, at)) = self.arrivals.front() {
+            if end > upto {
+                break;
+            }
+            oldest.get_or_insert(at);
+            self.arrivals.pop_front();
+        }
+        if let Some(at) = oldest {
+            self.state.durable_lag.observe(at.elapsed().as_secs_f64());
+        }
+        self.note_oldest_pending();
+        self.report().await
     }
 
-    async fn on_wal(&mut self, x: XLogData) -> anyhow::Result<()> {
+    fn note_oldest_pending(&self) {
+        let ms = self.arrivals.front().map_or(0, |(_, at)| {
+            let age = at.elapsed().as_millis() as u64;
+            crate::progress::unix_now_ms().saturating_sub(age).max(1)
+        });
+        self.state.oldest_pending_unix_ms.store(ms, Relaxed);
+    }
+
+    /// Received WAL: into the spool; the segments it completes join the upload queue.
+    fn on_wal(&mut self, x: XLogData) -> anyhow::Result<()> {
         let end = x.data_end();
         for mut seg in self.spool.write(x.wal_start, &x.data)? {
-            // An earlier session's partial of it goes once the whole segment is stored.
-            seg.had_partial |= self
-                .stored_partial
-                .as_ref()
-                .is_some_and(|(first, _)| *first == seg.name);
-            let upto =
-                complete_segment(self.archive, &self.spool, seg, self.cfg, self.state).await?;
-            // Reported as written too: a flush position never runs ahead of the write position.
-            self.received = self.received.max(upto);
-            self.made_durable(upto).await?;
+            // An earlier session's partial of it, or one this session tried, goes once the whole
+            // segment is stored.
+            seg.had_partial |= self.partial_tried == Some(seg.start)
+                || self
+                    .stored_partial
+                    .as_ref()
+                    .is_some_and(|(first, _)| *first == seg.name);
+            self.queue.push_back(Queued {
+                start: seg.start,
+                end: seg.end(),
+                name: seg.name,
+                seg: Some(seg),
+                done: false,
+            });
         }
-        self.received = end;
-        self.state.received.advance(end);
-        if self.received > self.durable {
-            self.pending_since.get_or_insert_with(Instant::now);
+        self.state
+            .spooled_segments
+            .store(self.queue.len() as u64, Relaxed);
+        if end > self.received {
+            self.received = end;
+            self.state.received.advance(end);
+            let now = Instant::now();
+            match self.arrivals.back_mut() {
+                Some((last, at)) if now.duration_since(*at) < Duration::from_millis(1) => {
+                    *last = end;
+                }
+                _ => self.arrivals.push_back((end, now)),
+            }
+            if self.arrivals.len() == 1 {
+                self.note_oldest_pending();
+            }
         }
         Ok(())
     }
@@ -524,44 +963,6 @@ impl Session<'_> {
             (Some((first, stored)), Some(seg)) => *first == seg.name && seg.written() < *stored,
             _ => false,
         }
-    }
-
-    /// Uploads the open segment as `<segment>.partial` if it grew since the last upload: a partial
-    /// in storage is as durable as a segment, so the slot may advance to its end.
-    async fn upload_partial(&mut self) -> anyhow::Result<()> {
-        self.last_partial = Instant::now();
-        if self.held_back() {
-            // Storage holds more of this segment than received so far: it stays as it is until
-            // this session has caught up with it.
-            return Ok(());
-        }
-        let Some(seg) = self.spool.open.as_mut() else {
-            return Ok(());
-        };
-        if !seg.has_news() {
-            return Ok(());
-        }
-        let (data, written) = seg.snapshot()?;
-        let name = seg.name.with_kind(WalFileKind::Partial);
-        walheader::check_segment(&name, &data, Some(self.archive.system_identifier()))?;
-        let key = self.archive.layout().streaming_partial(&seg.name);
-        // Only the bytes received: the object's plain length is then where the WAL in storage
-        // ends, which `list` and `/status` both report (readers pad it back to a whole segment).
-        let received = &data[..usize::try_from(written).expect("within a segment")];
-        if let Err(e) = self
-            .archive
-            .repo()
-            .put_overwrite(&key, received, self.cfg.codec)
-            .await
-        {
-            self.state.upload_errors.inc();
-            return Err(e.into());
-        }
-        seg.uploaded(written);
-        let upto = seg.uploaded_end();
-        self.state.partial_uploads.inc();
-        tracing::debug!(wal = %name, bytes = written, "partial segment uploaded");
-        self.made_durable(upto).await
     }
 }
 
@@ -590,17 +991,41 @@ fn remember_upload(record: &std::path::Path, digest: &str) {
     }
 }
 
-/// A complete segment: check, upload, verify, then drop it from the spool and remove its
-/// `.partial` object. Returns the new durable position (the segment's end).
-#[tracing::instrument(skip_all, fields(wal = %seg.name, start = %seg.start))]
-async fn complete_segment(
+/// A complete segment's upload: read from the spool, check, upload, verify, then drop it from the
+/// spool and remove its `.partial` object.
+async fn upload_segment(
     archive: &Archive,
-    spool: &Spool,
-    seg: CompleteSegment,
     cfg: &Config,
     state: &StreamState,
-) -> anyhow::Result<Lsn> {
-    walheader::check_segment(&seg.name, &seg.data, Some(archive.system_identifier()))?;
+    seg: CompleteSegment,
+) -> Finished {
+    let start = seg.start;
+    let span = tracing::info_span!("upload", wal = %seg.name, start = %seg.start);
+    let outcome = store_segment(archive, cfg, state, seg)
+        .instrument(span)
+        .await;
+    Finished::Segment { start, outcome }
+}
+
+async fn store_segment(
+    archive: &Archive,
+    cfg: &Config,
+    state: &StreamState,
+    seg: CompleteSegment,
+) -> Result<(), Failed> {
+    let data = match seg.read().and_then(|data| {
+        walheader::check_segment(&seg.name, &data, Some(archive.system_identifier()))?;
+        Ok(data)
+    }) {
+        Ok(d) => d,
+        Err(error) => {
+            return Err(Failed {
+                seg,
+                error,
+                retry: false,
+            });
+        }
+    };
     let key = archive.layout().wal(&seg.name);
     // Encrypted stored segments cannot be read back here (no identity): a record of what this
     // daemon stored lets it recognise its own upload when it receives a segment again.
@@ -609,47 +1034,56 @@ async fn complete_segment(
         .repo()
         .keys()
         .encrypts()
-        .then(|| hex::encode(crate::storage::object::content_sha256(&seg.data)));
+        .then(|| hex::encode(crate::storage::object::content_sha256(&data)));
     let stored_before = digest
         .as_ref()
         .is_some_and(|d| std::fs::read_to_string(&record).is_ok_and(|r| r.trim() == d.as_str()));
     let outcome = match archive
         .repo()
-        .put_new_stored_before(&key, &seg.data, cfg.codec, stored_before)
+        .put_new_stored_before(&key, &data, cfg.codec, stored_before)
         .await
     {
         Ok(o) => o,
         Err(e) => {
-            state.upload_errors.inc();
-            return Err(e.into());
+            return Err(Failed {
+                seg,
+                error: e.into(),
+                retry: true,
+            });
         }
     };
+    drop(data);
     match outcome {
         PutOutcome::Stored { stored_len } | PutOutcome::Repaired { stored_len } => {
             state.bytes_uploaded.inc_by(stored_len);
         }
         PutOutcome::AlreadyPresent => {
-            tracing::info!(wal = %seg.name, "already in storage (archive_command was first)");
+            tracing::info!("already in storage (archive_command was first)");
         }
     }
     if let Some(d) = digest {
         remember_upload(&record, &d);
     }
+    if seg.had_partial {
+        let partial = archive.layout().streaming_partial(&seg.name);
+        if let Err(e) = archive.repo().delete(&partial).await {
+            return Err(Failed {
+                seg,
+                error: e.into(),
+                retry: true,
+            });
+        }
+    }
     state.segments_uploaded.inc();
-    state.last_upload_unix.store(
-        crate::progress::unix_now(),
-        std::sync::atomic::Ordering::Relaxed,
-    );
-    let (end, name, had_partial) = (seg.end(), seg.name, seg.had_partial);
-    spool.discard(seg)?;
-    if had_partial {
-        archive
-            .repo()
-            .delete(&archive.layout().streaming_partial(&name))
-            .await?;
+    state
+        .last_upload_unix
+        .store(crate::progress::unix_now(), Relaxed);
+    if let Err(error) = seg.discard() {
+        // The segment is stored: a leftover file in the spool is removed by the next session.
+        tracing::warn!("{error:#}");
     }
     tracing::info!("segment streamed to storage");
-    Ok(end)
+    Ok(())
 }
 
 /// Stores the history file of timeline `tli` (TIMELINE_HISTORY) if storage lacks it.
