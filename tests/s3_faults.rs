@@ -63,6 +63,12 @@ fn streaming_under_faults_loses_nothing() {
     ]);
     let daemon = Daemon::start(&dir, &storage, &bin, &pg, &settings);
     run_ok(&mut pg.pgbench(&["-i", "-s", "1", "-q"]));
+    let walsender = || {
+        pg.psql("select coalesce(string_agg(pid::text, ','), '') from pg_stat_replication where application_name = 'pgkeep'")
+    };
+    let sender = wait_for("the stream to start", Duration::from_secs(30), || {
+        Some(walsender()).filter(|s| !s.is_empty())
+    });
     proxy.set_rate(200);
     let mut load = pg.pgbench(&["-c", "2", "-T", "10", "-n"]).spawn().unwrap();
     let mut samples = 0;
@@ -107,6 +113,14 @@ fn streaming_under_faults_loses_nothing() {
     // Read past the proxy.
     let compared = assert_stored_segments_equal(&storage, &direct, &bin, &pg);
     assert!(compared >= 8, "only {compared} segments compared");
+    // The faults were met on the same replication connection: uploads are retried beside it.
+    assert_eq!(
+        walsender(),
+        sender,
+        "the replication connection was replaced"
+    );
+    let status: serde_json::Value = serde_json::from_str(&daemon.status()).unwrap();
+    assert_eq!(status["reconnects"], 0, "{status}");
     drop(daemon);
     pg.stop("fast");
 }
@@ -257,4 +271,151 @@ fn archive_push_wal_fetch_and_backup_under_faults() {
         proxy.injected_of(common::s3_faults::Fault::ShortBody),
         proxy.injected_of(common::s3_faults::Fault::InternalAfterForward),
     );
+}
+
+/// Storage unreachable for a minute (`PGKEEPTEST_OUTAGE_SECS`, default 60) while WAL keeps
+/// coming: the replication connection stays (same walsender, no reconnect), the spool fills to
+/// `spool_max_mb` and receiving pauses (Postgres keeps the WAL in the slot, which never passes the
+/// durable position), a base backup started meanwhile fails loudly and is not listed; once storage
+/// is back the queue uploads several segments at once and everything stored equals Postgres' own.
+#[test]
+fn a_storage_outage_pauses_receiving_keeps_the_connection_and_loses_nothing() {
+    let outage = Duration::from_secs(
+        std::env::var("PGKEEPTEST_OUTAGE_SECS")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(60),
+    );
+    let dir = TestDir::new("s3-outage");
+    let (storage, proxy, direct) = faulty_storage(&dir, 0x5eed_0003);
+    let bin = dir.install_pgkeep();
+    let mut pg = PgCluster::init(dir.path(), "primary", 1, &storage.env);
+    pg.set(&[("wal_keep_size", "'2GB'"), ("max_wal_size", "'2GB'")]);
+    pg.start();
+    let mut settings: Vec<(&str, &str)> = TIGHT.to_vec();
+    settings.extend([
+        ("PGKEEP_PARTIAL_UPLOAD_SECS", "1"),
+        ("PGKEEP_STATUS_INTERVAL_SECS", "1"),
+        // Three of the harness' 1 MiB segments.
+        ("PGKEEP_SPOOL_MAX_MB", "3"),
+        ("PGKEEP_WAL_UPLOADS", "4"),
+    ]);
+    let daemon = Daemon::start(&dir, &storage, &bin, &pg, &settings);
+    run_ok(&mut pg.pgbench(&["-i", "-s", "1", "-q"]));
+    pg.psql("select pg_switch_wal()");
+    let end = parse_lsn(&pg.psql("select pg_current_wal_lsn()"));
+    wait_for("the stream to start", Duration::from_secs(60), || {
+        (daemon.durable() >= end).then_some(())
+    });
+    let walsender = || {
+        pg.psql("select coalesce(string_agg(pid::text, ','), '') from pg_stat_replication where application_name = 'pgkeep'")
+    };
+    let sender = walsender();
+    assert!(!sender.is_empty() && !sender.contains(','), "{sender}");
+    let status = |key: &str| -> u64 {
+        let v: serde_json::Value = serde_json::from_str(&daemon.status()).unwrap();
+        v[key].as_u64().unwrap_or_else(|| panic!("{key} in {v}"))
+    };
+
+    proxy.set_down(true);
+    let down_at = std::time::Instant::now();
+    let durable_before = daemon.durable();
+    // A backup during the outage.
+    let mut env = pg.client_env();
+    env.extend(tight());
+    let backup = {
+        let (bin, storage_env, config) = (bin.clone(), storage.env.clone(), storage.config.clone());
+        std::thread::spawn(move || {
+            let mut all = storage_env;
+            all.extend(env);
+            as_postgres(&bin, &all)
+                .arg("--config")
+                .arg(&config)
+                .arg("backup")
+                .current_dir("/")
+                .output()
+                .unwrap()
+        })
+    };
+    // About 100 MB of WAL: more than the spool may hold.
+    run_ok(&mut pg.pgbench(&["-i", "-s", "6", "-q"]));
+    wait_for("receiving to pause", Duration::from_secs(60), || {
+        (status("spooled_segments") >= 3).then_some(())
+    });
+    let out = backup.join().unwrap();
+    assert!(
+        !out.status.success(),
+        "a backup succeeded with storage down: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    eprintln!("backup during the outage: {}", stderr(&out));
+    while down_at.elapsed() < outage {
+        let restart = pg.psql(
+            "select coalesce(restart_lsn::text, '0/0') from pg_replication_slots where slot_name = 'pgkeep'",
+        );
+        let durable = daemon.durable();
+        assert!(
+            parse_lsn(&restart) <= durable,
+            "slot {restart} passed {durable:X}"
+        );
+        assert_eq!(durable, durable_before, "durable moved with storage down");
+        assert!(
+            status("spooled_segments") <= 3,
+            "the spool grew past its limit"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let (code, metrics) = http("GET", daemon.port, "/metrics");
+    assert_eq!(code, 200);
+    let metrics = String::from_utf8(metrics).unwrap();
+    let metric = |name: &str| -> f64 {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or_else(|| panic!("no {name}:\n{metrics}"))
+    };
+    assert!(metric("pgkeep_wal_backpressure_events_total") >= 1.0);
+    assert_eq!(metric("pgkeep_wal_spooled_segments"), 3.0);
+    assert!(metric("pgkeep_wal_pending_seconds") >= outage.as_secs_f64() / 2.0);
+    assert_eq!(metric("pgkeep_stream_failing"), 1.0);
+    assert!(
+        daemon.log().contains("the spool is full"),
+        "{}",
+        daemon.log()
+    );
+
+    // Storage is back: the queue drains, several uploads at once, on the same connection.
+    proxy.set_down(false);
+    pg.psql("select pg_switch_wal()");
+    let end = parse_lsn(&pg.psql("select pg_current_wal_lsn()"));
+    let caught_up = std::time::Instant::now();
+    wait_for("the stream to catch up", Duration::from_secs(120), || {
+        (daemon.durable() >= end).then_some(())
+    });
+    eprintln!(
+        "outage {:?}: caught up {:?} after storage returned, at most {} uploads at once",
+        outage,
+        caught_up.elapsed(),
+        status("uploads_in_flight_max")
+    );
+    assert!(status("uploads_in_flight_max") >= 2);
+    assert_eq!(
+        walsender(),
+        sender,
+        "the replication connection was replaced"
+    );
+    assert_eq!(status("reconnects"), 0);
+    let compared = assert_stored_segments_equal(&storage, &direct, &bin, &pg);
+    assert!(compared >= 6, "only {compared} segments compared");
+    let listed = as_postgres(&bin, &direct)
+        .arg("--config")
+        .arg(&storage.config)
+        .args(["list", "--json"])
+        .current_dir("/")
+        .output()
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&listed.stdout).unwrap();
+    assert_eq!(v["backups"].as_array().unwrap().len(), 0, "{v}");
+    drop(daemon);
+    pg.stop("fast");
 }

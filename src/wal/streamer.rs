@@ -450,7 +450,7 @@ enum Wake {
 const SYNC_BATCH_WAIT: Duration = Duration::from_millis(20);
 /// The wait after a failed upload before the next try: first, and at most (it doubles).
 const RETRY_FIRST: Duration = Duration::from_millis(500);
-const RETRY_MAX: Duration = Duration::from_secs(30);
+const RETRY_MAX: Duration = Duration::from_secs(10);
 /// How long a session that failed waits for the uploads it started before it ends.
 const SETTLE: Duration = Duration::from_secs(60);
 

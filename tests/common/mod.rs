@@ -883,16 +883,32 @@ impl Daemon {
             .stderr(log)
             .spawn()
             .unwrap();
-        let d = Daemon {
+        let mut d = Daemon {
             child,
             port,
             log: log_path,
             token: storage.config.with_file_name("http").join("token"),
         };
-        wait_for("the daemon to be ready", Duration::from_secs(30), || {
-            TcpStream::connect(("127.0.0.1", port)).ok()?;
-            (http("GET", port, "/readyz").0 == 200).then_some(())
-        });
+        let start = Instant::now();
+        loop {
+            if let Some(status) = d.child.try_wait().unwrap() {
+                panic!(
+                    "the daemon exited ({status}) before it was ready:\n{}",
+                    d.log()
+                );
+            }
+            if TcpStream::connect(("127.0.0.1", port)).is_ok()
+                && http("GET", port, "/readyz").0 == 200
+            {
+                break;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "the daemon was not ready after 30s:\n{}",
+                d.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
         d
     }
 
