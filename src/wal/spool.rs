@@ -54,6 +54,13 @@ impl OpenSegment {
         Ok((data, self.written))
     }
 
+    /// What a snapshot taken elsewhere needs: the file (another handle to it), its path, and how
+    /// many of its bytes were received now (those stay as they are; the receiving goes on after
+    /// them).
+    pub fn snapshot_source(&self) -> anyhow::Result<(std::fs::File, PathBuf, u64)> {
+        Ok((self.file.try_clone()?, self.path.clone(), self.written))
+    }
+
     /// Records that storage holds the segment's first `written` bytes (from a snapshot).
     pub fn uploaded(&mut self, written: u64) {
         self.uploaded_partial = self.uploaded_partial.max(written.min(self.written));

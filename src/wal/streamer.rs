@@ -227,7 +227,7 @@ async fn wait_until_primary(cfg: &Config, stop: &CancellationToken) -> anyhow::R
 async fn stream_once(
     cfg: &Config,
     repo: &Repo,
-    state: &StreamState,
+    state: &std::sync::Arc<StreamState>,
     stop: &CancellationToken,
     streaming: &mut bool,
 ) -> anyhow::Result<()> {
@@ -359,8 +359,8 @@ async fn first_missing_segment(
 /// reading (back-pressure: Postgres keeps the WAL in the slot).
 struct Session<'a> {
     cfg: &'a Config,
-    archive: &'a Archive,
     state: &'a StreamState,
+    ctx: std::sync::Arc<UploadCtx>,
     conn: ReplConnection,
     spool: Spool,
     timeline: TimelineId,
@@ -382,8 +382,8 @@ struct Session<'a> {
     drained: bool,
     /// Completed segments not yet in storage, in WAL order.
     queue: std::collections::VecDeque<Queued>,
-    /// The uploads running.
-    uploads: futures::stream::FuturesUnordered<futures::future::BoxFuture<'a, Finished>>,
+    /// The uploads running (each a task of its own).
+    uploads: futures::stream::FuturesUnordered<futures::future::BoxFuture<'static, Finished>>,
     /// The start of the segment whose `.partial` upload runs.
     partial_running: Option<Lsn>,
     /// The start of the segment whose `.partial` this session last tried to store (it may be
@@ -437,6 +437,14 @@ struct Failed {
     retry: bool,
 }
 
+/// What an upload needs, owned: uploads run as tasks of their own, beside the receiving.
+struct UploadCtx {
+    archive: Archive,
+    codec: crate::codec::Codec,
+    spool_dir: std::path::PathBuf,
+    state: std::sync::Arc<StreamState>,
+}
+
 /// What woke the session.
 enum Wake {
     Upload(Finished),
@@ -459,17 +467,23 @@ impl<'a> Session<'a> {
     fn new(
         cfg: &'a Config,
         archive: &'a Archive,
-        state: &'a StreamState,
+        state: &'a std::sync::Arc<StreamState>,
         conn: ReplConnection,
         spool: Spool,
         timeline: TimelineId,
         start: Lsn,
         stored_partial: Option<(WalFileName, u64)>,
     ) -> Session<'a> {
+        let ctx = std::sync::Arc::new(UploadCtx {
+            archive: archive.clone(),
+            codec: cfg.codec,
+            spool_dir: cfg.spool_dir.clone(),
+            state: state.clone(),
+        });
         Session {
             cfg,
-            archive,
             state,
+            ctx,
             conn,
             spool,
             timeline,
@@ -528,7 +542,7 @@ impl<'a> Session<'a> {
             let full = self.spool_full();
             // Synchronous: the open segment's upload starts as soon as the walsender has sent
             // what it had (commits that arrived together share one upload).
-            let waiting = self.cfg.synchronous && self.partial_possible();
+            let waiting = self.cfg.synchronous && self.partial_possible() && !self.retry_pending();
             let tick = if waiting {
                 Duration::ZERO
             } else {
@@ -582,7 +596,11 @@ impl<'a> Session<'a> {
             .cfg
             .status_interval
             .saturating_sub(self.last_status.elapsed());
-        if self.partial_possible() {
+        if self.hung_up {
+            // Nothing more is reported.
+            tick = Duration::from_secs(3600);
+        }
+        if self.partial_possible() && !self.retry_pending() {
             tick = tick.min(
                 self.cfg
                     .partial_upload_interval
@@ -593,6 +611,11 @@ impl<'a> Session<'a> {
             tick = tick.min(at.saturating_duration_since(Instant::now()));
         }
         tick.max(Duration::from_millis(10))
+    }
+
+    /// Whether a failed upload's wait has not ended yet (nothing new starts meanwhile).
+    fn retry_pending(&self) -> bool {
+        self.retry_at.is_some_and(|at| Instant::now() < at)
     }
 
     /// Whether the queue holds as much as the spool may: then nothing is read from the server
@@ -620,7 +643,7 @@ impl<'a> Session<'a> {
     /// Starts what may upload now: completed segments in WAL order, as many as `wal_uploads`
     /// allows, then the open segment's `.partial` when it is due.
     fn start_uploads(&mut self) -> anyhow::Result<()> {
-        if self.retry_at.is_some_and(|at| Instant::now() < at) {
+        if self.retry_pending() {
             return Ok(());
         }
         self.retry_at = None;
@@ -635,12 +658,8 @@ impl<'a> Session<'a> {
                 continue;
             }
             let Some(seg) = q.seg.take() else { continue };
-            self.uploads.push(Box::pin(upload_segment(
-                self.archive,
-                self.cfg,
-                self.state,
-                seg,
-            )));
+            self.uploads
+                .push(spawned(upload_segment(self.ctx.clone(), seg)));
             running += 1;
         }
         if running < self.cfg.wal_uploads && self.partial_due() {
@@ -683,26 +702,16 @@ impl<'a> Session<'a> {
     fn start_partial(&mut self) -> anyhow::Result<()> {
         self.last_partial = Instant::now();
         let seg = self.spool.open.as_ref().expect("a partial is due");
-        let (mut data, written) = seg.snapshot()?;
-        let name = seg.name.with_kind(WalFileKind::Partial);
-        walheader::check_segment(&name, &data, Some(self.archive.system_identifier()))?;
-        // Only the bytes received: the object's plain length is then where the WAL in storage
-        // ends, which `list` and `/status` both report (readers pad it back to a whole segment).
-        data.truncate(usize::try_from(written).expect("within a segment"));
-        let key = self.archive.layout().streaming_partial(&seg.name);
+        let (file, path, written) = seg.snapshot_source()?;
+        let name = seg.name;
         let seg_start = seg.start;
-        let (archive, codec) = (self.archive, self.cfg.codec);
+        let ctx = self.ctx.clone();
         self.partial_running = Some(seg_start);
         self.partial_tried = Some(seg_start);
-        self.uploads.push(Box::pin(async move {
-            let outcome = archive
-                .repo()
-                .put_overwrite(&key, &data, codec)
-                .await
-                .map(drop)
-                .map_err(anyhow::Error::from);
+        self.uploads.push(spawned(async move {
+            let outcome = store_partial(&ctx, name, file, path, written).await;
             Finished::Partial {
-                name,
+                name: name.with_kind(WalFileKind::Partial),
                 seg_start,
                 written,
                 outcome,
@@ -991,32 +1000,90 @@ fn remember_upload(record: &std::path::Path, digest: &str) {
     }
 }
 
+/// Runs an upload as a task of its own (in the session's span, so its events carry the
+/// timeline and slot); its outcome, or its panic, goes on in the session.
+fn spawned(
+    upload: impl std::future::Future<Output = Finished> + Send + 'static,
+) -> futures::future::BoxFuture<'static, Finished> {
+    let task = tokio::spawn(upload.in_current_span());
+    Box::pin(async move {
+        match task.await {
+            Ok(f) => f,
+            Err(e) => std::panic::resume_unwind(e.into_panic()),
+        }
+    })
+}
+
+/// The open segment's `.partial`: its first `written` bytes, synced and read from the spool
+/// (off the async threads), checked, stored. Only the bytes received are stored: the object's
+/// plain length is then where the WAL in storage ends, which `list` and `/status` both report
+/// (readers pad it back to a whole segment).
+async fn store_partial(
+    ctx: &UploadCtx,
+    name: WalFileName,
+    file: std::fs::File,
+    path: std::path::PathBuf,
+    written: u64,
+) -> anyhow::Result<()> {
+    let system = ctx.archive.system_identifier();
+    let data = tokio::task::spawn_blocking(move || -> anyhow::Result<Vec<u8>> {
+        // Through the handle: the segment may be complete and renamed in the spool by now.
+        let read = || -> std::io::Result<Vec<u8>> {
+            file.sync_data()?;
+            let mut data = vec![0; usize::try_from(file.metadata()?.len()).expect("a segment")];
+            std::os::unix::fs::FileExt::read_exact_at(&file, &mut data, 0)?;
+            Ok(data)
+        };
+        let mut data =
+            read().with_context(|| format!("reading {} in the spool", path.display()))?;
+        walheader::check_segment(&name.with_kind(WalFileKind::Partial), &data, Some(system))?;
+        data.truncate(usize::try_from(written).expect("within a segment"));
+        Ok(data)
+    })
+    .await??;
+    let key = ctx.archive.layout().streaming_partial(&name);
+    ctx.archive
+        .repo()
+        .put_overwrite(&key, &data, ctx.codec)
+        .await?;
+    Ok(())
+}
+
 /// A complete segment's upload: read from the spool, check, upload, verify, then drop it from the
 /// spool and remove its `.partial` object.
-async fn upload_segment(
-    archive: &Archive,
-    cfg: &Config,
-    state: &StreamState,
-    seg: CompleteSegment,
-) -> Finished {
+async fn upload_segment(ctx: std::sync::Arc<UploadCtx>, seg: CompleteSegment) -> Finished {
     let start = seg.start;
     let span = tracing::info_span!("upload", wal = %seg.name, start = %seg.start);
-    let outcome = store_segment(archive, cfg, state, seg)
-        .instrument(span)
-        .await;
+    let outcome = store_segment(&ctx, seg).instrument(span).await;
     Finished::Segment { start, outcome }
 }
 
-async fn store_segment(
-    archive: &Archive,
-    cfg: &Config,
-    state: &StreamState,
-    seg: CompleteSegment,
-) -> Result<(), Failed> {
-    let data = match seg.read().and_then(|data| {
-        walheader::check_segment(&seg.name, &data, Some(archive.system_identifier()))?;
-        Ok(data)
-    }) {
+/// Reads a completed segment from the spool and checks it (off the async threads); with the
+/// digest of its content when storage encrypts.
+fn read_segment(
+    seg: &CompleteSegment,
+    system: u64,
+    encrypts: bool,
+) -> anyhow::Result<(Vec<u8>, Option<String>)> {
+    let data = seg.read()?;
+    walheader::check_segment(&seg.name, &data, Some(system))?;
+    let digest = encrypts.then(|| hex::encode(crate::storage::object::content_sha256(&data)));
+    Ok((data, digest))
+}
+
+async fn store_segment(ctx: &UploadCtx, seg: CompleteSegment) -> Result<(), Failed> {
+    let (archive, state) = (&ctx.archive, &ctx.state);
+    let (system, encrypts) = (
+        archive.system_identifier(),
+        archive.repo().keys().encrypts(),
+    );
+    let (seg, read) = tokio::task::spawn_blocking(move || {
+        let read = read_segment(&seg, system, encrypts);
+        (seg, read)
+    })
+    .await
+    .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
+    let (data, digest) = match read {
         Ok(d) => d,
         Err(error) => {
             return Err(Failed {
@@ -1029,18 +1096,13 @@ async fn store_segment(
     let key = archive.layout().wal(&seg.name);
     // Encrypted stored segments cannot be read back here (no identity): a record of what this
     // daemon stored lets it recognise its own upload when it receives a segment again.
-    let record = cfg.spool_dir.join("uploaded").join(seg.name.to_string());
-    let digest = archive
-        .repo()
-        .keys()
-        .encrypts()
-        .then(|| hex::encode(crate::storage::object::content_sha256(&data)));
+    let record = ctx.spool_dir.join("uploaded").join(seg.name.to_string());
     let stored_before = digest
         .as_ref()
         .is_some_and(|d| std::fs::read_to_string(&record).is_ok_and(|r| r.trim() == d.as_str()));
     let outcome = match archive
         .repo()
-        .put_new_stored_before(&key, &data, cfg.codec, stored_before)
+        .put_new_stored_before(&key, &data, ctx.codec, stored_before)
         .await
     {
         Ok(o) => o,
