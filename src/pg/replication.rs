@@ -53,6 +53,9 @@ pub struct ReplConnection {
     wbuf: BytesMut,
     /// ParameterStatus values the server reported (server_version, ...).
     pub params: HashMap<String, String>,
+    /// An ErrorResponse ended the copy stream: returned once the server's ReadyForQuery is read
+    /// (kept here, so a read cancelled in between loses nothing).
+    copy_failed: Option<PgError>,
 }
 
 /// The answer to IDENTIFY_SYSTEM.
@@ -114,6 +117,7 @@ impl ReplConnection {
             rbuf: BytesMut::with_capacity(64 << 10),
             wbuf: BytesMut::new(),
             params: HashMap::new(),
+            copy_failed: None,
         };
         frontend::startup_message(
             [
@@ -302,7 +306,11 @@ impl ReplConnection {
     }
 
     /// The next CopyData payload of a copy stream, or `None` at CopyDone.
+    /// Cancellation safe: a call dropped at any await loses no message.
     pub async fn next_copy_data(&mut self) -> Result<Option<Bytes>, PgError> {
+        if self.copy_failed.is_some() {
+            return Err(self.end_copy_failure().await);
+        }
         loop {
             match self.read().await? {
                 Incoming::Message(Message::CopyData(d)) => return Ok(Some(d.into_bytes())),
@@ -316,15 +324,23 @@ impl ReplConnection {
                         .insert(p.name()?.to_string(), p.value()?.to_string());
                 }
                 Incoming::Message(Message::ErrorResponse(e)) => {
-                    let err = server_error(e);
-                    loop {
-                        if let Incoming::Message(Message::ReadyForQuery(_)) = self.read().await? {
-                            break;
-                        }
-                    }
-                    return Err(err);
+                    self.copy_failed = Some(server_error(e));
+                    return Err(self.end_copy_failure().await);
                 }
                 _ => return Err(PgError::protocol("unexpected message in a copy stream")),
+            }
+        }
+    }
+
+    /// After an ErrorResponse in a copy stream: reads up to the server's ReadyForQuery (or the
+    /// connection's end) and returns the server's error.
+    async fn end_copy_failure(&mut self) -> PgError {
+        loop {
+            match self.read().await {
+                Ok(Incoming::Message(Message::ReadyForQuery(_))) | Err(_) => {
+                    return self.copy_failed.take().expect("a failure");
+                }
+                Ok(_) => {}
             }
         }
     }
