@@ -28,6 +28,8 @@ use crate::storage::layout::BackupId;
 
 pub use recovery::restore_command;
 pub use target::MARKER;
+#[doc(hidden)]
+pub use unpack::extract_data_archive;
 
 /// Which backup to restore.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -184,6 +184,14 @@ impl Unpack<'_> {
     }
 }
 
+/// One base backup archive (the data directory's, no tablespaces) unpacked into `dest` exactly
+/// as a restore unpacks it: for the fuzz targets (`fuzz/`), which feed it hostile tars and check
+/// that nothing appears outside `dest`.
+#[doc(hidden)]
+pub fn extract_data_archive(reader: impl Read, dest: &Path) -> anyhow::Result<()> {
+    extract(reader, dest, Some(&[])).map(drop)
+}
+
 /// Unpacks one tar stream into `dest`. A backup in storage may be forged (anyone with the
 /// bucket's keys can write one), so only what a base backup holds is restored: regular files and
 /// directories, inside `dest`, with their modes masked (no setuid, setgid, sticky or world bits);

@@ -197,6 +197,17 @@ pub fn parse_history(text: &str) -> Result<Vec<(TimelineId, Lsn)>, String> {
         let lsn: Lsn = lsn
             .parse()
             .map_err(|_| format!("line {}: {lsn:?} is not an LSN", i + 1))?;
+        // As Postgres' own reader: a forged file must not make a timeline its own ancestor.
+        if out
+            .last()
+            .is_some_and(|(last, _): &(TimelineId, Lsn)| last.get() >= tli.get())
+        {
+            return Err(format!(
+                "line {}: timeline {} does not follow the ones before it (they must increase)",
+                i + 1,
+                tli.get()
+            ));
+        }
         out.push((tli, lsn));
     }
     Ok(out)
@@ -581,5 +592,7 @@ mod tests {
         assert_eq!(h[1].0.get(), 2);
         assert_eq!(h[1].1.to_string(), "0/5000000");
         assert!(super::parse_history("x y").unwrap_err().contains("line 1"));
+        let e = super::parse_history("2\t0/3000000\tno reason\n1\t0/5000000\n").unwrap_err();
+        assert!(e.contains("line 2") && e.contains("must increase"), "{e}");
     }
 }
