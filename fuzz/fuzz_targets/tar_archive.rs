@@ -13,13 +13,21 @@ fuzz_target!(|data: &[u8]| {
         .unwrap()
         .map(|e| e.unwrap().file_name())
         .collect();
-    assert_eq!(beside, vec![std::ffi::OsString::from("target")], "written outside the target");
+    assert_eq!(
+        beside,
+        vec![std::ffi::OsString::from("target")],
+        "written outside the target"
+    );
     let mut stack = vec![dest];
     while let Some(dir) = stack.pop() {
         for e in std::fs::read_dir(&dir).unwrap() {
             let e = e.unwrap();
             let t = std::fs::symlink_metadata(e.path()).unwrap().file_type();
-            assert!(t.is_file() || t.is_dir(), "{} is neither file nor folder", e.path().display());
+            assert!(
+                t.is_file() || t.is_dir(),
+                "{} is neither file nor folder",
+                e.path().display()
+            );
             if t.is_dir() {
                 stack.push(e.path());
             }
