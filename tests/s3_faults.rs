@@ -44,10 +44,22 @@ fn faulty_storage(dir: &TestDir, seed: u64) -> (Storage, FaultProxy, Vec<(String
     (storage, proxy, direct)
 }
 
-#[test]
-fn streaming_under_faults_loses_nothing() {
-    let dir = TestDir::new("s3-faults-stream");
-    let (storage, proxy, direct) = faulty_storage(&dir, 0x5eed_0001);
+/// A primary (1 MiB segments, WAL kept for the slot) streamed by a daemon whose S3 requests go
+/// through the fault proxy, with the tight retry settings, partials and status every second, and
+/// `extra`; pgbench's tables initialized (scale 1).
+struct Streamed {
+    dir: TestDir,
+    storage: Storage,
+    proxy: FaultProxy,
+    direct: Vec<(String, String)>,
+    bin: std::path::PathBuf,
+    pg: PgCluster,
+    daemon: Daemon,
+}
+
+fn streamed_primary(name: &str, seed: u64, extra: &[(&str, &str)]) -> Streamed {
+    let dir = TestDir::new(name);
+    let (storage, proxy, direct) = faulty_storage(&dir, seed);
     let bin = dir.install_pgkeep();
     let mut pg = PgCluster::init(dir.path(), "primary", 1, &storage.env);
     pg.set(&[("wal_keep_size", "'2GB'"), ("max_wal_size", "'2GB'")]);
@@ -56,18 +68,46 @@ fn streaming_under_faults_loses_nothing() {
     settings.extend([
         ("PGKEEP_PARTIAL_UPLOAD_SECS", "1"),
         ("PGKEEP_STATUS_INTERVAL_SECS", "1"),
+    ]);
+    settings.extend(extra);
+    let daemon = Daemon::start(&dir, &storage, &bin, &pg, &settings);
+    run_ok(&mut pg.pgbench(&["-i", "-s", "1", "-q"]));
+    Streamed {
+        dir,
+        storage,
+        proxy,
+        direct,
+        bin,
+        pg,
+        daemon,
+    }
+}
+
+/// The pid of the walsender serving the daemon ("" when none, "a,b" when several).
+fn walsender(pg: &PgCluster) -> String {
+    pg.psql("select coalesce(string_agg(pid::text, ','), '') from pg_stat_replication where application_name = 'pgkeep'")
+}
+
+#[test]
+fn streaming_under_faults_loses_nothing() {
+    let Streamed {
+        dir: _dir,
+        storage,
+        proxy,
+        direct,
+        bin,
+        mut pg,
+        daemon,
+    } = streamed_primary(
+        "s3-faults-stream",
+        0x5eed_0001,
         // No retry inside the client: each fault on an upload is a failed upload the daemon
         // counts and recovers from (with one, two faults in a row were needed, and a CI run saw
         // all eight faults absorbed).
-        ("PGKEEP_STORAGE_MAX_RETRIES", "0"),
-    ]);
-    let daemon = Daemon::start(&dir, &storage, &bin, &pg, &settings);
-    run_ok(&mut pg.pgbench(&["-i", "-s", "1", "-q"]));
-    let walsender = || {
-        pg.psql("select coalesce(string_agg(pid::text, ','), '') from pg_stat_replication where application_name = 'pgkeep'")
-    };
+        &[("PGKEEP_STORAGE_MAX_RETRIES", "0")],
+    );
     let sender = wait_for("the stream to start", Duration::from_secs(30), || {
-        Some(walsender()).filter(|s| !s.is_empty())
+        Some(walsender(&pg)).filter(|s| !s.is_empty())
     });
     proxy.set_rate(200);
     let mut load = pg.pgbench(&["-c", "2", "-T", "10", "-n"]).spawn().unwrap();
@@ -115,7 +155,7 @@ fn streaming_under_faults_loses_nothing() {
     assert!(compared >= 8, "only {compared} segments compared");
     // The faults were met on the same replication connection: uploads are retried beside it.
     assert_eq!(
-        walsender(),
+        walsender(&pg),
         sender,
         "the replication connection was replaced"
     );
@@ -286,31 +326,26 @@ fn a_storage_outage_pauses_receiving_keeps_the_connection_and_loses_nothing() {
             .and_then(|s| s.parse().ok())
             .unwrap_or(60),
     );
-    let dir = TestDir::new("s3-outage");
-    let (storage, proxy, direct) = faulty_storage(&dir, 0x5eed_0003);
-    let bin = dir.install_pgkeep();
-    let mut pg = PgCluster::init(dir.path(), "primary", 1, &storage.env);
-    pg.set(&[("wal_keep_size", "'2GB'"), ("max_wal_size", "'2GB'")]);
-    pg.start();
-    let mut settings: Vec<(&str, &str)> = TIGHT.to_vec();
-    settings.extend([
-        ("PGKEEP_PARTIAL_UPLOAD_SECS", "1"),
-        ("PGKEEP_STATUS_INTERVAL_SECS", "1"),
+    let Streamed {
+        dir: _dir,
+        storage,
+        proxy,
+        direct,
+        bin,
+        mut pg,
+        daemon,
+    } = streamed_primary(
+        "s3-outage",
+        0x5eed_0003,
         // Three of the harness' 1 MiB segments.
-        ("PGKEEP_SPOOL_MAX_MB", "3"),
-        ("PGKEEP_WAL_UPLOADS", "4"),
-    ]);
-    let daemon = Daemon::start(&dir, &storage, &bin, &pg, &settings);
-    run_ok(&mut pg.pgbench(&["-i", "-s", "1", "-q"]));
+        &[("PGKEEP_SPOOL_MAX_MB", "3"), ("PGKEEP_WAL_UPLOADS", "4")],
+    );
     pg.psql("select pg_switch_wal()");
     let end = parse_lsn(&pg.psql("select pg_current_wal_lsn()"));
     wait_for("the stream to start", Duration::from_secs(60), || {
         (daemon.durable() >= end).then_some(())
     });
-    let walsender = || {
-        pg.psql("select coalesce(string_agg(pid::text, ','), '') from pg_stat_replication where application_name = 'pgkeep'")
-    };
-    let sender = walsender();
+    let sender = walsender(&pg);
     assert!(!sender.is_empty() && !sender.contains(','), "{sender}");
     let status = |key: &str| -> u64 {
         let v: serde_json::Value = serde_json::from_str(&daemon.status()).unwrap();
@@ -400,7 +435,7 @@ fn a_storage_outage_pauses_receiving_keeps_the_connection_and_loses_nothing() {
     );
     assert!(status("uploads_in_flight_max") >= 2);
     assert_eq!(
-        walsender(),
+        walsender(&pg),
         sender,
         "the replication connection was replaced"
     );
