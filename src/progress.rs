@@ -134,10 +134,7 @@ pub fn mb_per_s(bytes: u64, d: std::time::Duration) -> f64 {
 
 /// Seconds since the Unix epoch (0 if the clock is before it).
 pub fn unix_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_secs()
+    unix_now_ms() / 1000
 }
 
 /// Unix time in milliseconds.

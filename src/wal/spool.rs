@@ -46,24 +46,41 @@ impl OpenSegment {
         self.uploaded_partial > 0
     }
 
-    /// The segment as received so far (synced to disk first), to upload as `.partial`; returns
-    /// the bytes and how many of them were received.
-    pub fn snapshot(&self) -> anyhow::Result<(Vec<u8>, u64)> {
-        self.file.sync_data()?;
-        let data = std::fs::read(&self.path)?;
-        Ok((data, self.written))
-    }
-
-    /// What a snapshot taken elsewhere needs: the file (another handle to it), its path, and how
-    /// many of its bytes were received now (those stay as they are; the receiving goes on after
-    /// them).
-    pub fn snapshot_source(&self) -> anyhow::Result<(std::fs::File, PathBuf, u64)> {
-        Ok((self.file.try_clone()?, self.path.clone(), self.written))
+    /// The segment as received so far, to read (off the receiving task) and upload as
+    /// `.partial`: the bytes before `written` stay as they are while receiving goes on after them.
+    pub fn snapshot(&self) -> anyhow::Result<Snapshot> {
+        Ok(Snapshot {
+            file: self.file.try_clone()?,
+            path: self.path.clone(),
+            written: self.written,
+        })
     }
 
     /// Records that storage holds the segment's first `written` bytes (from a snapshot).
     pub fn uploaded(&mut self, written: u64) {
         self.uploaded_partial = self.uploaded_partial.max(written.min(self.written));
+    }
+}
+
+/// The open segment at one moment: another handle to its file, and how many bytes it held.
+pub struct Snapshot {
+    file: std::fs::File,
+    path: PathBuf,
+    pub written: u64,
+}
+
+impl Snapshot {
+    /// The whole segment file (zeros, or later WAL, past `written`), synced first. Read through
+    /// the handle: the segment may be complete and renamed in the spool by now.
+    pub fn read(&self) -> anyhow::Result<Vec<u8>> {
+        let read = || -> std::io::Result<Vec<u8>> {
+            self.file.sync_data()?;
+            let len = usize::try_from(self.file.metadata()?.len()).expect("a segment's size");
+            let mut data = vec![0; len];
+            std::os::unix::fs::FileExt::read_exact_at(&self.file, &mut data, 0)?;
+            Ok(data)
+        };
+        read().with_context(|| format!("reading {} in the spool", self.path.display()))
     }
 }
 
@@ -245,8 +262,12 @@ mod tests {
         assert!(spool.write(start, &first).unwrap().is_empty());
         let o = spool.open.as_mut().unwrap();
         assert_eq!(o.received_end(), Lsn(start.0 + first.len() as u64));
-        let (snap, written) = o.snapshot().unwrap();
-        assert_eq!((snap.len(), written), (1 << 20, first.len() as u64));
+        let snap = o.snapshot().unwrap();
+        let written = snap.written;
+        assert_eq!(
+            (snap.read().unwrap().len(), written),
+            (1 << 20, first.len() as u64)
+        );
         o.uploaded(written);
         assert!(!o.has_news());
         // The rest of segment 3 and the start of 4 in one piece.

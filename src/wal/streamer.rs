@@ -539,7 +539,7 @@ impl<'a> Session<'a> {
             if self.hung_up {
                 return self.end_of_stream().await;
             }
-            let full = self.spool_full();
+            let full = self.check_spool_full();
             // Synchronous: the open segment's upload starts as soon as the walsender has sent
             // what it had (commits that arrived together share one upload).
             let waiting = self.cfg.synchronous && self.partial_possible() && !self.retry_pending();
@@ -620,7 +620,7 @@ impl<'a> Session<'a> {
 
     /// Whether the queue holds as much as the spool may: then nothing is read from the server
     /// until storage takes some (Postgres keeps the WAL in the slot meanwhile).
-    fn spool_full(&mut self) -> bool {
+    fn check_spool_full(&mut self) -> bool {
         let seg_bytes = u64::from(self.spool.seg_size().bytes());
         let limit = (self.cfg.spool_max_bytes / seg_bytes).max(1);
         let full = self.queue.len() as u64 >= limit;
@@ -702,14 +702,15 @@ impl<'a> Session<'a> {
     fn start_partial(&mut self) -> anyhow::Result<()> {
         self.last_partial = Instant::now();
         let seg = self.spool.open.as_ref().expect("a partial is due");
-        let (file, path, written) = seg.snapshot_source()?;
+        let snap = seg.snapshot()?;
+        let written = snap.written;
         let name = seg.name;
         let seg_start = seg.start;
         let ctx = self.ctx.clone();
         self.partial_running = Some(seg_start);
         self.partial_tried = Some(seg_start);
         self.uploads.push(spawned(async move {
-            let outcome = store_partial(&ctx, name, file, path, written).await;
+            let outcome = store_partial(&ctx, name, snap).await;
             Finished::Partial {
                 name: name.with_kind(WalFileKind::Partial),
                 seg_start,
@@ -1021,23 +1022,13 @@ fn spawned(
 async fn store_partial(
     ctx: &UploadCtx,
     name: WalFileName,
-    file: std::fs::File,
-    path: std::path::PathBuf,
-    written: u64,
+    snap: crate::wal::spool::Snapshot,
 ) -> anyhow::Result<()> {
     let system = ctx.archive.system_identifier();
     let data = tokio::task::spawn_blocking(move || -> anyhow::Result<Vec<u8>> {
-        // Through the handle: the segment may be complete and renamed in the spool by now.
-        let read = || -> std::io::Result<Vec<u8>> {
-            file.sync_data()?;
-            let mut data = vec![0; usize::try_from(file.metadata()?.len()).expect("a segment")];
-            std::os::unix::fs::FileExt::read_exact_at(&file, &mut data, 0)?;
-            Ok(data)
-        };
-        let mut data =
-            read().with_context(|| format!("reading {} in the spool", path.display()))?;
+        let mut data = snap.read()?;
         walheader::check_segment(&name.with_kind(WalFileKind::Partial), &data, Some(system))?;
-        data.truncate(usize::try_from(written).expect("within a segment"));
+        data.truncate(usize::try_from(snap.written).expect("within a segment"));
         Ok(data)
     })
     .await??;
