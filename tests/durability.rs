@@ -1,11 +1,15 @@
 //! Durability on `file://` storage, seen from the system calls: pgkeep runs under `strace`, and the
 //! order of its syncs, renames and creations is checked. A base backup's chunks are synced (one
 //! syncfs) before `backup.json` names them; a restore syncs its files before it removes its
-//! in-progress marker; `archive-push` syncs the object it stored before it exits 0.
+//! in-progress marker; `archive-push` syncs the object it stored before it exits 0; the daemon
+//! syncs every streamed segment and `.partial` (and its folder) before it reports to Postgres a
+//! flush position that the object covers. (The daemon's spool needs no sync: what is in it is
+//! never reported flushed, so a crash loses only WAL that the slot still holds.)
 
 mod common;
 
 use std::path::Path;
+use std::time::Duration;
 
 use common::*;
 
@@ -140,4 +144,189 @@ fn file_storage_syncs_before_anything_names_what_it_wrote() {
     let version = last(&restore, &["rename", "PG_VERSION"]).expect("PG_VERSION is put in place");
     assert!(version < sync, "PG_VERSION was put in place after the sync");
     pg.stop("fast");
+}
+
+/// One system call of a `strace -f` log: which thread, the call's text (its start), and the line
+/// where it returned (a call other threads interrupted is logged as `<unfinished ...>`, then
+/// `<... name resumed>`).
+struct Call {
+    text: String,
+    started: usize,
+    returned: usize,
+}
+
+fn calls(lines: &[String]) -> Vec<Call> {
+    let mut open: std::collections::HashMap<String, usize> = Default::default();
+    let mut out: Vec<Call> = vec![];
+    for (i, line) in lines.iter().enumerate() {
+        let (pid, rest) = line.split_once(' ').unwrap_or(("", line));
+        let rest = rest.trim_start();
+        if rest.starts_with("<...") {
+            if let Some(k) = open.remove(pid) {
+                out[k].returned = i;
+            }
+            continue;
+        }
+        if rest.ends_with("<unfinished ...>") {
+            open.insert(pid.to_string(), out.len());
+        }
+        out.push(Call {
+            text: rest.to_string(),
+            started: i,
+            returned: i,
+        });
+    }
+    out
+}
+
+/// The flush position of a standby status update written to the replication socket (a CopyData
+/// message of 38 bytes holding an 'r' message), from strace's `-x` hex form of the buffer.
+fn reported_flush(call: &str) -> Option<u64> {
+    let (_, rest) = call.split_once("\"\\x64\\x00\\x00\\x00\\x26\\x72")?;
+    let hex: String = rest
+        .split('"')
+        .next()?
+        .split("\\x")
+        .filter(|b| !b.is_empty())
+        .skip(8)
+        .take(8)
+        .collect();
+    (hex.len() == 16).then(|| u64::from_str_radix(&hex, 16).ok())?
+}
+
+#[test]
+fn streamed_wal_is_synced_before_its_flush_is_reported() {
+    const SEG: u64 = 1 << 20;
+    let dir = TestDir::new("durability-stream");
+    let storage = Storage::new(Backend::File, &dir);
+    let bin = dir.install_pgkeep();
+    let mut pg = PgCluster::init(dir.path(), "primary", 1, &storage.env);
+    pg.start();
+    let log = dir.path().join("daemon.trace");
+    let log_arg = log.display().to_string();
+    let mut daemon = Daemon::start_under(
+        &dir,
+        &storage,
+        &bin,
+        &pg,
+        &[
+            ("PGKEEP_STATUS_INTERVAL_SECS", "1"),
+            ("PGKEEP_PARTIAL_UPLOAD_SECS", "1"),
+        ],
+        &[
+            "strace",
+            "-f",
+            "-qq",
+            "-x",
+            "-y",
+            "-s",
+            "48",
+            "-o",
+            &log_arg,
+            "-e",
+            "trace=fsync,fdatasync,syncfs,rename,renameat,renameat2,write,writev,sendto,sendmsg",
+        ],
+    );
+    // Whole segments, then a trickle that only partial uploads make durable.
+    run_ok(&mut pg.pgbench(&["-i", "-s", "1", "-q"]));
+    for i in 0..4 {
+        pg.psql(&format!(
+            "insert into pgbench_history (tid, bid, aid, delta, mtime) values ({i}, 1, 1, 1, now())"
+        ));
+        std::thread::sleep(Duration::from_millis(700));
+    }
+    let end = parse_lsn(&pg.psql("select pg_current_wal_lsn()"));
+    wait_for("the WAL to be durable", Duration::from_secs(60), || {
+        (daemon.durable() >= end).then_some(())
+    });
+    std::thread::sleep(Duration::from_millis(1500));
+    // A stopping daemon drains until Postgres ends the stream.
+    daemon.signal("TERM");
+    pg.stop("fast");
+    daemon.wait(Duration::from_secs(30));
+
+    let lines: Vec<String> = std::fs::read_to_string(&log)
+        .unwrap()
+        .lines()
+        .map(str::to_string)
+        .collect();
+    let calls = calls(&lines);
+    let wal_dir = "/wal/00000001";
+    let streaming_dir = "/streaming/00000001";
+    // Objects are named by their path in `-y`'s <...> decoration of the fsync'd descriptor.
+    let synced_at = |path_end: &str, before: usize| -> Option<usize> {
+        calls
+            .iter()
+            .filter(|c| {
+                c.returned < before
+                    && c.text.starts_with("fsync(")
+                    && c.text.contains(&format!("{path_end}>"))
+            })
+            .map(|c| c.returned)
+            .max()
+    };
+    let placed_at = |path_end: &str, before: usize| -> Option<usize> {
+        calls
+            .iter()
+            .filter(|c| {
+                c.started < before
+                    && c.text.starts_with("rename")
+                    && c.text.contains(&format!("{path_end}\""))
+            })
+            .map(|c| c.returned)
+            .max()
+    };
+    let name = |seg: u64| format!("00000001{:08X}{:08X}", seg / 4096, seg % 4096);
+    let first_seg = (0..4096 * 4)
+        .find(|s| placed_at(&format!("{wal_dir}/{}", name(*s)), usize::MAX).is_some())
+        .expect("the daemon stored whole segments");
+    let (mut reports, mut checked_partials, mut best) = (0, 0, 0u64);
+    for c in &calls {
+        let Some(flush) = reported_flush(&c.text) else {
+            continue;
+        };
+        reports += 1;
+        if flush <= best || flush <= first_seg * SEG {
+            continue;
+        }
+        best = flush;
+        // Every whole segment the position covers, and the .partial of the one it ends in, was
+        // synced after it was last put in place, and its folder after that, before the report.
+        let mut covered: Vec<(String, &str)> = (first_seg..flush / SEG)
+            .map(|s| (format!("{wal_dir}/{}", name(s)), wal_dir))
+            .collect();
+        if flush % SEG != 0 {
+            let seg = name(flush / SEG);
+            let whole = format!("{wal_dir}/{seg}");
+            if placed_at(&whole, c.started).is_some() {
+                covered.push((whole, wal_dir));
+            } else {
+                covered.push((format!("{streaming_dir}/{seg}.partial"), streaming_dir));
+                checked_partials += 1;
+            }
+        }
+        for (object, folder) in covered {
+            let placed = placed_at(&object, c.started)
+                .unwrap_or_else(|| panic!("flush {flush:X} reported before {object} was stored"));
+            let synced = synced_at(&object, c.started).filter(|&s| s > placed);
+            let synced = synced.unwrap_or_else(|| {
+                panic!("flush {flush:X} reported (line {}) before {object}, put in place at line {placed}, was synced", c.started)
+            });
+            let folder_synced = synced_at(folder, c.started).filter(|&s| s > synced);
+            assert!(
+                folder_synced.is_some(),
+                "flush {flush:X} reported (line {}) before the folder of {object} was synced after it",
+                c.started
+            );
+        }
+    }
+    assert!(
+        best >= end,
+        "the last reported flush {best:X} is below {end:X}"
+    );
+    assert!(reports >= 5, "only {reports} status updates seen");
+    assert!(
+        checked_partials >= 1,
+        "no flush report was covered by a .partial (of {reports} reports)"
+    );
 }

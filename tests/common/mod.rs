@@ -847,6 +847,8 @@ pub fn http_with(method: &str, port: u16, path: &str, headers: &[(&str, &str)]) 
 /// `pgkeep daemon` running as the postgres user; killed on drop.
 pub struct Daemon {
     child: Child,
+    /// Run under a wrapper (the pgkeep process is the wrapper's child).
+    wrapped: bool,
     pub port: u16,
     log: PathBuf,
     /// The daemon's token file (`http_token_file` in the storage's config).
@@ -861,6 +863,20 @@ impl Daemon {
         pg: &PgCluster,
         extra: &[(&str, &str)],
     ) -> Daemon {
+        Daemon::start_under(dir, storage, bin, pg, extra, &[])
+    }
+
+    /// As [`Daemon::start`], with the daemon run by `wrapper` (for example `strace -f -o LOG`):
+    /// `wrapper[0]` runs as the postgres user with the rest of `wrapper`, then the daemon's
+    /// command line, as its arguments.
+    pub fn start_under(
+        dir: &TestDir,
+        storage: &Storage,
+        bin: &Path,
+        pg: &PgCluster,
+        extra: &[(&str, &str)],
+        wrapper: &[&str],
+    ) -> Daemon {
         let port = free_port();
         let spool = dir.mkdir(&format!("spool-{port}"));
         let mut env = storage.env.clone();
@@ -874,7 +890,15 @@ impl Daemon {
         env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
         let log_path = dir.path().join(format!("daemon-{port}.log"));
         let log = std::fs::File::create(&log_path).unwrap();
-        let child = as_postgres(bin, &env)
+        let mut cmd = match wrapper.split_first() {
+            Some((program, args)) => {
+                let mut c = as_postgres(program, &env);
+                c.args(args).arg(bin);
+                c
+            }
+            None => as_postgres(bin, &env),
+        };
+        let child = cmd
             .arg("--config")
             .arg(&storage.config)
             .arg("daemon")
@@ -885,6 +909,7 @@ impl Daemon {
             .unwrap();
         let mut d = Daemon {
             child,
+            wrapped: !wrapper.is_empty(),
             port,
             log: log_path,
             token: storage.config.with_file_name("http").join("token"),
@@ -942,14 +967,21 @@ impl Daemon {
         parse_lsn(lsn)
     }
 
-    /// The pgkeep process's pid (the child of runuser when root, or the child itself).
+    /// The pgkeep process's pid (below runuser when root, and below the wrapper if any).
     pub fn pid(&self) -> String {
-        if is_root() {
-            let out = run_ok(Command::new("pgrep").args(["-P", &self.child.id().to_string()]));
-            out.trim().to_string()
-        } else {
-            self.child.id().to_string()
+        self.pgkeep_pid().expect("the daemon's process is running")
+    }
+
+    fn pgkeep_pid(&self) -> Option<String> {
+        let mut pid = self.child.id().to_string();
+        for _ in 0..(usize::from(is_root()) + usize::from(self.wrapped)) {
+            let out = Command::new("pgrep").args(["-P", &pid]).output().ok()?;
+            pid = String::from_utf8_lossy(&out.stdout).trim().to_string();
+            if pid.is_empty() {
+                return None;
+            }
         }
+        Some(pid)
     }
 
     /// Sends a signal to the pgkeep process (not to runuser around it).
@@ -992,17 +1024,11 @@ impl Drop for Daemon {
 
 impl Daemon {
     fn signal_quiet(&self, sig: &str) -> Option<()> {
-        let out = Command::new("pgrep")
-            .args(["-P", &self.child.id().to_string()])
-            .output()
+        let pid = self.pgkeep_pid()?;
+        Command::new("kill")
+            .args([&format!("-{sig}"), &pid])
+            .status()
             .ok()?;
-        let pid = String::from_utf8_lossy(&out.stdout).trim().to_string();
-        if !pid.is_empty() {
-            Command::new("kill")
-                .args([&format!("-{sig}"), &pid])
-                .status()
-                .ok()?;
-        }
         Some(())
     }
 }
