@@ -179,6 +179,20 @@ fn calls(lines: &[String]) -> Vec<Call> {
     out
 }
 
+/// Where the last call of `syscall` whose text holds `needle` and that `when` accepts returned.
+fn last_call(
+    calls: &[Call],
+    syscall: &str,
+    needle: &str,
+    when: impl Fn(&Call) -> bool,
+) -> Option<usize> {
+    calls
+        .iter()
+        .filter(|c| c.text.starts_with(syscall) && c.text.contains(needle) && when(c))
+        .map(|c| c.returned)
+        .max()
+}
+
 /// The flush position of a standby status update written to the replication socket (a CopyData
 /// message of 38 bytes holding an 'r' message), from strace's `-x` hex form of the buffer.
 fn reported_flush(call: &str) -> Option<u64> {
@@ -253,28 +267,17 @@ fn streamed_wal_is_synced_before_its_flush_is_reported() {
     let calls = calls(&lines);
     let wal_dir = "/wal/00000001";
     let streaming_dir = "/streaming/00000001";
-    // Objects are named by their path in `-y`'s <...> decoration of the fsync'd descriptor.
-    let synced_at = |path_end: &str, before: usize| -> Option<usize> {
-        calls
-            .iter()
-            .filter(|c| {
-                c.returned < before
-                    && c.text.starts_with("fsync(")
-                    && c.text.contains(&format!("{path_end}>"))
-            })
-            .map(|c| c.returned)
-            .max()
+    // Objects are named by their path in `-y`'s <...> decoration of the fsync'd descriptor, and
+    // in a rename's quoted target.
+    let synced_at = |path_end: &str, before: usize| {
+        last_call(&calls, "fsync(", &format!("{path_end}>"), |c| {
+            c.returned < before
+        })
     };
-    let placed_at = |path_end: &str, before: usize| -> Option<usize> {
-        calls
-            .iter()
-            .filter(|c| {
-                c.started < before
-                    && c.text.starts_with("rename")
-                    && c.text.contains(&format!("{path_end}\""))
-            })
-            .map(|c| c.returned)
-            .max()
+    let placed_at = |path_end: &str, before: usize| {
+        last_call(&calls, "rename", &format!("{path_end}\""), |c| {
+            c.started < before
+        })
     };
     let name = |seg: u64| format!("00000001{:08X}{:08X}", seg / 4096, seg % 4096);
     let first_seg = (0..4096 * 4)
