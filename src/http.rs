@@ -205,6 +205,8 @@ async fn status(State(s): State<AppState>, headers: axum::http::HeaderMap) -> Re
         "lag_bytes": received.0.saturating_sub(durable.0),
         "segments_uploaded": st.segments_uploaded.get(),
         "partial_uploads": st.partial_uploads.get(),
+        "partial_pieces": st.partial_pieces.get(),
+        "partial_bytes_uploaded": st.partial_bytes_uploaded.get(),
         "upload_errors": st.upload_errors.get(),
         "reconnects": st.reconnects.get(),
         "spooled_segments": st.spooled_segments.load(Ordering::Relaxed),
@@ -377,8 +379,24 @@ async fn wal(
         .await
     {
         Ok(f) => {
-            let subject = crate::http_token::wal_subject(&f.served.to_string(), &f.stored);
-            let r = (
+            // The streamed `.partial` comes with the pieces that continue it, their objects
+            // after its own in the body, their starts and sizes in `x-pgkeep-pieces`.
+            let pieces = f.pieces_header();
+            let served = crate::wal::fetch::served_subject(&f.served, &pieces);
+            let body = if f.pieces.is_empty() {
+                f.stored.clone()
+            } else {
+                let mut all = Vec::with_capacity(
+                    f.stored.len() + f.pieces.iter().map(|p| p.stored.len()).sum::<usize>(),
+                );
+                all.extend_from_slice(&f.stored);
+                for p in &f.pieces {
+                    all.extend_from_slice(&p.stored);
+                }
+                bytes::Bytes::from(all)
+            };
+            let subject = crate::http_token::wal_subject(&served, &body);
+            let mut r = (
                 [
                     (
                         header::CONTENT_TYPE,
@@ -388,11 +406,17 @@ async fn wal(
                         header::HeaderName::from_static("x-pgkeep-served"),
                         f.served.to_string(),
                     ),
-                    (header::CONTENT_LENGTH, f.stored.len().to_string()),
+                    (header::CONTENT_LENGTH, body.len().to_string()),
                 ],
-                crate::http_limits::body_with_permit(f.stored, permit),
+                crate::http_limits::body_with_permit(body, permit),
             )
                 .into_response();
+            if !pieces.is_empty() {
+                r.headers_mut().insert(
+                    header::HeaderName::from_static(crate::wal::fetch::PIECES_HEADER),
+                    header::HeaderValue::from_str(&pieces).expect("digits, colons and commas"),
+                );
+            }
             Ok(with_proof(&s, &headers, &subject, r))
         }
         // Proven too: a wal-fetch that may not read storage itself (wal_fetch_storage = false)

@@ -141,6 +141,16 @@ impl Metrics {
             s.partial_uploads.clone(),
         );
         r.register(
+            "wal_partial_pieces",
+            "Of the open segment's uploads, the pieces holding only the bytes new since the last.",
+            s.partial_pieces.clone(),
+        );
+        r.register(
+            "wal_partial_uploaded_bytes",
+            "Bytes stored by the open segment's uploads (.partial objects and pieces).",
+            s.partial_bytes_uploaded.clone(),
+        );
+        r.register(
             "upload_errors",
             "Failed WAL uploads (each is tried again; the replication connection stays).",
             s.upload_errors.clone(),

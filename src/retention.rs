@@ -53,6 +53,14 @@ pub async fn plan(cfg: &Config, archive: &Archive, now: DateTime<Utc>) -> anyhow
                 delete_wal.push(meta.location.to_string());
             }
         }
+        // The pieces after a streamed `.partial` go with it.
+        for (seg, piece) in archive.all_streamed_pieces().await? {
+            if let Ok(s) = seg.segment_no(size)
+                && s < first_needed
+            {
+                delete_wal.push(piece.key.to_string());
+            }
+        }
     }
     let newest = backups.first().map(|b| b.id.clone());
     let mut delete_orphans = vec![];

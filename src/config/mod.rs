@@ -60,6 +60,8 @@ const KEYS: &[(&str, Kind)] = &[
     ("listen", Kind::Str),
     ("status_interval_secs", Kind::Int),
     ("partial_upload_secs", Kind::Int),
+    ("partial_upload_ms", Kind::Int),
+    ("partial_max_pieces", Kind::Int),
     ("wal_uploads", Kind::Int),
     ("spool_max_mb", Kind::Int),
     ("shutdown_timeout_secs", Kind::Int),
@@ -131,8 +133,11 @@ pub struct Config {
     pub listen: std::net::SocketAddr,
     /// How often the daemon reports its positions to Postgres.
     pub status_interval: Duration,
-    /// How often the open WAL segment is uploaded as `.partial`.
+    /// How often, at most, the open WAL segment's new bytes are uploaded (`partial_upload_ms`).
     pub partial_upload_interval: Duration,
+    /// How many pieces (each only the bytes new since the last upload) may follow the open
+    /// segment's `.partial` before the whole prefix is stored again; 0: always the whole prefix.
+    pub partial_max_pieces: u32,
     /// How many WAL uploads (completed segments and the open segment's `.partial`) run at once.
     pub wal_uploads: usize,
     /// How many bytes of completed segments the spool holds for storage before the daemon stops
@@ -344,7 +349,8 @@ impl Config {
                 .expect("a default"),
             listen: v.listen()?,
             status_interval: secs("status_interval_secs", 1..=3600, 10)?,
-            partial_upload_interval: secs("partial_upload_secs", 1..=3600, 5)?,
+            partial_upload_interval: v.partial_upload_interval()?,
+            partial_max_pieces: v.int("partial_max_pieces", 0..=1000, 32)? as u32,
             wal_uploads: v.int("wal_uploads", 1..=64, 4)? as usize,
             spool_max_bytes: (v.int("spool_max_mb", 1..=16_777_216, 1024)? as u64) << 20,
             synchronous: v.bool("synchronous", false)?,

@@ -81,6 +81,25 @@ impl Values {
         }
     }
 
+    /// How often the open segment is uploaded at most: `partial_upload_ms`, or the older
+    /// `partial_upload_secs`; not both.
+    pub fn partial_upload_interval(&self) -> Result<std::time::Duration, ConfigError> {
+        let ms = self.get("partial_upload_ms")?.map(|(_, o)| o.to_string());
+        if let (Some(o), Some(_)) = (ms, self.get("partial_upload_secs")?) {
+            return Err(bad(
+                &o,
+                "partial_upload_ms and partial_upload_secs are both set: keep one \
+                 (partial_upload_secs is the older name, in whole seconds)"
+                    .into(),
+            ));
+        }
+        let ms = match self.get("partial_upload_secs")? {
+            Some(_) => self.int("partial_upload_secs", 1..=3600, 5)? * 1000,
+            None => self.int("partial_upload_ms", 10..=3_600_000, 200)?,
+        };
+        Ok(std::time::Duration::from_millis(ms as u64))
+    }
+
     pub fn bool(&self, key: &str, default: bool) -> Result<bool, ConfigError> {
         Ok(self
             .get(key)?

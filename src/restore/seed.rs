@@ -138,7 +138,9 @@ async fn to_copy(src: &Archive, meta: &BackupMeta) -> anyhow::Result<Vec<Path>> 
         }
     }
     for key in src.repo().list(&layout.streaming_root()).await? {
-        if key.filename().is_some_and(wanted) {
+        // A piece after a streamed `.partial` goes where its segment goes.
+        let piece_of = layout.parse_piece(&key).map(|(seg, _, _)| seg.to_string());
+        if piece_of.as_deref().or(key.filename()).is_some_and(wanted) {
             keys.push(key);
         }
     }

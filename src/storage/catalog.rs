@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use super::archive::Archive;
 use super::layout::{self, ArchiveName, BackupId};
+use super::pieces;
 use super::repo::{Repo, StorageError};
 use crate::codec::Codec;
 use crate::pg::{Lsn, SegmentNo, TimelineId, WalFileKind, WalFileName, WalSegSize};
@@ -191,6 +192,32 @@ impl Repo {
                 ),
             });
         }
+        Ok(())
+    }
+
+    /// Raises the format marker of storage written by an older layout to this one, before this
+    /// pgkeep writes what older readers would misread (the open segment's pieces, layout 2): they
+    /// then refuse the storage instead of missing the WAL at its end.
+    pub async fn upgrade_layout(&self) -> Result<(), StorageError> {
+        let key = layout::format_marker();
+        let raw = self.get(&key).await?;
+        let marker: FormatMarker = parse_json(&key, &raw, "a format marker")?;
+        if marker.format != layout::FORMAT_NAME || marker.layout_version >= layout::LAYOUT_VERSION {
+            return Ok(());
+        }
+        let new = FormatMarker {
+            format: layout::FORMAT_NAME.into(),
+            layout_version: layout::LAYOUT_VERSION,
+        };
+        let json = serde_json::to_vec_pretty(&new).expect("serialisable");
+        self.put_overwrite_metadata(&key, &json).await?;
+        tracing::info!(
+            from = marker.layout_version,
+            to = layout::LAYOUT_VERSION,
+            "raised the storage layout version (the open segment is now stored in pieces; \
+             pgkeep releases of layout {} refuse this storage from now on)",
+            marker.layout_version
+        );
         Ok(())
     }
 
@@ -407,6 +434,73 @@ impl Archive {
         Ok(with_wal_names(metas))
     }
 
+    /// The pieces stored after the daemon's `.partial` of `segment` (any kind of its name), in
+    /// key order; keys that are no piece's are left out.
+    pub async fn streamed_pieces(
+        &self,
+        segment: &WalFileName,
+    ) -> Result<Vec<pieces::PieceRef>, StorageError> {
+        let dir = self.layout().streaming_pieces(segment);
+        Ok(self
+            .repo()
+            .list(&dir)
+            .await?
+            .into_iter()
+            .filter_map(|key| {
+                let (_, start, end) = self.layout().parse_piece(&key)?;
+                Some(pieces::PieceRef { start, end, key })
+            })
+            .collect())
+    }
+
+    /// As [`Archive::streamed_pieces`], without any piece that would reach the segment's end (the
+    /// daemon stores a whole segment as a segment; such a piece is forged).
+    pub async fn streamed_pieces_within(
+        &self,
+        segment: &WalFileName,
+        size: WalSegSize,
+    ) -> Result<Vec<pieces::PieceRef>, StorageError> {
+        let mut found = self.streamed_pieces(segment).await?;
+        found.retain(|p| p.end < u64::from(size.bytes()));
+        Ok(found)
+    }
+
+    /// Every piece in the streaming folder, with its segment.
+    pub async fn all_streamed_pieces(
+        &self,
+    ) -> Result<Vec<(WalFileName, pieces::PieceRef)>, StorageError> {
+        let metas = self.repo().list(&self.layout().streaming_root()).await?;
+        Ok(metas
+            .into_iter()
+            .filter_map(|key| {
+                let (seg, start, end) = self.layout().parse_piece(&key)?;
+                Some((seg, pieces::PieceRef { start, end, key }))
+            })
+            .collect())
+    }
+
+    /// How many bytes of `segment` the daemon's streamed upload holds (its `.partial` and the
+    /// pieces after it); `None` when there is no readable `.partial` of it that is shorter than a
+    /// segment (none, damaged, or an old padded one whose end is unknown).
+    pub async fn streamed_len(
+        &self,
+        segment: &WalFileName,
+        size: WalSegSize,
+    ) -> Result<Option<u64>, StorageError> {
+        match self
+            .repo()
+            .header(&self.layout().streaming_partial(segment))
+            .await
+        {
+            Ok(h) if h.plain_len < u64::from(size.bytes()) => {
+                let pieces = self.streamed_pieces_within(segment, size).await?;
+                Ok(Some(pieces::chain_end(h.plain_len, &pieces)))
+            }
+            Ok(_) | Err(StorageError::NotFound { .. } | StorageError::Corrupt { .. }) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
     /// Where the WAL in storage ends, the one definition `list` and the daemon's `/status`
     /// (`durable_lsn`) share: the end of the newest complete segment (highest timeline, then
     /// highest segment), or, when the daemon's streamed `.partial` of a later segment is stored,
@@ -444,7 +538,8 @@ impl Archive {
             if header.plain_len >= u64::from(size.bytes()) {
                 continue;
             }
-            let reach = Lsn(size.start_of(seg).0 + header.plain_len);
+            let pieces = self.streamed_pieces_within(&name, size).await?;
+            let reach = Lsn(size.start_of(seg).0 + pieces::chain_end(header.plain_len, &pieces));
             end = Some((name.timeline, reach, meta.last_modified));
         }
         Ok(end.map(|(t, e, at)| (e, t, at)))

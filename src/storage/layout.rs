@@ -6,6 +6,7 @@
 //! clusters/<system identifier>/cluster.json    which cluster this is (system identifier, segment size)
 //! clusters/<system identifier>/wal/<TLI>/<WAL file name>
 //! clusters/<system identifier>/streaming/<TLI>/<segment>.partial     the daemon's open segment
+//! clusters/<system identifier>/streaming/<TLI>/<segment>.pieces/<start>-<end>   what follows it
 //! clusters/<system identifier>/basebackups/<backup id>/backup.json       written last: the backup exists
 //! clusters/<system identifier>/basebackups/<backup id>/backup_manifest
 //! clusters/<system identifier>/basebackups/<backup id>/data/<archive>/<chunk number, 6 digits>
@@ -17,7 +18,7 @@ use object_store::path::Path;
 
 use crate::pg::WalFileName;
 
-pub const LAYOUT_VERSION: u32 = 1;
+pub const LAYOUT_VERSION: u32 = 2;
 pub const FORMAT_NAME: &str = "pgkeep";
 
 /// The format marker at the root of the storage prefix.
@@ -71,6 +72,45 @@ impl ClusterLayout {
         self.streaming_root()
             .join(format!("{:08X}", segment.timeline.get()))
             .join(partial.to_string())
+    }
+
+    /// The folder of the pieces that continue the open segment's `.partial`: each holds the
+    /// segment's bytes `start .. end` (offsets in the segment, 8 hex digits each).
+    pub fn streaming_pieces(&self, segment: &WalFileName) -> Path {
+        let seg = segment.with_kind(crate::pg::WalFileKind::Segment);
+        self.streaming_root()
+            .join(format!("{:08X}", segment.timeline.get()))
+            .join(format!("{seg}.pieces"))
+    }
+
+    /// One piece of the open segment: its bytes `start .. end`.
+    pub fn streaming_piece(&self, segment: &WalFileName, start: u64, end: u64) -> Path {
+        self.streaming_pieces(segment)
+            .join(format!("{start:08X}-{end:08X}"))
+    }
+
+    /// The segment, start and end of a piece's key, as [`ClusterLayout::streaming_piece`] builds
+    /// it; `None` for any other key (a forged name is no piece).
+    pub fn parse_piece(&self, key: &Path) -> Option<(WalFileName, u64, u64)> {
+        let parts: Vec<_> = key.parts().collect();
+        let [.., tli, folder, range] = parts.as_slice() else {
+            return None;
+        };
+        let segment: WalFileName = folder.as_ref().strip_suffix(".pieces")?.parse().ok()?;
+        if segment.kind != crate::pg::WalFileKind::Segment
+            || tli.as_ref() != format!("{:08X}", segment.timeline.get())
+        {
+            return None;
+        }
+        let (start, end) = range.as_ref().split_once('-')?;
+        let hex = |s: &str| {
+            (s.len() == 8 && s.bytes().all(|b| b.is_ascii_hexdigit()))
+                .then(|| u64::from_str_radix(s, 16).ok())
+                .flatten()
+        };
+        let (start, end) = (hex(start)?, hex(end)?);
+        (start < end && *key == self.streaming_piece(&segment, start, end))
+            .then_some((segment, start, end))
     }
 
     /// A WAL file's key: segments, `.partial`, `.history` and `.backup` files all live in their
@@ -252,6 +292,28 @@ mod tests {
             c.streaming_partial(&seg).as_ref(),
             "clusters/7312345678901234567/streaming/00000002/00000002000000000000000A.partial"
         );
+    }
+
+    #[test]
+    fn piece_keys_round_trip_and_forged_ones_are_refused() {
+        let c = ClusterLayout::new(7312345678901234567);
+        let seg: WalFileName = "00000002000000000000000A".parse().unwrap();
+        let key = c.streaming_piece(&seg, 0x2000, 0x2F10);
+        assert_eq!(
+            key.as_ref(),
+            "clusters/7312345678901234567/streaming/00000002/00000002000000000000000A.pieces/00002000-00002F10"
+        );
+        assert_eq!(c.parse_piece(&key), Some((seg, 0x2000, 0x2F10)));
+        for forged in [
+            "clusters/7312345678901234567/streaming/00000002/00000002000000000000000A.pieces/00002F10-00002000",
+            "clusters/7312345678901234567/streaming/00000002/00000002000000000000000A.pieces/2000-2F10",
+            "clusters/7312345678901234567/streaming/00000003/00000002000000000000000A.pieces/00002000-00002F10",
+            "clusters/1/streaming/00000002/00000002000000000000000A.pieces/00002000-00002F10",
+            "clusters/7312345678901234567/streaming/00000002/00000002.history.pieces/00002000-00002F10",
+            "clusters/7312345678901234567/streaming/00000002/00000002000000000000000A.partial",
+        ] {
+            assert_eq!(c.parse_piece(&Path::from(forged)), None, "{forged}");
+        }
     }
 
     #[test]

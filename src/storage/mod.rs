@@ -5,6 +5,7 @@ pub mod catalog;
 pub mod crypt;
 pub mod layout;
 pub mod object;
+pub mod pieces;
 pub mod repo;
 pub mod settings;
 

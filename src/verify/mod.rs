@@ -17,6 +17,7 @@ use std::collections::{HashMap, HashSet};
 
 use crate::pg::{Lsn, SegmentNo, TimelineId, WalFileKind, WalFileName};
 use crate::storage::layout::BackupId;
+use crate::storage::pieces::PieceRef;
 use crate::storage::{Archive, StorageError};
 
 pub mod contents;
@@ -338,35 +339,70 @@ pub async fn verify(
     // 2. Every WAL object intact.
     let wal = archive.wal_objects().await?;
     progress.set_total(bytes + wal.iter().map(|(m, _)| m.size).sum::<u64>());
+    // The pieces after the daemon's streamed `.partial`s, checked as objects too; they count
+    // only through the `.partial` they continue.
+    let mut wal: Vec<(object_store::path::Path, WalFileName, Option<PieceRef>)> = wal
+        .into_iter()
+        .map(|(m, n)| (m.location, n, None))
+        .collect();
+    for (seg, piece) in archive.all_streamed_pieces().await? {
+        wal.push((
+            piece.key.clone(),
+            seg.with_kind(WalFileKind::Partial),
+            Some(piece),
+        ));
+    }
     let mut present: HashSet<WalFileName> = HashSet::new();
     // A `.partial` reaches only as far as its content: the daemon stores the bytes it received.
     let mut partial_len: HashMap<WalFileName, u64> = HashMap::new();
-    let checks = futures::stream::iter(wal.into_iter().map(|(meta, name)| async move {
-        let checked = check_object(archive, &meta.location, None).await;
-        (meta.location, name, checked)
+    let mut streamed_len: HashMap<WalFileName, u64> = HashMap::new();
+    let mut intact_pieces: HashMap<WalFileName, Vec<PieceRef>> = HashMap::new();
+    let checks = futures::stream::iter(wal.into_iter().map(|(key, name, piece)| async move {
+        let checked = check_object(archive, &key, None).await;
+        (key, name, piece, checked)
     }))
     .buffer_unordered(parallelism);
     futures::pin_mut!(checks);
-    while let Some((key, name, checked)) = checks.next().await {
+    while let Some((key, name, piece, checked)) = checks.next().await {
         let c = checked?;
         objects += 1;
         bytes += c.stored_len;
         progress.add(c.stored_len);
         undecoded += u64::from(c.undecoded);
-        match c.problem {
-            Some(problem) => problems.push(Problem {
+        let problem = match (&piece, c.problem) {
+            (Some(p), None) if c.plain_len != p.end - p.start => Some(format!(
+                "holds {} bytes where its name says {}",
+                c.plain_len,
+                p.end - p.start
+            )),
+            (_, problem) => problem,
+        };
+        match (problem, piece) {
+            (Some(problem), piece) => problems.push(Problem {
                 key: key.to_string(),
                 problem,
-                affects: format!("recovery through {name}"),
+                affects: match piece {
+                    Some(p) => format!("recovery through {name} past offset {:#X}", p.start),
+                    None => format!("recovery through {name}"),
+                },
             }),
-            None => {
+            (None, Some(piece)) => intact_pieces.entry(name).or_default().push(piece),
+            (None, None) => {
                 if name.kind == WalFileKind::Partial {
                     let len = partial_len.entry(name).or_default();
                     *len = (*len).max(c.plain_len);
+                    if key == layout.streaming_partial(&name) {
+                        streamed_len.insert(name, c.plain_len);
+                    }
                 }
                 present.insert(name);
             }
         }
+    }
+    for (name, base) in streamed_len {
+        let pieces = intact_pieces.remove(&name).unwrap_or_default();
+        let len = partial_len.entry(name).or_default();
+        *len = (*len).max(crate::storage::pieces::chain_end(base, &pieces));
     }
 
     // 3. Continuity, per segment size (one per cluster in practice).

@@ -158,7 +158,7 @@ async fn from_daemon(
         return Daemon::NoAnswer;
     };
     let path = format!("/wal/{name}?system_identifier={sysid}");
-    let r = match crate::http_client::request(
+    let mut r = match crate::http_client::request(
         cfg.listen,
         "GET",
         &path,
@@ -198,10 +198,17 @@ async fn from_daemon(
                 tracing::warn!(wal = %name, "the daemon's answer is not a stored WAL object");
                 return Daemon::NoAnswer;
             };
-            let subject = crate::http_token::wal_subject(&served.to_string(), &r.body);
+            let pieces = r.header(PIECES_HEADER).unwrap_or_default().to_string();
+            let subject =
+                crate::http_token::wal_subject(&served_subject(&served, &pieces), &r.body);
             if !proven(cfg, &token, &nonce, &subject, &r) {
                 return Daemon::NoAnswer;
             }
+            let body = bytes::Bytes::from(std::mem::take(&mut r.body));
+            let Some((base, pieces)) = split_pieces(&pieces, &body) else {
+                tracing::warn!(wal = %name, "the daemon's answer does not hold the pieces it lists");
+                return Daemon::NoAnswer;
+            };
             let keys = match crate::storage::Keys::from_settings(&cfg.storage_settings().encryption)
             {
                 Ok(k) => k,
@@ -210,9 +217,14 @@ async fn from_daemon(
                     return Daemon::NoAnswer;
                 }
             };
-            let opened = object::open(&r.body, &keys)
+            let opened = object::open(&base, &keys)
                 .map_err(|e| format!("{e:?}"))
-                .and_then(|(_, data)| {
+                .and_then(|(_, mut data)| {
+                    for p in &pieces {
+                        let (_, bytes) = object::open(&p.stored, &keys)
+                            .map_err(|e| format!("{}: {e:?}", p.key))?;
+                        crate::storage::pieces::append(&mut data, p.start, &bytes)?;
+                    }
                     if segment {
                         walheader::whole_segment(&served, data, Some(sysid))
                             .map_err(|e| e.to_string())
@@ -327,6 +339,75 @@ pub struct Fetched {
     pub served: WalFileName,
     /// Its key in storage (for messages).
     pub key: object_store::path::Path,
+    /// The daemon's streamed `.partial`: the pieces that continue it, each stored as it is.
+    pub pieces: Vec<StoredPiece>,
+}
+
+/// A piece of the daemon's open segment as stored: the offset in the segment where its bytes
+/// start, and the object.
+#[derive(Debug, Clone)]
+pub struct StoredPiece {
+    pub start: u64,
+    pub stored: bytes::Bytes,
+    pub key: object_store::path::Path,
+}
+
+/// The most pieces one answer assembles: a daemon folds them into a new `.partial` long before.
+pub const MAX_PIECES: usize = 4096;
+
+impl Fetched {
+    /// The pieces' starts and stored sizes, `start:len,...` (the `x-pgkeep-pieces` header of
+    /// `/wal`, which also binds them into the answer's proof).
+    pub fn pieces_header(&self) -> String {
+        self.pieces
+            .iter()
+            .map(|p| format!("{}:{}", p.start, p.stored.len()))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+}
+
+/// The header of `/wal` that lists the pieces after a streamed `.partial`.
+pub const PIECES_HEADER: &str = "x-pgkeep-pieces";
+
+/// What a `/wal` answer's proof names as served: the file's name, and its pieces when it has any.
+pub fn served_subject(served: &WalFileName, pieces: &str) -> String {
+    if pieces.is_empty() {
+        served.to_string()
+    } else {
+        format!("{served} pieces {pieces}")
+    }
+}
+
+/// Parses an `x-pgkeep-pieces` header against the body it describes: the stored base object,
+/// then each piece's; `None` when it does not describe that body.
+pub fn split_pieces(header: &str, body: &bytes::Bytes) -> Option<(bytes::Bytes, Vec<StoredPiece>)> {
+    let mut lens = vec![];
+    for item in header.split(',').filter(|i| !i.is_empty()) {
+        let (start, len) = item.split_once(':')?;
+        lens.push((start.parse::<u64>().ok()?, len.parse::<usize>().ok()?));
+        if lens.len() > MAX_PIECES {
+            return None;
+        }
+    }
+    let pieces_len = lens
+        .iter()
+        .try_fold(0usize, |a, (_, l)| a.checked_add(*l))?;
+    let base_len = body.len().checked_sub(pieces_len)?;
+    let mut at = base_len;
+    let pieces = lens
+        .into_iter()
+        .map(|(start, len)| {
+            let p = StoredPiece {
+                start,
+                stored: body.slice(at..at + len),
+                key: object_store::path::Path::from(format!("piece at {start:#X}")),
+            };
+            at += len;
+            p
+        })
+        .collect();
+    Some((body.slice(..base_len), pieces))
 }
 
 /// The verified plain content of a WAL file (of its `.partial` when only that is stored).
@@ -342,7 +423,12 @@ pub async fn fetch_verified(archive: &Archive, name: &WalFileName) -> Result<Vec
 /// Decrypts and decodes a fetched WAL file, and checks a segment's page header against its name
 /// and the cluster.
 pub fn open_checked(repo: &Repo, f: &Fetched, sysid: u64) -> Result<Vec<u8>, FetchError> {
-    let (_, data) = repo.open_object(&f.key, &f.stored)?;
+    let (_, mut data) = repo.open_object(&f.key, &f.stored)?;
+    for p in &f.pieces {
+        let (_, bytes) = repo.open_object(&p.key, &p.stored)?;
+        crate::storage::pieces::append(&mut data, p.start, &bytes)
+            .map_err(|e| anyhow!("{}: {e}", p.key))?;
+    }
     if matches!(f.served.kind, WalFileKind::Segment | WalFileKind::Partial) {
         return Ok(
             walheader::whole_segment(&f.served, data, Some(sysid)).map_err(anyhow::Error::from)?
@@ -355,6 +441,22 @@ pub fn open_checked(repo: &Repo, f: &Fetched, sysid: u64) -> Result<Vec<u8>, Fet
 /// as the `.partial` the daemon streamed (the last WAL before a crash or shutdown) is served from
 /// that, and Postgres replays it up to its valid end, then ends recovery there.
 pub async fn fetch_stored(archive: &Archive, name: &WalFileName) -> Result<Fetched, FetchError> {
+    // A piece that goes while it is read was folded into a new `.partial`, or its whole segment
+    // was stored: the next look finds that. Three looks in a row that race the daemon are not
+    // chance.
+    for _ in 0..3 {
+        if let Some(f) = fetch_stored_once(archive, name).await? {
+            return Ok(f);
+        }
+    }
+    Err(anyhow!("{name}: the streamed partial segment kept changing while it was read").into())
+}
+
+/// One look for [`fetch_stored`]; `None` when the streamed pieces changed under it.
+async fn fetch_stored_once(
+    archive: &Archive,
+    name: &WalFileName,
+) -> Result<Option<Fetched>, FetchError> {
     let (repo, layout) = (archive.repo(), archive.layout());
     let mut candidates = vec![(layout.wal(name), *name)];
     if name.kind == WalFileKind::Segment {
@@ -364,6 +466,7 @@ pub async fn fetch_stored(archive: &Archive, name: &WalFileName) -> Result<Fetch
         candidates.push((layout.wal(&partial), partial));
         candidates.push((layout.streaming_partial(name), partial));
     }
+    let streamed = candidates.len() - 1;
     for (i, (key, served)) in candidates.into_iter().enumerate() {
         let (header, stored) = match repo.get_stored(&key).await {
             Ok(found) => found,
@@ -373,12 +476,52 @@ pub async fn fetch_stored(archive: &Archive, name: &WalFileName) -> Result<Fetch
         if i > 0 {
             tracing::info!(wal = %name, "only the partial segment is in the archive: serving it");
         }
-        return Ok(Fetched {
+        let pieces = if i == streamed && i > 0 {
+            match streamed_pieces(archive, name, header.plain_len).await? {
+                Some(p) => p,
+                None => return Ok(None),
+            }
+        } else {
+            vec![]
+        };
+        return Ok(Some(Fetched {
             stored,
             header,
             served,
             key,
-        });
+            pieces,
+        }));
     }
     Err(FetchError::NotInArchive(name.to_string()))
+}
+
+/// The stored pieces that continue a streamed `.partial` of `base_len` bytes; `None` when one of
+/// them is gone by the time it is read.
+async fn streamed_pieces(
+    archive: &Archive,
+    name: &WalFileName,
+    base_len: u64,
+) -> Result<Option<Vec<StoredPiece>>, FetchError> {
+    let listed = archive.streamed_pieces(name).await?;
+    let chain = crate::storage::pieces::chain(base_len, &listed);
+    if chain.len() > MAX_PIECES {
+        return Err(anyhow!(
+            "{} pieces continue the streamed {name}.partial, more than the {MAX_PIECES} a reader takes",
+            chain.len()
+        )
+        .into());
+    }
+    let mut out = Vec::with_capacity(chain.len());
+    for p in chain {
+        match archive.repo().get_stored(&p.key).await {
+            Ok((_, stored)) => out.push(StoredPiece {
+                start: p.start,
+                stored,
+                key: p.key,
+            }),
+            Err(StorageError::NotFound { .. }) => return Ok(None),
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(Some(out))
 }

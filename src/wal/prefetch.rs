@@ -110,6 +110,7 @@ impl Prefetcher {
             header,
             served: *name,
             key,
+            pieces: vec![],
         })
     }
 

@@ -45,6 +45,10 @@ pub struct StreamState {
     pub segments_uploaded: Counter,
     pub bytes_uploaded: Counter,
     pub partial_uploads: Counter,
+    /// Of them, the pieces (only the bytes new since the one before).
+    pub partial_pieces: Counter,
+    /// Bytes stored by the open segment's uploads (`.partial`s and pieces, as stored).
+    pub partial_bytes_uploaded: Counter,
     pub upload_errors: Counter,
     pub reconnects: Counter,
     /// Completed segments in the spool that storage does not hold yet.
@@ -252,17 +256,15 @@ async fn stream_once(
     // What an earlier session (or process) stored of the segment this one starts in: it is
     // received again from its start, and no upload may replace that partial with fewer bytes.
     let first = WalFileName::segment(tli, server.seg_size.segment_of(start), server.seg_size);
-    let stored_partial = match archive
-        .repo()
-        .header(&archive.layout().streaming_partial(&first))
-        .await
-    {
-        Ok(h) if h.plain_len < u64::from(server.seg_size.bytes()) => Some((first, h.plain_len)),
-        // An old padded partial (its end unknown), none, or a damaged one: nothing to keep.
-        Ok(_) | Err(StorageError::NotFound { .. } | StorageError::Corrupt { .. }) => None,
-        // Not known: this session must not start (it reconnects).
-        Err(e) => return Err(e.into()),
-    };
+    // (An old padded partial, its end unknown, none, or a damaged one: nothing to keep. A
+    // storage error: not known, so this session must not start; it reconnects.)
+    let stored_partial = archive
+        .streamed_len(&first, server.seg_size)
+        .await?
+        .map(|len| (first, len));
+    if cfg.partial_max_pieces > 0 {
+        archive.repo().upgrade_layout().await?;
+    }
     let slot = &cfg.slot_name;
     // Every event of this session carries the timeline and slot; segment events add the segment.
     let span = tracing::info_span!("stream", timeline = tli.get(), slot = %slot);
@@ -391,6 +393,8 @@ struct Session<'a> {
     partial_tried: Option<Lsn>,
     /// The newest `.partial` stored this session: its segment's start and the end it holds.
     partial_stored: Option<(Lsn, Lsn)>,
+    /// The `.partial` this session stored of the open segment, which pieces may continue.
+    partial_base: Option<PartialBase>,
     /// After a failed upload no other starts before this.
     retry_at: Option<Instant>,
     retry_wait: Duration,
@@ -401,6 +405,15 @@ struct Session<'a> {
     /// WAL not yet in storage: the end of each piece received, and when it came (pieces that
     /// arrive within a millisecond share an entry). Oldest first.
     arrivals: std::collections::VecDeque<(Lsn, Instant)>,
+}
+
+/// A `.partial` this session stored and the pieces stored after it.
+#[derive(Debug, Clone, Copy)]
+struct PartialBase {
+    seg_start: Lsn,
+    len: u64,
+    pieces: u32,
+    piece_bytes: u64,
 }
 
 /// A completed segment waiting for storage.
@@ -420,10 +433,12 @@ enum Finished {
         start: Lsn,
         outcome: Result<(), Failed>,
     },
-    /// The open segment's `.partial`, holding the segment's first `written` bytes.
+    /// The open segment's `.partial` (`from` 0: the segment's first `written` bytes), or the
+    /// piece of it that holds the bytes `from .. written`.
     Partial {
         name: WalFileName,
         seg_start: Lsn,
+        from: u64,
         written: u64,
         outcome: anyhow::Result<()>,
     },
@@ -502,6 +517,7 @@ impl<'a> Session<'a> {
             partial_running: None,
             partial_tried: None,
             partial_stored: None,
+            partial_base: None,
             retry_at: None,
             retry_wait: RETRY_FIRST,
             failing: false,
@@ -706,14 +722,27 @@ impl<'a> Session<'a> {
         let written = snap.written;
         let name = seg.name;
         let seg_start = seg.start;
+        // Only the new bytes, as a piece after the `.partial` this session stored, until the
+        // pieces are many or hold as much as it: then the whole prefix again, as a new one.
+        let from = match self.partial_base {
+            Some(b)
+                if b.seg_start == seg_start
+                    && b.pieces < self.cfg.partial_max_pieces
+                    && b.piece_bytes < b.len =>
+            {
+                seg.uploaded_end().0 - seg_start.0
+            }
+            _ => 0,
+        };
         let ctx = self.ctx.clone();
         self.partial_running = Some(seg_start);
         self.partial_tried = Some(seg_start);
         self.uploads.push(spawned(async move {
-            let outcome = store_partial(&ctx, name, snap).await;
+            let outcome = store_partial(&ctx, name, snap, from).await;
             Finished::Partial {
                 name: name.with_kind(WalFileKind::Partial),
                 seg_start,
+                from,
                 written,
                 outcome,
             }
@@ -746,12 +775,27 @@ impl<'a> Session<'a> {
             Finished::Partial {
                 name,
                 seg_start,
+                from,
                 written,
                 outcome,
             } => {
                 self.partial_running = None;
                 match outcome {
                     Ok(()) => {
+                        self.partial_base = match self.partial_base {
+                            Some(mut b) if from > 0 && b.seg_start == seg_start => {
+                                b.pieces += 1;
+                                b.piece_bytes += written - from;
+                                self.state.partial_pieces.inc();
+                                Some(b)
+                            }
+                            _ => Some(PartialBase {
+                                seg_start,
+                                len: written,
+                                pieces: 0,
+                                piece_bytes: 0,
+                            }),
+                        };
                         if let Some(open) =
                             self.spool.open.as_mut().filter(|o| o.start == seg_start)
                         {
@@ -976,6 +1020,18 @@ impl<'a> Session<'a> {
     }
 }
 
+/// Deletes the streamed `.partial` of a segment now stored whole, and the pieces after it (first:
+/// no piece is ever left without the `.partial` it continues).
+async fn delete_streamed(archive: &Archive, name: &WalFileName) -> Result<(), StorageError> {
+    for p in archive.streamed_pieces(name).await? {
+        archive.repo().delete(&p.key).await?;
+    }
+    archive
+        .repo()
+        .delete(&archive.layout().streaming_partial(name))
+        .await
+}
+
 /// Records the plain digest of an uploaded segment beside the spool and keeps only the newest
 /// records. Best effort: without a record a segment received again is refused loudly, never lost.
 fn remember_upload(record: &std::path::Path, digest: &str) {
@@ -1019,24 +1075,48 @@ fn spawned(
 /// (off the async threads), checked, stored. Only the bytes received are stored: the object's
 /// plain length is then where the WAL in storage ends, which `list` and `/status` both report
 /// (readers pad it back to a whole segment).
+///
+/// With `from` > 0, only the bytes `from .. written` are stored, as a piece after the `.partial`
+/// (layout 2, `storage::pieces`). A new `.partial` (`from` 0) replaces the pieces stored after the
+/// old one: once it is stored, those it holds go (best effort: readers skip them anyway).
 async fn store_partial(
     ctx: &UploadCtx,
     name: WalFileName,
     snap: crate::wal::spool::Snapshot,
+    from: u64,
 ) -> anyhow::Result<()> {
     let system = ctx.archive.system_identifier();
+    let written = snap.written;
     let data = tokio::task::spawn_blocking(move || -> anyhow::Result<Vec<u8>> {
         let mut data = snap.read()?;
         walheader::check_segment(&name.with_kind(WalFileKind::Partial), &data, Some(system))?;
         data.truncate(usize::try_from(snap.written).expect("within a segment"));
+        if from > 0 {
+            data.drain(..usize::try_from(from).expect("within a segment"));
+        }
         Ok(data)
     })
     .await??;
-    let key = ctx.archive.layout().streaming_partial(&name);
-    ctx.archive
-        .repo()
-        .put_overwrite(&key, &data, ctx.codec)
-        .await?;
+    let (archive, layout) = (&ctx.archive, ctx.archive.layout());
+    if from > 0 {
+        let key = layout.streaming_piece(&name, from, written);
+        let stored = archive.repo().put_overwrite(&key, &data, ctx.codec).await?;
+        ctx.state.partial_bytes_uploaded.inc_by(stored);
+        return Ok(());
+    }
+    let key = layout.streaming_partial(&name);
+    let stored = archive.repo().put_overwrite(&key, &data, ctx.codec).await?;
+    ctx.state.partial_bytes_uploaded.inc_by(stored);
+    match archive.streamed_pieces(&name).await {
+        Ok(pieces) => {
+            for p in pieces.iter().filter(|p| p.end <= written) {
+                if let Err(e) = archive.repo().delete(&p.key).await {
+                    tracing::debug!("leaving a piece the new .partial holds: {e}");
+                }
+            }
+        }
+        Err(e) => tracing::debug!("not listing the pieces the new .partial holds: {e}"),
+    }
     Ok(())
 }
 
@@ -1117,15 +1197,14 @@ async fn store_segment(ctx: &UploadCtx, seg: CompleteSegment) -> Result<(), Fail
     if let Some(d) = digest {
         remember_upload(&record, &d);
     }
-    if seg.had_partial {
-        let partial = archive.layout().streaming_partial(&seg.name);
-        if let Err(e) = archive.repo().delete(&partial).await {
-            return Err(Failed {
-                seg,
-                error: e.into(),
-                retry: true,
-            });
-        }
+    if seg.had_partial
+        && let Err(e) = delete_streamed(archive, &seg.name).await
+    {
+        return Err(Failed {
+            seg,
+            error: e.into(),
+            retry: true,
+        });
     }
     state.segments_uploaded.inc();
     state

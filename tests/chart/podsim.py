@@ -850,7 +850,7 @@ def values_for(storage, pg_port, daemon_port, extra_files=(), ordinary_sidecar=F
         "postgres": {"port": pg_port, "listenAddresses": "127.0.0.1"},
         "daemon": {"port": daemon_port, "listenAddress": "127.0.0.1"},
         # Fast enough for a test: the open segment reaches storage within a second.
-        "config": {"partial_upload_secs": 1},
+        "config": {"partial_upload_ms": 1000},
     }
     if ordinary_sidecar:
         local["daemon"]["nativeSidecar"] = False
