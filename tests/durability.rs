@@ -295,16 +295,34 @@ fn streamed_wal_is_synced_before_its_flush_is_reported() {
         best = flush;
         // Every whole segment the position covers, and the .partial of the one it ends in, was
         // synced after it was last put in place, and its folder after that, before the report.
-        let mut covered: Vec<(String, &str)> = (first_seg..flush / SEG)
-            .map(|s| (format!("{wal_dir}/{}", name(s)), wal_dir))
+        let mut covered: Vec<(String, String)> = (first_seg..flush / SEG)
+            .map(|s| (format!("{wal_dir}/{}", name(s)), wal_dir.to_string()))
             .collect();
         if flush % SEG != 0 {
             let seg = name(flush / SEG);
             let whole = format!("{wal_dir}/{seg}");
             if placed_at(&whole, c.started).is_some() {
-                covered.push((whole, wal_dir));
+                covered.push((whole, wal_dir.to_string()));
             } else {
-                covered.push((format!("{streaming_dir}/{seg}.partial"), streaming_dir));
+                // The piece that ends there (only the new bytes), else the whole `.partial`.
+                let ends = format!("-{:08X}", flush % SEG);
+                let pieces = format!("{streaming_dir}/{seg}.pieces");
+                let piece = calls
+                    .iter()
+                    .take_while(|p| p.started < c.started)
+                    .find_map(|p| {
+                        let at = p.text.find(&format!("{pieces}/"))?;
+                        let key = &p.text[at..at + pieces.len() + 18];
+                        (p.text.starts_with("rename") && key.ends_with(&ends))
+                            .then(|| key.to_string())
+                    });
+                match piece {
+                    Some(key) => covered.push((key, pieces)),
+                    None => covered.push((
+                        format!("{streaming_dir}/{seg}.partial"),
+                        streaming_dir.to_string(),
+                    )),
+                }
                 checked_partials += 1;
             }
         }
@@ -315,7 +333,7 @@ fn streamed_wal_is_synced_before_its_flush_is_reported() {
             let synced = synced.unwrap_or_else(|| {
                 panic!("flush {flush:X} reported (line {}) before {object}, put in place at line {placed}, was synced", c.started)
             });
-            let folder_synced = synced_at(folder, c.started).filter(|&s| s > synced);
+            let folder_synced = synced_at(&folder, c.started).filter(|&s| s > synced);
             assert!(
                 folder_synced.is_some(),
                 "flush {flush:X} reported (line {}) before the folder of {object} was synced after it",
