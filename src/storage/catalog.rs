@@ -442,13 +442,26 @@ impl Archive {
     ) -> Result<Vec<pieces::PieceRef>, StorageError> {
         let dir = self.layout().streaming_pieces(segment);
         Ok(self
+            .pieces_below(&dir)
+            .await?
+            .into_iter()
+            .map(|(_, p)| p)
+            .collect())
+    }
+
+    /// The pieces below `dir`, each with its segment; keys that are no piece's are left out.
+    async fn pieces_below(
+        &self,
+        dir: &object_store::path::Path,
+    ) -> Result<Vec<(WalFileName, pieces::PieceRef)>, StorageError> {
+        Ok(self
             .repo()
-            .list(&dir)
+            .list(dir)
             .await?
             .into_iter()
             .filter_map(|key| {
-                let (_, start, end) = self.layout().parse_piece(&key)?;
-                Some(pieces::PieceRef { start, end, key })
+                let (seg, start, end) = self.layout().parse_piece(&key)?;
+                Some((seg, pieces::PieceRef { start, end, key }))
             })
             .collect())
     }
@@ -469,14 +482,7 @@ impl Archive {
     pub async fn all_streamed_pieces(
         &self,
     ) -> Result<Vec<(WalFileName, pieces::PieceRef)>, StorageError> {
-        let metas = self.repo().list(&self.layout().streaming_root()).await?;
-        Ok(metas
-            .into_iter()
-            .filter_map(|key| {
-                let (seg, start, end) = self.layout().parse_piece(&key)?;
-                Some((seg, pieces::PieceRef { start, end, key }))
-            })
-            .collect())
+        self.pieces_below(&self.layout().streaming_root()).await
     }
 
     /// How many bytes of `segment` the daemon's streamed upload holds (its `.partial` and the

@@ -477,9 +477,16 @@ async fn fetch_stored_once(
             tracing::info!(wal = %name, "only the partial segment is in the archive: serving it");
         }
         let pieces = if i == streamed && i > 0 {
-            match streamed_pieces(archive, name, header.plain_len).await? {
-                Some(p) => p,
-                None => return Ok(None),
+            let Some(pieces) = streamed_pieces(archive, name, header.plain_len).await? else {
+                return Ok(None);
+            };
+            // The daemon changes its `.partial` (a fold, or the whole segment stored) before it
+            // deletes a piece: a `.partial` unchanged after the listing means that the listing
+            // missed no piece that continues it.
+            match repo.header(&key).await {
+                Ok(now) if now == header => pieces,
+                Ok(_) | Err(StorageError::NotFound { .. }) => return Ok(None),
+                Err(e) => return Err(e.into()),
             }
         } else {
             vec![]

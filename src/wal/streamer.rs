@@ -1020,16 +1020,19 @@ impl<'a> Session<'a> {
     }
 }
 
-/// Deletes the streamed `.partial` of a segment now stored whole, and the pieces after it (first:
-/// no piece is ever left without the `.partial` it continues).
+/// Deletes the streamed `.partial` of a segment now stored whole, then the pieces after it: a
+/// reader that finds its `.partial` unchanged after listing the pieces has missed none (see
+/// `wal::fetch`). A crash in between leaves pieces that no reader takes (there is no `.partial`
+/// for them to continue); retention deletes them with the segment.
 async fn delete_streamed(archive: &Archive, name: &WalFileName) -> Result<(), StorageError> {
-    for p in archive.streamed_pieces(name).await? {
-        archive.repo().delete(&p.key).await?;
-    }
     archive
         .repo()
         .delete(&archive.layout().streaming_partial(name))
-        .await
+        .await?;
+    for p in archive.streamed_pieces(name).await? {
+        archive.repo().delete(&p.key).await?;
+    }
+    Ok(())
 }
 
 /// Records the plain digest of an uploaded segment beside the spool and keeps only the newest
