@@ -454,3 +454,77 @@ fn a_storage_outage_pauses_receiving_keeps_the_connection_and_loses_nothing() {
     drop(daemon);
     pg.stop("fast");
 }
+
+/// On S3 an upload is verified by the store, not by reading it back (#17): the signed payload
+/// carries the body's SHA-256 and the server refuses a body that does not match it. With every PUT
+/// body damaged in transit, `archive-push` fails loudly and storage holds nothing under the name;
+/// once the damage stops, the same push stores Postgres' own bytes.
+#[test]
+fn a_body_damaged_in_transit_is_refused_and_never_stored() {
+    let dir = TestDir::new("s3-damaged-put");
+    let (storage, proxy, direct) = faulty_storage(&dir, 0x5eed_0004);
+    let bin = dir.install_pgkeep();
+    let mut pg = PgCluster::init(dir.path(), "primary", 1, &storage.env);
+    pg.set(&[("wal_keep_size", "'1GB'")]);
+    pg.start();
+    let push = |seg: &str, env: &[(String, String)]| {
+        let path = pg.data.join("pg_wal").join(seg);
+        as_postgres(&bin, env)
+            .arg("--config")
+            .arg(&storage.config)
+            .args(["archive-push", path.to_str().unwrap()])
+            .current_dir(&pg.data)
+            .output()
+            .unwrap()
+    };
+    let switch = || {
+        pg.psql(
+            "create table if not exists t (g int); insert into t select generate_series(1, 5000)",
+        );
+        pg.psql("select pg_walfile_name(pg_switch_wal())")
+    };
+    let mut env = storage.env.clone();
+    env.extend(tight());
+    // The cluster's marker is stored first, undamaged, so that the damage meets a segment.
+    let first = switch();
+    let out = push(&first, &env);
+    assert!(out.status.success(), "{}", stderr(&out));
+
+    let seg = switch();
+    proxy.set_corrupt_puts(true);
+    let out = push(&seg, &env);
+    proxy.set_corrupt_puts(false);
+    assert!(proxy.corrupted.load(std::sync::atomic::Ordering::Relaxed) >= 1);
+    assert!(
+        !out.status.success(),
+        "a damaged upload was reported archived: {}",
+        stderr(&out)
+    );
+    assert!(
+        stderr(&out).contains(&seg),
+        "the error names the segment: {}",
+        stderr(&out)
+    );
+    assert!(
+        !stored_keys(&storage).iter().any(|k| k.ends_with(&seg)),
+        "the damaged upload left an object: {:?}",
+        stored_keys(&storage)
+    );
+
+    let out = push(&seg, &env);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let fetched = dir.path().join("fetched");
+    let back = as_postgres(&bin, &direct)
+        .arg("--config")
+        .arg(&storage.config)
+        .args(["wal-fetch", &seg, fetched.to_str().unwrap()])
+        .current_dir("/")
+        .output()
+        .unwrap();
+    assert!(back.status.success(), "{}", stderr(&back));
+    assert!(
+        std::fs::read(&fetched).unwrap()
+            == std::fs::read(pg.data.join("pg_wal").join(&seg)).unwrap(),
+        "the stored segment differs from Postgres' own"
+    );
+}

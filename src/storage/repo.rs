@@ -126,6 +126,17 @@ impl StorageError {
 
 /// Whether an S3 client built from `b` gets its credentials from the instance metadata service,
 /// none being configured (the last of object_store's sources).
+/// Whether this S3 client signs each request's payload: the store then checks the body it receives
+/// against the SHA-256 in the signature and refuses one that differs, so an acknowledged PUT holds
+/// exactly the bytes sent (and a read-back of the whole object would only repeat that check).
+fn signs_payload(b: &AmazonS3Builder) -> bool {
+    let on = |k: AmazonS3ConfigKey| {
+        b.get_config_value(&k)
+            .is_some_and(|v| v.eq_ignore_ascii_case("true"))
+    };
+    !on(AmazonS3ConfigKey::SkipSignature) && !on(AmazonS3ConfigKey::UnsignedPayload)
+}
+
 fn asks_instance_metadata(b: &AmazonS3Builder) -> bool {
     let set = |k: AmazonS3ConfigKey| b.get_config_value(&k).is_some_and(|v| !v.is_empty());
     let unsigned = b
@@ -185,6 +196,9 @@ pub struct Repo {
     /// Folders below `local_root` whose entry in their parent is known to be fsynced.
     durable_dirs: Arc<std::sync::Mutex<std::collections::HashSet<PathBuf>>>,
     verify_uploads: bool,
+    /// The store checks each upload's body against a SHA-256 sent with it (signed S3 payloads):
+    /// uploads are verified by that instead of a read-back.
+    store_checks_payload: bool,
     keys: Arc<Keys>,
     /// S3 with no credentials configured: object_store asks the instance metadata service.
     credentials_from_metadata: bool,
@@ -221,6 +235,7 @@ impl Repo {
         let connect_timeout = format!("{}s", cfg.retry.request_timeout.as_secs().min(10));
         let keys = Arc::new(Keys::from_settings(&cfg.encryption).map_err(&setup)?);
         let mut credentials_from_metadata = false;
+        let mut store_checks_payload = false;
         let mut owner = None;
         let (store, local_root): (Arc<dyn ObjectStore>, _) = match &cfg.url {
             StorageUrl::File { root } => {
@@ -272,6 +287,7 @@ impl Repo {
                         if asks_instance_metadata(&b) {
                             credentials_from_metadata = true;
                         }
+                        store_checks_payload = signs_payload(&b);
                         Arc::new(b.build().map_err(built)?)
                     }
                     CloudScheme::Gcs => Arc::new(
@@ -299,6 +315,7 @@ impl Repo {
             local_root,
             durable_dirs: Default::default(),
             verify_uploads: cfg.verify_uploads,
+            store_checks_payload,
             keys,
             credentials_from_metadata,
             owner,
@@ -575,7 +592,9 @@ impl Repo {
         if sync_now {
             self.sync_local(key).await?;
         }
-        if self.verify_uploads {
+        // Verified by the store itself (it refused a body that did not match the signed SHA-256),
+        // or else by reading the object back.
+        if self.verify_uploads && !self.store_checks_payload {
             let back = self.fetch_raw(key).await.map_err(|e| match e {
                 StorageError::NotFound { key } => StorageError::VerifyFailed {
                     key,

@@ -4,6 +4,8 @@
 //! a 503 (S3's SlowDown), a 500 or a 429 without forwarding; a 500 after the server has done the
 //! request (a PUT that is stored although the client is told it failed); a connection closed
 //! without an answer; a stall longer than the client's request timeout; or a body cut short.
+//! Apart from those, while [`FaultProxy::set_corrupt_puts`] is on, every PUT's body reaches the
+//! server with one byte changed (damage in transit that TCP's checksum missed).
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -42,6 +44,9 @@ pub struct FaultProxy {
     pub requests: Arc<AtomicU64>,
     /// Faults injected, by kind (in the order of [`FAULTS`]).
     pub injected: Arc<[AtomicU64; 7]>,
+    corrupt_puts: Arc<AtomicBool>,
+    /// PUT bodies sent on with a byte changed.
+    pub corrupted: Arc<AtomicU64>,
 }
 
 impl FaultProxy {
@@ -56,6 +61,8 @@ impl FaultProxy {
             down: Arc::new(AtomicBool::new(false)),
             requests: Arc::default(),
             injected: Arc::new(Default::default()),
+            corrupt_puts: Arc::default(),
+            corrupted: Arc::default(),
         };
         let (rate, down, requests, injected) = (
             proxy.rate.clone(),
@@ -63,6 +70,7 @@ impl FaultProxy {
             proxy.requests.clone(),
             proxy.injected.clone(),
         );
+        let (corrupt_puts, corrupted) = (proxy.corrupt_puts.clone(), proxy.corrupted.clone());
         let rng = Arc::new(AtomicU64::new(seed | 1));
         thread::spawn(move || {
             for client in listener.incoming().flatten() {
@@ -76,8 +84,18 @@ impl FaultProxy {
                     injected.clone(),
                     rng.clone(),
                 );
+                let corrupt = corrupt_puts
+                    .load(Ordering::Relaxed)
+                    .then(|| corrupted.clone());
                 thread::spawn(move || {
-                    let _ = serve(client, upstream, stall, &rate, &requests, &injected, &rng);
+                    let faults = Faults {
+                        rate: &rate,
+                        requests: &requests,
+                        injected: &injected,
+                        rng: &rng,
+                        corrupted: corrupt.as_deref(),
+                    };
+                    let _ = serve(client, upstream, stall, &faults);
                 });
             }
         });
@@ -87,6 +105,11 @@ impl FaultProxy {
     /// Faults on this share of requests, in parts per 1000.
     pub fn set_rate(&self, per_mille: u32) {
         self.rate.store(per_mille, Ordering::Relaxed);
+    }
+
+    /// While on, every PUT body is sent on with its last byte changed.
+    pub fn set_corrupt_puts(&self, on: bool) {
+        self.corrupt_puts.store(on, Ordering::Relaxed);
     }
 
     pub fn set_down(&self, down: bool) {
@@ -127,19 +150,41 @@ fn next(rng: &AtomicU64) -> u64 {
     x.wrapping_mul(0x2545_F491_4F6C_DD1D)
 }
 
+/// What one connection may do to its request, and where it counts what it did.
+#[derive(Clone, Copy)]
+struct Faults<'a> {
+    rate: &'a AtomicU32,
+    requests: &'a AtomicU64,
+    injected: &'a [AtomicU64; 7],
+    rng: &'a AtomicU64,
+    /// Some: change a byte of a PUT's body, counted here.
+    corrupted: Option<&'a AtomicU64>,
+}
+
 fn serve(
     mut client: TcpStream,
     upstream: u16,
     stall: Duration,
-    rate: &AtomicU32,
-    requests: &AtomicU64,
-    injected: &[AtomicU64; 7],
-    rng: &AtomicU64,
+    faults: &Faults,
 ) -> std::io::Result<()> {
+    let Faults {
+        rate,
+        requests,
+        injected,
+        rng,
+        corrupted,
+    } = *faults;
     client.set_read_timeout(Some(Duration::from_secs(30)))?;
-    let Some(request) = read_request(&mut client)? else {
+    let Some(mut request) = read_request(&mut client)? else {
         return Ok(());
     };
+    if let Some(count) = corrupted {
+        let head_end = find(&request, b"\r\n\r\n").map_or(request.len(), |i| i + 4);
+        if request.starts_with(b"PUT ") && request.len() > head_end {
+            *request.last_mut().expect("a body") ^= 0x01;
+            count.fetch_add(1, Ordering::Relaxed);
+        }
+    }
     requests.fetch_add(1, Ordering::Relaxed);
     let roll = next(rng);
     let fault = ((roll % 1000) < u64::from(rate.load(Ordering::Relaxed)))
