@@ -135,8 +135,8 @@ pub struct Config {
     pub status_interval: Duration,
     /// How often, at most, the open WAL segment's new bytes are uploaded (`partial_upload_ms`).
     pub partial_upload_interval: Duration,
-    /// How many pieces (each only the bytes new since the last upload) may follow the open
-    /// segment's `.partial` before the whole prefix is stored again; 0: always the whole prefix.
+    /// How many pieces of one level (each round's new bytes, or merges of such) follow the open
+    /// segment's `.partial` before they merge into one piece a level up; 0: always the whole prefix.
     pub partial_max_pieces: u32,
     /// How many WAL uploads (completed segments and the open segment's `.partial`) run at once.
     pub wal_uploads: usize,

@@ -158,16 +158,28 @@ pub fn check_segment(
     data: &[u8],
     expected_system: Option<u64>,
 ) -> Result<SegmentHeader, HeaderError> {
+    check_segment_head(name, data, data.len(), expected_system)
+}
+
+/// As [`check_segment`], for a segment of `len` bytes of which only the start (`head`, at least
+/// its long page header) is at hand: what a piece of the open segment is checked by, without
+/// reading the whole segment for each piece.
+pub fn check_segment_head(
+    name: &WalFileName,
+    head: &[u8],
+    len: usize,
+    expected_system: Option<u64>,
+) -> Result<SegmentHeader, HeaderError> {
     debug_assert!(matches!(
         name.kind,
         WalFileKind::Segment | WalFileKind::Partial
     ));
     let shown = name.to_string();
-    let header = parse_long_header(&shown, data)?;
-    if data.len() != header.seg_size.bytes() as usize {
+    let header = parse_long_header(&shown, head)?;
+    if len != header.seg_size.bytes() as usize {
         return Err(HeaderError::WrongLength {
             name: shown,
-            len: data.len(),
+            len,
             seg_size: header.seg_size.bytes(),
         });
     }

@@ -70,11 +70,12 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
-    /// The whole segment file (zeros, or later WAL, past `written`), synced first. Read through
-    /// the handle: the segment may be complete and renamed in the spool by now.
+    /// The whole segment file (zeros, or later WAL, past `written`). Read through the handle:
+    /// the segment may be complete and renamed in the spool by now. Not synced: what is read
+    /// comes from the page cache all the same, and WAL counts as durable only once storage holds
+    /// it (a restarted session starts from storage's durable position, not from the spool).
     pub fn read(&self) -> anyhow::Result<Vec<u8>> {
         let read = || -> std::io::Result<Vec<u8>> {
-            self.file.sync_data()?;
             let len = usize::try_from(self.file.metadata()?.len()).expect("a segment's size");
             let mut data = vec![0; len];
             std::os::unix::fs::FileExt::read_exact_at(&self.file, &mut data, 0)?;
@@ -82,6 +83,35 @@ impl Snapshot {
         };
         read().with_context(|| format!("reading {} in the spool", self.path.display()))
     }
+
+    /// A piece: the bytes from `from` to `written`, with the segment file's first page (for its
+    /// header check) and length; reads a few KiB for a few KiB of new WAL, not the whole segment.
+    pub fn read_piece(&self, from: u64) -> anyhow::Result<Piece> {
+        use std::os::unix::fs::FileExt;
+        let read = || -> std::io::Result<Piece> {
+            let len = self.file.metadata()?.len();
+            let mut head = vec![0; usize::try_from(len.min(FIRST_PAGE)).expect("a page")];
+            self.file.read_exact_at(&mut head, 0)?;
+            let n = usize::try_from(self.written.saturating_sub(from)).expect("within a segment");
+            let mut bytes = vec![0; n];
+            self.file.read_exact_at(&mut bytes, from)?;
+            Ok(Piece { head, len, bytes })
+        };
+        read().with_context(|| format!("reading {} in the spool", self.path.display()))
+    }
+}
+
+/// How much of a segment's start [`Snapshot::read_piece`] reads for the header check.
+const FIRST_PAGE: u64 = 8192;
+
+/// What [`Snapshot::read_piece`] read.
+pub struct Piece {
+    /// The segment file's first page.
+    pub head: Vec<u8>,
+    /// The segment file's length.
+    pub len: u64,
+    /// The piece's bytes.
+    pub bytes: Vec<u8>,
 }
 
 /// A segment received whole, synced and renamed in the spool. Its bytes stay on disk until its

@@ -412,8 +412,63 @@ struct Session<'a> {
 struct PartialBase {
     seg_start: Lsn,
     len: u64,
-    pieces: u32,
+    /// The pieces after it, by level (0: one round's new bytes; level n+1: `partial_max_pieces`
+    /// pieces of level n and everything after them, merged): where the first piece of each level
+    /// starts, and how many there are. In the segment, higher levels come first.
+    levels: [Level; PIECE_LEVELS],
+    /// Bytes uploaded as pieces (merges count again) since the `.partial`.
     piece_bytes: u64,
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+struct Level {
+    start: u64,
+    count: u32,
+}
+
+/// Levels of merged pieces: with 32 pieces a level, 6 levels hold 32^6 rounds, far more than a
+/// segment's worth; a full top level makes a new `.partial` instead.
+const PIECE_LEVELS: usize = 6;
+
+impl PartialBase {
+    fn new(seg_start: Lsn, len: u64) -> PartialBase {
+        PartialBase {
+            seg_start,
+            len,
+            levels: [Level::default(); PIECE_LEVELS],
+            piece_bytes: 0,
+        }
+    }
+
+    /// Where the next upload of the open segment starts and the level of the piece it makes
+    /// (`end`: the end of what storage holds of it): the new bytes as a level-0 piece; when a
+    /// level holds `max` pieces, those and everything after them as one piece a level up, so
+    /// a reader assembles at most `max` pieces a level and each byte is sent again once a
+    /// level; once the pieces sent hold as many bytes as the `.partial`, or the top level is
+    /// full, None: the whole prefix again, as a new `.partial`.
+    fn next_piece(&self, end: u64, max: u32) -> Option<(u64, usize)> {
+        if max == 0 || self.piece_bytes >= self.len {
+            return None;
+        }
+        match self.levels.iter().position(|l| l.count >= max) {
+            None => Some((end, 0)),
+            Some(l) if l + 1 < PIECE_LEVELS => Some((self.levels[l].start, l + 1)),
+            Some(_) => None,
+        }
+    }
+
+    /// Records a stored piece from `from` to `written` of `level`.
+    fn stored(&mut self, from: u64, written: u64, level: usize) {
+        for l in &mut self.levels[..level] {
+            *l = Level::default();
+        }
+        let l = &mut self.levels[level];
+        if l.count == 0 {
+            l.start = from;
+        }
+        l.count += 1;
+        self.piece_bytes += written - from;
+    }
 }
 
 /// A completed segment waiting for storage.
@@ -434,11 +489,12 @@ enum Finished {
         outcome: Result<(), Failed>,
     },
     /// The open segment's `.partial` (`from` 0: the segment's first `written` bytes), or the
-    /// piece of it that holds the bytes `from .. written`.
+    /// piece of it that holds the bytes `from .. written`, of `level` (see [`PartialBase`]).
     Partial {
         name: WalFileName,
         seg_start: Lsn,
         from: u64,
+        level: usize,
         written: u64,
         outcome: anyhow::Result<()>,
     },
@@ -722,27 +778,29 @@ impl<'a> Session<'a> {
         let written = snap.written;
         let name = seg.name;
         let seg_start = seg.start;
-        // Only the new bytes, as a piece after the `.partial` this session stored, until the
-        // pieces are many or hold as much as it: then the whole prefix again, as a new one.
-        let from = match self.partial_base {
-            Some(b)
-                if b.seg_start == seg_start
-                    && b.pieces < self.cfg.partial_max_pieces
-                    && b.piece_bytes < b.len =>
-            {
-                seg.uploaded_end().0 - seg_start.0
-            }
-            _ => 0,
-        };
+        // Only the new bytes, as a piece after the `.partial` this session stored (or, when a
+        // level is full, a merge of its pieces), until the pieces hold as much as the `.partial`:
+        // then the whole prefix again, as a new one.
+        let (from, level) = self
+            .partial_base
+            .filter(|b| b.seg_start == seg_start)
+            .and_then(|b| {
+                b.next_piece(
+                    seg.uploaded_end().0 - seg_start.0,
+                    self.cfg.partial_max_pieces,
+                )
+            })
+            .unwrap_or((0, 0));
         let ctx = self.ctx.clone();
         self.partial_running = Some(seg_start);
         self.partial_tried = Some(seg_start);
         self.uploads.push(spawned(async move {
-            let outcome = store_partial(&ctx, name, snap, from).await;
+            let outcome = store_partial(&ctx, name, snap, from, level > 0).await;
             Finished::Partial {
                 name: name.with_kind(WalFileKind::Partial),
                 seg_start,
                 from,
+                level,
                 written,
                 outcome,
             }
@@ -776,6 +834,7 @@ impl<'a> Session<'a> {
                 name,
                 seg_start,
                 from,
+                level,
                 written,
                 outcome,
             } => {
@@ -784,17 +843,11 @@ impl<'a> Session<'a> {
                     Ok(()) => {
                         self.partial_base = match self.partial_base {
                             Some(mut b) if from > 0 && b.seg_start == seg_start => {
-                                b.pieces += 1;
-                                b.piece_bytes += written - from;
+                                b.stored(from, written, level);
                                 self.state.partial_pieces.inc();
                                 Some(b)
                             }
-                            _ => Some(PartialBase {
-                                seg_start,
-                                len: written,
-                                pieces: 0,
-                                piece_bytes: 0,
-                            }),
+                            _ => Some(PartialBase::new(seg_start, written)),
                         };
                         if let Some(open) =
                             self.spool.open.as_mut().filter(|o| o.start == seg_start)
@@ -1087,32 +1140,43 @@ async fn store_partial(
     name: WalFileName,
     snap: crate::wal::spool::Snapshot,
     from: u64,
+    merge: bool,
 ) -> anyhow::Result<()> {
     let system = ctx.archive.system_identifier();
     let written = snap.written;
     let data = tokio::task::spawn_blocking(move || -> anyhow::Result<Vec<u8>> {
-        let mut data = snap.read()?;
-        walheader::check_segment(&name.with_kind(WalFileKind::Partial), &data, Some(system))?;
-        data.truncate(usize::try_from(snap.written).expect("within a segment"));
+        let partial = name.with_kind(WalFileKind::Partial);
         if from > 0 {
-            data.drain(..usize::try_from(from).expect("within a segment"));
+            let piece = snap.read_piece(from)?;
+            let len = usize::try_from(piece.len).expect("a segment's size");
+            walheader::check_segment_head(&partial, &piece.head, len, Some(system))?;
+            return Ok(piece.bytes);
         }
+        let mut data = snap.read()?;
+        walheader::check_segment(&partial, &data, Some(system))?;
+        data.truncate(usize::try_from(snap.written).expect("within a segment"));
         Ok(data)
     })
     .await??;
     let (archive, layout) = (&ctx.archive, ctx.archive.layout());
-    if from > 0 {
-        let key = layout.streaming_piece(&name, from, written);
-        let stored = archive.repo().put_overwrite(&key, &data, ctx.codec).await?;
-        ctx.state.partial_bytes_uploaded.inc_by(stored);
-        return Ok(());
-    }
-    let key = layout.streaming_partial(&name);
+    let key = if from > 0 {
+        layout.streaming_piece(&name, from, written)
+    } else {
+        layout.streaming_partial(&name)
+    };
     let stored = archive.repo().put_overwrite(&key, &data, ctx.codec).await?;
     ctx.state.partial_bytes_uploaded.inc_by(stored);
+    if from > 0 && !merge {
+        return Ok(());
+    }
+    // A new `.partial` or a merged piece: the pieces it holds go (a reader racing this takes
+    // the longer one, or looks again when one it listed is gone).
     match archive.streamed_pieces(&name).await {
         Ok(pieces) => {
-            for p in pieces.iter().filter(|p| p.end <= written) {
+            let covered = |p: &&crate::storage::pieces::PieceRef| {
+                p.start >= from && p.end <= written && (p.start, p.end) != (from, written)
+            };
+            for p in pieces.iter().filter(covered) {
                 if let Err(e) = archive.repo().delete(&p.key).await {
                     tracing::debug!("leaving a piece the new .partial holds: {e}");
                 }
@@ -1246,4 +1310,76 @@ async fn store_history(
         .await?;
     tracing::info!(wal = %name, "timeline history stored");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Rounds of `each` new bytes after a `.partial` of `base` bytes, with `max` pieces a level:
+    /// (uploads that were pieces, bytes sent, most pieces storage held at once).
+    fn rounds(base: u64, each: u64, n: u32, max: u32) -> (u32, u64, usize) {
+        let mut b = PartialBase::new(Lsn(0), base);
+        let (mut end, mut pieces, mut sent) = (base, 0, 0);
+        let mut held: Vec<(u64, u64)> = vec![];
+        let mut most = 0;
+        for _ in 0..n {
+            let written = end + each;
+            match b.next_piece(end, max) {
+                Some((from, level)) => {
+                    assert!(
+                        from <= end && from >= base,
+                        "a piece starts inside what is held"
+                    );
+                    b.stored(from, written, level);
+                    held.retain(|&(s, e)| !(s >= from && e <= written));
+                    held.push((from, written));
+                    pieces += 1;
+                    sent += written - from;
+                }
+                None => {
+                    b = PartialBase::new(Lsn(0), written);
+                    held.clear();
+                    sent += written;
+                }
+            }
+            // The held pieces chain from the base to the end, without gaps.
+            let mut reach = b.len;
+            let mut sorted = held.clone();
+            sorted.sort();
+            for (s, e) in sorted {
+                assert!(s <= reach, "a gap before {s}");
+                reach = reach.max(e);
+            }
+            assert_eq!(reach, written);
+            most = most.max(held.len());
+            end = written;
+        }
+        (pieces, sent, most)
+    }
+
+    #[test]
+    fn pieces_merge_by_level_so_many_small_rounds_stay_few_objects_and_cheap() {
+        // 100,000 rounds of 100 bytes after an 8 MiB .partial: 10 MB of new WAL.
+        let (pieces, sent, most) = rounds(8 << 20, 100, 100_000, 32);
+        assert!(
+            pieces >= 99_990,
+            "only a few new .partials: {pieces} pieces"
+        );
+        assert!(most <= 32 * 4, "{most} pieces held at once");
+        // Each byte is sent again about once a level (4 here) and the prefix a few times, not
+        // once a round (that would be about 10^12 bytes): under 10 times the new WAL.
+        assert!(sent < 10 * 100 * 100_000, "{sent} bytes sent");
+    }
+
+    #[test]
+    fn pieces_that_hold_as_much_as_the_partial_make_a_new_one() {
+        let (pieces, sent, most) = rounds(1000, 100, 100, 32);
+        assert!(pieces < 100, "some rounds stored a new .partial");
+        assert!(most <= 32 * 2);
+        assert!(sent < 100 * 100 * 6, "{sent}");
+        // partial_max_pieces 0: the whole prefix every round.
+        let (pieces, _, most) = rounds(1000, 100, 10, 0);
+        assert_eq!((pieces, most), (0, 0));
+    }
 }
