@@ -1,0 +1,94 @@
+#!/usr/bin/python3
+"""Benchmark: archive_command = 'pgkeep archive-push %p' against 'cp' (#17).
+
+One Postgres 15 cluster (archive_mode = on, pgbench scale --scale). In --rounds interleaved rounds,
+pgbench (--clients clients, --seconds seconds) runs while the archiver uses, in turn:
+  cp:        test ! -f DIR/%f && cp %p DIR/%f          (a local folder, no fsync)
+  file://:   pgkeep archive-push %p                    (to a local folder, fsynced, read back)
+  s3:        pgkeep archive-push %p                    (to s3s-fs on loopback; the store checks the
+                                                        signed SHA-256, no read-back)
+and reports for each the WAL archived per second during the load (pg_stat_archiver) and the
+backlog left when the load ended (segments still .ready), medians over the rounds, with ratios to
+cp. Between rounds the archiver catches up, so each round starts with no backlog.
+
+Usage: bench/archive.py [--seconds 30] [--rounds 3] [--clients 4] [--scale 10] [--pgkeep target/release/pgkeep]
+"""
+import argparse
+import os
+import shlex
+import shutil
+import statistics
+import sys
+import time
+
+from benchlib import S3, Cluster, workdir
+
+MB = 1024 * 1024
+
+
+def archived(cluster):
+    return int(cluster.sql("select archived_count from pg_stat_archiver"))
+
+
+def backlog(cluster):
+    folder = os.path.join(cluster.data, "pg_wal", "archive_status")
+    return sum(1 for f in os.listdir(folder) if f.endswith(".ready"))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seconds", type=int, default=30)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--clients", type=int, default=4)
+    ap.add_argument("--scale", type=int, default=10)
+    ap.add_argument("--pgkeep", default="target/release/pgkeep")
+    ap.add_argument("--workdir", default="/tmp/pgkeep-bench-archive")
+    args = ap.parse_args()
+    work = args.workdir
+    binary = workdir(work, args.pgkeep)
+    s3 = S3(work)
+    cp_dir = os.path.join(work, "cp-archive")
+    os.makedirs(cp_dir)
+    if os.getuid() == 0:
+        shutil.chown(cp_dir, "postgres", "postgres")
+    cluster = Cluster(work, conf="archive_mode = on\narchive_command = ''\nwal_level = replica\n")
+    env_s3 = " ".join(f"{k}={shlex.quote(v)}" for k, v in
+                      {"PGKEEP_STORAGE": f"s3://{S3.BUCKET}/db", **s3.env()}.items())
+    commands = {
+        "cp": f"test ! -f {cp_dir}/%f && cp %p {cp_dir}/%f",
+        "file://": f"env PGKEEP_STORAGE=file://{work}/archive {binary} --log-level warn archive-push %p",
+        "s3": f"env {env_s3} {binary} --log-level warn archive-push %p",
+    }
+    results = {name: {"rate": [], "backlog": []} for name in commands}
+    try:
+        cluster.pgbench("-i", "-s", str(args.scale), "-q")
+        seg = int(cluster.sql("select setting from pg_settings where name = 'wal_segment_size'"))
+        for _ in range(args.rounds):
+            for name, command in commands.items():
+                cluster.set("archive_command", command)
+                # Start with no backlog: the previous round's tail archived by this command.
+                cluster.sql("select pg_switch_wal()")
+                end = time.monotonic() + 300
+                while backlog(cluster) and time.monotonic() < end:
+                    time.sleep(0.2)
+                before, t = archived(cluster), time.monotonic()
+                cluster.pgbench("-n", "-c", str(args.clients), "-j", "2", "-T", str(args.seconds))
+                elapsed = time.monotonic() - t
+                results[name]["rate"].append((archived(cluster) - before) * seg / elapsed)
+                results[name]["backlog"].append(backlog(cluster))
+        failed = cluster.sql("select failed_count from pg_stat_archiver")
+    finally:
+        cluster.stop()
+        s3.stop()
+    cp_rate = statistics.median(results["cp"]["rate"])
+    print(f"pgbench scale {args.scale}, {args.clients} clients, {args.seconds} s per round, {args.rounds} rounds "
+          f"interleaved; archiver failures {failed}")
+    for name, r in results.items():
+        rate = statistics.median(r["rate"])
+        print(f"{name:8} {rate / MB:6.1f} MB/s archived ({rate / cp_rate:.2f}x cp), backlog at the end "
+              f"{statistics.median(r['backlog']):.0f} segments (rounds: {', '.join(str(b) for b in r['backlog'])})")
+    shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
