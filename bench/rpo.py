@@ -12,9 +12,10 @@ default settings (the open segment's new bytes uploaded as pieces every 200 ms):
    daemon, --rounds interleaved rounds (medians); the daemon catches up on the WAL written while
    it was stopped before its round starts.
 3. Bytes uploaded for the open segment at a trickle of WAL (1 commit a second for --trickle
-   seconds), from /status partial_bytes_uploaded, as bytes per hour: pieces (the default,
-   partial_max_pieces = 32) against whole-prefix partials at the same interval
-   (partial_max_pieces = 0, layout 1's way) and against the old defaults (whole prefix every 5 s).
+   seconds, from 8 MiB into a segment), from /status partial_bytes_uploaded, as bytes per hour:
+   pieces (the default, partial_max_pieces = 32) against whole-prefix partials at the same
+   interval (partial_max_pieces = 0, layout 1's way) and against the old defaults (whole prefix
+   every 5 s).
 
 Usage: bench/rpo.py [--storage file,s3] [--seconds 20] [--rounds 2] [--trickle 30] [--scale 10]
 """
@@ -159,6 +160,12 @@ def run_storage(kind, args, binary, work):
                              ("whole prefix every 200 ms (partial_max_pieces 0)", {"PGKEEP_PARTIAL_MAX_PIECES": "0"}),
                              ("old defaults: whole prefix every 5 s",
                               {"PGKEEP_PARTIAL_MAX_PIECES": "0", "PGKEEP_PARTIAL_UPLOAD_MS": "5000"})):
+            # The same start for each: 8 MiB into a fresh segment (the middle of a segment's life,
+            # so that a whole-prefix upload is its average size).
+            cluster.sql("select pg_switch_wal()")
+            # Hex of random hashes: not something snappy shrinks to nothing, as repeat('x') was.
+            cluster.sql("select pg_logical_emit_message(false, 'bench', (select string_agg(md5(random()::text), '') "
+                        "from generate_series(1, 262000)))")
             daemon = Daemon(binary, work, cluster, {**env, **extra})
             daemon.catch_up(cluster)
             before = daemon.status()

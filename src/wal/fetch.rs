@@ -441,8 +441,8 @@ pub fn open_checked(repo: &Repo, f: &Fetched, sysid: u64) -> Result<Vec<u8>, Fet
 /// as the `.partial` the daemon streamed (the last WAL before a crash or shutdown) is served from
 /// that, and Postgres replays it up to its valid end, then ends recovery there.
 pub async fn fetch_stored(archive: &Archive, name: &WalFileName) -> Result<Fetched, FetchError> {
-    // A piece that goes while it is read was folded into a new `.partial`, or its whole segment
-    // was stored: the next look finds that. Three looks in a row that race the daemon are not
+    // A piece that goes while it is read was merged into a longer piece or a new `.partial`, or
+    // its whole segment was stored: the next look finds that. Three looks in a row that race the daemon are not
     // chance.
     for _ in 0..3 {
         if let Some(f) = fetch_stored_once(archive, name).await? {
@@ -480,9 +480,11 @@ async fn fetch_stored_once(
             let Some(pieces) = streamed_pieces(archive, name, header.plain_len).await? else {
                 return Ok(None);
             };
-            // The daemon changes its `.partial` (a fold, or the whole segment stored) before it
-            // deletes a piece: a `.partial` unchanged after the listing means that the listing
-            // missed no piece that continues it.
+            // The daemon stores a longer object holding a piece (a new `.partial`, the whole
+            // segment, or a merged piece) before it deletes the piece. A merged piece is listed
+            // beside the ones it holds, or instead of them, so a listing misses no byte because
+            // of one (a piece gone by the time it is read makes this look start over); a
+            // `.partial` unchanged after the listing means no fold or completion happened.
             match repo.header(&key).await {
                 Ok(now) if now == header => pieces,
                 Ok(_) | Err(StorageError::NotFound { .. }) => return Ok(None),
