@@ -2,7 +2,7 @@
 """Benchmark of the sidecar under pgbench: daemon memory and WAL upload lag.
 
 Starts a Postgres 15 cluster and `pgkeep daemon` (file:// storage, default settings: snappy,
-partial uploads every 5 s), runs pgbench for --seconds, and samples every 100 ms the server's WAL
+the open segment's new bytes as pieces every 200 ms), runs pgbench for --seconds, and samples every 100 ms the server's WAL
 insert position and the daemon's durable position (GET /status). Reports:
   - the daemon's peak RSS (VmHWM) and RSS at the end,
   - the upload lag: for each sampled server position, how long until the daemon reported it durable
@@ -15,37 +15,12 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
 import urllib.request
 
-PGBIN = os.environ.get("PGBIN", "/usr/lib/postgresql/15/bin")
-ROOT = os.getuid() == 0
-
-
-def as_pg(cmd, env=None):
-    extra = [f"{k}={v}" for k, v in (env or {}).items()]
-    return (["runuser", "-u", "postgres", "--"] if ROOT else []) + ["env", *extra, *cmd]
-
-
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    p = s.getsockname()[1]
-    s.close()
-    return p
-
-
-def lsn(text):
-    hi, lo = text.strip().split("/")
-    return (int(hi, 16) << 32) | int(lo, 16)
-
-
-def pct(values, p):
-    v = sorted(values)
-    return v[min(len(v) - 1, int(len(v) * p / 100))] if v else float("nan")
+from benchlib import PGBIN, ROOT, as_pg, free_port, lsn, pct
 
 
 def main():
