@@ -251,6 +251,10 @@ fn trickle_in_pieces(backend: Backend) {
     pg.psql("select pg_switch_wal()");
     for i in 1..=30 {
         pg.psql(&format!("insert into trickle values ({i})"));
+        if i == 15 {
+            // A restore point only in the open segment's pieces (no WAL switch after it).
+            pg.psql("select pg_create_restore_point('mid-trickle')");
+        }
         std::thread::sleep(Duration::from_millis(70));
     }
     let committed = parse_lsn(&pg.psql("select pg_current_wal_lsn()"));
@@ -327,6 +331,24 @@ fn trickle_in_pieces(backend: Backend) {
     pg.kill9();
     let _ = daemon.wait(Duration::from_secs(10));
     std::fs::remove_dir_all(&pg.data).unwrap();
+    // `--target-name` finds the restore point in the pieces (not only in whole segments and
+    // `.partial` bases) and recovery stops there.
+    let target = dir.mkdir("to-point");
+    let out = storage.pgkeep_pg(
+        &bin,
+        &[
+            "restore",
+            "--target-dir",
+            target.to_str().unwrap(),
+            "--target-name",
+            "mid-trickle",
+        ],
+        &[],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let to_point = start_restored(&dir, &storage, target);
+    assert_eq!(to_point.psql("select count(*) from trickle"), "15");
+    drop(to_point);
     let target = dir.mkdir("restored");
     let out = storage.pgkeep_pg(
         &bin,

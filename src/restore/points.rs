@@ -61,9 +61,20 @@ pub(super) async fn find(
         .collect();
     files.sort_by_key(|f| std::cmp::Reverse((f.0, f.1.timeline)));
     let scanned = files.len();
-    let mut reads = futures::stream::iter(files.into_iter().map(|(_, n, key)| async move {
-        let wal = archive.repo().get(&key).await?;
-        anyhow::Ok((n, holds(&wal, name)))
+    let streamed = archive.layout().streaming_root();
+    let mut reads = futures::stream::iter(files.into_iter().map(|(_, n, key)| {
+        let streamed = key.prefix_matches(&streamed);
+        async move {
+            // The daemon's streamed `.partial` is continued by pieces (the open segment's newest
+            // WAL, where a restore point made a moment ago is): read as wal-fetch serves it.
+            let wal = if streamed {
+                crate::wal::fetch::fetch_verified(archive, &n.with_kind(WalFileKind::Segment))
+                    .await?
+            } else {
+                archive.repo().get(&key).await?
+            };
+            anyhow::Ok((n, holds(&wal, name)))
+        }
     }))
     .buffered(parallelism.max(1));
     while let Some(r) = reads.next().await {
