@@ -49,9 +49,17 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         abort.clone(),
     ));
     let prefetch = Arc::new(
-        Prefetcher::new(cfg.spool_dir.join("prefetch"), cfg.prefetch_segments).with_context(
-            || format!("creating the prefetch cache in {}", cfg.spool_dir.display()),
-        )?,
+        Prefetcher::new(
+            cfg.prefetch_dir.clone(),
+            cfg.prefetch_segments,
+            cfg.prefetch_max_bytes,
+        )
+        .with_context(|| {
+            format!(
+                "preparing the prefetch directory {} (prefetch_dir)",
+                cfg.prefetch_dir.display()
+            )
+        })?,
     );
     let listener = tokio::net::TcpListener::bind(cfg.listen)
         .await
@@ -64,7 +72,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         repo: repo.clone(),
         system_identifier: sysid.clone(),
         cfg: cfg.clone(),
-        prefetch,
+        prefetch: prefetch.clone(),
         wal_bodies: crate::http_limits::wal_bodies(),
         token: match crate::http_token::Token::create(&cfg.http_token_file) {
             Ok(t) => Some(Arc::new(t)),
@@ -94,6 +102,8 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             .await
         }
     });
+    // Segments wal-fetch takes from the hand-off directory move the prefetch on.
+    tokio::spawn(prefetch.watch(http_stop.clone()));
     let ident = tokio::spawn(identify(cfg.clone(), sysid, stop.clone()));
     let mut streaming = tokio::spawn(streamer::run(
         (*cfg).clone(),

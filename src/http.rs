@@ -506,8 +506,9 @@ mod guard_tests {
             token.clone(),
             token,
         ));
-        let prefetch =
-            Arc::new(crate::wal::prefetch::Prefetcher::new(dir.join("prefetch"), 0).unwrap());
+        let prefetch = Arc::new(
+            crate::wal::prefetch::Prefetcher::new(dir.join("prefetch"), 0, 1 << 30).unwrap(),
+        );
         AppState {
             metrics: Arc::new(Metrics::new(stream.clone(), jobs.clone(), &prefetch)),
             stream,

@@ -335,10 +335,24 @@ fn main() -> ExitCode {
         };
     }
     pgkeep::logging::init(cfg.log_format, &cfg.log_level);
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
+    // restore_command's fast path: a segment the daemon prefetched is taken from the hand-off
+    // directory before any runtime starts; the ordinary fetch (one request at a time) needs no
+    // more than one thread.
+    let lean = matches!(cli.command, Command::WalFetch { .. });
+    if let Command::WalFetch { name, dest } = &cli.command
+        && pgkeep::wal::fetch::from_handoff(&cfg, name, dest).is_some()
     {
+        return ExitCode::SUCCESS;
+    }
+    let runtime = match if lean {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+    } {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("pgkeep: cannot start the async runtime: {e}");

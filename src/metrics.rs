@@ -197,8 +197,18 @@ impl Metrics {
         );
         r.register(
             "wal_prefetch_hits",
-            "WAL requests answered from the prefetch cache.",
+            "WAL requests over HTTP answered from a prefetched file.",
             prefetch.hits.clone(),
+        );
+        r.register(
+            "wal_handed_off",
+            "Prefetched segments wal-fetch took from the hand-off directory (no HTTP request).",
+            prefetch.handed_off.clone(),
+        );
+        r.register(
+            "wal_prefetch_window_segments",
+            "How many segments ahead of recovery the prefetch fetches (grows when recovery catches up).",
+            prefetch.window.clone(),
         );
         let c = &m.checks;
         for (name, help, gauge) in [

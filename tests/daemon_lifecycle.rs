@@ -203,9 +203,13 @@ fn served_recovery(backend: Backend) {
     let dir = TestDir::new("served");
     let storage = Storage::new(backend, &dir);
     let bin = dir.install_pgkeep();
+    // The directory the daemon and restore_command share (#17): prefetched segments are taken
+    // from it without a request.
+    let shared = dir.path().join("handoff");
     let fast = [
         ("PGKEEP_STATUS_INTERVAL_SECS", "1"),
         ("PGKEEP_PARTIAL_UPLOAD_SECS", "1"),
+        ("PGKEEP_PREFETCH_DIR", shared.to_str().unwrap()),
     ];
     // archive_command pushes into the same storage as the daemon streams: identical content is
     // accepted from either, and neither ever fails.
@@ -243,7 +247,18 @@ fn served_recovery(backend: Backend) {
         ("straight from storage", free_port()),
     ] {
         let target = dir.mkdir(&format!("restored-{port}"));
-        let listen = [("PGKEEP_LISTEN".to_string(), format!("127.0.0.1:{port}"))];
+        let handoff = if port == daemon.port {
+            shared.clone()
+        } else {
+            dir.path().join("no-handoff")
+        };
+        let listen = [
+            ("PGKEEP_LISTEN".to_string(), format!("127.0.0.1:{port}")),
+            (
+                "PGKEEP_PREFETCH_DIR".to_string(),
+                handoff.display().to_string(),
+            ),
+        ];
         let out = storage.pgkeep_pg(
             &bin,
             &["restore", "--target-dir", target.to_str().unwrap()],
@@ -258,8 +273,14 @@ fn served_recovery(backend: Backend) {
         let took = started.elapsed();
         assert_eq!(c.table_checksum("pgbench_accounts"), expected, "{label}");
         let replayed = c.log().matches("restored log file").count();
+        let handed = c.log().matches("via=\"handoff\"").count();
+        if port == daemon.port {
+            assert!(handed >= 5, "{handed} segments handed off: {}", c.log());
+        } else {
+            assert_eq!(handed, 0, "{label}");
+        }
         timings.push(format!(
-            "{label}: {replayed} files in {:.2}s",
+            "{label}: {replayed} files ({handed} handed off) in {:.2}s",
             took.as_secs_f64()
         ));
         c.stop("fast");
@@ -273,8 +294,11 @@ fn served_recovery(backend: Backend) {
             .and_then(|v| v.parse().ok())
             .unwrap_or_else(|| panic!("{name} missing: {metrics}"))
     };
-    assert!(value("pgkeep_wal_served_total") >= 10.0, "{metrics}");
-    assert!(value("pgkeep_wal_prefetch_hits_total") >= 5.0, "{metrics}");
+    assert!(
+        value("pgkeep_wal_served_total") + value("pgkeep_wal_handed_off_total") >= 10.0,
+        "{metrics}"
+    );
+    assert!(value("pgkeep_wal_handed_off_total") >= 5.0, "{metrics}");
 }
 
 #[test]

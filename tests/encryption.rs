@@ -25,24 +25,6 @@ const MARKERS: [&str; 3] = [
     "under-b-quokka-44f0",
 ];
 
-/// `pgkeep keygen -o FILE`: the recipient it printed, and the file (readable by postgres).
-fn keygen(bin: &Path, dir: &TestDir, name: &str) -> (String, PathBuf) {
-    let path = dir.path().join(name);
-    let out = Command::new(bin)
-        .args(["keygen", "-o"])
-        .arg(&path)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "keygen: {}", stderr(&out));
-    let recipient = stderr(&out)
-        .trim()
-        .strip_prefix("Public key: ")
-        .expect("keygen prints the public key")
-        .to_string();
-    give_to_postgres(&path);
-    (recipient, path)
-}
-
 fn insert_markers(pg: &PgCluster, marker: &str) {
     pg.psql(&format!(
         "insert into secrets select g, '{marker}-' || g from generate_series(1, 2000) g"

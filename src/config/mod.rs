@@ -66,6 +66,8 @@ const KEYS: &[(&str, Kind)] = &[
     ("spool_max_mb", Kind::Int),
     ("shutdown_timeout_secs", Kind::Int),
     ("prefetch_segments", Kind::Int),
+    ("prefetch_max_mb", Kind::Int),
+    ("prefetch_dir", Kind::Str),
     ("backup_count", Kind::Int),
     ("backup_max_age_hours", Kind::Int),
     ("backup_interval_hours", Kind::Int),
@@ -151,6 +153,11 @@ pub struct Config {
     pub shutdown_timeout: Duration,
     /// How many segments after a requested one the daemon downloads ahead.
     pub prefetch_segments: usize,
+    /// The most bytes of prefetched WAL the daemon holds at once.
+    pub prefetch_max_bytes: u64,
+    /// Where the daemon places prefetched segments and `wal-fetch` takes them (the hand-off
+    /// directory, shared by the daemon's and Postgres' containers).
+    pub prefetch_dir: PathBuf,
     /// Retention keeps at least this many base backups...
     pub backup_count: usize,
     /// ...and every backup younger than this (0: no age rule).
@@ -320,6 +327,14 @@ impl Config {
             Ok(Duration::from_secs(v.int(key, range, default)? as u64))
         };
         let (log_format, log_level) = v.logging()?;
+        let spool_dir = v
+            .absolute_path("spool_dir", Some("/var/lib/pgkeep/spool"))?
+            .expect("a default");
+        // A path setting whose default lives in the spool.
+        let in_spool = |key, default: &str| -> Result<PathBuf, ConfigError> {
+            Ok(v.absolute_path(key, None)?
+                .unwrap_or_else(|| spool_dir.join(default)))
+        };
         Ok(Config {
             storage: v.storage()?,
             codec: v.codec()?,
@@ -344,9 +359,7 @@ impl Config {
             },
             backup_wal_timeout: secs("backup_wal_timeout_secs", 1..=86400, 300)?,
             slot_name: v.slot_name()?,
-            spool_dir: v
-                .absolute_path("spool_dir", Some("/var/lib/pgkeep/spool"))?
-                .expect("a default"),
+            spool_dir: spool_dir.clone(),
             listen: v.listen()?,
             status_interval: secs("status_interval_secs", 1..=3600, 10)?,
             partial_upload_interval: v.partial_upload_interval()?,
@@ -356,6 +369,8 @@ impl Config {
             synchronous: v.bool("synchronous", false)?,
             shutdown_timeout: secs("shutdown_timeout_secs", 1..=86400, 60)?,
             prefetch_segments: v.int("prefetch_segments", 0..=256, 8)? as usize,
+            prefetch_max_bytes: (v.int("prefetch_max_mb", 16..=65536, 256)? as u64) << 20,
+            prefetch_dir: in_spool("prefetch_dir", "prefetch")?,
             backup_count: v.int("backup_count", 1..=10000, 3)? as usize,
             backup_max_age_hours: v.int("backup_max_age_hours", 0..=1_000_000, 168)? as u64,
             backup_interval_hours: v.int("backup_interval_hours", 0..=100_000, 24)? as u64,
@@ -369,13 +384,7 @@ impl Config {
                 1..=3600,
                 crate::http_limits::IDLE_TIMEOUT.as_secs() as i64,
             )?,
-            http_token_file: match v.absolute_path("http_token_file", None)? {
-                Some(p) => p,
-                None => v
-                    .absolute_path("spool_dir", Some("/var/lib/pgkeep/spool"))?
-                    .expect("a default")
-                    .join("http-token"),
-            },
+            http_token_file: in_spool("http_token_file", "http-token")?,
             credentials: Credentials::default(),
             wal_fetch_storage: v.bool("wal_fetch_storage", true)?,
             encryption: v.encryption()?,

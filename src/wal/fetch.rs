@@ -9,7 +9,6 @@ use anyhow::{Context, anyhow};
 
 use crate::cluster::{self, local_system_identifier};
 use crate::config::Config;
-use crate::fsutil;
 use crate::pg::walheader;
 use crate::pg::{WalFileKind, WalFileName};
 use crate::storage::{Archive, Repo, StorageError, object};
@@ -64,7 +63,9 @@ pub async fn wal_fetch(cfg: &Config, name: &str, dest: &Path) -> Result<FetchRep
     } else {
         (only_from_daemon(cfg, &name, local).await?, "daemon")
     };
-    fsutil::write_atomic(dest, &data)
+    // Complete under its name, not fsynced: Postgres fsyncs a restored file it keeps
+    // (see `handoff`'s documentation).
+    super::handoff::write_plain(dest, &data)
         .with_context(|| format!("writing {}", dest.display()))
         .map_err(FetchError::Failed)?;
     tracing::info!(wal = %name, bytes = data.len(), via, ms = started.elapsed().as_millis(), dest = %dest.display(), "fetched");
@@ -72,6 +73,33 @@ pub async fn wal_fetch(cfg: &Config, name: &str, dest: &Path) -> Result<FetchRep
         name,
         bytes: data.len(),
     })
+}
+
+/// The fast path of `wal-fetch`: the segment from the hand-off directory, where the daemon
+/// placed it verified ([`super::handoff`]); `None` when it is not there (or not usable), and the
+/// ordinary fetch goes on. Needs no runtime, no network and no storage settings.
+pub fn from_handoff(cfg: &Config, name: &str, dest: &Path) -> Option<FetchReport> {
+    let started = Instant::now();
+    let name: WalFileName = name.parse().ok()?;
+    if name.kind != WalFileKind::Segment {
+        return None;
+    }
+    let sysid = match cfg.system_identifier {
+        Some(id) => id,
+        None => local_system_identifier(cfg).ok()??.0,
+    };
+    let keys = || crate::storage::Keys::from_settings(&cfg.encryption);
+    match super::handoff::take(&cfg.prefetch_dir, &name, sysid, &keys, dest) {
+        super::handoff::Taken::Done { bytes, form } => {
+            let form = match form {
+                super::handoff::Form::Plain(_) => "plain",
+                super::handoff::Form::Stored => "stored",
+            };
+            tracing::info!(wal = %name, bytes, via = "handoff", form, us = started.elapsed().as_micros() as u64, dest = %dest.display(), "fetched");
+            Some(FetchReport { name, bytes })
+        }
+        super::handoff::Taken::Miss => None,
+    }
 }
 
 /// What the daemon said of a WAL file, as far as it proved it.

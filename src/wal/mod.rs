@@ -2,6 +2,7 @@
 //! prefetch), the streamer and its spool, and the preStop hook (switch).
 pub mod archive;
 pub mod fetch;
+pub mod handoff;
 pub mod prefetch;
 pub mod spool;
 pub mod streamer;

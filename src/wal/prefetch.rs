@@ -1,153 +1,487 @@
-//! WAL served to restore_command by the daemon, with prefetch: after a segment is asked for, the
-//! next `prefetch_segments` are downloaded, verified and kept in a local cache, so recovery does
-//! not wait on storage for each one.
+//! WAL served to restore_command by the daemon, with prefetch that keeps ahead of redo.
+//!
+//! After a segment is asked for (over HTTP) or taken from the hand-off directory
+//! ([`super::handoff`]), the segments after it are downloaded, verified once and placed in that
+//! directory, where `wal-fetch` takes them with no more work than a local copy; a client that asks
+//! over HTTP instead is answered from the same files.
+//!
+//! How far ahead: a window of segments that starts at 2 and doubles, up to `prefetch_segments`
+//! and the byte budget `prefetch_max_mb`, each time redo catches up with it (a request for a
+//! segment not yet there), so it sizes itself to the rates of fetching and of replay. It never
+//! goes past the end of the archive (a segment not in storage stops it until asked again, or for
+//! two seconds) nor past a timeline switch: the newest history file after the timeline being
+//! replayed says where that timeline ends on the way to the latest one, and no segment of it past
+//! there is fetched (Postgres reads that WAL from the next timeline's files). A miss costs one
+//! fetch, never a wait for a batch.
 
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
 
-use crate::pg::{SegmentNo, WalFileKind, WalFileName, WalSegSize};
-use crate::storage::Archive;
-use crate::storage::object::Header;
-use crate::wal::fetch::{FetchError, Fetched, fetch_stored};
+use crate::pg::{SegmentNo, TimelineId, WalFileKind, WalFileName, WalSegSize};
+use crate::storage::object::{self, Header};
+use crate::storage::{Archive, StorageError};
+use crate::wal::fetch::{FetchError, Fetched, fetch_stored, open_checked};
+use crate::wal::handoff::{self, Form};
+
+/// The window a replay starts with.
+const FIRST_WINDOW: usize = 2;
+/// How long "not in the archive" stops the prefetch at a segment (the daemon may be streaming it).
+const ABSENT_FOR: Duration = Duration::from_secs(2);
+/// How long a timeline's end, as the history files state it, is taken as known.
+const TIMELINE_END_FOR: Duration = Duration::from_secs(15);
+/// The most later timelines looked for (their history files) from the one being replayed.
+const MAX_LATER_TIMELINES: u32 = 64;
+/// How often the daemon looks for files `wal-fetch` took.
+pub const WATCH_EVERY: Duration = Duration::from_millis(20);
 
 pub struct Prefetcher {
     dir: PathBuf,
-    count: usize,
-    inflight: Mutex<HashSet<WalFileName>>,
-    /// The header and key of each cached segment (checked when it was downloaded), so a hit is
-    /// served without checking it again.
-    cached: Mutex<HashMap<WalFileName, (Header, object_store::path::Path)>>,
-    /// Requests answered from the cache.
+    max_ahead: usize,
+    budget: u64,
+    state: Mutex<State>,
+    /// HTTP requests answered from a prefetched file.
     pub hits: Counter,
     /// Segments downloaded ahead of their request.
     pub prefetched: Counter,
-    /// All WAL requests answered.
+    /// All WAL requests answered over HTTP.
     pub served: Counter,
+    /// Prefetched segments `wal-fetch` took from the hand-off directory.
+    pub handed_off: Counter,
+    /// The prefetch window (segments ahead of redo).
+    pub window: Gauge,
+}
+
+/// A prefetched segment in the directory.
+struct Ready {
+    path: PathBuf,
+    form: Form,
+    bytes: u64,
+    header: Header,
+    key: object_store::path::Path,
+}
+
+#[derive(Default)]
+struct State {
+    ready: HashMap<WalFileName, Ready>,
+    inflight: HashSet<WalFileName>,
+    window: usize,
+    /// Place decoded segments (until it is clear that the clients ask over HTTP: they need the
+    /// stored form).
+    plain: bool,
+    /// HTTP requests for a segment that was there decoded.
+    plain_missed: u32,
+    archive: Option<Archive>,
+    /// The newest segment asked for or taken, and the segment size.
+    pos: Option<(WalFileName, WalSegSize)>,
+    /// A segment found not in storage, and when.
+    absent: Option<(WalFileName, Instant)>,
+    /// Where each timeline ends (the first of its segments not to fetch; `None`: it does not end
+    /// on the way to the latest timeline), and when that was read.
+    ends: HashMap<TimelineId, (Option<SegmentNo>, Instant)>,
+    /// Timelines whose end is being read.
+    reading_end: HashSet<TimelineId>,
 }
 
 impl Prefetcher {
-    /// A cache in `dir` (emptied: what an earlier run left is not trusted) holding up to `count`
-    /// segments ahead.
-    pub fn new(dir: PathBuf, count: usize) -> std::io::Result<Prefetcher> {
+    /// A prefetcher placing files in `dir` (created, owner only; what an earlier run left there is
+    /// removed: it is not trusted) up to `max_ahead` segments and `budget` bytes ahead.
+    pub fn new(dir: PathBuf, max_ahead: usize, budget: u64) -> std::io::Result<Prefetcher> {
         std::fs::create_dir_all(&dir)?;
         if std::fs::symlink_metadata(&dir)?.file_type().is_symlink() {
             return Err(std::io::Error::other(format!(
-                "{} is a symbolic link: the prefetch cache must be a directory of its own",
+                "{} is a symbolic link: the prefetch directory must be a directory of its own",
                 dir.display()
             )));
         }
-        // Only its own files: cached segments (WAL file names) and their temporary files.
-        for e in std::fs::read_dir(&dir)? {
-            let e = e?;
-            let name = e.file_name().to_string_lossy().into_owned();
-            let ours = name.parse::<WalFileName>().is_ok() || name.ends_with(".pgkeep-tmp");
-            if ours && e.file_type()?.is_file() {
-                std::fs::remove_file(e.path())?;
-            }
+        if let Some(why) = handoff::unusable(&dir) {
+            return Err(std::io::Error::other(format!(
+                "the prefetch directory cannot be used: {why}"
+            )));
         }
+        let removed = handoff::clean(&dir)?;
+        if removed > 0 {
+            tracing::info!(dir = %dir.display(), removed, "removed the prefetched files an earlier run left");
+        }
+        let window = Gauge::default();
         Ok(Prefetcher {
             dir,
-            count,
-            inflight: Mutex::new(HashSet::new()),
-            cached: Mutex::new(HashMap::new()),
+            max_ahead,
+            budget,
+            state: Mutex::new(State {
+                window: FIRST_WINDOW.min(max_ahead),
+                plain: true,
+                ..State::default()
+            }),
             hits: Counter::default(),
             prefetched: Counter::default(),
             served: Counter::default(),
+            handed_off: Counter::default(),
+            window,
         })
     }
 
-    /// The stored form of `name` (from the cache when prefetched), checked as far as is possible
-    /// without a key; then prefetches the segments that follow it. The daemon needs no identity:
-    /// `wal-fetch` decrypts and decodes.
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().expect("not poisoned")
+    }
+
+    /// The stored form of `name` (from a prefetched file when there is one), checked as far as is
+    /// possible without a key; then prefetches the segments that follow it. The daemon needs no
+    /// identity: `wal-fetch` decrypts and decodes.
     pub async fn get(
         self: &Arc<Self>,
         archive: &Archive,
         name: &WalFileName,
     ) -> Result<Fetched, FetchError> {
-        let result = match self.take_cached(archive, name) {
+        let result = match self.take_ready(archive, name) {
             Some(hit) => {
                 self.hits.inc();
                 hit
             }
-            None => fetch_stored(archive, name).await?,
+            None => {
+                self.caught_up(name);
+                fetch_stored(archive, name).await?
+            }
         };
         self.served.inc();
         if result.served.kind == WalFileKind::Segment
-            && self.count > 0
             // A segment's plain length is the segment size (wal-fetch checks its page header).
-            && let Some(seg_size) = u32::try_from(result.header.plain_len).ok().and_then(WalSegSize::new)
-            && let Ok(seg) = name.segment_no(seg_size)
+            && let Some(size) = u32::try_from(result.header.plain_len).ok().and_then(WalSegSize::new)
         {
-            for i in 1..=self.count as u64 {
-                let next = WalFileName::segment(name.timeline, SegmentNo(seg.0 + i), seg_size);
-                self.prefetch(archive.clone(), next);
-            }
+            self.advance(archive, *name, size);
         }
         Ok(result)
     }
 
-    /// A prefetched segment, taken out of the cache (it was verified before it was written,
-    /// atomically).
-    fn take_cached(&self, archive: &Archive, name: &WalFileName) -> Option<Fetched> {
+    /// A request for `name` found it not prefetched: when it is the next one, redo caught up with
+    /// the prefetch, and the window doubles.
+    fn caught_up(&self, name: &WalFileName) {
+        let mut st = self.lock();
+        let Some((pos, size)) = st.pos else {
+            return;
+        };
+        let next = pos.segment_no(size).ok().map(|s| s.0 + 1);
+        if name.timeline == pos.timeline && name.segment_no(size).ok().map(|s| s.0) == next {
+            st.window = (st.window * 2).min(self.cap(size));
+            self.window.set(st.window as i64);
+            tracing::debug!(
+                window = st.window,
+                "redo caught up with the prefetch: fetching further ahead"
+            );
+        }
+    }
+
+    /// The most segments ahead: the setting, and the byte budget.
+    fn cap(&self, size: WalSegSize) -> usize {
+        let by_bytes = (self.budget / u64::from(size.bytes())).max(1) as usize;
+        self.max_ahead.min(by_bytes)
+    }
+
+    /// A prefetched segment's stored form, taken out of the directory (it was verified before it
+    /// was placed). A decoded file cannot serve an HTTP client: it is dropped, and once it is
+    /// clear that the clients do not use the directory, segments are placed in their stored
+    /// form, which serves both.
+    fn take_ready(&self, archive: &Archive, name: &WalFileName) -> Option<Fetched> {
         if name.kind != WalFileKind::Segment {
             return None;
         }
-        let (header, key) = self.cached.lock().expect("not poisoned").remove(name)?;
-        // Fetched for this very cluster's name (a cache filled before the daemon knew its
+        let ready = {
+            let mut st = self.lock();
+            let ready = st.ready.remove(name)?;
+            if matches!(ready.form, Form::Plain(_)) {
+                // wal-fetch looked just before the file was placed, or cannot see the directory:
+                // when nothing was ever taken from it, the client cannot, and a second such
+                // request switches to the stored form.
+                let _ = std::fs::remove_file(&ready.path);
+                st.plain_missed += 1;
+                if st.plain && st.plain_missed >= 2 && self.handed_off.get() == 0 {
+                    tracing::info!(dir = %self.dir.display(), "WAL clients ask over HTTP and take nothing from the hand-off directory: prefetched segments are kept in their stored form from now on");
+                    st.plain = false;
+                }
+                return None;
+            }
+            ready
+        };
+        // Fetched for this very cluster's name (a directory filled before the daemon knew its
         // cluster may hold another's).
-        if key != archive.layout().wal(name) {
+        if ready.key != archive.layout().wal(name) {
+            let _ = std::fs::remove_file(&ready.path);
             return None;
         }
-        let path = self.dir.join(name.to_string());
-        let stored = std::fs::read(&path).ok()?;
-        let _ = std::fs::remove_file(&path);
-        (Header::parse(&stored).ok()? == header).then(|| Fetched {
+        let stored = std::fs::read(&ready.path).ok()?;
+        let _ = std::fs::remove_file(&ready.path);
+        (Header::parse(&stored).ok()? == ready.header).then(|| Fetched {
             stored: stored.into(),
-            header,
+            header: ready.header,
             served: *name,
-            key,
+            key: ready.key,
             pieces: vec![],
         })
     }
 
-    fn prefetch(self: &Arc<Self>, archive: Archive, name: WalFileName) {
-        if self
-            .cached
-            .lock()
-            .expect("not poisoned")
-            .contains_key(&name)
-            || !self.inflight.lock().expect("not poisoned").insert(name)
+    /// Redo is at `name` (asked for, or taken): prefetch from there.
+    fn advance(self: &Arc<Self>, archive: &Archive, name: WalFileName, size: WalSegSize) {
         {
+            let mut st = self.lock();
+            st.archive = Some(archive.clone());
+            let newer = match st.pos {
+                None => true,
+                Some((pos, _)) => order(&name, size) > order(&pos, size),
+            };
+            if newer {
+                st.pos = Some((name, size));
+            }
+            // Files behind redo will not be asked for again.
+            let behind: Vec<WalFileName> = st
+                .ready
+                .keys()
+                .filter(|r| order(r, size) <= order(&name, size))
+                .copied()
+                .collect();
+            for r in behind {
+                if let Some(gone) = st.ready.remove(&r) {
+                    let _ = std::fs::remove_file(gone.path);
+                }
+            }
+        }
+        self.fill();
+    }
+
+    /// Starts the downloads the window, the budget, the archive's end and the timeline's end allow.
+    fn fill(self: &Arc<Self>) {
+        if self.max_ahead == 0 {
             return;
         }
-        let path = self.dir.join(name.to_string());
+        let mut st = self.lock();
+        let (Some((pos, size)), Some(archive)) = (st.pos, st.archive.clone()) else {
+            return;
+        };
+        let Ok(at) = pos.segment_no(size) else {
+            return;
+        };
+        let end = match st.ends.get(&pos.timeline) {
+            Some((end, read)) if read.elapsed() < TIMELINE_END_FOR => *end,
+            known => {
+                let known = known.map(|(end, _)| *end);
+                if st.reading_end.insert(pos.timeline) {
+                    self.read_timeline_end(archive.clone(), pos.timeline, size);
+                }
+                // Until it has been read, nothing is fetched on a timeline not yet known.
+                match known {
+                    Some(end) => end,
+                    None => return,
+                }
+            }
+        };
+        let window = st.window.min(self.cap(size));
+        let mut held: u64 = st.ready.values().map(|r| r.bytes).sum::<u64>()
+            + st.inflight.len() as u64 * u64::from(size.bytes());
+        for i in 1..=window as u64 {
+            let seg = SegmentNo(at.0 + i);
+            if end.is_some_and(|e| seg.0 >= e.0) {
+                break;
+            }
+            let next = WalFileName::segment(pos.timeline, seg, size);
+            if st
+                .absent
+                .is_some_and(|(a, when)| a == next && when.elapsed() < ABSENT_FOR)
+            {
+                break;
+            }
+            if st.ready.contains_key(&next) || st.inflight.contains(&next) {
+                continue;
+            }
+            if held + u64::from(size.bytes()) > self.budget {
+                break;
+            }
+            held += u64::from(size.bytes());
+            st.inflight.insert(next);
+            self.download(archive.clone(), next, st.plain);
+        }
+    }
+
+    /// Reads where `tli` ends on the way to the newest timeline, then fills.
+    fn read_timeline_end(self: &Arc<Self>, archive: Archive, tli: TimelineId, size: WalSegSize) {
         let me = self.clone();
         tokio::spawn(async move {
-            match fetch_stored(&archive, &name).await {
-                Ok(f) if f.served.kind == WalFileKind::Segment => {
-                    match crate::fsutil::write_atomic(&path, &f.stored) {
-                        Ok(()) => {
-                            me.cached
-                                .lock()
-                                .expect("not poisoned")
-                                .insert(name, (f.header, f.key));
-                            me.prefetched.inc();
+            let end = timeline_end(&archive, tli, size).await;
+            {
+                let mut st = me.lock();
+                st.reading_end.remove(&tli);
+                match end {
+                    Ok(end) => {
+                        if let Some(e) = end {
+                            tracing::info!(timeline = %tli, "prefetch stops at segment {:X} of timeline {tli}: a later timeline branches off there", e.0);
                         }
-                        Err(e) => tracing::warn!(wal = %name, "prefetch cache write failed: {e}"),
+                        st.ends.insert(tli, (end, Instant::now()));
+                    }
+                    Err(e) => {
+                        tracing::debug!(timeline = %tli, "cannot read the timeline histories (prefetch waits for the next request): {e}");
+                        return;
                     }
                 }
-                Ok(_) | Err(FetchError::NotInArchive(_)) => {}
+            }
+            me.fill();
+        });
+    }
+
+    fn download(self: &Arc<Self>, archive: Archive, name: WalFileName, plain: bool) {
+        let me = self.clone();
+        tokio::spawn(async move {
+            let placed = match fetch_stored(&archive, &name).await {
+                Ok(f) if f.served.kind == WalFileKind::Segment => {
+                    let dir = me.dir.clone();
+                    let repo = archive.repo().clone();
+                    let sysid = archive.system_identifier();
+                    tokio::task::spawn_blocking(move || place(&dir, &repo, f, sysid, plain))
+                        .await
+                        .map_err(|e| e.to_string())
+                        .and_then(|r| r)
+                        .map(Some)
+                }
+                // Only a `.partial`: the end of the archive for now.
+                Ok(_) | Err(FetchError::NotInArchive(_)) => Ok(None),
+                Err(e) => Err(e.to_string()),
+            };
+            let mut st = me.lock();
+            st.inflight.remove(&name);
+            match placed {
+                Ok(Some(ready)) => {
+                    me.prefetched.inc();
+                    tracing::debug!(wal = %name, file = %ready.path.display(), bytes = ready.bytes, "prefetched");
+                    let behind = st
+                        .pos
+                        .is_some_and(|(p, size)| order(&name, size) <= order(&p, size));
+                    if behind {
+                        // Redo passed it while it downloaded.
+                        let _ = std::fs::remove_file(&ready.path);
+                    } else {
+                        st.ready.insert(name, ready);
+                    }
+                }
+                Ok(None) => st.absent = Some((name, Instant::now())),
                 Err(e) => {
                     tracing::debug!(wal = %name, "prefetch failed (the request will read storage): {e}")
                 }
             }
-            me.inflight.lock().expect("not poisoned").remove(&name);
         });
     }
+
+    /// Watches the directory for segments `wal-fetch` took, moving redo's position on and filling
+    /// the window behind them, until `stop`.
+    pub async fn watch(self: Arc<Self>, stop: tokio_util::sync::CancellationToken) {
+        let mut tick = tokio::time::interval(WATCH_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            let taken: Vec<(WalFileName, Archive, WalSegSize)> = {
+                let mut st = self.lock();
+                let (Some(archive), Some((_, size))) = (st.archive.clone(), st.pos) else {
+                    continue;
+                };
+                let gone: Vec<WalFileName> = st
+                    .ready
+                    .iter()
+                    .filter(|(_, r)| std::fs::symlink_metadata(&r.path).is_err())
+                    .map(|(n, _)| *n)
+                    .collect();
+                for n in &gone {
+                    st.ready.remove(n);
+                }
+                gone.into_iter()
+                    .map(|n| (n, archive.clone(), size))
+                    .collect()
+            };
+            for (name, archive, size) in taken {
+                self.handed_off.inc();
+                self.advance(&archive, name, size);
+            }
+        }
+    }
+}
+
+/// Where a segment stands in replay order: its timeline, then its number.
+fn order(name: &WalFileName, size: WalSegSize) -> (u32, u64) {
+    (
+        name.timeline.get(),
+        name.segment_no(size).map_or(0, |s| s.0),
+    )
+}
+
+/// Verifies a downloaded segment once and places it in the hand-off directory: decoded with its
+/// CRC-32C when it can be (the object is not encrypted, and `plain`), else as stored.
+fn place(
+    dir: &std::path::Path,
+    repo: &crate::storage::Repo,
+    f: Fetched,
+    sysid: u64,
+    plain: bool,
+) -> Result<Ready, String> {
+    let name = f.served;
+    if plain && f.header.age.is_none() {
+        let data = open_checked(repo, &f, sysid).map_err(|e| e.to_string())?;
+        let form = Form::Plain(handoff::crc32c(&data));
+        let path = handoff::place(dir, &name, form, &data).map_err(|e| e.to_string())?;
+        return Ok(Ready {
+            path,
+            form,
+            bytes: data.len() as u64,
+            header: f.header,
+            key: f.key,
+        });
+    }
+    object::check(&f.stored)?;
+    let path = handoff::place(dir, &name, Form::Stored, &f.stored).map_err(|e| e.to_string())?;
+    Ok(Ready {
+        path,
+        form: Form::Stored,
+        bytes: f.stored.len() as u64,
+        header: f.header,
+        key: f.key,
+    })
+}
+
+/// The first segment of `tli` not on the way to the newest timeline: where the newest history
+/// file that names `tli` says a later timeline branched off it (`None`: no later timeline
+/// branches off it). History files are looked for as Postgres looks for the newest timeline:
+/// `tli + 1`, `tli + 2`, … up to the first one missing.
+async fn timeline_end(
+    archive: &Archive,
+    tli: TimelineId,
+    size: WalSegSize,
+) -> Result<Option<SegmentNo>, StorageError> {
+    let mut newest = None;
+    for later in (tli.get() + 1)..=(tli.get().saturating_add(MAX_LATER_TIMELINES)) {
+        let Some(later) = TimelineId::new(later) else {
+            break;
+        };
+        let key = archive.layout().wal(&WalFileName::history(later));
+        match archive.repo().get(&key).await {
+            Ok(text) => newest = Some(text),
+            Err(StorageError::NotFound { .. }) => break,
+            Err(e) => return Err(e),
+        }
+    }
+    let Some(text) = newest else {
+        return Ok(None);
+    };
+    let Ok(lines) = crate::verify::parse_history(&String::from_utf8_lossy(&text)) else {
+        // A history file that does not parse: no end is known, so nothing of `tli` is held
+        // back (what Postgres will ask for is still served on request).
+        return Ok(None);
+    };
+    Ok(lines
+        .iter()
+        .find(|(t, _)| *t == tli)
+        .map(|(_, switch)| size.segment_of(*switch)))
 }
 
 #[cfg(test)]
@@ -155,19 +489,39 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_cache_refuses_a_link_and_removes_only_its_own_files() {
+    fn the_directory_refuses_a_link_and_removes_only_its_own_files() {
         let dir = tempfile::tempdir().unwrap();
         let other = dir.path().join("other");
         std::fs::create_dir(&other).unwrap();
         std::fs::write(other.join("precious"), b"x").unwrap();
         std::fs::write(other.join("000000010000000000000001"), b"x").unwrap();
+        std::fs::write(other.join("000000010000000000000002.0badf00d.wal"), b"x").unwrap();
+        std::fs::write(other.join("000000010000000000000003.pgko"), b"x").unwrap();
+        std::fs::write(other.join(".000000010000000000000004.7.pgkeep-tmp"), b"x").unwrap();
         let link = dir.path().join("prefetch");
         std::os::unix::fs::symlink(&other, &link).unwrap();
-        let err = Prefetcher::new(link, 4).err().unwrap();
+        let err = Prefetcher::new(link, 4, 1 << 30).err().unwrap();
         assert!(err.to_string().contains("symbolic link"), "{err}");
-        assert_eq!(std::fs::read_dir(&other).unwrap().count(), 2);
-        Prefetcher::new(other.clone(), 4).unwrap();
-        assert!(other.join("precious").exists());
-        assert!(!other.join("000000010000000000000001").exists());
+        assert_eq!(std::fs::read_dir(&other).unwrap().count(), 5);
+        Prefetcher::new(other.clone(), 4, 1 << 30).unwrap();
+        let left: Vec<_> = std::fs::read_dir(&other)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        assert_eq!(left, vec!["precious".to_string()]);
+    }
+
+    #[test]
+    fn a_directory_others_may_write_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let open = dir.path().join("open");
+        std::fs::create_dir(&open).unwrap();
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let err = Prefetcher::new(open, 4, 1 << 30).err().unwrap();
+        assert!(
+            err.to_string().contains("may be written by others"),
+            "{err}"
+        );
     }
 }

@@ -1104,3 +1104,21 @@ pub fn start_restored(dir: &TestDir, storage: &Storage, data: PathBuf) -> PgClus
     c.wait_promoted();
     c
 }
+
+/// `pgkeep keygen -o FILE`: the recipient it printed, and the file (readable by postgres).
+pub fn keygen(bin: &Path, dir: &TestDir, name: &str) -> (String, PathBuf) {
+    let path = dir.path().join(name);
+    let out = Command::new(bin)
+        .args(["keygen", "-o"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "keygen: {}", stderr(&out));
+    let recipient = stderr(&out)
+        .trim()
+        .strip_prefix("Public key: ")
+        .expect("keygen prints the public key")
+        .to_string();
+    give_to_postgres(&path);
+    (recipient, path)
+}

@@ -170,6 +170,9 @@ pgkeep-password: {{ include "pgkeep.password" (list . "pgkeep-password" .Values.
 # Credentials are not here: each container reads its own from files (PGKEEP_CREDENTIALS_DIR).
 storage = {{ required "storage.url is required (s3://, gs://, az:// or file://)" .Values.storage.url | toJson }}
 spool_dir = "/var/lib/pgkeep/spool"
+# Prefetched WAL, where the daemon places it and restore_command (in the Postgres container) takes
+# it without a request: a volume both containers mount.
+prefetch_dir = "/var/lib/pgkeep/handoff/wal"
 # The daemon's token, in a folder only the daemon and the Postgres container mount (wal-fetch and
 # the preStop hook take the daemon's answers only with its proof of it).
 http_token_file = "/var/run/pgkeep/http-token"
@@ -350,6 +353,7 @@ capabilities:
     - {name: config, mountPath: /etc/pgkeep, readOnly: true}
     - {name: spool, mountPath: /var/lib/pgkeep/spool}
     - {name: pgkeep-token, mountPath: /var/run/pgkeep}
+    - {name: wal-handoff, mountPath: /var/lib/pgkeep/handoff}
     - {name: credentials-pgkeep, mountPath: /etc/pgkeep-credentials, readOnly: true}
     - {name: tmp, mountPath: /tmp}
     {{- if include "pgkeep.archiveVolume" . }}

@@ -1,0 +1,303 @@
+//! The hand-off directory: WAL segments the daemon prefetched, already verified, where
+//! `wal-fetch` (restore_command) takes them with no more work than a local copy.
+//!
+//! The daemon and the Postgres container share the directory (`prefetch_dir`; in the chart an
+//! `emptyDir` mounted in both). The daemon downloads a segment, checks it completely (the
+//! object's SHA-256, the page header against the name and the cluster) and places it here, under
+//! a name that says what it holds:
+//!
+//! - `<segment>.<crc32c>.wal`: the segment's plain bytes, exactly what Postgres reads, with their
+//!   CRC-32C (hardware, about 1 ms for 16 MiB) in the name. `wal-fetch` checks that sum and the
+//!   first page's header, then renames the file to `%p` (copies it across file systems).
+//! - `<segment>.pgko`: the stored object as it is, when the daemon cannot decode it (encrypted
+//!   storage: the sidecar holds no key). `wal-fetch` verifies, decrypts and decodes it as it does
+//!   an object read from storage.
+//!
+//! The check on the way out is against damage (a disk error, a file cut short by a crash), not
+//! against forgery: whoever can write this directory (its owner, the pod's user, who must be
+//! `wal-fetch`'s own user and the only one allowed to write it) can write `pg_wal` too. A file
+//! that fails it is removed and the segment is fetched the ordinary way, never handed to Postgres.
+//!
+//! What Postgres needs of a restored file (`RestoreArchivedFile` in xlogarchive.c): it reads the
+//! file `restore_command` wrote and, to keep it (a standby, or a segment it will serve), moves it
+//! into `pg_wal` with `durable_rename`, which fsyncs the file and the folder itself; otherwise the
+//! file is read and removed, and a crash before then replays from the last restartpoint, calling
+//! `restore_command` again. So `wal-fetch` renames without an fsync.
+
+use std::io::{Read, Write};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+use crate::pg::{WalFileKind, WalFileName, walheader};
+use crate::storage::{Keys, object};
+
+/// The largest file taken from the directory (the largest WAL segment Postgres allows, 1 GiB, and
+/// its object's header).
+const MAX_FILE: u64 = (1 << 30) + 4096;
+
+/// What a hand-off file holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Form {
+    /// The segment's plain bytes, with their CRC-32C.
+    Plain(u32),
+    /// The stored object (encrypted, or otherwise not decoded by the daemon).
+    Stored,
+}
+
+/// The CRC-32C (Castagnoli) of `data`, as hand-off names carry it.
+pub fn crc32c(data: &[u8]) -> u32 {
+    crc_fast::checksum(crc_fast::CrcAlgorithm::Crc32Iscsi, data) as u32
+}
+
+/// The file name of `segment` in the form `form`.
+pub fn file_name(segment: &WalFileName, form: Form) -> String {
+    match form {
+        Form::Plain(crc) => format!("{segment}.{crc:08x}.wal"),
+        Form::Stored => format!("{segment}.pgko"),
+    }
+}
+
+/// The segment and form a hand-off file name states; `None` for any other name.
+pub fn parse_name(name: &str) -> Option<(WalFileName, Form)> {
+    if let Some(stem) = name.strip_suffix(".pgko") {
+        let seg: WalFileName = stem.parse().ok()?;
+        return (seg.kind == WalFileKind::Segment).then_some((seg, Form::Stored));
+    }
+    let rest = name.strip_suffix(".wal")?;
+    let (stem, crc) = rest.rsplit_once('.')?;
+    if crc.len() != 8 {
+        return None;
+    }
+    let seg: WalFileName = stem.parse().ok()?;
+    let crc = u32::from_str_radix(crc, 16).ok()?;
+    (seg.kind == WalFileKind::Segment).then_some((seg, Form::Plain(crc)))
+}
+
+/// Places a verified segment in `dir` atomically (a temporary file renamed; no fsync: a file cut
+/// short by a crash fails its check and is fetched again). Returns its path.
+pub fn place(
+    dir: &Path,
+    segment: &WalFileName,
+    form: Form,
+    bytes: &[u8],
+) -> std::io::Result<PathBuf> {
+    let dest = dir.join(file_name(segment, form));
+    let tmp = dir.join(format!(".{segment}.{}.pgkeep-tmp", std::process::id()));
+    let result = (|| {
+        let _ = std::fs::remove_file(&tmp);
+        let mut f = crate::fsutil::create_new(&tmp)?;
+        f.write_all(bytes)?;
+        drop(f);
+        std::fs::rename(&tmp, &dest)
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result.map(|()| dest)
+}
+
+/// Removes what an earlier daemon left in `dir` (hand-off files and temporary files; nothing
+/// else): a killed daemon's files are not trusted, and its bookkeeping is gone.
+pub fn clean(dir: &Path) -> std::io::Result<usize> {
+    let mut removed = 0;
+    for e in std::fs::read_dir(dir)? {
+        let e = e?;
+        let name = e.file_name().to_string_lossy().into_owned();
+        let ours = parse_name(&name).is_some()
+            || name.ends_with(".pgkeep-tmp")
+            // The cache's files before the hand-off (bare WAL names).
+            || name.parse::<WalFileName>().is_ok();
+        if ours && e.file_type()?.is_file() {
+            std::fs::remove_file(e.path())?;
+            removed += 1;
+        }
+    }
+    Ok(removed)
+}
+
+/// Why the directory is not used: it must be a directory (not a link) owned by this user that no
+/// one else may write.
+pub fn unusable(dir: &Path) -> Option<String> {
+    let meta = match std::fs::symlink_metadata(dir) {
+        Ok(m) => m,
+        Err(e) => return Some(format!("{}: {e}", dir.display())),
+    };
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let me = unsafe { libc::geteuid() };
+    if !meta.is_dir() {
+        Some(format!("{} is not a directory", dir.display()))
+    } else if meta.uid() != me {
+        Some(format!(
+            "{} belongs to user {}, not to this user ({me})",
+            dir.display(),
+            meta.uid()
+        ))
+    } else if meta.mode() & 0o022 != 0 {
+        Some(format!(
+            "{} may be written by others (mode {:o})",
+            dir.display(),
+            meta.mode() & 0o777
+        ))
+    } else {
+        None
+    }
+}
+
+/// What [`take`] did.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Taken {
+    /// The segment is at `dest`: this many bytes, in this form.
+    Done { bytes: usize, form: Form },
+    /// No usable file for it (none, the directory unusable, or a damaged file, now removed).
+    Miss,
+}
+
+/// Takes `segment` from the hand-off directory to `dest` when the daemon placed it there: checks
+/// it (see the module documentation) against the name and the cluster `sysid`, then renames it
+/// into place (a plain file of this user on the same file system) or writes it there.
+/// `keys` is asked for only to open a file in its stored form.
+pub fn take(
+    dir: &Path,
+    segment: &WalFileName,
+    sysid: u64,
+    keys: &dyn Fn() -> Result<Keys, String>,
+    dest: &Path,
+) -> Taken {
+    if segment.kind != WalFileKind::Segment {
+        return Taken::Miss;
+    }
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Taken::Miss;
+    };
+    let prefix = format!("{segment}.");
+    let found = entries.filter_map(Result::ok).find_map(|e| {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if !name.starts_with(&prefix) {
+            return None;
+        }
+        let (seg, form) = parse_name(&name)?;
+        (seg == *segment).then(|| (e.path(), form))
+    });
+    let Some((path, form)) = found else {
+        return Taken::Miss;
+    };
+    if let Some(why) = unusable(dir) {
+        tracing::warn!(dir = %dir.display(), "not taking WAL from the hand-off directory: {why}");
+        return Taken::Miss;
+    }
+    match take_file(&path, segment, form, sysid, keys, dest) {
+        Ok(bytes) => Taken::Done { bytes, form },
+        Err(e) => {
+            tracing::warn!(wal = %segment, file = %path.display(), "the prefetched file is not usable ({e}): removed, fetching the segment again");
+            let _ = std::fs::remove_file(&path);
+            Taken::Miss
+        }
+    }
+}
+
+fn take_file(
+    path: &Path,
+    segment: &WalFileName,
+    form: Form,
+    sysid: u64,
+    keys: &dyn Fn() -> Result<Keys, String>,
+    dest: &Path,
+) -> Result<usize, String> {
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+        .map_err(|e| e.to_string())?;
+    let meta = f.metadata().map_err(|e| e.to_string())?;
+    if !meta.is_file() || meta.len() > MAX_FILE {
+        return Err(format!("not a plain file of at most {MAX_FILE} bytes"));
+    }
+    let mut data = Vec::with_capacity(meta.len() as usize);
+    f.read_to_end(&mut data).map_err(|e| e.to_string())?;
+    drop(f);
+    match form {
+        Form::Plain(crc) => {
+            let sum = crc32c(&data);
+            if sum != crc {
+                return Err(format!(
+                    "its CRC-32C is {sum:08x}, its name says {crc:08x} (damaged)"
+                ));
+            }
+            walheader::check_segment(segment, &data, Some(sysid)).map_err(|e| e.to_string())?;
+            // SAFETY: geteuid has no preconditions and cannot fail.
+            let mine = meta.uid() == unsafe { libc::geteuid() };
+            // Ours on the same file system: the file itself becomes `%p`.
+            if mine && std::fs::rename(path, dest).is_ok() {
+                return Ok(data.len());
+            }
+            write_plain(dest, &data).map_err(|e| format!("writing {}: {e}", dest.display()))?;
+            let _ = std::fs::remove_file(path);
+            Ok(data.len())
+        }
+        Form::Stored => {
+            let (_, plain) = object::open(&data, &keys()?).map_err(|e| format!("{e:?}"))?;
+            let plain =
+                walheader::whole_segment(segment, plain, Some(sysid)).map_err(|e| e.to_string())?;
+            write_plain(dest, &plain).map_err(|e| format!("writing {}: {e}", dest.display()))?;
+            let _ = std::fs::remove_file(path);
+            Ok(plain.len())
+        }
+    }
+}
+
+/// Writes `%p` as Postgres needs it: complete under its name (a temporary file renamed), with no
+/// fsync (see the module documentation).
+pub fn write_plain(dest: &Path, data: &[u8]) -> std::io::Result<()> {
+    let dir = match dest.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let name = dest.file_name().map(|n| n.to_string_lossy().into_owned());
+    let tmp = dir.join(format!(
+        ".{}.{}.pgkeep-tmp",
+        name.as_deref().unwrap_or("wal"),
+        std::process::id()
+    ));
+    let result = (|| {
+        let _ = std::fs::remove_file(&tmp);
+        let mut f = crate::fsutil::create_new(&tmp)?;
+        f.write_all(data)?;
+        drop(f);
+        std::fs::rename(&tmp, dest)
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_round_trip_and_others_are_not_ours() {
+        let seg: WalFileName = "000000010000000000000003".parse().unwrap();
+        for form in [Form::Plain(0xdeadbeef), Form::Plain(0), Form::Stored] {
+            assert_eq!(parse_name(&file_name(&seg, form)), Some((seg, form)));
+        }
+        for other in [
+            "000000010000000000000003",
+            "000000010000000000000003.wal",
+            "000000010000000000000003.deadbee.wal",
+            "000000010000000000000003.xxxxxxxx.wal",
+            "000000010000000000000003.partial.pgko",
+            "00000002.history.pgko",
+            "../000000010000000000000003.pgko",
+            "precious",
+        ] {
+            assert_eq!(parse_name(other), None, "{other}");
+        }
+    }
+
+    #[test]
+    fn crc32c_is_castagnoli() {
+        // The check value of CRC-32C.
+        assert_eq!(crc32c(b"123456789"), 0xe3069283);
+    }
+}

@@ -1,0 +1,318 @@
+//! The hand-off directory (#17): segments the daemon prefetched reach `wal-fetch` as local files
+//! (decoded; as stored when storage is encrypted, the daemon holding no key).
+//! A handed-off segment is byte-equal to the stored one; a damaged one is detected, removed and
+//! fetched again, never handed to Postgres; a killed daemon's leftovers are ignored when damaged
+//! and removed by the next daemon; and a recovery across a promotion replays both timelines, the
+//! prefetch never going past the point where the old timeline was left.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use common::*;
+
+/// The segments stored for timeline `tli`, in order.
+fn stored_segments(storage: &Storage, tli: &str) -> Vec<String> {
+    let mut segs: Vec<String> = stored_keys(storage)
+        .iter()
+        .filter(|k| k.contains(&format!("/wal/{tli}/")))
+        .filter_map(|k| k.rsplit('/').next().map(str::to_string))
+        .filter(|n| n.len() == 24 && n.chars().all(|c| c.is_ascii_hexdigit()))
+        .collect();
+    segs.sort();
+    segs
+}
+
+/// The hand-off file of `segment` in `dir`, once there.
+fn handed(dir: &Path, segment: &str) -> Option<PathBuf> {
+    std::fs::read_dir(dir).ok()?.find_map(|e| {
+        let e = e.ok()?;
+        let name = e.file_name().into_string().ok()?;
+        (name.starts_with(&format!("{segment}.")) && !name.ends_with(".pgkeep-tmp"))
+            .then(|| e.path())
+    })
+}
+
+fn via(out: &std::process::Output) -> &'static str {
+    let said = stderr(out);
+    ["handoff", "daemon", "storage"]
+        .into_iter()
+        .find(|v| said.contains(&format!("via=\"{v}\"")) || said.contains(&format!("via={v}")))
+        .unwrap_or_else(|| panic!("no via in: {said}"))
+}
+
+/// With `encrypted`, storage is encrypted: the daemon (which holds no key) places segments as
+/// stored, and wal-fetch decrypts them.
+fn handoff(backend: Backend, encrypted: bool) {
+    let dir = TestDir::new("handoff");
+    let mut storage = Storage::new(backend, &dir);
+    let bin = dir.install_pgkeep();
+    if encrypted {
+        let (recipient, identity) = keygen(&bin, &dir, "restore.key");
+        storage
+            .env
+            .push(("PGKEEP_ENCRYPTION_RECIPIENTS".into(), recipient));
+        storage.env.push((
+            "PGKEEP_ENCRYPTION_IDENTITY_FILE".into(),
+            identity.display().to_string(),
+        ));
+    }
+    let form = if encrypted { ".pgko" } else { ".wal" };
+    let shared = dir.path().join("handoff");
+    let mut pg = archiving_cluster(&dir, &storage, &bin, "primary", 1);
+    pg.start();
+    let settings = [
+        ("PGKEEP_PREFETCH_DIR", shared.to_str().unwrap()),
+        ("PGKEEP_PREFETCH_SEGMENTS", "4"),
+    ];
+    let mut daemon = Daemon::start(&dir, &storage, &bin, &pg, &settings);
+    run_ok(&mut pg.pgbench(&["-i", "-s", "1", "-q"]));
+    pg.switch_and_wait_archived();
+    let segs = stored_segments(&storage, "00000001");
+    assert!(segs.len() >= 12, "{segs:?}");
+
+    let fetch = |segment: &str, port: u16, handoff: &Path, tag: &str| {
+        let dest = dir.path().join(format!("got-{segment}-{tag}"));
+        let out = storage.pgkeep_pg(
+            &bin,
+            &["wal-fetch", segment, dest.to_str().unwrap()],
+            &[
+                ("PGKEEP_LISTEN".into(), format!("127.0.0.1:{port}")),
+                ("PGKEEP_PREFETCH_DIR".into(), handoff.display().to_string()),
+                ("PGKEEP_PGDATA".into(), pg.data.display().to_string()),
+            ],
+        );
+        assert!(out.status.success(), "{segment} {tag}: {}", stderr(&out));
+        (out, std::fs::read(&dest).unwrap())
+    };
+    // What storage holds, read straight from it (no daemon, no hand-off).
+    let nowhere = dir.path().join("no-handoff");
+    let stored = |segment: &str| {
+        let (out, bytes) = fetch(segment, free_port(), &nowhere, "stored");
+        assert_eq!(via(&out), "storage");
+        bytes
+    };
+
+    // The first request goes to the daemon, which then prefetches the next segments into the
+    // shared directory.
+    let (out, _) = fetch(&segs[2], daemon.port, &shared, "first");
+    assert_eq!(via(&out), "daemon", "{}", stderr(&out));
+    let next = wait_for(
+        "the next segment handed off",
+        Duration::from_secs(30),
+        || handed(&shared, &segs[3]),
+    );
+    assert!(next.to_str().unwrap().ends_with(form), "{next:?}");
+    // Taken from the directory, byte-equal to the stored segment; the file is gone.
+    let (out, bytes) = fetch(&segs[3], daemon.port, &shared, "handed");
+    assert_eq!(via(&out), "handoff", "{}", stderr(&out));
+    assert!(
+        bytes == stored(&segs[3]),
+        "the handed-off segment differs from storage's"
+    );
+    assert!(handed(&shared, &segs[3]).is_none());
+
+    // A damaged prefetched file is detected, removed and fetched again: Postgres gets the
+    // stored bytes.
+    let file = wait_for(
+        "a later segment handed off",
+        Duration::from_secs(30),
+        || handed(&shared, &segs[4]),
+    );
+    let mut damaged = std::fs::read(&file).unwrap();
+    let middle = damaged.len() / 2;
+    damaged[middle] ^= 0x40;
+    std::fs::write(&file, &damaged).unwrap();
+    let (out, bytes) = fetch(&segs[4], daemon.port, &shared, "damaged");
+    let said = stderr(&out);
+    let check = if encrypted { "SHA-256" } else { "CRC-32C" };
+    assert!(
+        said.contains("not usable") && said.contains(check),
+        "{said}"
+    );
+    assert_eq!(via(&out), "daemon", "{said}");
+    assert!(bytes == stored(&segs[4]), "a damaged file reached %p");
+    assert!(
+        handed(&shared, &segs[4]).is_none(),
+        "the damaged file was kept"
+    );
+
+    let metrics = String::from_utf8(http("GET", daemon.port, "/metrics").1).unwrap();
+    let handed_off = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("pgkeep_wal_handed_off_total "))
+        .and_then(|v| v.parse::<f64>().ok())
+        .unwrap_or_else(|| panic!("{metrics}"));
+    assert!(handed_off >= 1.0, "{metrics}");
+
+    // A killed daemon leaves its files behind. A damaged leftover is not taken; storage serves.
+    wait_for("more segments handed off", Duration::from_secs(30), || {
+        handed(&shared, &segs[6])
+    });
+    daemon.signal("KILL");
+    let _ = daemon.wait(Duration::from_secs(10));
+    let planted = shared.join(format!("{}.0badf00d.wal", segs[10]));
+    std::fs::write(&planted, vec![7u8; 1 << 20]).unwrap();
+    give_to_postgres(&planted);
+    let (out, bytes) = fetch(&segs[10], free_port(), &shared, "leftover");
+    assert_eq!(via(&out), "storage", "{}", stderr(&out));
+    assert!(bytes == stored(&segs[10]));
+    assert!(!planted.exists());
+    // The next daemon removes what the killed one left.
+    std::fs::write(&planted, b"left").unwrap();
+    give_to_postgres(&planted);
+    let daemon = Daemon::start(&dir, &storage, &bin, &pg, &settings);
+    assert!(
+        daemon
+            .log()
+            .contains("removed the prefetched files an earlier run left"),
+        "{}",
+        daemon.log()
+    );
+    let left: Vec<_> = std::fs::read_dir(&shared).unwrap().collect();
+    assert!(left.is_empty(), "{left:?}");
+}
+
+#[test]
+fn file_storage_handoff() {
+    handoff(Backend::File, false);
+}
+
+#[test]
+fn s3_storage_handoff() {
+    handoff(Backend::S3, false);
+}
+
+#[test]
+fn file_storage_encrypted_handoff() {
+    handoff(Backend::File, true);
+}
+
+#[test]
+fn s3_storage_encrypted_handoff() {
+    handoff(Backend::S3, true);
+}
+
+/// A recovery across a promotion, served by the daemon through the hand-off directory: the old
+/// timeline went on past the point where the new one branched off (as an old primary does after
+/// a failover), and none of that WAL is prefetched or replayed.
+fn across_a_promotion(backend: Backend) {
+    let dir = TestDir::new("handoff-tli");
+    let storage = Storage::new(backend, &dir);
+    let bin = dir.install_pgkeep();
+    let shared = dir.path().join("handoff");
+    let mut p = archiving_cluster(&dir, &storage, &bin, "primary", 1);
+    p.start();
+    let daemon = Daemon::start(
+        &dir,
+        &storage,
+        &bin,
+        &p,
+        &[
+            ("PGKEEP_PREFETCH_DIR", shared.to_str().unwrap()),
+            ("PGKEEP_LOG_LEVEL", "info,pgkeep::wal::prefetch=debug"),
+        ],
+    );
+    p.psql("create table t (id int primary key, v text)");
+    p.psql("insert into t select g, 'base' from generate_series(1, 1000) g");
+    let out = storage.pgkeep_pg(&bin, &["backup"], &p.client_env());
+    assert!(out.status.success(), "backup: {}", stderr(&out));
+    let write = |pg: &PgCluster, tag: &str, from: usize, rounds: usize| {
+        for i in 0..rounds {
+            let at = from + i * 1000;
+            pg.psql(&format!(
+                "insert into t select g, '{tag}' || repeat('x', 500) from generate_series({at}, {}) g",
+                at + 999
+            ));
+            pg.psql("select pg_switch_wal()");
+        }
+    };
+    write(&p, "shared", 10_000, 3);
+    let switch = p.psql("select pg_current_wal_lsn()");
+    // The old timeline goes on.
+    write(&p, "old-timeline", 100_000, 6);
+    p.switch_and_wait_archived();
+    let old = stored_segments(&storage, "00000001");
+
+    // The new timeline: restored to the switch point, promoted, archiving into the same storage.
+    let branch = dir.mkdir("branch");
+    let out = storage.pgkeep_pg(
+        &bin,
+        &[
+            "restore",
+            "--target-dir",
+            branch.to_str().unwrap(),
+            "--target-lsn",
+            &switch,
+        ],
+        &[],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let mut b = PgCluster::adopt(dir.path(), branch, &storage.env);
+    b.set(&[
+        ("archive_mode", "on"),
+        ("archive_command", &archive_command(&bin, &storage)),
+    ]);
+    b.start();
+    b.wait_promoted();
+    write(&b, "new-timeline", 200_000, 4);
+    b.switch_and_wait_archived();
+    let expected = b.table_checksum("t");
+    b.stop("fast");
+    p.stop("fast");
+    let new = stored_segments(&storage, "00000002");
+    assert!(!new.is_empty());
+    // Where timeline 1 was left: the first segment timeline 2 holds.
+    let first_new = &new[0][8..];
+    assert!(
+        old.iter().any(|s| &s[8..] > first_new),
+        "the old timeline did not go on past the switch: {old:?} {new:?}"
+    );
+
+    // The latest state, served by the daemon through the hand-off directory.
+    let target = dir.mkdir("latest");
+    let out = storage.pgkeep_pg(
+        &bin,
+        &["restore", "--target-dir", target.to_str().unwrap()],
+        &[
+            ("PGKEEP_LISTEN".into(), format!("127.0.0.1:{}", daemon.port)),
+            ("PGKEEP_PREFETCH_DIR".into(), shared.display().to_string()),
+        ],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let latest = start_restored(&dir, &storage, target);
+    assert_eq!(latest.table_checksum("t"), expected);
+    assert_eq!(
+        latest.psql("select count(*) from t where v like 'old-timeline%'"),
+        "0"
+    );
+    assert_eq!(
+        latest.psql("select count(*) from t where v like 'new-timeline%'"),
+        "4000"
+    );
+    let log = latest.log();
+    assert!(
+        log.contains("via=\"handoff\"") || log.contains("via=handoff"),
+        "{log}"
+    );
+    // No segment of timeline 1 at or past the switch was prefetched.
+    let said = daemon.log();
+    assert!(said.contains("prefetch stops at segment"), "{said}");
+    for seg in old.iter().filter(|s| &s[8..] >= first_new) {
+        assert!(
+            !said.contains(&format!("prefetched wal={seg}")),
+            "{seg} (timeline 1 past the switch) was prefetched:\n{said}"
+        );
+    }
+}
+
+#[test]
+fn file_storage_prefetch_across_a_promotion() {
+    across_a_promotion(Backend::File);
+}
+
+#[test]
+fn s3_storage_prefetch_across_a_promotion() {
+    across_a_promotion(Backend::S3);
+}
