@@ -150,6 +150,18 @@ fn handoff(backend: Backend, encrypted: bool) {
     wait_for("more segments handed off", Duration::from_secs(30), || {
         handed(&shared, &segs[6])
     });
+    // Recovery starts again from an earlier segment (a crash during recovery, or another
+    // restore): the prefetch follows it back.
+    let (out, _) = fetch(&segs[1], daemon.port, &shared, "again");
+    assert_eq!(via(&out), "daemon", "{}", stderr(&out));
+    wait_for(
+        "the prefetch to follow recovery back",
+        Duration::from_secs(30),
+        || handed(&shared, &segs[2]),
+    );
+    let (out, bytes) = fetch(&segs[2], daemon.port, &shared, "again");
+    assert_eq!(via(&out), "handoff", "{}", stderr(&out));
+    assert!(bytes == stored(&segs[2]));
     daemon.signal("KILL");
     let _ = daemon.wait(Duration::from_secs(10));
     let planted = shared.join(format!("{}.0badf00d.wal", segs[10]));

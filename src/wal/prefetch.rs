@@ -153,7 +153,7 @@ impl Prefetcher {
             // A segment's plain length is the segment size (wal-fetch checks its page header).
             && let Some(size) = u32::try_from(result.header.plain_len).ok().and_then(WalSegSize::new)
         {
-            self.advance(archive, *name, size);
+            self.advance(archive, *name, size, true);
         }
         Ok(result)
     }
@@ -224,8 +224,16 @@ impl Prefetcher {
         })
     }
 
-    /// Redo is at `name` (asked for, or taken): prefetch from there.
-    fn advance(self: &Arc<Self>, archive: &Archive, name: WalFileName, size: WalSegSize) {
+    /// Redo is at `name`: prefetch from there. A segment `asked` for is where redo is, even
+    /// behind the last one (recovery restarted from a restartpoint after a crash, or another
+    /// restore began); one taken from the directory only moves the position on.
+    fn advance(
+        self: &Arc<Self>,
+        archive: &Archive,
+        name: WalFileName,
+        size: WalSegSize,
+        asked: bool,
+    ) {
         {
             let mut st = self.lock();
             st.archive = Some(archive.clone());
@@ -233,7 +241,10 @@ impl Prefetcher {
                 None => true,
                 Some((pos, _)) => order(&name, size) > order(&pos, size),
             };
-            if newer {
+            if newer || asked {
+                if !newer {
+                    tracing::debug!(wal = %name, "recovery asks for an earlier segment: prefetching from there");
+                }
                 st.pos = Some((name, size));
             }
             // Files behind redo will not be asked for again.
@@ -402,7 +413,7 @@ impl Prefetcher {
             };
             for (name, archive, size) in taken {
                 self.handed_off.inc();
-                self.advance(&archive, name, size);
+                self.advance(&archive, name, size, false);
             }
         }
     }
