@@ -155,9 +155,14 @@ async fn run(cfg: &Config, opts: &RestoreOptions) -> anyhow::Result<RestoreOutco
     };
     let started = Instant::now();
     let tablespace_dirs = target::prepare(opts, &state, &meta)?;
-    let (took, restored) =
-        unpack::unpack_backup(&archive, &meta, dir, &opts.tablespace_map, cfg.parallelism).await?;
-    unpack::fetch_manifest_and_wal(&archive, &meta, dir, &restored).await?;
+    // The backup's own WAL downloads while its data unpacks.
+    let (unpacked, early) = tokio::join!(
+        unpack::unpack_backup(&archive, &meta, dir, &opts.tablespace_map, cfg.parallelism),
+        unpack::download_early_wal(&archive, &meta)
+    );
+    let (took, restored) = unpacked?;
+    unpack::fetch_manifest_and_wal(&archive, &meta, dir, &restored, early?, cfg.parallelism)
+        .await?;
     let settled = RestoreOptions {
         target,
         ..opts.clone()

@@ -50,13 +50,39 @@ pub(super) async fn unpack_backup(
     Ok((progress.finish(), files))
 }
 
+/// How many of the backup's own WAL segments are downloaded while the data unpacks (held in
+/// memory until `pg_wal` exists): a backup of a few seconds needs one or two.
+pub(super) const EARLY_WAL: usize = 2;
+
+/// Downloads and verifies the first [`EARLY_WAL`] segments of the backup's own WAL, to run beside
+/// the unpacking of its data.
+pub(super) async fn download_early_wal(
+    archive: &Archive,
+    meta: &BackupMeta,
+) -> anyhow::Result<Vec<(WalFileName, Vec<u8>)>> {
+    let names: Vec<WalFileName> = meta.required_wal().into_iter().take(EARLY_WAL).collect();
+    futures::stream::iter(
+        names
+            .into_iter()
+            .map(|name| async move { anyhow::Ok((name, download_segment(archive, &name).await?)) }),
+    )
+    .buffered(EARLY_WAL)
+    .collect::<Vec<_>>()
+    .await
+    .into_iter()
+    .collect()
+}
+
 /// Writes `backup_manifest` (so pg_verifybackup can check the result) and the WAL from the
-/// backup's start to its end into `pg_wal` (so the directory is consistent by itself).
+/// backup's start to its end into `pg_wal` (so the directory is consistent by itself): `early`,
+/// downloaded while the data unpacked, then the rest, `parallelism` at a time.
 pub(super) async fn fetch_manifest_and_wal(
     archive: &Archive,
     meta: &BackupMeta,
     dir: &Path,
     restored: &Files,
+    early: Vec<(WalFileName, Vec<u8>)>,
+    parallelism: usize,
 ) -> anyhow::Result<()> {
     let key = archive.layout().backup_manifest(&meta.id);
     let (header, manifest) = archive.repo().get_with_header(&key).await?;
@@ -76,19 +102,38 @@ pub(super) async fn fetch_manifest_and_wal(
     fsutil::write_atomic(&dir.join("backup_manifest"), &manifest)?;
     let pg_wal = dir.join("pg_wal");
     std::fs::create_dir_all(&pg_wal)?;
-    for name in meta.required_wal() {
-        fetch_segment(archive, &name, &pg_wal.join(name.to_string())).await?;
+    let required = meta.required_wal();
+    for (name, data) in &early {
+        write_segment(&pg_wal, name, data)?;
+    }
+    let rest = required
+        .into_iter()
+        .filter(|n| !early.iter().any(|(e, _)| e == n));
+    let pg_wal = &pg_wal;
+    let mut writes = futures::stream::iter(rest.map(|name| async move {
+        let data = download_segment(archive, &name).await?;
+        write_segment(pg_wal, &name, &data)
+    }))
+    .buffer_unordered(parallelism.max(1));
+    while let Some(done) = writes.next().await {
+        done?;
     }
     Ok(())
 }
 
-/// Downloads one of the backup's WAL segments into pg_wal, verified.
-async fn fetch_segment(archive: &Archive, name: &WalFileName, dest: &Path) -> anyhow::Result<()> {
+/// One of the backup's WAL segments, verified (object checksum, page header against the name
+/// and the cluster).
+async fn download_segment(archive: &Archive, name: &WalFileName) -> anyhow::Result<Vec<u8>> {
     let data = archive.repo().get(&archive.layout().wal(name)).await?;
     walheader::check_segment(name, &data, Some(archive.system_identifier()))?;
-    // No fsync of its own: the restore syncs the whole file system before removing its marker.
-    // Created new: nothing the archive planted is followed.
-    std::io::Write::write_all(&mut crate::fsutil::create_new(dest)?, &data)
+    Ok(data)
+}
+
+/// Writes a verified segment into `pg_wal`. No fsync of its own: the restore syncs the whole file
+/// system before removing its marker. Created new: nothing the archive planted is followed.
+fn write_segment(pg_wal: &Path, name: &WalFileName, data: &[u8]) -> anyhow::Result<()> {
+    let dest = pg_wal.join(name.to_string());
+    std::io::Write::write_all(&mut crate::fsutil::create_new(&dest)?, data)
         .with_context(|| format!("writing {}", dest.display()))?;
     Ok(())
 }
