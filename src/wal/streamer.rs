@@ -599,7 +599,7 @@ impl<'a> Session<'a> {
                 self.report().await?;
             }
             self.start_uploads()?;
-            self.drained = false;
+            let was_drained = std::mem::replace(&mut self.drained, false);
             if !self.stopping && stop.is_cancelled() {
                 // Shutdown: keep receiving until the walsender ends the stream after Postgres'
                 // shutdown checkpoint (or the daemon's deadline ends this), then keep what was
@@ -615,17 +615,27 @@ impl<'a> Session<'a> {
             // Synchronous: the open segment's upload starts as soon as the walsender has sent
             // what it had (commits that arrived together share one upload).
             let waiting = self.cfg.synchronous && self.partial_possible() && !self.retry_pending();
-            let tick = if waiting {
-                Duration::ZERO
-            } else {
-                self.next_tick()
+            let tick = self.next_tick();
+            // Waiting (synchronous): the socket is drained once the branches above find nothing
+            // after one yield; a zero-length timer would add the timer's millisecond of
+            // granularity to every synchronous commit.
+            // (Found drained last time and still waiting: nothing could start; no busy loop.)
+            let quick = waiting && !was_drained;
+            let tick = async move {
+                if quick {
+                    tokio::task::yield_now().await;
+                } else if waiting {
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                } else {
+                    tokio::time::sleep(tick).await;
+                }
             };
             let wake = tokio::select! {
                 biased;
                 Some(f) = self.uploads.next(), if !self.uploads.is_empty() => Wake::Upload(f),
                 m = self.conn.next_copy_data(), if !full => Wake::Data(m),
                 _ = stop.cancelled(), if !self.stopping => Wake::Stop,
-                _ = tokio::time::sleep(tick) => Wake::Tick { drained: waiting },
+                _ = tick => Wake::Tick { drained: waiting },
             };
             match wake {
                 Wake::Upload(f) => self.finished(f).await?,
