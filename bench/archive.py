@@ -56,8 +56,8 @@ def main():
                       {"PGKEEP_STORAGE": f"s3://{S3.BUCKET}/db", **s3.env()}.items())
     commands = {
         "cp": f"test ! -f {cp_dir}/%f && cp %p {cp_dir}/%f",
-        "file://": f"env PGKEEP_STORAGE=file://{work}/archive {binary} --log-level warn archive-push %p",
-        "s3": f"env {env_s3} {binary} --log-level warn archive-push %p",
+        "file://": f"env PGKEEP_STORAGE=file://{work}/archive PGKEEP_LOG_LEVEL=warn {binary} archive-push %p",
+        "s3": f"env {env_s3} PGKEEP_LOG_LEVEL=warn {binary} archive-push %p",
     }
     results = {name: {"rate": [], "backlog": []} for name in commands}
     try:

@@ -80,7 +80,7 @@ def main():
     os.makedirs(cp_dir)
     if os.getuid() == 0:
         shutil.chown(cp_dir, "postgres", "postgres")
-    archive = f"cp %p {cp_dir}/%f && env {env_words} {binary} --log-level warn archive-push %p"
+    archive = f"cp %p {cp_dir}/%f && env {env_words} PGKEEP_LOG_LEVEL=warn {binary} archive-push %p"
     cluster = Cluster(work, conf=f"archive_mode = on\narchive_command = '{archive}'\nwal_level = replica\n")
     daemon = None
     try:
@@ -107,14 +107,16 @@ def main():
                              text=True, cwd="/")
         if out.returncode != 0:
             raise SystemExit(f"restore failed: {out.stderr}")
-        wal_fetch = f"{binary} --log-level warn wal-fetch %f %p"
+        # The daemon's token (in its spool by default): wal-fetch believes its answers only with it.
+        token = os.path.join(work, "spool", "http-token")
+        wal_fetch = f"PGKEEP_LOG_LEVEL=warn {binary} wal-fetch %f %p"
         nowhere = os.path.join(work, "no-handoff")
         commands = {
             "cp": f"cp {cp_dir}/%f %p",
             "wal-fetch": f"env {env_words} PGKEEP_LISTEN=127.0.0.1:{free_port()} PGKEEP_PREFETCH_DIR={nowhere} "
                          f"{wal_fetch}",
             "daemon": f"env {env_words} PGKEEP_LISTEN=127.0.0.1:{daemon.http} PGKEEP_PREFETCH_DIR={handoff} "
-                      f"{binary} wal-fetch %f %p",
+                      f"PGKEEP_HTTP_TOKEN_FILE={token} {binary} wal-fetch %f %p",
         }
         times = {k: [] for k in commands}
         files = {}
@@ -142,6 +144,7 @@ def main():
         if os.getuid() == 0:
             shutil.chown(dest_dir, "postgres", "postgres")
         fetch_env = {**env, "PGKEEP_LISTEN": f"127.0.0.1:{daemon.http}", "PGKEEP_PREFETCH_DIR": handoff,
+                     "PGKEEP_HTTP_TOKEN_FILE": token,
                      "PGKEEP_PGDATA": pristine, "PGKEEP_LOG_LEVEL": "warn"}
         hit, version = [], []
         n = min(args.samples, len(segs) - 2)
