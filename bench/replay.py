@@ -11,8 +11,9 @@ in turn (interleaved, --rounds rounds, medians):
               are taken from the shared hand-off directory (prefetch_dir)
 timing from `pg_ctl start` until recovery ends ("archive recovery complete" in the log), with
 ratios to cp. Then, with the daemon, the time of one `pgkeep wal-fetch` of a prefetched segment
-(the whole process, as Postgres runs it) against `pgkeep --version` (starting the binary),
-p50/p99 over --samples segments.
+(the whole process, as Postgres runs it) against `pgkeep --version` (starting the binary) and
+`cp` of the same segment, p50/p99 over --samples segments (each run as postgres through runuser
+when the bench runs as root, which adds the same few milliseconds to all three).
 
 Usage: bench/replay.py [--wal-mb 512] [--rounds 3] [--storage file|s3] [--samples 30] [--pgkeep target/release/pgkeep]
 """
@@ -146,7 +147,7 @@ def main():
         fetch_env = {**env, "PGKEEP_LISTEN": f"127.0.0.1:{daemon.http}", "PGKEEP_PREFETCH_DIR": handoff,
                      "PGKEEP_HTTP_TOKEN_FILE": token,
                      "PGKEEP_PGDATA": pristine, "PGKEEP_LOG_LEVEL": "warn"}
-        hit, version = [], []
+        hit, version, copy = [], [], []
         n = min(args.samples, len(segs) - 2)
         # The first request goes to the daemon and starts the prefetch.
         run_as_pg_timed([binary, "wal-fetch", segs[0], os.path.join(dest_dir, "first")], fetch_env)
@@ -161,9 +162,11 @@ def main():
             hit.append(run_as_pg_timed([binary, "wal-fetch", seg, os.path.join(dest_dir, seg)], fetch_env))
             version.append(run_as_pg_timed([binary, "--version"], {}))
             os.remove(os.path.join(dest_dir, seg))
-        print(f"prefetched wal-fetch (whole process, {n} segments): p50 {pct(hit, 50):.1f} ms, p99 "
-              f"{pct(hit, 99):.1f} ms; pgkeep --version: p50 {pct(version, 50):.1f} ms; "
-              f"difference p50 {pct(hit, 50) - pct(version, 50):.1f} ms")
+            copy.append(run_as_pg_timed(["cp", os.path.join(cp_dir, seg), os.path.join(dest_dir, seg)], {}))
+            os.remove(os.path.join(dest_dir, seg))
+        print(f"prefetched wal-fetch (whole process as postgres, {n} segments): p50 {pct(hit, 50):.1f} ms, p99 "
+              f"{pct(hit, 99):.1f} ms; pgkeep --version: p50 {pct(version, 50):.1f} ms; cp of the segment: p50 "
+              f"{pct(copy, 50):.1f} ms; wal-fetch - --version: p50 {pct(hit, 50) - pct(version, 50):.1f} ms")
     finally:
         if daemon:
             daemon.stop()
