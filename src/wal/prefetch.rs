@@ -37,6 +37,8 @@ const ABSENT_FOR: Duration = Duration::from_secs(2);
 const TIMELINE_END_FOR: Duration = Duration::from_secs(15);
 /// The most later timelines looked for (their history files) from the one being replayed.
 const MAX_LATER_TIMELINES: u32 = 64;
+/// The longest a request waits for the download of its segment that is under way.
+const INFLIGHT_WAIT: Duration = Duration::from_secs(10);
 /// How often the daemon looks for files `wal-fetch` took.
 pub const WATCH_EVERY: Duration = Duration::from_millis(20);
 
@@ -71,11 +73,6 @@ struct State {
     ready: HashMap<WalFileName, Ready>,
     inflight: HashSet<WalFileName>,
     window: usize,
-    /// Place decoded segments (until it is clear that the clients ask over HTTP: they need the
-    /// stored form).
-    plain: bool,
-    /// HTTP requests for a segment that was there decoded.
-    plain_missed: u32,
     archive: Option<Archive>,
     /// The newest segment asked for or taken, and the segment size.
     pos: Option<(WalFileName, WalSegSize)>,
@@ -115,7 +112,6 @@ impl Prefetcher {
             budget,
             state: Mutex::new(State {
                 window: FIRST_WINDOW.min(max_ahead),
-                plain: true,
                 ..State::default()
             }),
             hits: Counter::default(),
@@ -138,6 +134,14 @@ impl Prefetcher {
         archive: &Archive,
         name: &WalFileName,
     ) -> Result<Fetched, FetchError> {
+        // Being downloaded already: one fetch, not two (and redo caught up with the prefetch).
+        let waited = Instant::now();
+        if self.lock().inflight.contains(name) {
+            self.caught_up(name);
+        }
+        while self.lock().inflight.contains(name) && waited.elapsed() < INFLIGHT_WAIT {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
         let result = match self.take_ready(archive, name) {
             Some(hit) => {
                 self.hits.inc();
@@ -182,42 +186,38 @@ impl Prefetcher {
         self.max_ahead.min(by_bytes)
     }
 
-    /// A prefetched segment's stored form, taken out of the directory (it was verified before it
-    /// was placed). A decoded file cannot serve an HTTP client: it is dropped, and once it is
-    /// clear that the clients do not use the directory, segments are placed in their stored
-    /// form, which serves both.
+    /// A prefetched segment as an HTTP client takes it (the stored object; a decoded file sealed
+    /// again, uncompressed, with its SHA-256), taken out of the directory (it was verified before
+    /// it was placed; a decoded file's CRC-32C is checked again).
     fn take_ready(&self, archive: &Archive, name: &WalFileName) -> Option<Fetched> {
         if name.kind != WalFileKind::Segment {
             return None;
         }
-        let ready = {
-            let mut st = self.lock();
-            let ready = st.ready.remove(name)?;
-            if matches!(ready.form, Form::Plain(_)) {
-                // wal-fetch looked just before the file was placed, or cannot see the directory:
-                // when nothing was ever taken from it, the client cannot, and a second such
-                // request switches to the stored form.
-                let _ = std::fs::remove_file(&ready.path);
-                st.plain_missed += 1;
-                if st.plain && st.plain_missed >= 2 && self.handed_off.get() == 0 {
-                    tracing::info!(dir = %self.dir.display(), "WAL clients ask over HTTP and take nothing from the hand-off directory: prefetched segments are kept in their stored form from now on");
-                    st.plain = false;
-                }
-                return None;
-            }
-            ready
-        };
+        let ready = self.lock().ready.remove(name)?;
+        let data = std::fs::read(&ready.path).ok();
+        let _ = std::fs::remove_file(&ready.path);
         // Fetched for this very cluster's name (a directory filled before the daemon knew its
         // cluster may hold another's).
         if ready.key != archive.layout().wal(name) {
-            let _ = std::fs::remove_file(&ready.path);
             return None;
         }
-        let stored = std::fs::read(&ready.path).ok()?;
-        let _ = std::fs::remove_file(&ready.path);
-        (Header::parse(&stored).ok()? == ready.header).then(|| Fetched {
+        let (header, stored) = match ready.form {
+            Form::Plain(crc) => {
+                let plain = data.filter(|d| handoff::crc32c(d) == crc)?;
+                object::seal(
+                    crate::codec::Codec::None,
+                    &plain,
+                    &crate::storage::Keys::default(),
+                )
+            }
+            Form::Stored => {
+                let stored = data?;
+                (Header::parse(&stored).ok()?, stored)
+            }
+        };
+        (matches!(ready.form, Form::Plain(_)) || header == ready.header).then(|| Fetched {
             stored: stored.into(),
-            header: ready.header,
+            header,
             served: *name,
             key: ready.key,
             pieces: vec![],
@@ -312,7 +312,7 @@ impl Prefetcher {
             }
             held += u64::from(size.bytes());
             st.inflight.insert(next);
-            self.download(archive.clone(), next, st.plain);
+            self.download(archive.clone(), next);
         }
     }
 
@@ -341,7 +341,7 @@ impl Prefetcher {
         });
     }
 
-    fn download(self: &Arc<Self>, archive: Archive, name: WalFileName, plain: bool) {
+    fn download(self: &Arc<Self>, archive: Archive, name: WalFileName) {
         let me = self.clone();
         tokio::spawn(async move {
             let placed = match fetch_stored(&archive, &name).await {
@@ -349,7 +349,7 @@ impl Prefetcher {
                     let dir = me.dir.clone();
                     let repo = archive.repo().clone();
                     let sysid = archive.system_identifier();
-                    tokio::task::spawn_blocking(move || place(&dir, &repo, f, sysid, plain))
+                    tokio::task::spawn_blocking(move || place(&dir, &repo, f, sysid))
                         .await
                         .map_err(|e| e.to_string())
                         .and_then(|r| r)
@@ -428,16 +428,15 @@ fn order(name: &WalFileName, size: WalSegSize) -> (u32, u64) {
 }
 
 /// Verifies a downloaded segment once and places it in the hand-off directory: decoded with its
-/// CRC-32C when it can be (the object is not encrypted, and `plain`), else as stored.
+/// CRC-32C when it can be (the object is not encrypted), else as stored.
 fn place(
     dir: &std::path::Path,
     repo: &crate::storage::Repo,
     f: Fetched,
     sysid: u64,
-    plain: bool,
 ) -> Result<Ready, String> {
     let name = f.served;
-    if plain && f.header.age.is_none() {
+    if f.header.age.is_none() {
         let data = open_checked(repo, &f, sysid).map_err(|e| e.to_string())?;
         let form = Form::Plain(handoff::crc32c(&data));
         let path = handoff::place(dir, &name, form, &data).map_err(|e| e.to_string())?;
