@@ -48,18 +48,20 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         stop.clone(),
         abort.clone(),
     ));
+    // A directory that cannot be used costs recovery speed, never streaming: the daemon runs
+    // on without prefetching.
     let prefetch = Arc::new(
-        Prefetcher::new(
+        match Prefetcher::new(
             cfg.prefetch_dir.clone(),
             cfg.prefetch_segments,
             cfg.prefetch_max_bytes,
-        )
-        .with_context(|| {
-            format!(
-                "preparing the prefetch directory {} (prefetch_dir)",
-                cfg.prefetch_dir.display()
-            )
-        })?,
+        ) {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::error!(dir = %cfg.prefetch_dir.display(), "cannot use the prefetch directory (prefetch_dir): {e}; WAL is served without prefetching");
+                Prefetcher::off(cfg.prefetch_dir.clone())
+            }
+        },
     );
     let listener = tokio::net::TcpListener::bind(cfg.listen)
         .await

@@ -266,12 +266,23 @@ fn trickle_in_pieces(backend: Backend) {
     let status: serde_json::Value = serde_json::from_str(&daemon.status()).unwrap();
     let pieces = status["partial_pieces"].as_u64().unwrap();
     assert!(pieces >= 5, "only {pieces} pieces: {status}");
-    let keys = stored_keys(&storage);
-    let stored_pieces: Vec<&String> = keys
-        .iter()
-        .filter(|k| k.contains(&format!("/streaming/00000001/{open}.pieces/")))
-        .collect();
-    assert!(!stored_pieces.is_empty(), "{keys:?}");
+    // Pieces stored under the open segment. The daemon folds them into a new `.partial` now and
+    // then (a listing right after a fold finds none): one more small commit adds one after it.
+    pg.psql("create table nudge (i int)");
+    wait_for(
+        "a piece stored under the open segment",
+        Duration::from_secs(30),
+        || {
+            let found = stored_keys(&storage)
+                .iter()
+                .any(|k| k.contains(&format!("/streaming/00000001/{open}.pieces/")));
+            if !found {
+                pg.psql("insert into nudge values (1)");
+                std::thread::sleep(Duration::from_millis(300));
+            }
+            found.then_some(())
+        },
+    );
     // Each piece holds little: far less than the segment it continues.
     let status_bytes = status["partial_bytes_uploaded"].as_u64().unwrap();
     let uploads = status["partial_uploads"].as_u64().unwrap();

@@ -12,6 +12,26 @@ use std::time::Duration;
 
 use common::*;
 
+/// A folder in /dev/shm (a tmpfs, another file system than the test's), removed at the end.
+struct ShmDir(PathBuf);
+
+impl ShmDir {
+    fn new() -> ShmDir {
+        let p = PathBuf::from(format!(
+            "/dev/shm/pgkeep-handoff-{}-{}",
+            std::process::id(),
+            free_port()
+        ));
+        ShmDir(p)
+    }
+}
+
+impl Drop for ShmDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 /// The segments stored for timeline `tli`, in order.
 fn stored_segments(storage: &Storage, tli: &str) -> Vec<String> {
     let mut segs: Vec<String> = stored_keys(storage)
@@ -59,7 +79,15 @@ fn handoff(backend: Backend, encrypted: bool) {
         ));
     }
     let form = if encrypted { ".pgko" } else { ".wal" };
-    let shared = dir.path().join("handoff");
+    // On S3 the directory is on another file system than the destination (as a pod's volume is
+    // not PGDATA's): wal-fetch copies instead of renaming.
+    let _shm;
+    let shared = if backend == Backend::S3 {
+        _shm = ShmDir::new();
+        _shm.0.clone()
+    } else {
+        dir.path().join("handoff")
+    };
     let mut pg = archiving_cluster(&dir, &storage, &bin, "primary", 1);
     pg.start();
     let settings = [
@@ -138,6 +166,19 @@ fn handoff(backend: Backend, encrypted: bool) {
         "the damaged file was kept"
     );
 
+    // A client that does not see the directory asks over HTTP: the decoded file answers it,
+    // sealed again.
+    wait_for("a segment handed off", Duration::from_secs(30), || {
+        handed(&shared, &segs[5])
+    });
+    let (out, bytes) = fetch(&segs[5], daemon.port, &nowhere, "over-http");
+    assert_eq!(via(&out), "daemon", "{}", stderr(&out));
+    assert!(
+        bytes == stored(&segs[5]),
+        "the prefetched file served over HTTP differs"
+    );
+    assert!(handed(&shared, &segs[5]).is_none());
+
     let metrics = String::from_utf8(http("GET", daemon.port, "/metrics").1).unwrap();
     let handed_off = metrics
         .lines()
@@ -145,6 +186,10 @@ fn handoff(backend: Backend, encrypted: bool) {
         .and_then(|v| v.parse::<f64>().ok())
         .unwrap_or_else(|| panic!("{metrics}"));
     assert!(handed_off >= 1.0, "{metrics}");
+    assert!(
+        metrics.contains("pgkeep_wal_prefetch_hits_total 1"),
+        "{metrics}"
+    );
 
     // A killed daemon leaves its files behind. A damaged leftover is not taken; storage serves.
     wait_for("more segments handed off", Duration::from_secs(30), || {

@@ -53,6 +53,13 @@ pub(super) async fn unpack_backup(
 /// How many of the backup's own WAL segments are downloaded while the data unpacks (held in
 /// memory until `pg_wal` exists): a backup of a few seconds needs one or two.
 pub(super) const EARLY_WAL: usize = 2;
+/// The most bytes of WAL segments held in memory at once by the restore's WAL step.
+const WAL_IN_MEMORY: u64 = 128 << 20;
+
+/// How many whole segments of `meta`'s size fit in [`WAL_IN_MEMORY`] (at least one).
+fn segments_in_memory(meta: &BackupMeta) -> usize {
+    (WAL_IN_MEMORY / u64::from(meta.wal_segment_size.bytes())).max(1) as usize
+}
 
 /// Downloads and verifies the first [`EARLY_WAL`] segments of the backup's own WAL, to run beside
 /// the unpacking of its data.
@@ -60,7 +67,13 @@ pub(super) async fn download_early_wal(
     archive: &Archive,
     meta: &BackupMeta,
 ) -> anyhow::Result<Vec<(WalFileName, Vec<u8>)>> {
-    let names: Vec<WalFileName> = meta.required_wal().into_iter().take(EARLY_WAL).collect();
+    // None early with segments too large to hold two of (they come after the data).
+    let early = if segments_in_memory(meta) >= EARLY_WAL {
+        EARLY_WAL
+    } else {
+        0
+    };
+    let names: Vec<WalFileName> = meta.required_wal().into_iter().take(early).collect();
     futures::stream::iter(
         names
             .into_iter()
@@ -114,7 +127,7 @@ pub(super) async fn fetch_manifest_and_wal(
         let data = download_segment(archive, &name).await?;
         write_segment(pg_wal, &name, &data)
     }))
-    .buffer_unordered(parallelism.max(1));
+    .buffer_unordered(parallelism.clamp(1, segments_in_memory(meta)));
     while let Some(done) = writes.next().await {
         done?;
     }

@@ -105,10 +105,9 @@ pub fn clean(dir: &Path) -> std::io::Result<usize> {
     for e in std::fs::read_dir(dir)? {
         let e = e?;
         let name = e.file_name().to_string_lossy().into_owned();
-        let ours = parse_name(&name).is_some()
-            || name.ends_with(".pgkeep-tmp")
-            // The cache's files before the hand-off (bare WAL names).
-            || name.parse::<WalFileName>().is_ok();
+        // Only names no other program uses: never a bare WAL name (a `prefetch_dir` set to a
+        // `pg_wal` by mistake must lose nothing).
+        let ours = parse_name(&name).is_some() || name.ends_with(".pgkeep-tmp");
         if ours && e.file_type()?.is_file() {
             std::fs::remove_file(e.path())?;
             removed += 1;
@@ -128,6 +127,16 @@ pub fn unusable(dir: &Path) -> Option<String> {
     let me = unsafe { libc::geteuid() };
     if !meta.is_dir() {
         Some(format!("{} is not a directory", dir.display()))
+    } else if dir
+        .file_name()
+        .is_some_and(|n| n == "pg_wal" || n == "pg_xlog")
+        || dir.join("PG_VERSION").exists()
+        || dir.parent().is_some_and(|p| p.join("PG_VERSION").exists())
+    {
+        Some(format!(
+            "{} is in a Postgres data directory: prefetch_dir must be a directory of its own",
+            dir.display()
+        ))
     } else if meta.uid() != me {
         Some(format!(
             "{} belongs to user {}, not to this user ({me})",
@@ -189,12 +198,58 @@ pub fn take(
     }
     match take_file(&path, segment, form, sysid, keys, dest) {
         Ok(bytes) => Taken::Done { bytes, form },
-        Err(e) => {
+        Err(Unusable::Damaged(e)) => {
             tracing::warn!(wal = %segment, file = %path.display(), "the prefetched file is not usable ({e}): removed, fetching the segment again");
             let _ = std::fs::remove_file(&path);
             Taken::Miss
         }
+        Err(Unusable::Failed(e)) => {
+            tracing::warn!(wal = %segment, file = %path.display(), "could not take the prefetched file ({e}): fetching the segment the ordinary way");
+            Taken::Miss
+        }
     }
+}
+
+/// Why a hand-off file was not taken.
+enum Unusable {
+    /// It failed a check: it is removed.
+    Damaged(String),
+    /// Something else failed (keys, writing `%p`): it stays.
+    Failed(String),
+}
+
+fn damaged(e: impl std::fmt::Display) -> Unusable {
+    Unusable::Damaged(e.to_string())
+}
+
+fn failed(e: impl std::fmt::Display) -> Unusable {
+    Unusable::Failed(e.to_string())
+}
+
+/// Reads `f` through a small buffer (a 16 MiB one costs more in page faults than the copy),
+/// handing each piece to `sink`: its CRC-32C, its length and its first page.
+fn sum_through(
+    f: &mut std::fs::File,
+    mut sink: impl FnMut(&[u8]) -> std::io::Result<()>,
+) -> std::io::Result<(u32, usize, Vec<u8>)> {
+    let mut sum = crc_fast::Digest::new(crc_fast::CrcAlgorithm::Crc32Iscsi);
+    let mut buf = vec![0u8; 1 << 20];
+    let mut head = Vec::with_capacity(PAGE);
+    let mut len = 0usize;
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        if head.len() < PAGE {
+            let take = (PAGE - head.len()).min(n);
+            head.extend_from_slice(&buf[..take]);
+        }
+        sum.update(&buf[..n]);
+        sink(&buf[..n])?;
+        len += n;
+    }
+    Ok((sum.finalize() as u32, len, head))
 }
 
 fn take_file(
@@ -204,87 +259,101 @@ fn take_file(
     sysid: u64,
     keys: &dyn Fn() -> Result<Keys, String>,
     dest: &Path,
-) -> Result<usize, String> {
+) -> Result<usize, Unusable> {
+    // Never through a link; never blocking on a FIFO planted under a hand-off name.
     let mut f = std::fs::OpenOptions::new()
         .read(true)
-        .custom_flags(libc::O_NOFOLLOW)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
         .open(path)
-        .map_err(|e| e.to_string())?;
-    let meta = f.metadata().map_err(|e| e.to_string())?;
+        .map_err(failed)?;
+    let meta = f.metadata().map_err(failed)?;
     if !meta.is_file() || meta.len() > MAX_FILE {
-        return Err(format!("not a plain file of at most {MAX_FILE} bytes"));
+        return Err(damaged(format!(
+            "not a plain file of at most {MAX_FILE} bytes"
+        )));
     }
     match form {
         Form::Plain(crc) => {
-            // Summed through a small buffer (a 16 MiB one costs more in page faults than the
-            // copy), keeping the first page for the header check.
-            let mut sum = crc_fast::Digest::new(crc_fast::CrcAlgorithm::Crc32Iscsi);
-            let mut buf = vec![0u8; 1 << 20];
-            let mut head = Vec::with_capacity(PAGE);
-            let mut len = 0usize;
-            loop {
-                let n = f.read(&mut buf).map_err(|e| e.to_string())?;
-                if n == 0 {
-                    break;
-                }
-                if head.len() < PAGE {
-                    let take = (PAGE - head.len()).min(n);
-                    head.extend_from_slice(&buf[..take]);
-                }
-                sum.update(&buf[..n]);
-                len += n;
-            }
+            let (sum, len, head) = sum_through(&mut f, |_| Ok(())).map_err(failed)?;
             drop(f);
-            let sum = sum.finalize() as u32;
             if sum != crc {
-                return Err(format!(
+                return Err(damaged(format!(
                     "its CRC-32C is {sum:08x}, its name says {crc:08x} (damaged)"
-                ));
+                )));
             }
-            walheader::check_segment_head(segment, &head, len, Some(sysid))
-                .map_err(|e| e.to_string())?;
+            walheader::check_segment_head(segment, &head, len, Some(sysid)).map_err(damaged)?;
             // SAFETY: geteuid has no preconditions and cannot fail.
             let mine = meta.uid() == unsafe { libc::geteuid() };
             // Ours on the same file system: the file itself becomes `%p`.
             if mine && std::fs::rename(path, dest).is_ok() {
                 return Ok(len);
             }
-            // Another user's, or another file system: copied, the copy checked again.
-            let data = std::fs::read(path).map_err(|e| e.to_string())?;
-            if crc32c(&data) != crc {
-                return Err("it changed while it was taken".into());
-            }
-            write_plain(dest, &data).map_err(|e| format!("writing {}: {e}", dest.display()))?;
+            // Another user's, or another file system (in a pod, the hand-off volume is not
+            // PGDATA's): copied through the buffer, the copy's sum checked again.
+            let len = copy_checked(path, crc, dest)?;
             let _ = std::fs::remove_file(path);
-            Ok(data.len())
+            Ok(len)
         }
         Form::Stored => {
             let mut data = Vec::with_capacity(meta.len() as usize);
-            f.read_to_end(&mut data).map_err(|e| e.to_string())?;
+            f.read_to_end(&mut data).map_err(failed)?;
             drop(f);
-            let (_, plain) = object::open(&data, &keys()?).map_err(|e| format!("{e:?}"))?;
-            let plain =
-                walheader::whole_segment(segment, plain, Some(sysid)).map_err(|e| e.to_string())?;
-            write_plain(dest, &plain).map_err(|e| format!("writing {}: {e}", dest.display()))?;
+            let keys = keys().map_err(failed)?;
+            let (_, plain) = object::open(&data, &keys).map_err(|e| damaged(format!("{e:?}")))?;
+            let plain = walheader::whole_segment(segment, plain, Some(sysid)).map_err(damaged)?;
+            write_plain(dest, &plain)
+                .map_err(|e| failed(format!("writing {}: {e}", dest.display())))?;
             let _ = std::fs::remove_file(path);
             Ok(plain.len())
         }
     }
 }
 
-/// Writes `%p` as Postgres needs it: complete under its name (a temporary file renamed), with no
-/// fsync (see the module documentation).
-pub fn write_plain(dest: &Path, data: &[u8]) -> std::io::Result<()> {
+/// Copies a hand-off file to `dest` as [`write_plain`] writes, summing what it copies: `dest` is
+/// put in place only when that sum is `crc`.
+fn copy_checked(path: &Path, crc: u32, dest: &Path) -> Result<usize, Unusable> {
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)
+        .map_err(failed)?;
+    let tmp = temp_beside(dest);
+    let _ = std::fs::remove_file(&tmp);
+    let result = (|| {
+        let mut out = crate::fsutil::create_new(&tmp).map_err(failed)?;
+        let (sum, len, _) = sum_through(&mut f, |piece| out.write_all(piece)).map_err(failed)?;
+        drop(out);
+        if sum != crc {
+            return Err(damaged("it changed while it was copied"));
+        }
+        std::fs::rename(&tmp, dest)
+            .map_err(|e| failed(format!("writing {}: {e}", dest.display())))?;
+        Ok(len)
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
+/// The temporary name `dest` is written under before it is renamed into place.
+fn temp_beside(dest: &Path) -> PathBuf {
     let dir = match dest.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
     };
     let name = dest.file_name().map(|n| n.to_string_lossy().into_owned());
-    let tmp = dir.join(format!(
+    dir.join(format!(
         ".{}.{}.pgkeep-tmp",
         name.as_deref().unwrap_or("wal"),
         std::process::id()
-    ));
+    ))
+}
+
+/// Writes `%p` as Postgres needs it: complete under its name (a temporary file renamed), with no
+/// fsync (see the module documentation).
+pub fn write_plain(dest: &Path, data: &[u8]) -> std::io::Result<()> {
+    let tmp = temp_beside(dest);
     let result = (|| {
         let _ = std::fs::remove_file(&tmp);
         let mut f = crate::fsutil::create_new(&tmp)?;

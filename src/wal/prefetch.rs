@@ -38,7 +38,7 @@ const TIMELINE_END_FOR: Duration = Duration::from_secs(15);
 /// The most later timelines looked for (their history files) from the one being replayed.
 const MAX_LATER_TIMELINES: u32 = 64;
 /// The longest a request waits for the download of its segment that is under way.
-const INFLIGHT_WAIT: Duration = Duration::from_secs(10);
+const INFLIGHT_WAIT: Duration = Duration::from_secs(5);
 /// How often the daemon looks for files `wal-fetch` took.
 pub const WATCH_EVERY: Duration = Duration::from_millis(20);
 
@@ -87,14 +87,24 @@ struct State {
 
 impl Prefetcher {
     /// A prefetcher placing files in `dir` (created, owner only; what an earlier run left there is
-    /// removed: it is not trusted) up to `max_ahead` segments and `budget` bytes ahead.
+    /// removed: it is not trusted; a directory in a Postgres data directory is refused) up to `max_ahead` segments and `budget` bytes ahead.
     pub fn new(dir: PathBuf, max_ahead: usize, budget: u64) -> std::io::Result<Prefetcher> {
-        std::fs::create_dir_all(&dir)?;
-        if std::fs::symlink_metadata(&dir)?.file_type().is_symlink() {
+        use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&dir)?;
+        let meta = std::fs::symlink_metadata(&dir)?;
+        if meta.file_type().is_symlink() {
             return Err(std::io::Error::other(format!(
                 "{} is a symbolic link: the prefetch directory must be a directory of its own",
                 dir.display()
             )));
+        }
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        if meta.uid() == unsafe { libc::geteuid() } && meta.mode() & 0o022 != 0 {
+            // Ours, made under a permissive umask: only ours to write.
+            std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))?;
         }
         if let Some(why) = handoff::unusable(&dir) {
             return Err(std::io::Error::other(format!(
@@ -122,6 +132,22 @@ impl Prefetcher {
         })
     }
 
+    /// A prefetcher that prefetches nothing and never touches `dir` (which could not be used):
+    /// requests are answered from storage.
+    pub fn off(dir: PathBuf) -> Prefetcher {
+        Prefetcher {
+            dir,
+            max_ahead: 0,
+            budget: 0,
+            state: Mutex::new(State::default()),
+            hits: Counter::default(),
+            prefetched: Counter::default(),
+            served: Counter::default(),
+            handed_off: Counter::default(),
+            window: Gauge::default(),
+        }
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().expect("not poisoned")
     }
@@ -142,7 +168,15 @@ impl Prefetcher {
         while self.lock().inflight.contains(name) && waited.elapsed() < INFLIGHT_WAIT {
             tokio::time::sleep(Duration::from_millis(2)).await;
         }
-        let result = match self.take_ready(archive, name) {
+        let taken = {
+            let (me, archive, name) = (self.clone(), archive.clone(), *name);
+            // Reading, summing and sealing 16 MiB: off the async threads.
+            tokio::task::spawn_blocking(move || me.take_ready(&archive, &name))
+                .await
+                .ok()
+                .flatten()
+        };
+        let result = match taken {
             Some(hit) => {
                 self.hits.inc();
                 hit
@@ -307,7 +341,8 @@ impl Prefetcher {
             if st.ready.contains_key(&next) || st.inflight.contains(&next) {
                 continue;
             }
-            if held + u64::from(size.bytes()) > self.budget {
+            // At least one segment, whatever the budget (a segment larger than it).
+            if held > 0 && held + u64::from(size.bytes()) > self.budget {
                 break;
             }
             held += u64::from(size.bytes());
@@ -514,24 +549,33 @@ mod tests {
         assert!(err.to_string().contains("symbolic link"), "{err}");
         assert_eq!(std::fs::read_dir(&other).unwrap().count(), 5);
         Prefetcher::new(other.clone(), 4, 1 << 30).unwrap();
-        let left: Vec<_> = std::fs::read_dir(&other)
+        let mut left: Vec<_> = std::fs::read_dir(&other)
             .unwrap()
             .map(|e| e.unwrap().file_name().into_string().unwrap())
             .collect();
-        assert_eq!(left, vec!["precious".to_string()]);
+        left.sort();
+        // A bare WAL name is no name of ours: a prefetch_dir set to a pg_wal loses nothing.
+        assert_eq!(left, vec!["000000010000000000000001", "precious"]);
     }
 
     #[test]
-    fn a_directory_others_may_write_is_refused() {
+    fn an_open_directory_of_ours_is_closed_and_a_data_directory_refused() {
         use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::tempdir().unwrap();
         let open = dir.path().join("open");
         std::fs::create_dir(&open).unwrap();
         std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
-        let err = Prefetcher::new(open, 4, 1 << 30).err().unwrap();
-        assert!(
-            err.to_string().contains("may be written by others"),
-            "{err}"
-        );
+        Prefetcher::new(open.clone(), 4, 1 << 30).unwrap();
+        let mode = std::fs::metadata(&open).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o700);
+        let data = dir.path().join("pgdata");
+        std::fs::create_dir_all(data.join("pg_wal")).unwrap();
+        std::fs::write(data.join("PG_VERSION"), "15\n").unwrap();
+        std::fs::write(data.join("pg_wal/000000010000000000000001"), b"wal").unwrap();
+        let err = Prefetcher::new(data.join("pg_wal"), 4, 1 << 30)
+            .err()
+            .unwrap();
+        assert!(err.to_string().contains("Postgres data directory"), "{err}");
+        assert!(data.join("pg_wal/000000010000000000000001").exists());
     }
 }
