@@ -2,7 +2,8 @@
 """Benchmark: archive_command = 'pgkeep archive-push %p' against 'cp' (#17).
 
 One Postgres 15 cluster (archive_mode = on, pgbench scale --scale). In --rounds interleaved rounds,
-pgbench (--clients clients, --seconds seconds) runs while the archiver uses, in turn:
+pgbench (--clients clients, --seconds seconds; --load bulk, the default: transactions of 2000
+1 KB rows, WAL-heavy; --load tpcb: pgbench's own) runs while the archiver uses, in turn:
   cp:        test ! -f DIR/%f && cp %p DIR/%f          (a local folder, no fsync)
   file://:   pgkeep archive-push %p                    (to a local folder, fsynced, read back)
   s3:        pgkeep archive-push %p                    (to s3s-fs on loopback; the store checks the
@@ -41,6 +42,9 @@ def main():
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--clients", type=int, default=4)
     ap.add_argument("--scale", type=int, default=10)
+    ap.add_argument("--load", default="bulk", choices=["bulk", "tpcb"],
+                    help="bulk: each transaction inserts 2000 rows of 1 KB (WAL-heavy, tens of MB/s); "
+                         "tpcb: pgbench's own transactions (a few MB/s, which any archiver keeps up with)")
     ap.add_argument("--pgkeep", default="target/release/pgkeep")
     ap.add_argument("--workdir", default="/tmp/pgkeep-bench-archive")
     args = ap.parse_args()
@@ -62,6 +66,11 @@ def main():
     results = {name: {"rate": [], "backlog": []} for name in commands}
     try:
         cluster.pgbench("-i", "-s", str(args.scale), "-q")
+        script = os.path.join(work, "bulk.sql")
+        with open(script, "w") as f:
+            f.write("insert into bulk select g, repeat(md5(random()::text), 32) from generate_series(1, 2000) g;\n")
+        cluster.sql("create table bulk (id int, v text)")
+        load = ["-f", script] if args.load == "bulk" else []
         seg = int(cluster.sql("select setting from pg_settings where name = 'wal_segment_size'"))
         for _ in range(args.rounds):
             for name, command in commands.items():
@@ -72,7 +81,7 @@ def main():
                 while backlog(cluster) and time.monotonic() < end:
                     time.sleep(0.2)
                 before, t = archived(cluster), time.monotonic()
-                cluster.pgbench("-n", "-c", str(args.clients), "-j", "2", "-T", str(args.seconds))
+                cluster.pgbench("-n", *load, "-c", str(args.clients), "-j", "2", "-T", str(args.seconds))
                 elapsed = time.monotonic() - t
                 results[name]["rate"].append((archived(cluster) - before) * seg / elapsed)
                 results[name]["backlog"].append(backlog(cluster))
@@ -81,8 +90,8 @@ def main():
         cluster.stop()
         s3.stop()
     cp_rate = statistics.median(results["cp"]["rate"])
-    print(f"pgbench scale {args.scale}, {args.clients} clients, {args.seconds} s per round, {args.rounds} rounds "
-          f"interleaved; archiver failures {failed}")
+    print(f"pgbench scale {args.scale}, load {args.load}, {args.clients} clients, {args.seconds} s per round, "
+          f"{args.rounds} rounds interleaved; archiver failures {failed}")
     for name, r in results.items():
         rate = statistics.median(r["rate"])
         print(f"{name:8} {rate / MB:6.1f} MB/s archived ({rate / cp_rate:.2f}x cp), backlog at the end "
