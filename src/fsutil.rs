@@ -1,40 +1,61 @@
 //! Local file helpers that keep their promises across a crash.
 
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// Writes `data` to `dest` so that `dest` is either absent or complete, never partial: a temporary
 /// file beside it is written and fsynced, renamed over `dest`, and the folder is fsynced. The
 /// temporary file has an unpredictable name and is created new, never through a link: a link
 /// planted in the folder (a forged backup's) leads nowhere.
 pub fn write_atomic(dest: &Path, data: &[u8]) -> std::io::Result<()> {
+    write_replacing(dest, data, true)
+}
+
+/// As [`write_atomic`]; with `durable` false nothing is fsynced: `dest` is complete under its name
+/// or absent, but a crash may lose it (for files whose reader syncs what it keeps, or checks them).
+pub fn write_replacing(dest: &Path, data: &[u8], durable: bool) -> std::io::Result<()> {
+    let tmp = temp_beside(dest)?;
+    let result = (|| {
+        let mut f = create_new(&tmp)?;
+        f.write_all(data)?;
+        if durable {
+            f.sync_all()?;
+        }
+        drop(f);
+        std::fs::rename(&tmp, dest)?;
+        if durable {
+            sync_dir(parent_of(dest))?;
+        }
+        Ok(())
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
+/// The folder `path` is in (`.` for a bare name).
+fn parent_of(path: &Path) -> &Path {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    }
+}
+
+/// An unpredictable temporary name beside `dest` (`.NAME.RANDOM.pgkeep-tmp`), for a file written
+/// there and then renamed over `dest`.
+pub fn temp_beside(dest: &Path) -> std::io::Result<PathBuf> {
     let name = dest.file_name().ok_or_else(|| {
         std::io::Error::new(
             std::io::ErrorKind::InvalidInput,
             "destination has no file name",
         )
     })?;
-    let dir = match dest.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
-    let tmp = dir.join(format!(
+    Ok(parent_of(dest).join(format!(
         ".{}.{:016x}.pgkeep-tmp",
         name.to_string_lossy(),
         random_u64()
-    ));
-    let result = (|| {
-        let mut f = create_new(&tmp)?;
-        f.write_all(data)?;
-        f.sync_all()?;
-        drop(f);
-        std::fs::rename(&tmp, dest)?;
-        std::fs::File::open(dir)?.sync_all()
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result
+    )))
 }
 
 /// Fsyncs a directory, so that a rename or a creation in it survives a crash.

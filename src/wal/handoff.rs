@@ -7,7 +7,7 @@
 //! a name that says what it holds:
 //!
 //! - `<segment>.<crc32c>.wal`: the segment's plain bytes, exactly what Postgres reads, with their
-//!   CRC-32C (hardware, about 1 ms for 16 MiB) in the name. `wal-fetch` checks that sum and the
+//!   CRC-32C (hardware-accelerated) in the name. `wal-fetch` checks that sum and the
 //!   first page's header, then renames the file to `%p` (copies it across file systems).
 //! - `<segment>.pgko`: the stored object as it is, when the daemon cannot decode it (encrypted
 //!   storage: the sidecar holds no key). `wal-fetch` verifies, decrypts and decodes it as it does
@@ -75,8 +75,8 @@ pub fn parse_name(name: &str) -> Option<(WalFileName, Form)> {
     (seg.kind == WalFileKind::Segment).then_some((seg, Form::Plain(crc)))
 }
 
-/// Places a verified segment in `dir` atomically (a temporary file renamed; no fsync: a file cut
-/// short by a crash fails its check and is fetched again). Returns its path.
+/// Places a verified segment in `dir` under its hand-off name, complete or not at all (no fsync:
+/// a file cut short by a crash fails its check and is fetched again). Returns its path.
 pub fn place(
     dir: &Path,
     segment: &WalFileName,
@@ -84,18 +84,8 @@ pub fn place(
     bytes: &[u8],
 ) -> std::io::Result<PathBuf> {
     let dest = dir.join(file_name(segment, form));
-    let tmp = dir.join(format!(".{segment}.{}.pgkeep-tmp", std::process::id()));
-    let result = (|| {
-        let _ = std::fs::remove_file(&tmp);
-        let mut f = crate::fsutil::create_new(&tmp)?;
-        f.write_all(bytes)?;
-        drop(f);
-        std::fs::rename(&tmp, &dest)
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result.map(|()| dest)
+    crate::fsutil::write_replacing(&dest, bytes, false)?;
+    Ok(dest)
 }
 
 /// Removes what an earlier daemon left in `dir` (hand-off files and temporary files; nothing
@@ -317,8 +307,7 @@ fn copy_checked(path: &Path, crc: u32, dest: &Path) -> Result<usize, Unusable> {
         .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
         .open(path)
         .map_err(failed)?;
-    let tmp = temp_beside(dest);
-    let _ = std::fs::remove_file(&tmp);
+    let tmp = crate::fsutil::temp_beside(dest).map_err(failed)?;
     let result = (|| {
         let mut out = crate::fsutil::create_new(&tmp).map_err(failed)?;
         let (sum, len, _) = sum_through(&mut f, |piece| out.write_all(piece)).map_err(failed)?;
@@ -336,35 +325,10 @@ fn copy_checked(path: &Path, crc: u32, dest: &Path) -> Result<usize, Unusable> {
     result
 }
 
-/// The temporary name `dest` is written under before it is renamed into place.
-fn temp_beside(dest: &Path) -> PathBuf {
-    let dir = match dest.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
-    let name = dest.file_name().map(|n| n.to_string_lossy().into_owned());
-    dir.join(format!(
-        ".{}.{}.pgkeep-tmp",
-        name.as_deref().unwrap_or("wal"),
-        std::process::id()
-    ))
-}
-
 /// Writes `%p` as Postgres needs it: complete under its name (a temporary file renamed), with no
 /// fsync (see the module documentation).
 pub fn write_plain(dest: &Path, data: &[u8]) -> std::io::Result<()> {
-    let tmp = temp_beside(dest);
-    let result = (|| {
-        let _ = std::fs::remove_file(&tmp);
-        let mut f = crate::fsutil::create_new(&tmp)?;
-        f.write_all(data)?;
-        drop(f);
-        std::fs::rename(&tmp, dest)
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result
+    crate::fsutil::write_replacing(dest, data, false)
 }
 
 #[cfg(test)]

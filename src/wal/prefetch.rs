@@ -115,8 +115,17 @@ impl Prefetcher {
         if removed > 0 {
             tracing::info!(dir = %dir.display(), removed, "removed the prefetched files an earlier run left");
         }
-        let window = Gauge::default();
-        Ok(Prefetcher {
+        Ok(Prefetcher::with(dir, max_ahead, budget))
+    }
+
+    /// A prefetcher that prefetches nothing and never touches `dir` (which could not be used):
+    /// requests are answered from storage.
+    pub fn off(dir: PathBuf) -> Prefetcher {
+        Prefetcher::with(dir, 0, 0)
+    }
+
+    fn with(dir: PathBuf, max_ahead: usize, budget: u64) -> Prefetcher {
+        Prefetcher {
             dir,
             max_ahead,
             budget,
@@ -124,22 +133,6 @@ impl Prefetcher {
                 window: FIRST_WINDOW.min(max_ahead),
                 ..State::default()
             }),
-            hits: Counter::default(),
-            prefetched: Counter::default(),
-            served: Counter::default(),
-            handed_off: Counter::default(),
-            window,
-        })
-    }
-
-    /// A prefetcher that prefetches nothing and never touches `dir` (which could not be used):
-    /// requests are answered from storage.
-    pub fn off(dir: PathBuf) -> Prefetcher {
-        Prefetcher {
-            dir,
-            max_ahead: 0,
-            budget: 0,
-            state: Mutex::new(State::default()),
             hits: Counter::default(),
             prefetched: Counter::default(),
             served: Counter::default(),
@@ -162,7 +155,8 @@ impl Prefetcher {
     ) -> Result<Fetched, FetchError> {
         // Being downloaded already: one fetch, not two (and redo caught up with the prefetch).
         let waited = Instant::now();
-        if self.lock().inflight.contains(name) {
+        let was_inflight = self.lock().inflight.contains(name);
+        if was_inflight {
             self.caught_up(name);
         }
         while self.lock().inflight.contains(name) && waited.elapsed() < INFLIGHT_WAIT {
@@ -182,7 +176,9 @@ impl Prefetcher {
                 hit
             }
             None => {
-                self.caught_up(name);
+                if !was_inflight {
+                    self.caught_up(name);
+                }
                 fetch_stored(archive, name).await?
             }
         };
@@ -421,6 +417,10 @@ impl Prefetcher {
     /// Watches the directory for segments `wal-fetch` took, moving redo's position on and filling
     /// the window behind them, until `stop`.
     pub async fn watch(self: Arc<Self>, stop: tokio_util::sync::CancellationToken) {
+        if self.max_ahead == 0 {
+            // Nothing is ever placed.
+            return;
+        }
         let mut tick = tokio::time::interval(WATCH_EVERY);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
