@@ -8,6 +8,9 @@ pgbench (--clients clients, --seconds seconds; --load bulk, the default: transac
   file://:   pgkeep archive-push %p                    (to a local folder, fsynced, read back)
   s3:        pgkeep archive-push %p                    (to s3s-fs on loopback; the store checks the
                                                         signed SHA-256, no read-back)
+  daemon:    pgkeep archive-push %p                    (to file://, with the daemon streaming there:
+                                                        archive-push hashes the segment and takes the
+                                                        daemon's proven word that its stream stored it)
 and reports for each the WAL archived per second during the load (pg_stat_archiver) and the
 backlog left when the load ended (segments still .ready), medians over the rounds, with ratios to
 cp. Between rounds the archiver catches up, so each round starts with no backlog.
@@ -22,7 +25,7 @@ import statistics
 import sys
 import time
 
-from benchlib import S3, Cluster, workdir
+from benchlib import S3, Cluster, Daemon, lsn, workdir
 
 MB = 1024 * 1024
 
@@ -34,6 +37,18 @@ def archived(cluster):
 def backlog(cluster):
     folder = os.path.join(cluster.data, "pg_wal", "archive_status")
     return sum(1 for f in os.listdir(folder) if f.endswith(".ready"))
+
+
+def drop_slot(cluster, name="pgkeep"):
+    """Drops the daemon's slot once its walsender has noticed the daemon is gone."""
+    end = time.monotonic() + 30
+    while time.monotonic() < end:
+        active = cluster.sql(f"select active from pg_replication_slots where slot_name = '{name}'")
+        if active.strip() in ("", "f"):
+            if active.strip() == "f":
+                cluster.sql(f"select pg_drop_replication_slot('{name}')")
+            return
+        time.sleep(0.2)
 
 
 def main():
@@ -62,6 +77,7 @@ def main():
         "cp": f"test ! -f {cp_dir}/%f && cp %p {cp_dir}/%f",
         "file://": f"env PGKEEP_STORAGE=file://{work}/archive PGKEEP_LOG_LEVEL=warn {binary} archive-push %p",
         "s3": f"env {env_s3} PGKEEP_LOG_LEVEL=warn {binary} archive-push %p",
+        "daemon": None,  # set once the daemon runs (its port)
     }
     results = {name: {"rate": [], "backlog": []} for name in commands}
     try:
@@ -74,6 +90,13 @@ def main():
         seg = int(cluster.sql("select setting from pg_settings where name = 'wal_segment_size'"))
         for _ in range(args.rounds):
             for name, command in commands.items():
+                daemon = None
+                if name == "daemon":
+                    daemon = Daemon(binary, work, cluster, {"PGKEEP_STORAGE": f"file://{work}/archive-daemon",
+                                                            "PGKEEP_LOG_LEVEL": "warn"})
+                    command = (f"env PGKEEP_STORAGE=file://{work}/archive-daemon PGKEEP_LOG_LEVEL=warn "
+                               f"PGKEEP_LISTEN=127.0.0.1:{daemon.http} "
+                               f"PGKEEP_HTTP_TOKEN_FILE={work}/spool/http-token {binary} archive-push %p")
                 cluster.set("archive_command", command)
                 # Start with no backlog: the previous round's tail archived by this command.
                 cluster.sql("select pg_switch_wal()")
@@ -85,6 +108,18 @@ def main():
                 elapsed = time.monotonic() - t
                 results[name]["rate"].append((archived(cluster) - before) * seg / elapsed)
                 results[name]["backlog"].append(backlog(cluster))
+                if daemon:
+                    st = daemon.status()
+                    lag = (lsn(st["received_lsn"]) - lsn(st["durable_lsn"])) / seg
+                    results[name].setdefault("daemon_lag", []).append(lag)
+                    # Its archive_command catches up before the daemon goes: the next round starts
+                    # with no backlog, and the slot is dropped so that WAL is not kept meanwhile.
+                    cluster.sql("select pg_switch_wal()")
+                    end = time.monotonic() + 300
+                    while backlog(cluster) and time.monotonic() < end:
+                        time.sleep(0.2)
+                    daemon.stop()
+                    drop_slot(cluster)
         failed = cluster.sql("select failed_count from pg_stat_archiver")
     finally:
         cluster.stop()
@@ -94,8 +129,11 @@ def main():
           f"{args.rounds} rounds interleaved; archiver failures {failed}")
     for name, r in results.items():
         rate = statistics.median(r["rate"])
+        extra = ""
+        if "daemon_lag" in r:
+            extra = f"; the daemon's upload lag at the end {statistics.median(r['daemon_lag']):.1f} segments"
         print(f"{name:8} {rate / MB:6.1f} MB/s archived ({rate / cp_rate:.2f}x cp), backlog at the end "
-              f"{statistics.median(r['backlog']):.0f} segments (rounds: {', '.join(str(b) for b in r['backlog'])})")
+              f"{statistics.median(r['backlog']):.0f} segments (rounds: {', '.join(str(b) for b in r['backlog'])}){extra}")
     shutil.rmtree(work, ignore_errors=True)
 
 

@@ -110,6 +110,7 @@ fn routes(state: AppState) -> Router {
         .route("/status", get(status))
         .route("/metrics", get(metrics))
         .route("/wal/{name}", get(wal))
+        .route("/archived/{name}", get(archived))
         .route("/wal-switch", axum::routing::post(wal_switch))
         .route("/backups", get(list_backups).post(take_backup))
         .route("/marks", axum::routing::post(take_mark))
@@ -325,6 +326,75 @@ async fn take_backup(
         )
             .into_response()),
         Err(e) => Err(ApiError::Storage(format!("{e:#}"))),
+    }
+}
+
+#[derive(serde::Deserialize)]
+pub struct ArchivedQuery {
+    system_identifier: u64,
+    sha256: String,
+}
+
+/// How long `/archived` waits for the upload of a segment the stream is inside of.
+const ARCHIVED_WAIT: std::time::Duration = std::time::Duration::from_secs(20);
+
+/// `GET /archived/{segment}?system_identifier=ID&sha256=HEX`, for `archive-push`: 200 (with the
+/// daemon's proof) when this daemon's stream stored that segment with exactly that content,
+/// waiting up to 20 s for an upload the stream has begun; 404 when it did not; 409 when it stored
+/// other content or serves another cluster.
+async fn archived(
+    State(s): State<AppState>,
+    headers: axum::http::HeaderMap,
+    Path(name): Path<String>,
+    axum::extract::Query(q): axum::extract::Query<ArchivedQuery>,
+) -> Result<Response, ApiError> {
+    use crate::wal::stored::Stored;
+    let name: WalFileName = name
+        .parse()
+        .map_err(|e: crate::pg::ParseError| ApiError::BadRequest(e.to_string()))?;
+    if name.kind != crate::pg::WalFileKind::Segment {
+        return Err(ApiError::BadRequest(format!(
+            "{name}: only complete segments are streamed"
+        )));
+    }
+    let sha: [u8; 32] = hex::decode(&q.sha256)
+        .ok()
+        .and_then(|b| b.try_into().ok())
+        .ok_or_else(|| ApiError::BadRequest("sha256: not 64 hex digits".into()))?;
+    match s.system_identifier.load(Ordering::Acquire) {
+        0 => {
+            return Err(ApiError::Unavailable(
+                "the cluster is not identified yet".into(),
+            ));
+        }
+        own if own != q.system_identifier => {
+            return Err(ApiError::Conflict(format!(
+                "this daemon serves cluster {own}, not {}",
+                q.system_identifier
+            )));
+        }
+        _ => {}
+    }
+    let stream = s.stream.clone();
+    let answer = s
+        .stream
+        .stored
+        .wait_for(&name, &sha, ARCHIVED_WAIT, || stream.streamed_into(&name))
+        .await;
+    match answer {
+        Stored::Same => {
+            let subject = crate::http_token::archived_subject(&name.to_string(), &q.sha256);
+            Ok(with_proof(
+                &s,
+                &headers,
+                &subject,
+                "stored\n".into_response(),
+            ))
+        }
+        Stored::Differs => Err(ApiError::Conflict(format!(
+            "{name}: this daemon stored other content"
+        ))),
+        Stored::Unknown => Err(ApiError::NotFound(name.to_string())),
     }
 }
 

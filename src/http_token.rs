@@ -134,6 +134,12 @@ pub fn wal_subject(served: &str, stored: &[u8]) -> Vec<u8> {
     format!("wal {served} {} {}", stored.len(), hex::encode(header)).into_bytes()
 }
 
+/// The subject of an `/archived` answer: the daemon stored segment `name` with content of
+/// SHA-256 `sha256` (hex, as asked).
+pub fn archived_subject(name: &str, sha256: &str) -> Vec<u8> {
+    format!("archived {name} {}", sha256.to_ascii_lowercase()).into_bytes()
+}
+
 /// The subject of a `/wal` answer saying that storage holds no such file.
 pub fn absent_subject(name: &str) -> Vec<u8> {
     format!("absent {name}").into_bytes()

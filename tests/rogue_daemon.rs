@@ -3,7 +3,8 @@
 //! daemon's proof of its token, so a forged segment that passes every other check (the right
 //! name, the cluster's page headers, a valid object checksum) is not delivered and storage's copy
 //! is; the same object with a proof made from the token is taken, so the proof is what decides.
-//! `wal-switch` does not take such a process's word that WAL is durable (#21, finding 5).
+//! `wal-switch` does not take such a process's word that WAL is durable (#21, finding 5), and
+//! `archive-push` not its word that a segment is stored already (#17).
 
 mod common;
 
@@ -45,6 +46,15 @@ fn impostor(object: Vec<u8>, served: String, prove: Option<Token>) -> u16 {
             let (ctype, body, subject) = if path.starts_with("/wal/") {
                 let subject = pgkeep::http_token::wal_subject(&served, &object);
                 ("application/vnd.pgkeep.object", object.clone(), subject)
+            } else if let Some(rest) = path.strip_prefix("/archived/") {
+                // "Stored, with exactly that content", for whatever segment and digest are asked.
+                let (name, query) = rest.split_once('?').unwrap_or((rest, ""));
+                let sha = query
+                    .split('&')
+                    .find_map(|p| p.strip_prefix("sha256="))
+                    .unwrap_or("");
+                let subject = pgkeep::http_token::archived_subject(name, sha);
+                ("text/plain", b"stored\n".to_vec(), subject)
             } else {
                 let body = br#"{"durable_lsn":"FFFFFFFF/0","received_lsn":"FFFFFFFF/0"}"#.to_vec();
                 ("application/json", body.clone(), body)
@@ -112,10 +122,42 @@ fn an_impostor_on_listen_is_not_believed() {
 
     // With a proof made from the token (what only the daemon can make), the same object is taken:
     // the proof, not some other check, is what kept the forgery out above.
-    let (got, log) = fetch(impostor(object, seg.clone(), Some(token)));
+    let (got, log) = fetch(impostor(object, seg.clone(), Some(token.clone())));
     assert!(got == forged, "{log}");
     assert!(
         log.contains("via=\"daemon\"") || log.contains("via=daemon"),
+        "{log}"
+    );
+
+    // archive-push does not take an impostor's "stored" for a segment storage lacks: it stores
+    // it itself; with a proof made from the token, it would have taken that word.
+    let key = stored_keys(&storage)
+        .into_iter()
+        .find(|k| k.ends_with(&format!("/{seg}")))
+        .unwrap();
+    let object_file = storage.object_file(&key);
+    let push = |port: u16| {
+        std::fs::remove_file(&object_file).unwrap();
+        let listen = format!("127.0.0.1:{port}");
+        let wal = pg.data.join("pg_wal").join(&seg);
+        let out = storage.pgkeep_in(
+            &bin,
+            &["archive-push", wal.to_str().unwrap()],
+            Some(&pg.data),
+            &[("PGKEEP_LISTEN", &listen)],
+        );
+        assert!(out.status.success(), "{}", stderr(&out));
+        (object_file.exists(), stderr(&out))
+    };
+    let (stored, log) = push(impostor(vec![], seg.clone(), None));
+    assert!(stored, "the impostor's word was taken: {log}");
+    assert!(
+        log.contains("did not prove it is this pod's pgkeep daemon"),
+        "{log}"
+    );
+    let (stored, log) = push(impostor(vec![], seg.clone(), Some(token.clone())));
+    assert!(
+        !stored && log.contains("the daemon's stream stored it"),
         "{log}"
     );
 

@@ -444,7 +444,13 @@ async fn encrypted_objects_need_only_the_recipient_to_write(b: &Backend) {
     );
     assert_eq!(
         writer
-            .put_new_stored_before(&key, b"x", Codec::Snappy, true)
+            .put_new_known(
+                &key,
+                b"x",
+                pgkeep::storage::object::content_sha256(b"x"),
+                Codec::Snappy,
+                true
+            )
             .await
             .unwrap(),
         PutOutcome::AlreadyPresent

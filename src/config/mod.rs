@@ -82,6 +82,7 @@ const KEYS: &[(&str, Kind)] = &[
     ("http_token_file", Kind::Str),
     ("credentials_dir", Kind::Str),
     ("wal_fetch_storage", Kind::Bool),
+    ("archive_via_daemon", Kind::Bool),
 ];
 
 /// Environment variables with the `PGKEEP_` prefix that are not settings.
@@ -184,6 +185,9 @@ pub struct Config {
     /// Whether `wal-fetch` may read storage itself; false: only through the daemon (a container
     /// that holds no storage credentials).
     pub wal_fetch_storage: bool,
+    /// Whether `archive-push` first asks the daemon whether its stream stored the segment
+    /// already (then it uploads nothing).
+    pub archive_via_daemon: bool,
     /// Client-side encryption: the recipients new objects are encrypted to, and the identity
     /// file that decrypts them (only `restore` and `wal-fetch` need it).
     pub encryption: crate::storage::EncryptionSettings,
@@ -387,6 +391,7 @@ impl Config {
             http_token_file: in_spool("http_token_file", "http-token")?,
             credentials: Credentials::default(),
             wal_fetch_storage: v.bool("wal_fetch_storage", true)?,
+            archive_via_daemon: v.bool("archive_via_daemon", true)?,
             encryption: v.encryption()?,
             env_settings,
             file: file.map(Path::to_path_buf),

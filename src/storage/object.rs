@@ -135,6 +135,17 @@ impl Header {
 
 /// Builds the stored form of `plain`: encrypted to `keys`' recipients when it has any.
 pub fn seal(codec: Codec, plain: &[u8], keys: &Keys) -> (Header, Vec<u8>) {
+    seal_known(codec, plain, keys, None)
+}
+
+/// As [`seal`], with the SHA-256 of `plain` when the caller computed it already (it is not
+/// computed a second time).
+pub fn seal_known(
+    codec: Codec,
+    plain: &[u8],
+    keys: &Keys,
+    plain_sha256: Option<[u8; 32]>,
+) -> (Header, Vec<u8>) {
     let bound = match codec {
         Codec::None => plain.len(),
         _ => plain.len() / 2,
@@ -169,7 +180,7 @@ pub fn seal(codec: Codec, plain: &[u8], keys: &Keys) -> (Header, Vec<u8>) {
         Header {
             codec,
             plain_len: plain.len() as u64,
-            checksum: content_sha256(plain),
+            checksum: plain_sha256.unwrap_or_else(|| content_sha256(plain)),
             age: None,
         }
     };

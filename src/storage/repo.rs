@@ -378,21 +378,24 @@ impl Repo {
         plain: &[u8],
         codec: Codec,
     ) -> Result<PutOutcome, StorageError> {
-        self.put_new_with(key, plain, codec, &self.keys.clone(), false)
+        self.put_new_with(key, plain, None, codec, &self.keys.clone(), false)
             .await
     }
 
-    /// As [`Repo::put_new`], for a writer that knows (from a record of its own) that it stored
-    /// exactly `plain` under `key` before: an intact encrypted copy it cannot decrypt to compare
-    /// is then taken as present instead of refused.
-    pub async fn put_new_stored_before(
+    /// As [`Repo::put_new`], with the SHA-256 of `plain` its caller computed already, for a
+    /// writer that knows (from a record of its own) whether it stored exactly `plain` under `key`
+    /// before: an intact encrypted copy it cannot decrypt to compare is then taken as present
+    /// instead of refused.
+    pub async fn put_new_known(
         &self,
         key: &Path,
         plain: &[u8],
+        plain_sha256: [u8; 32],
         codec: Codec,
         stored_before: bool,
     ) -> Result<PutOutcome, StorageError> {
-        self.put_new_with(key, plain, codec, &self.keys.clone(), stored_before)
+        let keys = self.keys.clone();
+        self.put_new_with(key, plain, Some(plain_sha256), codec, &keys, stored_before)
             .await
     }
 
@@ -402,7 +405,7 @@ impl Repo {
         key: &Path,
         plain: &[u8],
     ) -> Result<PutOutcome, StorageError> {
-        self.put_new_with(key, plain, Codec::None, &Keys::default(), false)
+        self.put_new_with(key, plain, None, Codec::None, &Keys::default(), false)
             .await
     }
 
@@ -410,12 +413,13 @@ impl Repo {
         &self,
         key: &Path,
         plain: &[u8],
+        plain_sha256: Option<[u8; 32]>,
         codec: Codec,
         keys: &Keys,
         stored_before: bool,
     ) -> Result<PutOutcome, StorageError> {
         let new_len = plain.len() as u64;
-        let new_sha = object::content_sha256(plain);
+        let new_sha = plain_sha256.unwrap_or_else(|| object::content_sha256(plain));
         let conflict = |stored_len: u64, stored_sha: String| StorageError::Conflict {
             key: key.to_string(),
             stored_len,
@@ -450,7 +454,7 @@ impl Repo {
             Err(StorageError::NotFound { .. }) => {}
             Err(e) => return Err(e),
         }
-        let (_, stored) = object::seal(codec, plain, keys);
+        let (_, stored) = object::seal_known(codec, plain, keys, Some(new_sha));
         let stored_len = self.put_sealed(key, stored).await?;
         Ok(if repairing {
             PutOutcome::Repaired { stored_len }

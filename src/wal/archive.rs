@@ -20,7 +20,13 @@ pub struct PushReport {
     pub name: WalFileName,
     pub system_identifier: u64,
     pub outcome: PutOutcome,
+    /// The daemon's stream had stored the segment already (nothing was uploaded).
+    pub by_daemon: bool,
 }
+
+/// How long `archive-push` waits for the daemon's answer (the daemon itself waits up to 20 s for
+/// an upload its stream has begun).
+const DAEMON_ANSWER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(25);
 
 /// Archives one WAL file: checks it, encodes it, uploads it and verifies the upload.
 pub async fn archive_push(cfg: &Config, path: &Path) -> anyhow::Result<PushReport> {
@@ -61,12 +67,27 @@ pub async fn archive_push(cfg: &Config, path: &Path) -> anyhow::Result<PushRepor
         (id, None)
     };
 
+    // Hashed once: for the daemon's answer, the stored header and the comparison with a copy
+    // already stored.
+    let sha = crate::storage::object::content_sha256(&data);
+    if name.kind == WalFileKind::Segment
+        && cfg.archive_via_daemon
+        && stored_by_daemon(cfg, &name, system_identifier, &sha).await
+    {
+        tracing::info!(wal = %name, system_identifier, ms = started.elapsed().as_millis(), "already in storage: the daemon's stream stored it with identical content");
+        return Ok(PushReport {
+            name,
+            system_identifier,
+            outcome: PutOutcome::AlreadyPresent,
+            by_daemon: true,
+        });
+    }
     let repo = Repo::open(&cfg.storage_settings(), true)?;
     let archive = repo
         .ensure_cluster(&cluster_info(system_identifier, header.as_ref()))
         .await?;
     let outcome = repo
-        .put_new(&archive.layout().wal(&name), &data, cfg.codec)
+        .put_new_known(&archive.layout().wal(&name), &data, sha, cfg.codec, false)
         .await?;
     let ms = started.elapsed().as_millis();
     match outcome {
@@ -88,7 +109,70 @@ pub async fn archive_push(cfg: &Config, path: &Path) -> anyhow::Result<PushRepor
         name,
         system_identifier,
         outcome,
+        by_daemon: false,
     })
+}
+
+/// Whether the daemon at `listen` proves (with its token) that its stream stored segment `name`
+/// of this cluster with content of SHA-256 `sha`. Any other answer, or none, is a no: then the
+/// caller stores the segment itself.
+async fn stored_by_daemon(
+    cfg: &Config,
+    name: &WalFileName,
+    system_identifier: u64,
+    sha: &[u8; 32],
+) -> bool {
+    use crate::http_token::{NONCE_HEADER, PROOF_HEADER, Token};
+    // Only the daemon holds the token: without it, no answer can be believed.
+    let token = match Token::read(&cfg.http_token_file) {
+        Ok(t) => t,
+        Err(e) => {
+            tracing::debug!(file = %cfg.http_token_file.display(), "no daemon token ({e}): not asking the daemon");
+            return false;
+        }
+    };
+    let Ok(nonce) = crate::http_token::nonce() else {
+        return false;
+    };
+    let sha = hex::encode(sha);
+    let path = format!("/archived/{name}?system_identifier={system_identifier}&sha256={sha}");
+    let r = match crate::http_client::request(
+        cfg.listen,
+        "GET",
+        &path,
+        DAEMON_ANSWER_TIMEOUT,
+        4096,
+        &[(NONCE_HEADER, &nonce)],
+    )
+    .await
+    {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::debug!("no answer from a daemon at {}: {e:#}", cfg.listen);
+            return false;
+        }
+    };
+    match r.status {
+        200 => {
+            let subject = crate::http_token::archived_subject(&name.to_string(), &sha);
+            let proven = r
+                .header(PROOF_HEADER)
+                .is_some_and(|p| token.verify(&nonce, &subject, p));
+            if !proven {
+                tracing::warn!(listen = %cfg.listen, "what answers on listen did not prove it is this pod's pgkeep daemon (no or a wrong proof of the token in {}): storing the segment here", cfg.http_token_file.display());
+            }
+            proven
+        }
+        404 => {
+            tracing::debug!(wal = %name, "the daemon's stream has not stored it: storing it here");
+            false
+        }
+        code => {
+            let text = String::from_utf8_lossy(&r.body);
+            tracing::warn!(wal = %name, code, "the daemon answered: {}; storing the segment here", text.trim());
+            false
+        }
+    }
 }
 
 fn cluster_info(system_identifier: u64, header: Option<&SegmentHeader>) -> ClusterInfo {

@@ -5,5 +5,6 @@ pub mod fetch;
 pub mod handoff;
 pub mod prefetch;
 pub mod spool;
+pub mod stored;
 pub mod streamer;
 pub mod switch;

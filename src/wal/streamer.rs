@@ -35,6 +35,10 @@ pub struct StreamState {
     /// The timeline streamed; 0 until the slot reserves WAL for the stream (the backup schedule
     /// waits for that, so a backup's WAL is always streamed).
     pub timeline: std::sync::atomic::AtomicU32,
+    /// The WAL segment size of the server streamed (bytes; 0 until it is known).
+    pub seg_size: std::sync::atomic::AtomicU32,
+    /// The segments this process stored, with their content's digest (for `archive-push`).
+    pub stored: crate::wal::stored::StoredSegments,
     /// Highest LSN received from the server.
     pub received: AtomicLsn,
     /// Everything before this LSN is in storage (reported to Postgres as flushed). Only ever
@@ -121,6 +125,19 @@ impl StreamState {
     /// The timeline streamed, once the stream holds a slot.
     pub fn streaming_timeline(&self) -> Option<TimelineId> {
         TimelineId::new(self.timeline.load(std::sync::atomic::Ordering::Acquire))
+    }
+
+    /// Whether this stream has received some of segment `name` (on its timeline), so that the
+    /// segment's upload is coming.
+    pub fn streamed_into(&self, name: &WalFileName) -> bool {
+        let size =
+            crate::pg::WalSegSize::new(self.seg_size.load(std::sync::atomic::Ordering::Acquire));
+        crate::wal::stored::streamed_into(
+            name,
+            self.streaming_timeline(),
+            self.received_lsn(),
+            size,
+        )
     }
 }
 
@@ -245,6 +262,10 @@ async fn stream_once(
         store_history(&mut conn, &archive, tli, cfg).await?;
     }
     let restart_lsn = ensure_slot(&mut conn, cfg, &server).await?;
+    state.seg_size.store(
+        server.seg_size.bytes(),
+        std::sync::atomic::Ordering::Release,
+    );
     // Set once the slot holds WAL for us: the backup schedule waits for it.
     state
         .timeline
@@ -1207,16 +1228,12 @@ async fn upload_segment(ctx: std::sync::Arc<UploadCtx>, seg: CompleteSegment) ->
 }
 
 /// Reads a completed segment from the spool and checks it (off the async threads); with the
-/// digest of its content when storage encrypts.
-fn read_segment(
-    seg: &CompleteSegment,
-    system: u64,
-    encrypts: bool,
-) -> anyhow::Result<(Vec<u8>, Option<String>)> {
+/// SHA-256 of its content.
+fn read_segment(seg: &CompleteSegment, system: u64) -> anyhow::Result<(Vec<u8>, [u8; 32])> {
     let data = seg.read()?;
     walheader::check_segment(&seg.name, &data, Some(system))?;
-    let digest = encrypts.then(|| hex::encode(crate::storage::object::content_sha256(&data)));
-    Ok((data, digest))
+    let sha = crate::storage::object::content_sha256(&data);
+    Ok((data, sha))
 }
 
 async fn store_segment(ctx: &UploadCtx, seg: CompleteSegment) -> Result<(), Failed> {
@@ -1226,12 +1243,12 @@ async fn store_segment(ctx: &UploadCtx, seg: CompleteSegment) -> Result<(), Fail
         archive.repo().keys().encrypts(),
     );
     let (seg, read) = tokio::task::spawn_blocking(move || {
-        let read = read_segment(&seg, system, encrypts);
+        let read = read_segment(&seg, system);
         (seg, read)
     })
     .await
     .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
-    let (data, digest) = match read {
+    let (data, sha) = match read {
         Ok(d) => d,
         Err(error) => {
             return Err(Failed {
@@ -1245,12 +1262,13 @@ async fn store_segment(ctx: &UploadCtx, seg: CompleteSegment) -> Result<(), Fail
     // Encrypted stored segments cannot be read back here (no identity): a record of what this
     // daemon stored lets it recognise its own upload when it receives a segment again.
     let record = ctx.spool_dir.join("uploaded").join(seg.name.to_string());
+    let digest = encrypts.then(|| hex::encode(sha));
     let stored_before = digest
         .as_ref()
         .is_some_and(|d| std::fs::read_to_string(&record).is_ok_and(|r| r.trim() == d.as_str()));
     let outcome = match archive
         .repo()
-        .put_new_stored_before(&key, &data, ctx.codec, stored_before)
+        .put_new_known(&key, &data, sha, ctx.codec, stored_before)
         .await
     {
         Ok(o) => o,
@@ -1274,6 +1292,7 @@ async fn store_segment(ctx: &UploadCtx, seg: CompleteSegment) -> Result<(), Fail
     if let Some(d) = digest {
         remember_upload(&record, &d);
     }
+    state.stored.record(&seg.name, sha);
     if seg.had_partial
         && let Err(e) = delete_streamed(archive, &seg.name).await
     {
