@@ -52,6 +52,14 @@ fn archive_push_takes_the_daemons_word(backend: Backend) {
     let bin = dir.install_pgkeep();
     let mut pg = PgCluster::init(dir.path(), "primary", 1, &storage.env);
     pg.start();
+    // A segment completed before the daemon's stream began: the daemon will never store it.
+    pg.psql("create table before as select generate_series(1, 20000) g");
+    let older = current_segment(&pg);
+    pg.psql("select pg_switch_wal()");
+    let older_file = dir.mkdir("older").join(&older);
+    std::fs::copy(pg.data.join("pg_wal").join(&older), &older_file).unwrap();
+    // (A new slot reserves WAL from the last checkpoint's redo point on.)
+    pg.psql("checkpoint");
     let daemon = Daemon::start(&dir, &storage, &bin, &pg, &[]);
     let listen = format!("127.0.0.1:{}", daemon.port);
     let at_daemon = [("PGKEEP_LISTEN", listen.as_str())];
@@ -81,6 +89,22 @@ fn archive_push_takes_the_daemons_word(backend: Backend) {
     assert!(log.contains("this daemon stored other content"), "{log}");
     assert!(log.contains("refusing to overwrite"), "{log}");
     assert!(std::fs::read(&object).unwrap() == stored);
+
+    // A segment from before the stream: the daemon says at once that it did not store it (it
+    // does not wait for an upload that never comes), and archive-push stores it itself.
+    let started = Instant::now();
+    let (ok, log) = push(&storage, &bin, &pg, &older_file, &at_daemon);
+    assert!(ok, "{log}");
+    assert!(
+        !log.contains(BY_DAEMON) && log.contains("archived"),
+        "{log}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "waited {:?} for the daemon",
+        started.elapsed()
+    );
+    object_of(&storage, &older);
 
     // The setting off: archive-push compares with storage itself.
     let (ok, log) = push(

@@ -89,7 +89,8 @@ impl StoredSegments {
                 return answer;
             }
             if !coming() {
-                return Stored::Unknown;
+                // Recorded in between (a record comes before the durable position moves past it)?
+                return self.lookup(name, sha).unwrap_or(Stored::Unknown);
             }
             if permit.is_none() {
                 match self.waiting.try_acquire() {
@@ -107,21 +108,25 @@ impl StoredSegments {
     }
 }
 
-/// Whether a stream on `timeline` that has received WAL up to `received` (segments of `size`)
-/// has received some of segment `name`, so that its upload comes.
+/// Whether a stream on `timeline` that has received WAL up to `received`, and stored everything
+/// before `durable`, has received some of segment `name` (of `size`) and not stored all of it:
+/// then its upload comes. A segment wholly before `durable` was stored (and recorded) already, or
+/// by someone else before this stream started; one not reached yet may never be.
 pub fn streamed_into(
     name: &WalFileName,
     timeline: Option<TimelineId>,
     received: crate::pg::Lsn,
+    durable: crate::pg::Lsn,
     size: Option<WalSegSize>,
 ) -> bool {
     let (Some(tli), Some(size)) = (timeline, size) else {
         return false;
     };
-    name.timeline == tli
-        && name
-            .segment_no(size)
-            .is_ok_and(|seg| size.start_of(seg) < received)
+    let Ok(seg) = name.segment_no(size) else {
+        return false;
+    };
+    let end = size.start_of(crate::pg::SegmentNo(seg.0 + 1));
+    name.timeline == tli && size.start_of(seg) < received && durable < end
 }
 
 #[cfg(test)]
@@ -185,16 +190,29 @@ mod tests {
     fn a_segment_is_coming_once_the_stream_is_inside_it() {
         let size = WalSegSize::new(16 << 20);
         let tli = TimelineId::new(1);
-        let start_of_3 = Lsn(3 << 24);
-        assert!(!streamed_into(&seg(3), tli, start_of_3, size));
-        assert!(streamed_into(&seg(3), tli, Lsn(start_of_3.0 + 1), size));
-        assert!(streamed_into(&seg(2), tli, start_of_3, size));
-        assert!(!streamed_into(
+        let (start_of_3, start_of_4) = (Lsn(3 << 24), Lsn(4 << 24));
+        let durable = Lsn(2 << 24);
+        assert!(!streamed_into(&seg(3), tli, start_of_3, durable, size));
+        assert!(streamed_into(
             &seg(3),
-            TimelineId::new(2),
-            Lsn(4 << 24),
+            tli,
+            Lsn(start_of_3.0 + 1),
+            durable,
             size
         ));
-        assert!(!streamed_into(&seg(3), tli, Lsn(4 << 24), None));
+        assert!(streamed_into(&seg(2), tli, start_of_3, durable, size));
+        // Wholly durable already (stored before this stream, or recorded): nothing comes.
+        assert!(!streamed_into(&seg(1), tli, start_of_3, durable, size));
+        assert!(!streamed_into(&seg(3), tli, Lsn(5 << 24), start_of_4, size));
+        assert!(streamed_into(
+            &seg(3),
+            tli,
+            Lsn(5 << 24),
+            Lsn(start_of_4.0 - 1),
+            size
+        ));
+        let other = TimelineId::new(2);
+        assert!(!streamed_into(&seg(3), other, start_of_4, durable, size));
+        assert!(!streamed_into(&seg(3), tli, start_of_4, durable, None));
     }
 }

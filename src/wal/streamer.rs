@@ -127,8 +127,8 @@ impl StreamState {
         TimelineId::new(self.timeline.load(std::sync::atomic::Ordering::Acquire))
     }
 
-    /// Whether this stream has received some of segment `name` (on its timeline), so that the
-    /// segment's upload is coming.
+    /// Whether this stream has received some of segment `name` (on its timeline) and not yet
+    /// stored all of it: then the segment's upload is coming (perhaps after storage is back).
     pub fn streamed_into(&self, name: &WalFileName) -> bool {
         let size =
             crate::pg::WalSegSize::new(self.seg_size.load(std::sync::atomic::Ordering::Acquire));
@@ -136,6 +136,7 @@ impl StreamState {
             name,
             self.streaming_timeline(),
             self.received_lsn(),
+            self.durable_lsn(),
             size,
         )
     }
