@@ -6,7 +6,8 @@ copies each segment to a local folder (for `cp`) and archives it with `pgkeep ar
 pgkeep). The backup is restored once; each round copies that data directory and starts it with,
 in turn (interleaved, --rounds rounds, medians):
   cp:         restore_command = cp DIR/%f %p
-  wal-fetch:  pgkeep wal-fetch %f %p, straight from storage (no daemon)
+  wal-fetch:  pgkeep wal-fetch %f %p with no daemon: the first segment read from storage starts
+              wal-fetch's own prefetch (a short-lived helper) into a hand-off directory of its own
   daemon:     pgkeep wal-fetch %f %p with `pgkeep daemon` running beside it: segments it prefetched
               are taken from the shared hand-off directory (prefetch_dir)
 timing from `pg_ctl start` until recovery ends ("archive recovery complete" in the log), with
@@ -111,10 +112,12 @@ def main():
         # The daemon's token (in its spool by default): wal-fetch believes its answers only with it.
         token = os.path.join(work, "spool", "http-token")
         wal_fetch = f"PGKEEP_LOG_LEVEL=warn {binary} wal-fetch %f %p"
-        nowhere = os.path.join(work, "no-handoff")
+        # wal-fetch alone: no daemon answers, so its first read from storage starts its own prefetch
+        # (a helper process) into a directory of its own.
+        alone = os.path.join(work, "alone-handoff")
         commands = {
             "cp": f"cp {cp_dir}/%f %p",
-            "wal-fetch": f"env {env_words} PGKEEP_LISTEN=127.0.0.1:{free_port()} PGKEEP_PREFETCH_DIR={nowhere} "
+            "wal-fetch": f"env {env_words} PGKEEP_LISTEN=127.0.0.1:{free_port()} PGKEEP_PREFETCH_DIR={alone} "
                          f"{wal_fetch}",
             "daemon": f"env {env_words} PGKEEP_LISTEN=127.0.0.1:{daemon.http} PGKEEP_PREFETCH_DIR={handoff} "
                       f"PGKEEP_HTTP_TOKEN_FILE={token} {binary} wal-fetch %f %p",
@@ -127,7 +130,7 @@ def main():
                 times[name].append(took)
                 files[name] = restored
                 extra = ""
-                if name == "daemon":
+                if name != "cp":
                     handed = log.count('via="handoff"')
                     extra = f", {handed} handed off"
                 print(f"round {r + 1}: {name:10} {took:6.2f} s ({restored} files{extra})", flush=True)

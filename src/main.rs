@@ -104,6 +104,16 @@ enum Command {
         /// Where to write it (%p).
         dest: PathBuf,
     },
+    /// wal-fetch's own prefetch (started by wal-fetch when no daemon answers; not for use by hand).
+    #[command(hide = true)]
+    WalPrefetch {
+        /// The segment recovery read last.
+        after: String,
+        #[arg(long)]
+        system_identifier: u64,
+        #[arg(long)]
+        segment_bytes: u32,
+    },
     /// Check the stored backups and WAL without restoring: every chunk and manifest present and
     /// intact, WAL continuity from each backup to the newest segment. Exit 0: everything
     /// restorable; 1: problems found (each named); 2: verify could not run.
@@ -338,7 +348,10 @@ fn main() -> ExitCode {
     // restore_command's fast path: a segment the daemon prefetched is taken from the hand-off
     // directory before any runtime starts; the ordinary fetch (one request at a time) needs no
     // more than one thread.
-    let lean = matches!(cli.command, Command::WalFetch { .. });
+    let lean = matches!(
+        cli.command,
+        Command::WalFetch { .. } | Command::WalPrefetch { .. }
+    );
     if let Command::WalFetch { name, dest } = &cli.command
         && pgkeep::wal::fetch::from_handoff(&cfg, name, dest).is_some()
     {
@@ -564,6 +577,15 @@ async fn run(command: Command, cfg: Config) -> ExitCode {
         Command::ArchivePush { path } => {
             let result = archive::archive_push(&cfg, &path).await;
             done(&format!("archive-push {}", path.display()), result, |_| {})
+        }
+        Command::WalPrefetch {
+            after,
+            system_identifier,
+            segment_bytes,
+        } => {
+            let result =
+                pgkeep::wal::helper::run(&cfg, &after, system_identifier, segment_bytes).await;
+            done("wal-prefetch", result, |_| {})
         }
         Command::WalFetch { name, dest } => match fetch::wal_fetch(&cfg, &name, &dest).await {
             Ok(_) => ExitCode::SUCCESS,

@@ -250,7 +250,8 @@ fn served_recovery(backend: Backend) {
         let handoff = if port == daemon.port {
             shared.clone()
         } else {
-            dir.path().join("no-handoff")
+            // (Its parent does not exist: no prefetch of wal-fetch's own either.)
+            dir.path().join("absent").join("no-handoff")
         };
         let listen = [
             ("PGKEEP_LISTEN".to_string(), format!("127.0.0.1:{port}")),

@@ -3,7 +3,9 @@
 //! A handed-off segment is byte-equal to the stored one; a damaged one is detected, removed and
 //! fetched again, never handed to Postgres; a killed daemon's leftovers are ignored when damaged
 //! and removed by the next daemon; and a recovery across a promotion replays both timelines, the
-//! prefetch never going past the point where the old timeline was left.
+//! prefetch never going past the point where the old timeline was left. Without a daemon,
+//! `wal-fetch`'s own prefetch (a helper process) fills the directory, gives way to a daemon that
+//! starts, and ends by itself leaving nothing behind.
 
 mod common;
 
@@ -114,8 +116,9 @@ fn handoff(backend: Backend, encrypted: bool) {
         assert!(out.status.success(), "{segment} {tag}: {}", stderr(&out));
         (out, std::fs::read(&dest).unwrap())
     };
-    // What storage holds, read straight from it (no daemon, no hand-off).
-    let nowhere = dir.path().join("no-handoff");
+    // What storage holds, read straight from it (no daemon, no hand-off; a directory whose parent
+    // does not exist, so no prefetch of wal-fetch's own either).
+    let nowhere = dir.path().join("absent").join("no-handoff");
     let stored = |segment: &str| {
         let (out, bytes) = fetch(segment, free_port(), &nowhere, "stored");
         assert_eq!(via(&out), "storage");
@@ -227,8 +230,16 @@ fn handoff(backend: Backend, encrypted: bool) {
         "{}",
         daemon.log()
     );
-    let left: Vec<_> = std::fs::read_dir(&shared).unwrap().collect();
-    assert!(left.is_empty(), "{left:?}");
+    // The read from storage above (no daemon answered) started wal-fetch's own prefetch in the
+    // same directory; it ends once a daemon has started, taking its files with it.
+    let helper_log =
+        || std::fs::read_to_string(shared.join(".pgkeep-prefetch.log")).unwrap_or_default();
+    wait_for(
+        "the helper to give way to the daemon",
+        Duration::from_secs(20),
+        || helper_log().contains("a daemon started").then_some(()),
+    );
+    assert_eq!(handoff_files(&shared), Vec::<String>::new());
 }
 
 #[test]
@@ -372,4 +383,91 @@ fn file_storage_prefetch_across_a_promotion() {
 #[test]
 fn s3_storage_prefetch_across_a_promotion() {
     across_a_promotion(Backend::S3);
+}
+
+/// The hand-off files (plain or stored form) in `dir`.
+fn handoff_files(dir: &Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.ends_with(".wal") || n.ends_with(".pgko"))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// No daemon at all (a restore in an init container, a laptop): the first `wal-fetch` that reads
+/// storage starts a prefetch of its own, the segments after it reach Postgres through the
+/// hand-off directory, the restored table equals the original, and the helper ends by itself
+/// once recovery asks for nothing more, leaving no file behind.
+fn wal_fetch_alone_prefetches(backend: Backend) {
+    let dir = TestDir::new("handoff-alone");
+    let storage = Storage::new(backend, &dir);
+    let bin = dir.install_pgkeep();
+    let own = dir.path().join("own-prefetch");
+    let mut p = archiving_cluster(&dir, &storage, &bin, "primary", 1);
+    p.start();
+    p.psql("create table t (id int primary key, v text)");
+    p.psql("insert into t select g, 'base' from generate_series(1, 1000) g");
+    let out = storage.pgkeep_pg(&bin, &["backup"], &p.client_env());
+    assert!(out.status.success(), "backup: {}", stderr(&out));
+    for i in 0..12 {
+        let at = 10_000 + i * 1000;
+        p.psql(&format!(
+            "insert into t select g, repeat('x', 700) from generate_series({at}, {}) g",
+            at + 999
+        ));
+        p.psql("select pg_switch_wal()");
+    }
+    p.switch_and_wait_archived();
+    let expected = p.table_checksum("t");
+    p.stop("fast");
+
+    let target = dir.mkdir("restored");
+    let out = storage.pgkeep_pg(
+        &bin,
+        &["restore", "--target-dir", target.to_str().unwrap()],
+        &[
+            // No daemon answers there.
+            ("PGKEEP_LISTEN".into(), format!("127.0.0.1:{}", free_port())),
+            ("PGKEEP_PREFETCH_DIR".into(), own.display().to_string()),
+        ],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let restored = start_restored(&dir, &storage, target);
+    assert_eq!(restored.table_checksum("t"), expected);
+    let log = restored.log();
+    let handed = log.matches("via=handoff").count() + log.matches("via=\"handoff\"").count();
+    assert!(
+        handed >= 6,
+        "only {handed} segments came through the hand-off:\n{log}"
+    );
+    let helper_log =
+        || std::fs::read_to_string(own.join(".pgkeep-prefetch.log")).unwrap_or_default();
+    assert!(
+        helper_log().contains("wal-fetch's prefetch starts"),
+        "{}",
+        helper_log()
+    );
+    wait_for(
+        "wal-fetch's prefetch to end",
+        Duration::from_secs(40),
+        || {
+            helper_log()
+                .contains("wal-fetch's prefetch ends")
+                .then_some(())
+        },
+    );
+    assert_eq!(handoff_files(&own), Vec::<String>::new());
+}
+
+#[test]
+fn file_storage_wal_fetch_alone_prefetches() {
+    wal_fetch_alone_prefetches(Backend::File);
+}
+
+#[test]
+fn s3_storage_wal_fetch_alone_prefetches() {
+    wal_fetch_alone_prefetches(Backend::S3);
 }

@@ -69,6 +69,12 @@ pub async fn wal_fetch(cfg: &Config, name: &str, dest: &Path) -> Result<FetchRep
         .with_context(|| format!("writing {}", dest.display()))
         .map_err(FetchError::Failed)?;
     tracing::info!(wal = %name, bytes = data.len(), via, ms = started.elapsed().as_millis(), dest = %dest.display(), "fetched");
+    // No daemon prefetches: a helper of wal-fetch's own does, from here on.
+    if via == "storage"
+        && let Some(sysid) = local
+    {
+        super::helper::after_storage_fetch(cfg, &name, sysid, data.len());
+    }
     Ok(FetchReport {
         name,
         bytes: data.len(),

@@ -3,6 +3,7 @@
 pub mod archive;
 pub mod fetch;
 pub mod handoff;
+pub mod helper;
 pub mod prefetch;
 pub mod spool;
 pub mod stored;

@@ -192,6 +192,29 @@ impl Prefetcher {
         Ok(result)
     }
 
+    /// Recovery read segment `name` without the prefetch (a `wal-fetch` that missed, as a request
+    /// that finds nothing does): it is there now, and the window widens when the prefetch was
+    /// just behind it.
+    pub fn missed(self: &Arc<Self>, archive: &Archive, name: WalFileName, size: WalSegSize) {
+        self.caught_up(&name);
+        self.advance(archive, name, size, true);
+    }
+
+    /// Once the downloads under way have ended (at most 10 s), removes the prefetched files no
+    /// one took; returns how many. For a prefetch that ends: nothing may fill it again.
+    pub async fn discard(&self) -> usize {
+        let waiting = Instant::now();
+        while !self.lock().inflight.is_empty() && waiting.elapsed() < Duration::from_secs(10) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let mut st = self.lock();
+        let n = st.ready.len();
+        for (_, r) in st.ready.drain() {
+            let _ = std::fs::remove_file(&r.path);
+        }
+        n
+    }
+
     /// A request for `name` found it not prefetched: when it is the next one, redo caught up with
     /// the prefetch, and the window doubles.
     fn caught_up(&self, name: &WalFileName) {
