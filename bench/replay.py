@@ -111,7 +111,21 @@ def main():
             raise SystemExit(f"restore failed: {out.stderr}")
         # The daemon's token (in its spool by default): wal-fetch believes its answers only with it.
         token = os.path.join(work, "spool", "http-token")
-        wal_fetch = f"PGKEEP_LOG_LEVEL=warn {binary} wal-fetch %f %p"
+        # The daemon streams the source's open segment too (a .partial in storage, which wal-fetch
+        # serves under the segment's name), so recovery through pgkeep replays one file more than a
+        # folder of archive_command copies holds: cp gets that same file, and all replay the same WAL.
+        # Before each cp round, the segment after the last one in the folder is copied there from
+        # storage as wal-fetch serves it (the streamed .partial), so that cp replays it too.
+        open_env = {**env, "PGKEEP_LISTEN": f"127.0.0.1:{free_port()}", "PGKEEP_PGDATA": pristine,
+                    "PGKEEP_LOG_LEVEL": "warn", "PGKEEP_PREFETCH_DIR": os.path.join(work, "absent", "none")}
+
+        def open_segment_for_cp():
+            last = max(f for f in os.listdir(cp_dir) if len(f) == 24 and not f.endswith("open"))
+            seg = int(last[8:16], 16) * 256 + int(last[16:], 16) + 1
+            name = f"{last[:8]}{seg // 256:08X}{seg % 256:08X}"
+            subprocess.run(as_pg([binary, "wal-fetch", name, os.path.join(cp_dir, name)], open_env),
+                           cwd="/", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wal_fetch = f"{binary} wal-fetch %f %p"
         # wal-fetch alone: no daemon answers, so its first read from storage starts its own prefetch
         # (a helper process) into a directory of its own.
         alone = os.path.join(work, "alone-handoff")
@@ -126,6 +140,8 @@ def main():
         files = {}
         for r in range(args.rounds):
             for name, command in commands.items():
+                if name == "cp":
+                    open_segment_for_cp()
                 took, restored, log = timed_recovery(work, pristine, name, command)
                 times[name].append(took)
                 files[name] = restored

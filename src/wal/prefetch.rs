@@ -5,7 +5,7 @@
 //! directory, where `wal-fetch` takes them with no more work than a local copy; a client that asks
 //! over HTTP instead is answered from the same files.
 //!
-//! How far ahead: a window of segments that starts at 2 and doubles, up to `prefetch_segments`
+//! How far ahead: a window of segments that starts at 4 and doubles, up to `prefetch_segments`
 //! and the byte budget `prefetch_max_mb`, each time redo catches up with it (a request for a
 //! segment not yet there), so it sizes itself to the rates of fetching and of replay. It never
 //! goes past the end of the archive (a segment not in storage stops it until asked again, or for
@@ -30,7 +30,7 @@ use crate::wal::fetch::{FetchError, Fetched, fetch_stored, open_checked};
 use crate::wal::handoff::{self, Form};
 
 /// The window a replay starts with.
-const FIRST_WINDOW: usize = 2;
+const FIRST_WINDOW: usize = 4;
 /// How long "not in the archive" stops the prefetch at a segment (the daemon may be streaming it).
 const ABSENT_FOR: Duration = Duration::from_secs(2);
 /// How long a timeline's end, as the history files state it, is taken as known.
