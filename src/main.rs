@@ -113,6 +113,9 @@ enum Command {
         system_identifier: u64,
         #[arg(long)]
         segment_bytes: u32,
+        /// When the daemon's token was written, as wal-fetch saw it (ns; 0: none).
+        #[arg(long, default_value_t = 0)]
+        token_stamp: u128,
     },
     /// Check the stored backups and WAL without restoring: every chunk and manifest present and
     /// intact, WAL continuity from each backup to the newest segment. Exit 0: everything
@@ -582,9 +585,16 @@ async fn run(command: Command, cfg: Config) -> ExitCode {
             after,
             system_identifier,
             segment_bytes,
+            token_stamp,
         } => {
-            let result =
-                pgkeep::wal::helper::run(&cfg, &after, system_identifier, segment_bytes).await;
+            let result = pgkeep::wal::helper::run(
+                &cfg,
+                &after,
+                system_identifier,
+                segment_bytes,
+                token_stamp,
+            )
+            .await;
             done("wal-prefetch", result, |_| {})
         }
         Command::WalFetch { name, dest } => match fetch::wal_fetch(&cfg, &name, &dest).await {

@@ -650,6 +650,20 @@ impl Repo {
         Ok((header, stored))
     }
 
+    /// The stored bytes of `key` with its header read, the content not checked yet: for a caller
+    /// that opens the object next (which checks it), so that it is decoded and hashed once.
+    pub async fn get_stored_unchecked(
+        &self,
+        key: &Path,
+    ) -> Result<(Header, bytes::Bytes), StorageError> {
+        let stored = self.fetch_raw(key).await?;
+        let header = Header::parse(&stored).map_err(|reason| StorageError::Corrupt {
+            key: key.to_string(),
+            reason,
+        })?;
+        Ok((header, stored))
+    }
+
     /// The header of the object `key` alone (one ranged read), checked.
     pub async fn header(&self, key: &Path) -> Result<Header, StorageError> {
         let got = self

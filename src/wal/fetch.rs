@@ -446,7 +446,7 @@ pub fn split_pieces(header: &str, body: &bytes::Bytes) -> Option<(bytes::Bytes, 
 
 /// The verified plain content of a WAL file (of its `.partial` when only that is stored).
 pub async fn fetch_verified(archive: &Archive, name: &WalFileName) -> Result<Vec<u8>, FetchError> {
-    let f = fetch_stored(archive, name).await?;
+    let f = fetch_to_open(archive, name).await?;
     let repo = archive.repo().clone();
     let sysid = archive.system_identifier();
     tokio::task::spawn_blocking(move || open_checked(&repo, &f, sysid))
@@ -475,11 +475,25 @@ pub fn open_checked(repo: &Repo, f: &Fetched, sysid: u64) -> Result<Vec<u8>, Fet
 /// as the `.partial` the daemon streamed (the last WAL before a crash or shutdown) is served from
 /// that, and Postgres replays it up to its valid end, then ends recovery there.
 pub async fn fetch_stored(archive: &Archive, name: &WalFileName) -> Result<Fetched, FetchError> {
+    fetch_stored_with(archive, name, true).await
+}
+
+/// As [`fetch_stored`], the object's content not checked yet, for a caller that opens it next
+/// with [`open_checked`] (which checks it): one decode and one hash of each segment, not two.
+pub async fn fetch_to_open(archive: &Archive, name: &WalFileName) -> Result<Fetched, FetchError> {
+    fetch_stored_with(archive, name, false).await
+}
+
+async fn fetch_stored_with(
+    archive: &Archive,
+    name: &WalFileName,
+    checked: bool,
+) -> Result<Fetched, FetchError> {
     // A piece that goes while it is read was merged into a longer piece or a new `.partial`, or
     // its whole segment was stored: the next look finds that. Three looks in a row that race the daemon are not
     // chance.
     for _ in 0..3 {
-        if let Some(f) = fetch_stored_once(archive, name).await? {
+        if let Some(f) = fetch_stored_once(archive, name, checked).await? {
             return Ok(f);
         }
     }
@@ -490,6 +504,7 @@ pub async fn fetch_stored(archive: &Archive, name: &WalFileName) -> Result<Fetch
 async fn fetch_stored_once(
     archive: &Archive,
     name: &WalFileName,
+    checked: bool,
 ) -> Result<Option<Fetched>, FetchError> {
     let (repo, layout) = (archive.repo(), archive.layout());
     let mut candidates = vec![(layout.wal(name), *name)];
@@ -502,7 +517,12 @@ async fn fetch_stored_once(
     }
     let streamed = candidates.len() - 1;
     for (i, (key, served)) in candidates.into_iter().enumerate() {
-        let (header, stored) = match repo.get_stored(&key).await {
+        let got = if checked {
+            repo.get_stored(&key).await
+        } else {
+            repo.get_stored_unchecked(&key).await
+        };
+        let (header, stored) = match got {
             Ok(found) => found,
             Err(StorageError::NotFound { .. }) => continue,
             Err(e) => return Err(e.into()),

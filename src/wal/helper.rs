@@ -8,7 +8,8 @@
 //! takes them as it takes the daemon's ([`super::handoff`]). It follows recovery by the files
 //! that are taken; a `wal-fetch` that misses tells it where recovery is (a small file in the
 //! directory), which also widens the window as a miss does in the daemon. It ends after
-//! [`IDLE`] without a take or a miss, or once a daemon has started (its token file is newer),
+//! [`IDLE`] without a take or a miss, or once a daemon has started (its token file is not the
+//! one `wal-fetch` saw),
 //! and removes the files it placed that nobody took. It logs to `.pgkeep-prefetch.log` there.
 //! It runs only where the directory's parent exists (it is never made up).
 //!
@@ -136,6 +137,10 @@ fn spawn(cfg: &Config, name: &WalFileName, sysid: u64, seg_bytes: usize) -> anyh
         &sysid.to_string(),
         "--segment-bytes",
         &seg_bytes.to_string(),
+        // The daemon's token as wal-fetch found it (no daemon answered): a new one is a daemon
+        // that started since, however soon the helper gets going.
+        "--token-stamp",
+        &token_stamp(&cfg.http_token_file).to_string(),
     ])
     .stdin(std::process::Stdio::null())
     .stdout(std::process::Stdio::null())
@@ -148,7 +153,13 @@ fn spawn(cfg: &Config, name: &WalFileName, sysid: u64, seg_bytes: usize) -> anyh
 }
 
 /// `pgkeep wal-prefetch SEGMENT`: the helper (see the module documentation).
-pub async fn run(cfg: &Config, after: &str, sysid: u64, seg_bytes: u32) -> anyhow::Result<()> {
+pub async fn run(
+    cfg: &Config,
+    after: &str,
+    sysid: u64,
+    seg_bytes: u32,
+    token_seen: u128,
+) -> anyhow::Result<()> {
     let name: WalFileName = after.parse()?;
     let size = WalSegSize::new(seg_bytes)
         .ok_or_else(|| anyhow!("{seg_bytes} bytes is not a WAL segment size"))?;
@@ -159,7 +170,7 @@ pub async fn run(cfg: &Config, after: &str, sysid: u64, seg_bytes: u32) -> anyho
         tracing::debug!("another wal-fetch prefetch runs");
         return Ok(());
     };
-    let started = (Instant::now(), SystemTime::now());
+    let started = Instant::now();
     let p = Arc::new(Prefetcher::new(
         dir.clone(),
         cfg.prefetch_segments,
@@ -183,7 +194,7 @@ pub async fn run(cfg: &Config, after: &str, sysid: u64, seg_bytes: u32) -> anyho
         if last.elapsed() >= IDLE {
             break "recovery asked for nothing more";
         }
-        if daemon_started_since(&cfg.http_token_file, started.1) {
+        if token_stamp(&cfg.http_token_file) != token_seen {
             break "a daemon started";
         }
     };
@@ -193,7 +204,7 @@ pub async fn run(cfg: &Config, after: &str, sysid: u64, seg_bytes: u32) -> anyho
     tracing::info!(
         handed_off = p.handed_off.get(),
         removed,
-        seconds = crate::progress::round3(started.0.elapsed().as_secs_f64()),
+        seconds = crate::progress::round3(started.elapsed().as_secs_f64()),
         "wal-fetch's prefetch ends: {why}"
     );
     Ok(())
@@ -210,9 +221,12 @@ fn take_asked(dir: &Path) -> Option<WalFileName> {
         .filter(|n: &WalFileName| n.kind == WalFileKind::Segment)
 }
 
-/// Whether a daemon wrote its token after `since` (it serves WAL, with its own prefetch, now).
-fn daemon_started_since(token: &Path, since: SystemTime) -> bool {
+/// When the daemon's token was last written (ns since the epoch; 0: there is none). A daemon
+/// writes a new one each time it starts.
+fn token_stamp(token: &Path) -> u128 {
     std::fs::metadata(token)
         .and_then(|m| m.modified())
-        .is_ok_and(|t| t > since)
+        .ok()
+        .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_nanos())
 }

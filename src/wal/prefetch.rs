@@ -26,7 +26,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use crate::pg::{SegmentNo, TimelineId, WalFileKind, WalFileName, WalSegSize};
 use crate::storage::object::{self, Header};
 use crate::storage::{Archive, StorageError};
-use crate::wal::fetch::{FetchError, Fetched, fetch_stored, open_checked};
+use crate::wal::fetch::{FetchError, Fetched, fetch_stored, fetch_to_open, open_checked};
 use crate::wal::handoff::{self, Form};
 
 /// The window a replay starts with.
@@ -398,7 +398,8 @@ impl Prefetcher {
     fn download(self: &Arc<Self>, archive: Archive, name: WalFileName) {
         let me = self.clone();
         tokio::spawn(async move {
-            let placed = match fetch_stored(&archive, &name).await {
+            // Checked once, where it is placed (decoded, or its stored form checked).
+            let placed = match fetch_to_open(&archive, &name).await {
                 Ok(f) if f.served.kind == WalFileKind::Segment => {
                     let dir = me.dir.clone();
                     let repo = archive.repo().clone();

@@ -109,15 +109,17 @@ impl StoredSegments {
 }
 
 /// Whether a stream on `timeline` that has received WAL up to `received`, and stored everything
-/// before `durable`, has received some of segment `name` (of `size`) and not stored all of it:
-/// then its upload comes. A segment wholly before `durable` was stored (and recorded) already, or
-/// by someone else before this stream started; one not reached yet may never be.
+/// before `durable`, will store segment `name` (of `size`) soon: it has not stored all of it, and
+/// has received some of it, or (`healthy`: streaming works) is about to, as Postgres completed it.
+/// A segment wholly before `durable` was stored (and recorded) already, or by someone else before
+/// this stream began; one a broken stream has not reached may never come.
 pub fn streamed_into(
     name: &WalFileName,
     timeline: Option<TimelineId>,
     received: crate::pg::Lsn,
     durable: crate::pg::Lsn,
     size: Option<WalSegSize>,
+    healthy: bool,
 ) -> bool {
     let (Some(tli), Some(size)) = (timeline, size) else {
         return false;
@@ -126,7 +128,7 @@ pub fn streamed_into(
         return false;
     };
     let end = size.start_of(crate::pg::SegmentNo(seg.0 + 1));
-    name.timeline == tli && size.start_of(seg) < received && durable < end
+    name.timeline == tli && durable < end && (size.start_of(seg) < received || healthy)
 }
 
 #[cfg(test)]
@@ -192,27 +194,41 @@ mod tests {
         let tli = TimelineId::new(1);
         let (start_of_3, start_of_4) = (Lsn(3 << 24), Lsn(4 << 24));
         let durable = Lsn(2 << 24);
-        assert!(!streamed_into(&seg(3), tli, start_of_3, durable, size));
-        assert!(streamed_into(
-            &seg(3),
-            tli,
-            Lsn(start_of_3.0 + 1),
-            durable,
-            size
-        ));
-        assert!(streamed_into(&seg(2), tli, start_of_3, durable, size));
+        let coming = |n, t, r, d, s| streamed_into(&seg(n), t, r, d, s, false);
+        assert!(!coming(3, tli, start_of_3, durable, size));
+        assert!(coming(3, tli, Lsn(start_of_3.0 + 1), durable, size));
+        assert!(coming(2, tli, start_of_3, durable, size));
+        // Not reached yet: coming only while streaming works.
+        assert!(streamed_into(&seg(3), tli, start_of_3, durable, size, true));
+        assert!(streamed_into(&seg(9), tli, start_of_3, durable, size, true));
         // Wholly durable already (stored before this stream, or recorded): nothing comes.
-        assert!(!streamed_into(&seg(1), tli, start_of_3, durable, size));
-        assert!(!streamed_into(&seg(3), tli, Lsn(5 << 24), start_of_4, size));
-        assert!(streamed_into(
+        assert!(!coming(1, tli, start_of_3, durable, size));
+        assert!(!streamed_into(
+            &seg(1),
+            tli,
+            start_of_3,
+            durable,
+            size,
+            true
+        ));
+        assert!(!coming(3, tli, Lsn(5 << 24), start_of_4, size));
+        assert!(coming(3, tli, Lsn(5 << 24), Lsn(start_of_4.0 - 1), size));
+        let other = TimelineId::new(2);
+        assert!(!streamed_into(
+            &seg(3),
+            other,
+            start_of_4,
+            durable,
+            size,
+            true
+        ));
+        assert!(!streamed_into(
             &seg(3),
             tli,
-            Lsn(5 << 24),
-            Lsn(start_of_4.0 - 1),
-            size
+            start_of_4,
+            durable,
+            None,
+            true
         ));
-        let other = TimelineId::new(2);
-        assert!(!streamed_into(&seg(3), other, start_of_4, durable, size));
-        assert!(!streamed_into(&seg(3), tli, start_of_4, durable, None));
     }
 }

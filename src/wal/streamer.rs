@@ -127,8 +127,9 @@ impl StreamState {
         TimelineId::new(self.timeline.load(std::sync::atomic::Ordering::Acquire))
     }
 
-    /// Whether this stream has received some of segment `name` (on its timeline) and not yet
-    /// stored all of it: then the segment's upload is coming (perhaps after storage is back).
+    /// Whether this stream will store segment `name` (on its timeline) soon: it has not stored
+    /// all of it, and has received some of it (its upload comes, perhaps once storage is back) or
+    /// streams without a problem (Postgres completed it: it is about to arrive).
     pub fn streamed_into(&self, name: &WalFileName) -> bool {
         let size =
             crate::pg::WalSegSize::new(self.seg_size.load(std::sync::atomic::Ordering::Acquire));
@@ -138,6 +139,7 @@ impl StreamState {
             self.received_lsn(),
             self.durable_lsn(),
             size,
+            self.problem().is_none(),
         )
     }
 }
