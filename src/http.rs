@@ -335,12 +335,12 @@ pub struct ArchivedQuery {
     sha256: String,
 }
 
-/// How long `/archived` waits for the upload of a segment the stream is inside of.
+/// How long `/archived` waits for the upload of a segment the stream is about to store.
 const ARCHIVED_WAIT: std::time::Duration = std::time::Duration::from_secs(20);
 
 /// `GET /archived/{segment}?system_identifier=ID&sha256=HEX`, for `archive-push`: 200 (with the
 /// daemon's proof) when this daemon's stream stored that segment with exactly that content,
-/// waiting up to 20 s for an upload the stream has begun; 404 when it did not; 409 when it stored
+/// waiting up to 20 s for an upload the stream is about to make; 404 when it did not; 409 when it stored
 /// other content or serves another cluster.
 async fn archived(
     State(s): State<AppState>,
