@@ -598,7 +598,18 @@ async fn run(command: Command, cfg: Config) -> ExitCode {
             done("wal-prefetch", result, |_| {})
         }
         Command::WalFetch { name, dest } => match fetch::wal_fetch(&cfg, &name, &dest).await {
-            Ok(_) => ExitCode::SUCCESS,
+            Ok(report) => {
+                // No daemon prefetches: a helper of wal-fetch's own does, from here on.
+                if let Some(sysid) = report.from_storage {
+                    pgkeep::wal::helper::after_storage_fetch(
+                        &cfg,
+                        &report.name,
+                        sysid,
+                        report.bytes,
+                    );
+                }
+                ExitCode::SUCCESS
+            }
             Err(FetchError::NotInArchive(n)) => {
                 tracing::info!(wal = %n, "not in the archive");
                 ExitCode::from(EXIT_NOT_IN_ARCHIVE)

@@ -43,6 +43,9 @@ impl From<StorageError> for FetchError {
 pub struct FetchReport {
     pub name: WalFileName,
     pub bytes: usize,
+    /// Read from storage by this process (no daemon answered, nothing was prefetched), with the
+    /// cluster's system identifier: where `wal-fetch`'s own prefetch starts ([`super::helper`]).
+    pub from_storage: Option<u64>,
 }
 
 /// Downloads one WAL file, verifies it (object checksum; for segments also the page header against
@@ -69,15 +72,10 @@ pub async fn wal_fetch(cfg: &Config, name: &str, dest: &Path) -> Result<FetchRep
         .with_context(|| format!("writing {}", dest.display()))
         .map_err(FetchError::Failed)?;
     tracing::info!(wal = %name, bytes = data.len(), via, ms = started.elapsed().as_millis(), dest = %dest.display(), "fetched");
-    // No daemon prefetches: a helper of wal-fetch's own does, from here on.
-    if via == "storage"
-        && let Some(sysid) = local
-    {
-        super::helper::after_storage_fetch(cfg, &name, sysid, data.len());
-    }
     Ok(FetchReport {
         name,
         bytes: data.len(),
+        from_storage: local.filter(|_| via == "storage"),
     })
 }
 
@@ -102,7 +100,11 @@ pub fn from_handoff(cfg: &Config, name: &str, dest: &Path) -> Option<FetchReport
                 super::handoff::Form::Stored => "stored",
             };
             tracing::info!(wal = %name, bytes, via = "handoff", form, us = started.elapsed().as_micros() as u64, dest = %dest.display(), "fetched");
-            Some(FetchReport { name, bytes })
+            Some(FetchReport {
+                name,
+                bytes,
+                from_storage: None,
+            })
         }
         super::handoff::Taken::Miss => None,
     }
