@@ -20,8 +20,6 @@ pub struct PushReport {
     pub name: WalFileName,
     pub system_identifier: u64,
     pub outcome: PutOutcome,
-    /// The daemon's stream had stored the segment already (nothing was uploaded).
-    pub by_daemon: bool,
 }
 
 /// How long `archive-push` waits for the daemon's answer (the daemon itself waits up to 20 s for
@@ -79,7 +77,6 @@ pub async fn archive_push(cfg: &Config, path: &Path) -> anyhow::Result<PushRepor
             name,
             system_identifier,
             outcome: PutOutcome::AlreadyPresent,
-            by_daemon: true,
         });
     }
     let repo = Repo::open(&cfg.storage_settings(), true)?;
@@ -109,7 +106,6 @@ pub async fn archive_push(cfg: &Config, path: &Path) -> anyhow::Result<PushRepor
         name,
         system_identifier,
         outcome,
-        by_daemon: false,
     })
 }
 

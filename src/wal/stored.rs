@@ -71,8 +71,8 @@ impl StoredSegments {
         })
     }
 
-    /// Whether `name` is stored with content `sha`. While `coming(name)` says the stream has
-    /// received (some of) that segment, waits at most `wait` for its upload.
+    /// Whether `name` is stored with content `sha`. While `coming()` says the stream will store
+    /// that segment soon ([`streamed_into`]), waits at most `wait` for its upload.
     pub async fn wait_for(
         &self,
         name: &WalFileName,
