@@ -91,7 +91,13 @@ impl Jobs {
         }
         let started = std::time::Instant::now();
         self.backing_up.store(true, Ordering::Release);
-        let taken = crate::backup::take_backup(&self.cfg, &self.repo, &self.abort).await;
+        let taken = crate::backup::take_backup(
+            &self.cfg,
+            &self.repo,
+            &self.abort,
+            crate::backup::BackupMode::Scheduled,
+        )
+        .await;
         self.backing_up.store(false, Ordering::Release);
         let meta = taken?;
         self.state

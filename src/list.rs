@@ -1,4 +1,5 @@
-//! `pgkeep list`: the complete base backups, newest first, and the recoverable window.
+//! `pgkeep list`: the complete base backups, newest first (each with its kind, its parent when it
+//! is incremental, and the size it added), and the recoverable window.
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
@@ -72,8 +73,9 @@ pub fn render(inv: &Inventory) -> String {
     );
     if !inv.backups.is_empty() {
         out.push_str(&format!(
-            "{:<17} {:<20} {:>8} {:<14} {:<14} {:>3} {:>10} {:>10}  {}\n",
+            "{:<17} {:<11} {:<20} {:>8} {:<14} {:<14} {:>3} {:>10} {:>10}  {:<17} {}\n",
             "ID",
+            "KIND",
             "FINISHED (UTC)",
             "SECONDS",
             "START LSN",
@@ -81,13 +83,15 @@ pub fn render(inv: &Inventory) -> String {
             "TL",
             "SIZE",
             "STORED",
+            "PARENT",
             "ENCRYPTED TO"
         ));
     }
     for b in &inv.backups {
         out.push_str(&format!(
-            "{:<17} {:<20} {:>8.1} {:<14} {:<14} {:>3} {:>10} {:>10}  {}\n",
+            "{:<17} {:<11} {:<20} {:>8.1} {:<14} {:<14} {:>3} {:>10} {:>10}  {:<17} {}\n",
             b.id.to_string(),
+            b.kind.to_string(),
             b.end_time.format("%Y-%m-%d %H:%M:%S").to_string(),
             (b.end_time - b.start_time).num_milliseconds() as f64 / 1000.0,
             b.start_lsn.to_string(),
@@ -95,6 +99,9 @@ pub fn render(inv: &Inventory) -> String {
             b.timeline.get(),
             human_bytes(b.plain_bytes),
             human_bytes(b.stored_bytes),
+            b.parent
+                .as_ref()
+                .map_or_else(|| "-".to_string(), |p| p.to_string()),
             if b.encrypted_to.is_empty() {
                 "-".to_string()
             } else {

@@ -51,7 +51,16 @@ enum Command {
         timeout: u64,
     },
     /// Take one base backup now (over the replication protocol) and wait until it is in storage.
-    Backup,
+    Backup {
+        /// Postgres 17+: only the blocks changed since the newest backup (needs summarize_wal =
+        /// on); an error when the server cannot take one.
+        #[arg(long, conflicts_with = "full")]
+        incremental: bool,
+        /// A full backup even when backup_full_interval_hours would make it incremental (the
+        /// default without either flag is the schedule's choice).
+        #[arg(long)]
+        full: bool,
+    },
     /// Take a mark: a named restore point (pg_create_restore_point), a WAL switch, and a record
     /// in storage once that WAL is there. Seconds at any database size; restore to it with
     /// `restore --target-name NAME`.
@@ -267,7 +276,10 @@ async fn inventory(cfg: &Config) -> anyhow::Result<list::Inventory> {
 }
 
 /// `pgkeep backup`: SIGTERM or Ctrl-C cancels it, and a cancelled backup leaves nothing listed.
-async fn take_backup(cfg: &Config) -> anyhow::Result<pgkeep::storage::BackupMeta> {
+async fn take_backup(
+    cfg: &Config,
+    mode: backup::BackupMode,
+) -> anyhow::Result<pgkeep::storage::BackupMeta> {
     use tokio::signal::unix::{SignalKind, signal};
     let repo = pgkeep::storage::Repo::open(&cfg.storage_settings(), true)?;
     let cancel = tokio_util::sync::CancellationToken::new();
@@ -289,7 +301,7 @@ async fn take_backup(cfg: &Config) -> anyhow::Result<pgkeep::storage::BackupMeta
             on_signal.cancel();
         }
     });
-    backup::take_backup(cfg, &repo, &cancel).await
+    backup::take_backup(cfg, &repo, &cancel, mode).await
 }
 
 /// glibc's malloc moves its mmap threshold up to 32 MiB after the first large free, after which our
@@ -516,9 +528,16 @@ async fn run(command: Command, cfg: Config) -> ExitCode {
         Command::Prune { dry_run } => done("prune failed", prune(&cfg, dry_run).await, |plan| {
             print!("{}", pgkeep::retention::render(&plan, dry_run))
         }),
-        Command::Backup => done("backup failed", take_backup(&cfg).await, |meta| {
-            println!("{}", meta.id)
-        }),
+        Command::Backup { incremental, full } => {
+            let mode = match (incremental, full) {
+                (true, _) => backup::BackupMode::Incremental,
+                (_, true) => backup::BackupMode::Full,
+                _ => backup::BackupMode::Scheduled,
+            };
+            done("backup failed", take_backup(&cfg, mode).await, |meta| {
+                println!("{}", meta.id)
+            })
+        }
         Command::Mark {
             name,
             note,

@@ -1,6 +1,7 @@
 //! Retention: keep at least `backup_count` base backups and every backup younger than
 //! `backup_max_age_hours`; delete the others, then the WAL no kept backup needs. Never the newest
-//! backup, never WAL from the oldest kept backup's start on, never a timeline history file.
+//! backup, never a backup a kept incremental backup builds on (its parent, and theirs), never WAL
+//! from the oldest kept backup's start on, never a timeline history file.
 
 use chrono::{DateTime, Utc};
 use object_store::path::Path;
@@ -39,6 +40,17 @@ pub async fn plan(cfg: &Config, archive: &Archive, now: DateTime<Utc>) -> anyhow
             delete.push(b);
         }
     }
+    // A kept incremental backup is restored on its parent, and that on its own: they stay.
+    let mut i = 0;
+    while i < keep.len() {
+        if let Some(parent) = &keep[i].parent
+            && let Some(at) = delete.iter().position(|b| b.id == *parent)
+        {
+            keep.push(delete.remove(at));
+        }
+        i += 1;
+    }
+    keep.sort_by(|a, b| b.id.cmp(&a.id));
     let mut delete_wal = vec![];
     if let Some(oldest) = keep.iter().min_by_key(|b| b.start_lsn) {
         let size = oldest.wal_segment_size;

@@ -356,6 +356,8 @@ async fn the_catalog_reads_what_it_writes(b: &Backend) {
         plain_bytes: 9,
         stored_bytes: 9,
         encrypted_to: vec![],
+        kind: Default::default(),
+        parent: None,
     };
     archive.publish_backup(&meta).await.unwrap();
     assert_eq!(

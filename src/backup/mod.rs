@@ -4,6 +4,7 @@
 //! `stream.rs` speaks to the server, `chunks.rs` stores what it sends.
 
 mod chunks;
+mod incremental;
 mod stream;
 
 use std::time::Duration;
@@ -16,9 +17,24 @@ use crate::config::Config;
 use crate::pg::replication::{ReplConnection, ServerIdentity};
 use crate::pg::{Lsn, TimelineId};
 use crate::progress::human_bytes;
-use crate::storage::catalog::{META_VERSION, required_wal};
+use crate::storage::catalog::{BackupKind, META_VERSION, META_VERSION_INCREMENTAL, required_wal};
 use crate::storage::layout::BackupId;
 use crate::storage::{Archive, ArchiveMeta, BackupMeta, ClusterInfo, Repo};
+
+/// What kind of base backup to take.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BackupMode {
+    /// Every file.
+    Full,
+    /// Incremental on the newest backup (Postgres 17 and later, `summarize_wal = on`); an error
+    /// when the server cannot take one. A full one when the chain on the newest full backup
+    /// already holds `backup_max_incrementals`.
+    Incremental,
+    /// The daemon's schedule: incremental when `backup_full_interval_hours` is set, the newest
+    /// full backup is younger than that, the chain is shorter than `backup_max_incrementals` and
+    /// the server can take one; otherwise full (and the log says why).
+    Scheduled,
+}
 
 /// Takes one base backup now and waits until it exists in storage (data, manifest, its WAL,
 /// metadata). Cancelling `cancel` stops it: nothing of it is then listed, and the error says so.
@@ -26,14 +42,46 @@ pub async fn take_backup(
     cfg: &Config,
     repo: &Repo,
     cancel: &CancellationToken,
+    mode: BackupMode,
 ) -> anyhow::Result<BackupMeta> {
     let (mut conn, server) = ReplConnection::connect_identified(&cfg.pg).await?;
     let archive = repo.ensure_cluster(&ClusterInfo::from(&server)).await?;
+    let mut parent = incremental::choose_parent(cfg, &mut conn, &server, &archive, mode).await?;
+    if let Some((p, manifest)) = &parent {
+        if let Err(e) = conn.upload_manifest(manifest).await {
+            let why = format!(
+                "the server refused an incremental backup on backup {}: {e}",
+                p.id
+            );
+            match mode {
+                BackupMode::Scheduled => {
+                    tracing::warn!("{why}; taking a full backup instead");
+                    parent = None;
+                }
+                _ => bail!("{why}"),
+            }
+        }
+    }
+    let parent = parent.map(|(p, _)| p);
     let (id, start_time) = free_backup_id(&archive).await?;
-    tracing::info!(backup = %id, system_identifier = server.system_identifier, "starting base backup");
+    let kind = match parent {
+        Some(_) => BackupKind::Incremental,
+        None => BackupKind::Full,
+    };
+    tracing::info!(backup = %id, %kind, parent = parent.as_ref().map(|p| p.id.to_string()), system_identifier = server.system_identifier, "starting base backup");
     let work = async {
-        let streamed = stream::stream_backup(cfg, &mut conn, &server, &archive, &id).await?;
-        finish(cfg, &archive, &server, &id, start_time, streamed).await
+        let streamed =
+            stream::stream_backup(cfg, &mut conn, &server, &archive, &id, parent.is_some()).await?;
+        finish(
+            cfg,
+            &archive,
+            &server,
+            &id,
+            start_time,
+            streamed,
+            parent.as_ref(),
+        )
+        .await
     };
     let result = tokio::select! {
         r = work => r,
@@ -43,6 +91,7 @@ pub async fn take_backup(
         Ok(meta) => {
             tracing::info!(
                 backup = %meta.id,
+                kind = %meta.kind,
                 start_lsn = %meta.start_lsn,
                 end_lsn = %meta.end_lsn,
                 timeline = meta.timeline.get(),
@@ -98,6 +147,7 @@ async fn finish(
     id: &BackupId,
     start_time: DateTime<Utc>,
     s: Streamed,
+    parent: Option<&BackupMeta>,
 ) -> anyhow::Result<BackupMeta> {
     let repo = archive.repo();
     // Its checksum (of the stored bytes when encrypted) goes into backup.json.
@@ -113,7 +163,10 @@ async fn finish(
     // The chunks were written without a sync each: one for all of them before anything names them.
     repo.sync_all().await?;
     let meta = BackupMeta {
-        meta_version: META_VERSION,
+        meta_version: match parent {
+            Some(_) => META_VERSION_INCREMENTAL,
+            None => META_VERSION,
+        },
         id: id.clone(),
         label: label(id),
         system_identifier: server.system_identifier,
@@ -130,6 +183,11 @@ async fn finish(
         manifest_sha256: hex::encode(manifest_header.checksum),
         encrypted_to: repo.keys().recipient_fingerprints(),
         archives: s.archives,
+        kind: match parent {
+            Some(_) => BackupKind::Incremental,
+            None => BackupKind::Full,
+        },
+        parent: parent.map(|p| p.id.clone()),
     };
     // Written last: from here on the backup exists.
     archive.publish_backup(&meta).await?;

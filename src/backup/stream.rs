@@ -26,15 +26,18 @@ pub(super) async fn stream_backup(
     server: &ServerIdentity,
     archive: &Archive,
     id: &BackupId,
+    incremental: bool,
 ) -> anyhow::Result<Streamed> {
     let label = label(id).replace('\'', "''");
+    // Incremental: on the manifest uploaded on this connection just before (17 and later).
+    let incremental = if incremental { ", INCREMENTAL" } else { "" };
     let legacy = server.major() < 15;
     conn.send_query(&if legacy {
         // 13 and 14: the older option syntax; WAIT false is NOWAIT.
         format!("BASE_BACKUP LABEL '{label}' PROGRESS FAST NOWAIT MANIFEST 'yes' MANIFEST_CHECKSUMS 'CRC32C'")
     } else {
         format!(
-            "BASE_BACKUP (LABEL '{label}', PROGRESS true, CHECKPOINT 'fast', WAIT false, MANIFEST 'yes', MANIFEST_CHECKSUMS 'CRC32C')"
+            "BASE_BACKUP (LABEL '{label}', PROGRESS true, CHECKPOINT 'fast', WAIT false, MANIFEST 'yes', MANIFEST_CHECKSUMS 'CRC32C'{incremental})"
         )
     })
     .await?;

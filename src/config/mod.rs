@@ -71,6 +71,8 @@ const KEYS: &[(&str, Kind)] = &[
     ("backup_count", Kind::Int),
     ("backup_max_age_hours", Kind::Int),
     ("backup_interval_hours", Kind::Int),
+    ("backup_full_interval_hours", Kind::Int),
+    ("backup_max_incrementals", Kind::Int),
     ("encryption_recipients", Kind::List),
     ("encryption_identity_file", Kind::Str),
     ("verify_interval_hours", Kind::Int),
@@ -165,6 +167,11 @@ pub struct Config {
     pub backup_max_age_hours: u64,
     /// The daemon takes a base backup this often (0: never on its own).
     pub backup_interval_hours: u64,
+    /// Postgres 17+: scheduled backups are incremental, with a full one when the newest full one
+    /// is this old (0: every scheduled backup is full).
+    pub backup_full_interval_hours: u64,
+    /// The most incremental backups on one full one; the next backup is then full.
+    pub backup_max_incrementals: usize,
     /// The daemon checks the stored backups and WAL (`pgkeep verify`) this often (0: never).
     pub verify_interval_hours: u64,
     /// Where the daemon's restore drills restore to (None: no drills).
@@ -378,6 +385,9 @@ impl Config {
             backup_count: v.int("backup_count", 1..=10000, 3)? as usize,
             backup_max_age_hours: v.int("backup_max_age_hours", 0..=1_000_000, 168)? as u64,
             backup_interval_hours: v.int("backup_interval_hours", 0..=100_000, 24)? as u64,
+            backup_full_interval_hours: v.int("backup_full_interval_hours", 0..=1_000_000, 0)?
+                as u64,
+            backup_max_incrementals: v.int("backup_max_incrementals", 1..=50, 6)? as usize,
             verify_interval_hours: v.int("verify_interval_hours", 0..=100_000, 24)? as u64,
             drill_dir: v.absolute_path("drill_dir", None)?,
             drill_interval_hours: v.int("drill_interval_hours", 0..=100_000, 168)? as u64,

@@ -357,6 +357,56 @@ impl ReplConnection {
         self.flush().await
     }
 
+    /// `UPLOAD_MANIFEST` (Postgres 17+): sends the backup manifest of the backup an incremental
+    /// one is to be taken against; the next `BASE_BACKUP (INCREMENTAL)` on this connection uses it.
+    /// The server checks it (the system identifier, the WAL summaries it needs) and its error, if
+    /// any, is returned.
+    pub async fn upload_manifest(&mut self, manifest: &[u8]) -> Result<(), PgError> {
+        self.send_query("UPLOAD_MANIFEST").await?;
+        loop {
+            match self.read().await? {
+                Incoming::Message(Message::CopyInResponse(_)) => break,
+                Incoming::Message(Message::ErrorResponse(e)) => {
+                    let err = server_error(e);
+                    self.drain_to_ready().await?;
+                    return Err(err);
+                }
+                Incoming::Message(Message::NoticeResponse(_) | Message::ParameterStatus(_)) => {}
+                _ => {
+                    return Err(PgError::protocol(
+                        "UPLOAD_MANIFEST: expected CopyInResponse",
+                    ));
+                }
+            }
+        }
+        for piece in manifest.chunks(1 << 20) {
+            frontend::CopyData::new(piece)?.write(&mut self.wbuf);
+            self.flush().await?;
+        }
+        frontend::copy_done(&mut self.wbuf);
+        self.flush().await?;
+        let mut failed = None;
+        loop {
+            match self.read().await? {
+                Incoming::Message(Message::ReadyForQuery(_)) => break,
+                Incoming::Message(Message::ErrorResponse(e)) => failed = Some(server_error(e)),
+                Incoming::Message(_) => {}
+                Incoming::CopyBothResponse => {
+                    return Err(PgError::protocol("UPLOAD_MANIFEST: unexpected CopyBoth"));
+                }
+            }
+        }
+        failed.map_or(Ok(()), Err)
+    }
+
+    async fn drain_to_ready(&mut self) -> Result<(), PgError> {
+        loop {
+            if let Incoming::Message(Message::ReadyForQuery(_)) = self.read().await? {
+                return Ok(());
+            }
+        }
+    }
+
     /// Runs a query whose answer is result sets only, and returns them.
     pub async fn simple_query(&mut self, sql: &str) -> Result<Vec<ResultSet>, PgError> {
         self.send_query(sql).await?;

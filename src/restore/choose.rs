@@ -83,7 +83,10 @@ pub(super) async fn find_in(
         ..opts.clone()
     };
     let backups = on_history(&archive, backups, opts).await?;
-    let chosen = choose(&backups, opts)?.clone();
+    let mut chosen = choose(&backups, opts)?.clone();
+    if let Some(RecoveryTarget::Name(name)) = &target {
+        chosen = with_restore_point(&archive, &backups, chosen, name, opts).await?;
+    }
     tracing::info!(backup = %chosen.id, end_lsn = %chosen.end_lsn, end_time = %chosen.end_time, "chosen backup");
     let missing = archive.missing_wal(&chosen.required_wal()).await?;
     if !missing.is_empty() {
@@ -93,22 +96,58 @@ pub(super) async fn find_in(
             crate::pg::lsn::join_names(&missing)
         );
     }
-    if let Some(RecoveryTarget::Name(name)) = &target {
-        match super::points::find(&archive, &chosen, name, SCAN_PARALLELISM).await? {
-            super::points::Found::In(file) => {
-                tracing::info!(name, wal = %file, "the WAL after the backup holds a restore point of that name")
-            }
-            super::points::Found::Nowhere { scanned } => bail!(
-                "--target-name {name:?}: no mark of that name, and no restore point of that name \
-                 in the WAL after backup {} ({scanned} WAL files from {} on): `pgkeep list` \
-                 shows the marks; a restore point made before that backup needs an older one \
-                 (--backup ID); nothing was written",
-                chosen.id,
-                chosen.start_lsn
-            ),
-        }
-    }
     Ok(Some((archive, chosen, target)))
+}
+
+/// The backup to restore to the restore point `name` (made by pg_create_restore_point, no mark):
+/// `chosen` when the WAL after its end holds it; else, unless a backup was named, the newest that
+/// ended before it (the WAL is searched from the oldest backup's start once). An error when the WAL
+/// holds no such restore point, or none after a backup's end.
+async fn with_restore_point(
+    archive: &Archive,
+    backups: &[BackupMeta],
+    chosen: BackupMeta,
+    name: &str,
+    opts: &RestoreOptions,
+) -> anyhow::Result<BackupMeta> {
+    use super::points::{Found, find};
+    let mut found = find(archive, &chosen, name, SCAN_PARALLELISM).await?;
+    let mut searched_from = &chosen;
+    let named = matches!(opts.backup, BackupChoice::Id(_));
+    let after_chosen = matches!(found, Found::In(_, lsn) if lsn > chosen.end_lsn);
+    if !named
+        && !after_chosen
+        && let Some(oldest) = backups.last().filter(|o| o.id != chosen.id)
+    {
+        found = find(archive, oldest, name, SCAN_PARALLELISM).await?;
+        searched_from = oldest;
+    }
+    match found {
+        Found::In(file, lsn) => {
+            let pick = if named {
+                Some(chosen.clone())
+            } else {
+                backups.iter().find(|b| b.end_lsn < lsn).cloned()
+            };
+            match pick {
+                Some(b) => {
+                    tracing::info!(name, wal = %file, lsn = %lsn, "the WAL holds a restore point of that name");
+                    Ok(b)
+                }
+                None => bail!(
+                    "--target-name {name:?}: the restore point of that name (in {file}) was made before \
+                     the oldest backup ended: no backup can reach it; nothing was written"
+                ),
+            }
+        }
+        Found::Nowhere { scanned } => bail!(
+            "--target-name {name:?}: no mark of that name, and no restore point of that name \
+             in the WAL after backup {} ({scanned} WAL files from {} on): `pgkeep list` \
+             shows the marks; nothing was written",
+            searched_from.id,
+            searched_from.start_lsn
+        ),
+    }
 }
 
 /// Only the backups on the history recovery will follow: the mark's timeline, else the newest
@@ -205,6 +244,8 @@ fn choose<'a>(backups: &'a [BackupMeta], opts: &RestoreOptions) -> anyhow::Resul
                 oldest.end_lsn
             )
         })?,
+        // A restore point's backup is chosen by where the WAL holds it (`with_restore_point`).
+        (BackupChoice::Latest, Some(RecoveryTarget::Name(_))) => &backups[0],
         (BackupChoice::Latest, Some(t)) => {
             tracing::info!(
                 "the backups' metadata cannot tell which of them precede {t:?}: using the latest; \

@@ -7,6 +7,7 @@
 //! backup), `unpack` (its data, manifest and WAL), `recovery` (the settings Postgres reads).
 
 mod choose;
+mod incremental;
 mod points;
 mod recovery;
 pub mod rollback;
@@ -154,14 +155,16 @@ async fn run(cfg: &Config, opts: &RestoreOptions) -> anyhow::Result<RestoreOutco
         return Ok(RestoreOutcome::NoBackup);
     };
     let started = Instant::now();
+    // An incremental backup is restored on the backups it builds on: all must be there first.
+    let chain = archive.chain(&meta).await?;
     let tablespace_dirs = target::prepare(opts, &state, &meta)?;
     // The backup's own WAL downloads while its data unpacks.
     let (unpacked, early) = tokio::join!(
-        unpack::unpack_backup(&archive, &meta, dir, &opts.tablespace_map, cfg.parallelism),
+        unpack::unpack_chain(&archive, &chain, dir, &opts.tablespace_map, cfg.parallelism),
         unpack::download_early_wal(&archive, &meta)
     );
-    let (took, restored) = unpacked?;
-    unpack::fetch_manifest_and_wal(&archive, &meta, dir, &restored, early?, cfg.parallelism)
+    let (took, manifest) = unpacked?;
+    unpack::write_manifest_and_wal(&archive, &meta, dir, &manifest, early?, cfg.parallelism)
         .await?;
     let settled = RestoreOptions {
         target,
@@ -169,12 +172,14 @@ async fn run(cfg: &Config, opts: &RestoreOptions) -> anyhow::Result<RestoreOutco
     };
     recovery::write_recovery_settings(cfg, &settled, &meta, dir)?;
     target::finish(dir, &tablespace_dirs)?;
+    let bytes: u64 = chain.iter().map(|m| m.plain_bytes).sum();
     tracing::info!(
         backup = %meta.id,
+        chain = chain.len(),
         dir = %dir.display(),
-        size = %human_bytes(meta.plain_bytes),
+        size = %human_bytes(bytes),
         seconds = crate::progress::round3(took.as_secs_f64()),
-        mb_per_s = crate::progress::mb_per_s(meta.plain_bytes, took),
+        mb_per_s = crate::progress::mb_per_s(bytes, took),
         total_seconds = crate::progress::round3(started.elapsed().as_secs_f64()),
         "restored; start Postgres to recover"
     );

@@ -32,8 +32,9 @@ const XLOG_RESTORE_POINT: u8 = 0x70;
 /// What the search found.
 #[derive(Debug)]
 pub(super) enum Found {
-    /// In this WAL file.
-    In(WalFileName),
+    /// In this WAL file; the position of the name inside the restore point's record (a backup
+    /// that ends before it ends before the record).
+    In(WalFileName, crate::pg::Lsn),
     /// Not in any of this many WAL files.
     Nowhere { scanned: usize },
 }
@@ -64,6 +65,7 @@ pub(super) async fn find(
     let streamed = archive.layout().streaming_root();
     let mut reads = futures::stream::iter(files.into_iter().map(|(_, n, key)| {
         let streamed = key.prefix_matches(&streamed);
+        let seg_start = size.start_of(n.segment_no(size).expect("a segment's name"));
         async move {
             // The daemon's streamed `.partial` is continued by pieces (the open segment's newest
             // WAL, where a restore point made a moment ago is): read as wal-fetch serves it.
@@ -73,22 +75,38 @@ pub(super) async fn find(
             } else {
                 archive.repo().get(&key).await?
             };
-            anyhow::Ok((n, holds(&wal, name)))
+            anyhow::Ok((
+                n,
+                position(&wal, name).map(|at| crate::pg::Lsn(seg_start.0 + at as u64)),
+            ))
         }
     }))
     .buffered(parallelism.max(1));
     while let Some(r) = reads.next().await {
         let (n, hit) = r?;
-        if hit {
-            return Ok(Found::In(n));
+        if let Some(lsn) = hit {
+            return Ok(Found::In(n, lsn));
         }
     }
     Ok(Found::Nowhere { scanned })
 }
 
 /// Whether a segment's bytes hold a restore point record named `name`.
+#[cfg(test)]
 fn holds(segment: &[u8], name: &str) -> bool {
-    let records = without_page_headers(segment);
+    position(segment, name).is_some()
+}
+
+/// Where in a segment's bytes the name of a restore point record named `name` is (the newest
+/// such record's when several are).
+fn position(segment: &[u8], name: &str) -> Option<usize> {
+    let (records, pages) = without_page_headers(segment);
+    // The offset in the segment of an offset in `records`.
+    let original = |at: usize| match pages.partition_point(|(stripped, _)| *stripped <= at) {
+        0 => at,
+        i => pages[i - 1].1 + (at - pages[i - 1].0),
+    };
+    let mut found = None;
     let mut needle = name.as_bytes().to_vec();
     needle.push(0);
     let mut from = 0;
@@ -111,20 +129,22 @@ fn holds(segment: &[u8], name: &str) -> bool {
             .checked_sub(RECORD_HEADER + 3)
             .filter(|h| records[h + RECORD_HEADER] == XLR_BLOCK_ID_ORIGIN);
         match (direct, after_origin) {
-            (None, _) => return true,
-            (Some(h), _) if is_header(h) => return true,
-            (_, Some(h)) if is_header(h) => return true,
+            (None, _) => found = Some(original(at)),
+            (Some(h), _) if is_header(h) => found = Some(original(at)),
+            (_, Some(h)) if is_header(h) => found = Some(original(at)),
             _ => continue,
         }
     }
-    false
+    found
 }
 
-/// The segment's bytes with each page's header taken out; the bytes as they are when the pages do
-/// not look like WAL pages (then the search is only less exact).
-fn without_page_headers(segment: &[u8]) -> Vec<u8> {
+/// The segment's bytes with each page's header taken out, and where each page's content starts
+/// (in those bytes, in the segment); the bytes as they are when the pages do not look like WAL
+/// pages (then the search is only less exact).
+fn without_page_headers(segment: &[u8]) -> (Vec<u8>, Vec<(usize, usize)>) {
     let mut out = Vec::with_capacity(segment.len());
-    for page in segment.chunks(PAGE) {
+    let mut pages = vec![];
+    for (i, page) in segment.chunks(PAGE).enumerate() {
         if page.len() < LONG_HEADER {
             break;
         }
@@ -135,16 +155,17 @@ fn without_page_headers(segment: &[u8]) -> Vec<u8> {
             if page.iter().all(|b| *b == 0) {
                 break;
             }
-            return segment.to_vec();
+            return (segment.to_vec(), vec![]);
         }
         let skip = if info & XLP_LONG_HEADER != 0 {
             LONG_HEADER
         } else {
             SHORT_HEADER
         };
+        pages.push((out.len(), i * PAGE + skip));
         out.extend_from_slice(&page[skip..]);
     }
-    out
+    (out, pages)
 }
 
 fn find_bytes(hay: &[u8], needle: &[u8]) -> Option<usize> {
@@ -194,6 +215,12 @@ mod tests {
         seg = page(true, &first);
         seg.extend(page(false, &rec[30..]));
         assert!(holds(&seg, "before_m3"));
+        // Its position: the name, in the second page after its short header.
+        let name_in_record = RECORD_HEADER + DATA_SHORT.len() + 8;
+        assert_eq!(
+            position(&seg, "before_m3"),
+            Some(PAGE + SHORT_HEADER + name_in_record - 30)
+        );
     }
 
     #[test]

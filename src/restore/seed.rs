@@ -78,12 +78,19 @@ pub(super) async fn seed(
     }
     tracing::info!(from = %from, backup = %meta.id, timeline = %meta.timeline, start_lsn = %meta.start_lsn, "seeding this release's storage from another archive");
     let started = Instant::now();
-    let keys = to_copy(&src, &meta).await?;
+    // An incremental backup comes with every backup it builds on.
+    let chain = src.chain(&meta).await?;
+    let keys = to_copy(&src, &meta, &chain).await?;
     tracing::info!(objects = keys.len(), "copying");
     let archive = own.ensure_cluster(&info).await?;
-    let (record, rest): (Vec<Path>, Vec<Path>) = keys
-        .into_iter()
-        .partition(|k| *k == src.layout().backup_meta(&meta.id));
+    let records: Vec<Path> = chain
+        .iter()
+        .map(|m| src.layout().backup_meta(&m.id))
+        .collect();
+    // The records last, oldest first: a backup exists only once all it builds on does.
+    let (mut record, rest): (Vec<Path>, Vec<Path>) =
+        keys.into_iter().partition(|k| records.contains(k));
+    record.sort_by_key(|k| records.iter().position(|r| r == k));
     let mut seeded = Seeded::default();
     let mut progress = crate::progress::Progress::new("seeding", None);
     let mut copies = futures::stream::iter(rest.iter().map(|key| {
@@ -115,10 +122,15 @@ pub(super) async fn seed(
     Ok(seeded)
 }
 
-/// The source's keys a restore of `meta` and recovery from it need: its backup's objects, the WAL
+/// The source's keys a restore of `meta` and recovery from it need: the objects of its backup and
+/// of those it builds on (`chain`), the WAL
 /// from its start on (its timeline and later ones; Postgres' own and the daemon's `.partial`
 /// uploads), every history file, and the marks. Other backups and rollback records stay behind.
-async fn to_copy(src: &Archive, meta: &BackupMeta) -> anyhow::Result<Vec<Path>> {
+async fn to_copy(
+    src: &Archive,
+    meta: &BackupMeta,
+    chain: &[BackupMeta],
+) -> anyhow::Result<Vec<Path>> {
     let layout = src.layout();
     let size = meta.wal_segment_size;
     let first = size.segment_of(meta.start_lsn);
@@ -145,6 +157,8 @@ async fn to_copy(src: &Archive, meta: &BackupMeta) -> anyhow::Result<Vec<Path>> 
         }
     }
     keys.extend(src.repo().list(&layout.marks_dir()).await?);
-    keys.extend(src.repo().list(&layout.backup_dir(&meta.id)).await?);
+    for m in chain {
+        keys.extend(src.repo().list(&layout.backup_dir(&m.id)).await?);
+    }
     Ok(keys)
 }

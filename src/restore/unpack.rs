@@ -16,38 +16,135 @@ use crate::progress::Progress;
 use crate::storage::{Archive, ArchiveMeta, BackupMeta};
 use crate::verify::contents::{Feed, Files};
 
-use super::map_location;
+use super::{incremental, map_location};
+use std::collections::HashSet;
 
-/// Unpacks every archive of the backup: the data directory into `dir`, each tablespace into its
-/// (mapped) location. Returns how long the data took, and the regular files written (by the
-/// paths the backup manifest uses) with their sizes.
-pub(super) async fn unpack_backup(
+/// Unpacks a backup and the backups it builds on (`chain`, oldest first, from
+/// [`Archive::chain`]): the data directory into `dir`, each tablespace into its (mapped) location.
+/// Each backup's files are checked against its own manifest as it is unpacked. Returns how long
+/// the data took and the manifest of the result: the backup's own, or for an incremental backup
+/// one rewritten to describe the rebuilt files.
+pub(super) async fn unpack_chain(
     archive: &Archive,
-    meta: &BackupMeta,
+    chain: &[BackupMeta],
     dir: &Path,
     map: &[(PathBuf, PathBuf)],
     parallelism: usize,
-) -> anyhow::Result<(std::time::Duration, Files)> {
-    let mut files = Files::new();
-    let total: u64 = meta.archives.iter().map(|a| a.plain_bytes).sum();
+) -> anyhow::Result<(std::time::Duration, Vec<u8>)> {
+    let newest = chain.last().context("an empty chain of backups")?;
+    let total: u64 = chain.iter().map(|m| m.plain_bytes).sum();
     let mut progress = Progress::new("restore", Some(total));
     let map = Arc::new(map.to_vec());
-    for tar in &meta.archives {
-        let dest = match &tar.location {
-            None => dir.to_path_buf(),
-            Some(loc) => map_location(&map, Path::new(loc)),
-        };
-        let job = Unpack {
-            archive,
-            meta,
-            tar,
-            dest,
-            map: map.clone(),
-            parallelism,
-        };
-        files.extend(job.run(&mut progress).await?);
+    let mut manifest = vec![];
+    for (i, meta) in chain.iter().enumerate() {
+        let incremental = i > 0;
+        if chain.len() > 1 {
+            tracing::info!(backup = %meta.id, kind = %meta.kind, step = i + 1, of = chain.len(), "unpacking a backup of the chain");
+        }
+        let mut files = Files::new();
+        // A tablespace the newest backup does not hold was dropped: none of it is restored.
+        for tar in meta
+            .archives
+            .iter()
+            .filter(|a| newest.archives.iter().any(|n| n.name == a.name))
+        {
+            let dest = match &tar.location {
+                None => dir.to_path_buf(),
+                Some(loc) => map_location(&map, Path::new(loc)),
+            };
+            let job = Unpack {
+                archive,
+                meta,
+                tar,
+                dest,
+                map: map.clone(),
+                parallelism,
+                incremental,
+            };
+            files.extend(job.run(&mut progress).await?);
+        }
+        manifest = checked_manifest(archive, meta, &files).await?;
+        if incremental {
+            remove_deleted(meta, &manifest, dir, &map)?;
+        }
     }
-    Ok((progress.finish(), files))
+    let took = progress.finish();
+    if chain.len() > 1 {
+        manifest = rebuilt_manifest(&manifest, dir, parallelism).await?;
+    }
+    Ok((took, manifest))
+}
+
+/// After an incremental backup is applied: the files it does not hold were deleted before it.
+fn remove_deleted(
+    meta: &BackupMeta,
+    manifest: &[u8],
+    dir: &Path,
+    map: &[(PathBuf, PathBuf)],
+) -> anyhow::Result<()> {
+    let listed = crate::verify::contents::manifest_files(manifest)
+        .map_err(|e| anyhow::anyhow!("backup {}'s manifest: {e}", meta.id))?;
+    let keep: HashSet<String> = listed
+        .keys()
+        .map(|p| incremental::rebuilt_path(p).unwrap_or_else(|| p.clone()))
+        .collect();
+    let own = [super::MARKER, super::target::HELD_PG_VERSION];
+    let mut removed = incremental::remove_deleted(dir, "", &keep, &own)?;
+    for tar in &meta.archives {
+        if let (Some(oid), Some(loc)) = (tar.name.tablespace_oid(), &tar.location) {
+            let root = map_location(map, Path::new(loc));
+            removed +=
+                incremental::remove_deleted(&root, &format!("pg_tblspc/{oid}/"), &keep, &[])?;
+        }
+    }
+    if removed > 0 {
+        tracing::info!(backup = %meta.id, files = removed, "removed the files deleted before this backup");
+    }
+    Ok(())
+}
+
+/// The manifest of a directory rebuilt from a chain: the newest backup's, with each rebuilt file's
+/// size and checksum (read back, `parallelism` files at a time) and `backup_label` without its
+/// incremental lines.
+async fn rebuilt_manifest(
+    newest: &[u8],
+    dir: &Path,
+    parallelism: usize,
+) -> anyhow::Result<Vec<u8>> {
+    let label_path = dir.join("backup_label");
+    let label =
+        std::fs::read_to_string(&label_path).context("reading the restored backup_label")?;
+    let mode = std::fs::metadata(&label_path)?.permissions().mode();
+    fsutil::write_atomic(&label_path, incremental::strip_label(&label).as_bytes())?;
+    std::fs::set_permissions(&label_path, std::fs::Permissions::from_mode(mode))?;
+    let listed = crate::verify::contents::manifest_files(newest)
+        .map_err(|e| anyhow::anyhow!("the newest backup's manifest: {e}"))?;
+    let to_read: Vec<String> = listed
+        .keys()
+        .filter(|p| *p == "backup_label" || incremental::rebuilt_path(p).is_some())
+        .cloned()
+        .collect();
+    let dir = dir.to_path_buf();
+    let sums = futures::stream::iter(to_read.into_iter().map(|p| {
+        let file = dir.join(incremental::rebuilt_path(&p).unwrap_or_else(|| p.clone()));
+        async move {
+            let sum = tokio::task::spawn_blocking(move || incremental::file_crc32c(&file))
+                .await
+                .context("the checksum task")??;
+            anyhow::Ok((p, sum))
+        }
+    }))
+    .buffer_unordered(parallelism.max(1))
+    .collect::<Vec<_>>()
+    .await
+    .into_iter()
+    .collect::<anyhow::Result<std::collections::HashMap<_, _>>>()?;
+    incremental::combined_manifest(newest, &|p| {
+        Ok(sums.get(p).map(|r| incremental::Rebuilt {
+            size: r.size,
+            crc32c: r.crc32c.clone(),
+        }))
+    })
 }
 
 /// How many of the backup's own WAL segments are downloaded while the data unpacks (held in
@@ -86,33 +183,43 @@ pub(super) async fn download_early_wal(
     .collect()
 }
 
-/// Writes `backup_manifest` (so pg_verifybackup can check the result) and the WAL from the
-/// backup's start to its end into `pg_wal` (so the directory is consistent by itself): `early`,
-/// downloaded while the data unpacked, then the rest, `parallelism` at a time.
-pub(super) async fn fetch_manifest_and_wal(
+/// The backup's manifest, checked against its metadata; the files restored from it must be
+/// exactly those it lists, with their sizes.
+async fn checked_manifest(
     archive: &Archive,
     meta: &BackupMeta,
-    dir: &Path,
     restored: &Files,
-    early: Vec<(WalFileName, Vec<u8>)>,
-    parallelism: usize,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Vec<u8>> {
     let key = archive.layout().backup_manifest(&meta.id);
     let (header, manifest) = archive.repo().get_with_header(&key).await?;
     if hex::encode(header.checksum) != meta.manifest_sha256 {
         bail!("{key}: does not match the checksum recorded in the backup's metadata");
     }
-    // The files restored must be exactly those the manifest lists, with their sizes.
     let listed = crate::verify::contents::manifest_files(&manifest)
         .map_err(|e| anyhow::anyhow!("{key}: {e}"))?;
     let differences = crate::verify::contents::compare(&listed, restored);
     if let Some(first) = differences.first() {
         bail!(
-            "the restored files do not match the backup's manifest ({} difference(s); the first: {first}): the backup was altered after it was taken",
+            "the restored files do not match the backup's manifest (backup {}: {} difference(s); the first: {first}): the backup was altered after it was taken",
+            meta.id,
             differences.len()
         );
     }
-    fsutil::write_atomic(&dir.join("backup_manifest"), &manifest)?;
+    Ok(manifest)
+}
+
+/// Writes `backup_manifest` (so pg_verifybackup can check the result) and the WAL from the
+/// backup's start to its end into `pg_wal` (so the directory is consistent by itself): `early`,
+/// downloaded while the data unpacked, then the rest, `parallelism` at a time.
+pub(super) async fn write_manifest_and_wal(
+    archive: &Archive,
+    meta: &BackupMeta,
+    dir: &Path,
+    manifest: &[u8],
+    early: Vec<(WalFileName, Vec<u8>)>,
+    parallelism: usize,
+) -> anyhow::Result<()> {
+    fsutil::write_atomic(&dir.join("backup_manifest"), manifest)?;
     let pg_wal = dir.join("pg_wal");
     std::fs::create_dir_all(&pg_wal)?;
     let required = meta.required_wal();
@@ -159,6 +266,8 @@ struct Unpack<'a> {
     dest: PathBuf,
     map: Arc<Vec<(PathBuf, PathBuf)>>,
     parallelism: usize,
+    /// An incremental backup applied on what the earlier ones of its chain restored.
+    incremental: bool,
 }
 
 impl Unpack<'_> {
@@ -181,8 +290,9 @@ impl Unpack<'_> {
                     .collect()
             });
         let dest = self.dest.clone();
+        let incremental = self.incremental;
         let extractor = tokio::task::spawn_blocking(move || {
-            extract(Feed::new(rx), &dest, tablespaces.as_deref())
+            extract(Feed::new(rx), &dest, tablespaces.as_deref(), incremental)
         });
         let fetches = self.tar.chunks.iter().enumerate().map(|(seq, chunk)| {
             let key = self
@@ -247,7 +357,7 @@ impl Unpack<'_> {
 /// that nothing appears outside `dest`.
 #[doc(hidden)]
 pub fn extract_data_archive(reader: impl Read, dest: &Path) -> anyhow::Result<()> {
-    extract(reader, dest, Some(&[])).map(drop)
+    extract(reader, dest, Some(&[]), false).map(drop)
 }
 
 /// Unpacks one tar stream into `dest`. A backup in storage may be forged (anyone with the
@@ -255,11 +365,13 @@ pub fn extract_data_archive(reader: impl Read, dest: &Path) -> anyhow::Result<()
 /// directories, inside `dest`, with their modes masked (no setuid, setgid, sticky or world bits);
 /// and, in the data directory's archive, the links `pg_tblspc/<oid>` of the backup's own
 /// tablespaces, pointing where `tablespaces` says (the metadata's locations, as mapped), never
-/// where the archive says. Any other link, a hard link, a device or a FIFO is refused.
+/// where the archive says. Any other link, a hard link, a device or a FIFO is refused. With
+/// `incremental`, an `INCREMENTAL.<name>` file is applied to the file `<name>` already restored.
 fn extract(
     reader: impl Read,
     dest: &Path,
     tablespaces: Option<&[(u32, PathBuf)]>,
+    incremental: bool,
 ) -> anyhow::Result<Files> {
     let mut files = Files::new();
     use tar::EntryType;
@@ -298,8 +410,18 @@ fn extract(
                     true => PathBuf::from(super::target::HELD_PG_VERSION),
                     false => path,
                 };
-                write_file(&mut e, dest, &path, &mut buf, &mut inside)
-                    .with_context(|| format!("unpacking {}", path.display()))?;
+                let rebuilds = path
+                    .to_str()
+                    .filter(|_| incremental)
+                    .and_then(incremental::rebuilt_path);
+                match rebuilds {
+                    Some(rebuilt) => {
+                        apply_incremental(&mut e, dest, Path::new(&rebuilt), &mut inside)
+                            .with_context(|| format!("applying {}", path.display()))?
+                    }
+                    None => write_file(&mut e, dest, &path, &mut buf, &mut inside)
+                        .with_context(|| format!("unpacking {}", path.display()))?,
+                }
             }
             EntryType::Directory => {
                 let dir = dest.join(&path);
@@ -482,6 +604,24 @@ fn write_file(
     Ok(())
 }
 
+/// Applies an incremental file of the archive to the file `path` (below `dest`) that the earlier
+/// backups of the chain restored, never outside `dest` and never through a link.
+fn apply_incremental(
+    e: &mut tar::Entry<impl Read>,
+    dest: &Path,
+    path: &Path,
+    inside: &mut InsideCheck,
+) -> anyhow::Result<()> {
+    let target = dest.join(path);
+    if let Some(parent) = target.parent() {
+        inside.check(parent)?;
+    }
+    let size = e.size();
+    incremental::apply(e, size, &target)?;
+    let mode = e.header().mode().unwrap_or(0o600) & MODE_MASK;
+    incremental::set_mode_and_time(&target, mode, e.header().mtime().ok())
+}
+
 /// Asks the kernel to start writing a file range to disk, without waiting. Advisory: durability
 /// comes from the syncfs before the restore reports success, so a failure here changes nothing.
 fn start_writeback(fd: std::os::unix::io::RawFd, offset: i64, len: i64) {
@@ -520,7 +660,7 @@ mod tests {
             .map(|i| (i % 253) as u8)
             .collect();
         let tar = one_file_tar("base/1/1259", &big, 0o600, 1_700_000_000);
-        extract(&tar[..], &dest, Some(&[])).unwrap();
+        extract(&tar[..], &dest, Some(&[]), false).unwrap();
         let f = dest.join("base/1/1259");
         assert_eq!(std::fs::read(&f).unwrap(), big);
         let m = std::fs::metadata(&f).unwrap();
@@ -530,8 +670,13 @@ mod tests {
             std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_700_000_000)
         );
         for evil in ["../escaped", "/tmp/absolute-escape", "base/../../escaped2"] {
-            let err =
-                extract(&one_file_tar(evil, b"x", 0o600, 0)[..], &dest, Some(&[])).unwrap_err();
+            let err = extract(
+                &one_file_tar(evil, b"x", 0o600, 0)[..],
+                &dest,
+                Some(&[]),
+                false,
+            )
+            .unwrap_err();
             assert!(
                 format!("{err:#}").contains("outside the target directory"),
                 "{evil}: {err:#}"
@@ -549,7 +694,7 @@ mod tests {
         let mut archive = link.as_bytes().to_vec();
         archive.extend(one_file_tar("base/sneaky/evil", b"x", 0o600, 0));
         // The link is not recreated, so the file lands inside, in a directory of that name.
-        extract(&archive[..], &dest, Some(&[])).unwrap();
+        extract(&archive[..], &dest, Some(&[]), false).unwrap();
         assert!(!outside.join("evil").exists());
         assert!(
             std::fs::symlink_metadata(dest.join("base/sneaky"))
@@ -590,7 +735,7 @@ mod tests {
         // Links in the data directory are never recreated (Postgres backs up a `log` link, say).
         for (name, link) in [("pg_wal", o), ("global/pg_control", "/etc/passwd")] {
             let tar = entry_tar(name, EntryType::Symlink, Some(link), 0o777);
-            extract(&tar[..], &dest, Some(&[])).unwrap();
+            extract(&tar[..], &dest, Some(&[]), false).unwrap();
             assert!(
                 std::fs::symlink_metadata(dest.join(name)).is_err(),
                 "{name}"
@@ -607,21 +752,32 @@ mod tests {
             // A tablespace link the backup's metadata does not name.
             ("pg_tblspc/99999", EntryType::Symlink, Some(o)),
         ] {
-            let err =
-                extract(&entry_tar(name, kind, link, 0o777)[..], &dest, Some(&[])).unwrap_err();
+            let err = extract(
+                &entry_tar(name, kind, link, 0o777)[..],
+                &dest,
+                Some(&[]),
+                false,
+            )
+            .unwrap_err();
             assert!(format!("{err:#}").contains("refusing"), "{name}: {err:#}");
         }
         assert_eq!(std::fs::read_dir(&outside).unwrap().count(), 0);
         assert!(std::fs::symlink_metadata(dest.join("pg_wal")).is_err());
         // Setuid, setgid, sticky and world bits are not restored.
-        extract(&one_file_tar("suid", b"x", 0o7777, 0)[..], &dest, Some(&[])).unwrap();
+        extract(
+            &one_file_tar("suid", b"x", 0o7777, 0)[..],
+            &dest,
+            Some(&[]),
+            false,
+        )
+        .unwrap();
         let mode = std::fs::metadata(dest.join("suid"))
             .unwrap()
             .permissions()
             .mode();
         assert_eq!(mode & 0o7777, 0o770);
         let dir = entry_tar("base/7", EntryType::Directory, None, 0o7777);
-        extract(&dir[..], &dest, Some(&[])).unwrap();
+        extract(&dir[..], &dest, Some(&[]), false).unwrap();
         let mode = std::fs::metadata(dest.join("base/7"))
             .unwrap()
             .permissions()
@@ -631,14 +787,14 @@ mod tests {
         // the archive's link says.
         let ts = tmp.path().join("ts");
         let link = entry_tar("pg_tblspc/16385", EntryType::Symlink, Some("/etc"), 0o777);
-        extract(&link[..], &dest, Some(&[(16385, ts.clone())])).unwrap();
+        extract(&link[..], &dest, Some(&[(16385, ts.clone())]), false).unwrap();
         assert_eq!(
             std::fs::read_link(dest.join("pg_tblspc/16385")).unwrap(),
             ts
         );
         // A tablespace's own archive holds no links at all: refused.
         std::fs::create_dir(&ts).unwrap();
-        let err = extract(&link[..], &ts, None).unwrap_err();
+        let err = extract(&link[..], &ts, None, false).unwrap_err();
         assert!(format!("{err:#}").contains("refusing"), "{err:#}");
     }
 }

@@ -14,8 +14,39 @@ use super::repo::{Repo, StorageError};
 use crate::codec::Codec;
 use crate::pg::{Lsn, SegmentNo, TimelineId, WalFileKind, WalFileName, WalSegSize};
 
-/// Version of `backup.json`; readers refuse newer ones.
+/// Version of a full backup's `backup.json`; readers refuse newer ones.
 pub const META_VERSION: u32 = 1;
+/// Version of an incremental backup's `backup.json`: a pgkeep that reads only version 1 would take
+/// it for a full backup and restore a directory Postgres cannot start, so it must refuse it.
+pub const META_VERSION_INCREMENTAL: u32 = 2;
+/// The longest chain of backups (a full and the incrementals on it) a restore follows: a loop or an
+/// absurd chain in forged metadata ends here.
+pub const MAX_CHAIN: usize = 100;
+
+/// What a backup holds: every file (`full`), or, on Postgres 17 and later, the blocks changed since
+/// its parent (`incremental`; restored on top of its parent's restore).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackupKind {
+    #[default]
+    Full,
+    Incremental,
+}
+
+impl BackupKind {
+    pub fn is_full(&self) -> bool {
+        *self == BackupKind::Full
+    }
+}
+
+impl std::fmt::Display for BackupKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            BackupKind::Full => "full",
+            BackupKind::Incremental => "incremental",
+        })
+    }
+}
 
 /// A `u64` stored as a decimal string: JSON readers often lose precision past 2^53.
 mod decimal {
@@ -87,6 +118,12 @@ pub struct BackupMeta {
     /// not encrypted). Tells which identities a restore of it needs.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub encrypted_to: Vec<String>,
+    /// Full (absent in the stored form) or incremental.
+    #[serde(default, skip_serializing_if = "BackupKind::is_full")]
+    pub kind: BackupKind,
+    /// The backup an incremental one was taken against (its changed blocks are relative to it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<BackupId>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -120,9 +157,10 @@ impl BackupMeta {
         )
     }
 
-    /// What the types cannot say: a version this pgkeep reads, exactly one `base.tar`.
+    /// What the types cannot say: a version this pgkeep reads, exactly one `base.tar`, a parent
+    /// exactly for an incremental backup, older than it.
     fn validate(&self) -> Result<(), String> {
-        if self.meta_version > META_VERSION {
+        if self.meta_version > META_VERSION_INCREMENTAL {
             return Err(format!(
                 "metadata version {} is newer than this pgkeep reads",
                 self.meta_version
@@ -141,6 +179,25 @@ impl BackupMeta {
             .count();
         if bases != 1 {
             return Err("a backup holds exactly one base.tar".into());
+        }
+        match (self.kind, &self.parent) {
+            (BackupKind::Full, None) => {}
+            (BackupKind::Incremental, Some(p)) if *p < self.id => {
+                if self.meta_version < META_VERSION_INCREMENTAL {
+                    return Err(
+                        "an incremental backup under a metadata version that has none".into(),
+                    );
+                }
+            }
+            (BackupKind::Incremental, Some(p)) => {
+                return Err(format!(
+                    "an incremental backup on {p}, which is not older than it"
+                ));
+            }
+            (BackupKind::Incremental, None) => {
+                return Err("an incremental backup without a parent".into());
+            }
+            (BackupKind::Full, Some(_)) => return Err("a full backup with a parent".into()),
         }
         Ok(())
     }
@@ -318,6 +375,51 @@ impl Archive {
             )));
         }
         Ok(Some(meta))
+    }
+
+    /// The backups a restore of `meta` unpacks, oldest first: the full one its chain of parents
+    /// starts from, each incremental on it, and `meta` last. Every parent must be in storage, of
+    /// the same major and the same timeline or an earlier one, and end before its child starts;
+    /// otherwise `meta` cannot be restored, and the error says which link is missing or wrong.
+    pub async fn chain(&self, meta: &BackupMeta) -> anyhow::Result<Vec<BackupMeta>> {
+        let mut chain = vec![meta.clone()];
+        while let Some(parent) = chain.last().expect("not empty").parent.clone() {
+            let child = chain.last().expect("not empty");
+            if chain.len() >= MAX_CHAIN {
+                anyhow::bail!(
+                    "backup {} is at the end of a chain of more than {MAX_CHAIN} backups: refused as damaged",
+                    meta.id
+                );
+            }
+            let Some(p) = self.backup(&parent).await? else {
+                anyhow::bail!(
+                    "backup {} is incremental on backup {parent}, which is not in storage (deleted, or never \
+                     completed): {} cannot be restored; restore an older full backup or take a new one",
+                    child.id,
+                    meta.id
+                );
+            };
+            if p.pg_version.split('.').next() != child.pg_version.split('.').next()
+                || p.wal_segment_size != child.wal_segment_size
+                || p.timeline > child.timeline
+                || p.end_lsn > child.start_lsn
+            {
+                anyhow::bail!(
+                    "backup {} names {parent} as its parent, but that backup (Postgres {}, timeline {}, ends at {}) \
+                     cannot be the parent of one of Postgres {} starting at {} on timeline {}: the metadata is damaged",
+                    child.id,
+                    p.pg_version,
+                    p.timeline,
+                    p.end_lsn,
+                    child.pg_version,
+                    child.start_lsn,
+                    child.timeline
+                );
+            }
+            chain.push(p);
+        }
+        chain.reverse();
+        Ok(chain)
     }
 
     /// The ids of every backup folder, complete or not.

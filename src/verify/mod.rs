@@ -240,10 +240,20 @@ pub async fn verify(
         }
     }
     if let Some(id) = only {
-        backups.retain(|b| &b.id == id);
-        if backups.is_empty() {
+        // An incremental backup is checked with every backup of its chain.
+        let Some(wanted) = backups.iter().find(|b| &b.id == id).cloned() else {
             anyhow::bail!("storage holds no backup {id} (see `pgkeep list`)");
+        };
+        let mut needed: BTreeSet<BackupId> = BTreeSet::from([wanted.id.clone()]);
+        let mut next = wanted.parent.clone();
+        while let Some(p) = next.take() {
+            next = backups
+                .iter()
+                .find(|b| b.id == p)
+                .and_then(|b| b.parent.clone());
+            needed.insert(p);
         }
+        backups.retain(|b| needed.contains(&b.id));
     }
     if backups.is_empty() {
         problems.push(Problem {
@@ -333,6 +343,31 @@ pub async fn verify(
                     affects: format!("backup {}: it cannot be restored as recorded", b.id),
                 });
             }
+        }
+    }
+
+    // An incremental backup restores only with every backup it builds on.
+    let mut by_age: Vec<&crate::storage::BackupMeta> = backups.iter().collect();
+    by_age.sort_by(|a, b| a.id.cmp(&b.id));
+    for b in by_age {
+        let Some(parent) = &b.parent else { continue };
+        let problem = if broken.contains(parent) {
+            Some(format!(
+                "builds on backup {parent}, which cannot be restored"
+            ))
+        } else {
+            match archive.chain(b).await {
+                Ok(_) => None,
+                Err(e) => Some(format!("{e:#}")),
+            }
+        };
+        if let Some(problem) = problem {
+            broken.insert(b.id.clone());
+            problems.push(Problem {
+                key: layout.backup_meta(&b.id).to_string(),
+                problem,
+                affects: format!("backup {}: it cannot be restored", b.id),
+            });
         }
     }
 

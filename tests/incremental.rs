@@ -1,0 +1,296 @@
+//! Incremental backups (Postgres 17's native INCREMENTAL), on both storage backends: a full backup,
+//! pgbench writes (and a table dropped, one created), an incremental one, more writes and a named
+//! restore point, a second incremental one; the cluster destroyed; `pgkeep restore` rebuilds the
+//! newest from the chain: the manifest it writes checks out (its own checksum, every file's size and
+//! CRC-32C, and Postgres' pg_verifybackup), every table equals the original, the dropped table's
+//! file is gone. PITR to the point between the incrementals restores the first incremental's chain.
+//! A damaged chunk of the full backup makes the restore of the newest fail loudly, and retention
+//! keeps the chain as long as its newest is kept.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+
+use common::*;
+
+const TABLES: [&str; 4] = [
+    "pgbench_accounts",
+    "pgbench_branches",
+    "pgbench_tellers",
+    "markers",
+];
+
+/// The major of the test: incremental backups need 17 or later.
+fn major() -> u32 {
+    default_major().max(17)
+}
+
+fn backup(storage: &Storage, bin: &Path, pg: &PgCluster, args: &[&str]) -> String {
+    let mut all = vec!["backup"];
+    all.extend_from_slice(args);
+    let out = storage.pgkeep_pg(bin, &all, &pg.client_env());
+    assert!(out.status.success(), "backup {args:?}: {}", stderr(&out));
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+fn list(storage: &Storage, bin: &Path) -> serde_json::Value {
+    let out = storage.pgkeep_pg(bin, &["list", "--json"], &[]);
+    assert!(out.status.success(), "list: {}", stderr(&out));
+    serde_json::from_slice(&out.stdout).expect("list --json prints JSON")
+}
+
+fn listed(storage: &Storage, bin: &Path) -> Vec<String> {
+    list(storage, bin)["backups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["id"].as_str().unwrap().to_string())
+        .collect()
+}
+
+/// The SHA-256 a manifest's `Manifest-Checksum` must hold: of everything up to and including the
+/// next-to-last newline.
+fn manifest_sum(text: &str) -> String {
+    use sha2::Digest;
+    let cut = text[..text.len() - 1].rfind('\n').unwrap() + 1;
+    hex::encode(sha2::Sha256::digest(&text.as_bytes()[..cut]))
+}
+
+/// Checks a restored directory against its `backup_manifest` as pg_verifybackup does (the manifest's
+/// own checksum, each file's size and CRC-32C, no file missing), then runs Postgres 15's
+/// pg_verifybackup on a copy of the manifest in version 1 (15's tool reads no later one; the
+/// version adds only the system identifier, checked here against the control file's).
+fn verify_rebuilt(dir: &Path, scratch: &Path) {
+    let text = std::fs::read_to_string(dir.join("backup_manifest")).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(v["Manifest-Checksum"], manifest_sum(&text).as_str());
+    let control = std::fs::read(dir.join("global/pg_control")).unwrap();
+    let sysid = u64::from_le_bytes(control[..8].try_into().unwrap());
+    assert_eq!(v["System-Identifier"].as_u64(), Some(sysid));
+    let files = v["Files"].as_array().unwrap();
+    for f in files {
+        let path = f["Path"].as_str().unwrap();
+        assert!(!path.contains("INCREMENTAL."), "{path}");
+        // The restore's recovery settings change it; pg_verifybackup skips it too.
+        if path == "postgresql.auto.conf" {
+            continue;
+        }
+        let data = std::fs::read(dir.join(path)).unwrap_or_else(|e| panic!("{path}: {e}"));
+        assert_eq!(f["Size"].as_u64(), Some(data.len() as u64), "{path}");
+        let crc = pgkeep::wal::handoff::crc32c(&data);
+        assert_eq!(
+            f["Checksum"].as_str(),
+            Some(hex::encode(crc.to_le_bytes()).as_str()),
+            "{path}"
+        );
+    }
+    let label = std::fs::read_to_string(dir.join("backup_label")).unwrap();
+    assert!(!label.contains("INCREMENTAL"), "{label}");
+    // Version 1 for 15's pg_verifybackup, checksum made anew.
+    let mut v1: String = text
+        .lines()
+        .filter(|l| {
+            !l.starts_with("\"System-Identifier\"") && !l.starts_with("\"Manifest-Checksum\"")
+        })
+        .map(|l| format!("{l}\n"))
+        .collect::<String>()
+        .replacen(
+            "\"PostgreSQL-Backup-Manifest-Version\": 2,",
+            "\"PostgreSQL-Backup-Manifest-Version\": 1,",
+            1,
+        );
+    let sum = {
+        use sha2::Digest;
+        hex::encode(sha2::Sha256::digest(v1.as_bytes()))
+    };
+    v1.push_str(&format!("\"Manifest-Checksum\": \"{sum}\"}}\n"));
+    let copy = scratch.join("manifest-v1");
+    std::fs::write(&copy, v1).unwrap();
+    run_ok(
+        Command::new(pg_bin("pg_verifybackup"))
+            .arg("--no-parse-wal")
+            .arg("-m")
+            .arg(&copy)
+            .arg(dir),
+    );
+}
+
+/// `pgkeep restore` into `root/name`; the directory and what the restore logged.
+fn restore(
+    storage: &Storage,
+    bin: &Path,
+    dir: &TestDir,
+    name: &str,
+    args: &[&str],
+) -> (std::path::PathBuf, String) {
+    let target = dir.mkdir(name);
+    let mut all = vec!["restore", "--target-dir", target.to_str().unwrap()];
+    all.extend_from_slice(args);
+    let out = storage.pgkeep_pg(bin, &all, &[]);
+    assert!(out.status.success(), "restore {args:?}: {}", stderr(&out));
+    (target, stderr(&out))
+}
+
+fn markers(c: &PgCluster) -> String {
+    c.psql("select coalesce(string_agg(name, ',' order by id), '') from markers")
+}
+
+fn incremental_chain(backend: Backend) {
+    let dir = TestDir::new("incremental");
+    let storage = Storage::new(backend, &dir);
+    let bin = dir.install_pgkeep();
+    let mut primary = archiving_cluster_major(&dir, &storage, &bin, "primary", 16, major());
+    primary.set(&[("max_wal_size", "'1GB'")]);
+    primary.start();
+    run_ok(&mut primary.pgbench(&["-i", "-s", "5", "-q"]));
+    primary.psql("create table markers (id serial primary key, name text not null)");
+    primary.psql("create table gone as select g from generate_series(1, 10000) g");
+    let gone_file = primary.psql("select pg_relation_filepath('gone')");
+
+    // Without summarize_wal, and without a backup to build on: refused, saying why.
+    let out = storage.pgkeep_pg(&bin, &["backup", "--incremental"], &primary.client_env());
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("summarize_wal = on"),
+        "{}",
+        stderr(&out)
+    );
+    primary.psql("alter system set summarize_wal = on");
+    primary.psql("select pg_reload_conf()");
+    let out = storage.pgkeep_pg(&bin, &["backup", "--incremental"], &primary.client_env());
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("no backup"), "{}", stderr(&out));
+
+    let full = backup(&storage, &bin, &primary, &["--full"]);
+    primary.psql("insert into markers (name) values ('m0')");
+    run_ok(&mut primary.pgbench(&["-c", "2", "-t", "200", "-n"]));
+    primary.psql("drop table gone");
+    primary.psql("create table born as select g from generate_series(1, 5000) g");
+    let inc1 = backup(&storage, &bin, &primary, &["--incremental"]);
+
+    primary.psql("insert into markers (name) values ('m1')");
+    primary.psql("select pg_create_restore_point('between')");
+    primary.psql("insert into markers (name) values ('m2')");
+    run_ok(&mut primary.pgbench(&["-c", "2", "-t", "200", "-n"]));
+    let inc2 = backup(&storage, &bin, &primary, &["--incremental"]);
+    primary.psql("insert into markers (name) values ('m3')");
+    let expected: Vec<String> = TABLES.iter().map(|t| primary.table_checksum(t)).collect();
+    let born = primary.table_checksum("born");
+    primary.switch_and_wait_archived();
+
+    // `list` says what each is and what it added.
+    let inv = list(&storage, &bin);
+    let b = inv["backups"].as_array().unwrap();
+    assert_eq!(b.len(), 3);
+    assert_eq!(b[0]["id"], inc2.as_str());
+    assert_eq!(b[0]["kind"], "incremental");
+    assert_eq!(b[0]["parent"], inc1.as_str());
+    assert_eq!(b[1]["parent"], full.as_str());
+    assert!(b[2].get("kind").is_none() && b[2].get("parent").is_none());
+    let (full_bytes, inc_bytes) = (
+        b[2]["plain_bytes"].as_str().map_or_else(
+            || b[2]["plain_bytes"].as_u64().unwrap(),
+            |s| s.parse().unwrap(),
+        ),
+        b[1]["plain_bytes"].as_str().map_or_else(
+            || b[1]["plain_bytes"].as_u64().unwrap(),
+            |s| s.parse().unwrap(),
+        ),
+    );
+    assert!(
+        inc_bytes * 3 < full_bytes,
+        "an incremental backup of a few hundred transactions holds {inc_bytes} bytes, the full one {full_bytes}"
+    );
+    let out = storage.pgkeep_pg(&bin, &["list"], &[]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("incremental") && text.contains("KIND"),
+        "{text}"
+    );
+    let out = storage.pgkeep_pg(&bin, &["verify"], &[]);
+    assert!(out.status.success(), "verify: {}", stderr(&out));
+
+    primary.stop("immediate");
+    std::fs::remove_dir_all(&primary.data).unwrap();
+
+    // The newest, rebuilt from all three.
+    let (latest, log) = restore(&storage, &bin, &dir, "latest", &[]);
+    assert!(
+        log.contains(&format!("backup={inc2}")) && log.contains("chain=3"),
+        "{log}"
+    );
+    assert!(
+        !latest.join(&gone_file).exists(),
+        "the dropped table's file was restored"
+    );
+    verify_rebuilt(&latest, dir.path());
+    let c = start_restored(&dir, &storage, latest);
+    let got: Vec<String> = TABLES.iter().map(|t| c.table_checksum(t)).collect();
+    assert_eq!(
+        got, expected,
+        "tables restored from the chain differ from the original"
+    );
+    assert_eq!(c.table_checksum("born"), born);
+    assert_eq!(markers(&c), "m0,m1,m2,m3");
+    drop(c);
+
+    // To the point between the incrementals: the first incremental's chain.
+    let (pitr, log) = restore(&storage, &bin, &dir, "pitr", &["--target-name", "between"]);
+    assert!(
+        log.contains(&format!("chosen backup backup={inc1}")) && log.contains("chain=2"),
+        "{log}"
+    );
+    verify_rebuilt(&pitr, dir.path());
+    let c = start_restored(&dir, &storage, pitr);
+    assert_eq!(markers(&c), "m0,m1");
+    assert!(c.log().contains("recovery stopping"), "{}", c.log());
+    drop(c);
+
+    // Retention with backup_count = 1 keeps what the newest builds on.
+    let mut cfg = std::fs::read_to_string(&storage.config).unwrap();
+    cfg.push_str("backup_count = 1\nbackup_max_age_hours = 0\n");
+    std::fs::write(&storage.config, cfg).unwrap();
+    let out = storage.pgkeep_pg(&bin, &["prune"], &[]);
+    assert!(out.status.success(), "prune: {}", stderr(&out));
+    assert_eq!(
+        listed(&storage, &bin),
+        [inc2.clone(), inc1.clone(), full.clone()]
+    );
+
+    // A damaged chunk of the full backup: the newest cannot be rebuilt, and the restore says so.
+    let sysid = inv["system_identifier"].as_str().unwrap();
+    let first = storage.object_file(&format!(
+        "clusters/{sysid}/basebackups/{full}/data/base/000000"
+    ));
+    let mut bytes = std::fs::read(&first).unwrap();
+    let at = bytes.len() - 100;
+    bytes[at] ^= 0x55;
+    std::fs::write(&first, bytes).unwrap();
+    let target = dir.mkdir("damaged");
+    let out = storage.pgkeep_pg(
+        &bin,
+        &["restore", "--target-dir", target.to_str().unwrap()],
+        &[],
+    );
+    assert!(
+        !out.status.success(),
+        "a restore on a damaged full backup succeeded"
+    );
+    let err = stderr(&out);
+    assert!(
+        err.contains(&full) && (err.contains("checksum") || err.contains("damaged")),
+        "{err}"
+    );
+    assert!(!target.join("PG_VERSION").exists());
+}
+
+#[test]
+fn file_storage_incremental_chain() {
+    incremental_chain(Backend::File);
+}
+
+#[test]
+fn s3_storage_incremental_chain() {
+    incremental_chain(Backend::S3);
+}
