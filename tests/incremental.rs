@@ -294,3 +294,51 @@ fn file_storage_incremental_chain() {
 fn s3_storage_incremental_chain() {
     incremental_chain(Backend::S3);
 }
+
+/// A backup without --full or --incremental follows the schedule's settings: full with
+/// `backup_full_interval_hours` unset; incremental once it is set, until the chain holds
+/// `backup_max_incrementals`; then full again. A server without summarize_wal gets a full one.
+#[test]
+fn scheduled_backups_are_incremental_until_the_chain_is_full() {
+    let dir = TestDir::new("incremental-schedule");
+    let storage = Storage::new(Backend::File, &dir);
+    let bin = dir.install_pgkeep();
+    let mut pg = archiving_cluster_major(&dir, &storage, &bin, "primary", 16, major());
+    pg.start();
+    pg.psql("create table t as select g from generate_series(1, 1000) g");
+    let kinds = |storage: &Storage| -> Vec<String> {
+        list(storage, &bin)["backups"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|b| b["kind"].as_str().unwrap_or("full").to_string())
+            .collect()
+    };
+    backup(&storage, &bin, &pg, &[]);
+    let mut cfg = std::fs::read_to_string(&storage.config).unwrap();
+    cfg.push_str("backup_full_interval_hours = 168\nbackup_max_incrementals = 2\n");
+    std::fs::write(&storage.config, cfg).unwrap();
+    // summarize_wal is off: a full one, and the log says why.
+    let out = storage.pgkeep_pg(&bin, &["backup"], &pg.client_env());
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stderr(&out).contains("summarize_wal"), "{}", stderr(&out));
+    pg.psql("alter system set summarize_wal = on");
+    pg.psql("select pg_reload_conf()");
+    for _ in 0..4 {
+        pg.psql("insert into t select g from generate_series(1, 100) g");
+        backup(&storage, &bin, &pg, &[]);
+    }
+    // Newest first: two incrementals on the second full one, then a full one (the chain held
+    // backup_max_incrementals), and an incremental on that.
+    assert_eq!(
+        kinds(&storage),
+        [
+            "incremental",
+            "full",
+            "incremental",
+            "incremental",
+            "full",
+            "full"
+        ]
+    );
+}

@@ -254,6 +254,12 @@ fn chart_lints_renders_and_validates_for_every_values_file() {
     assert_eq!(off["ssl_args"], serde_json::json!([]), "{f}");
     assert_eq!(off["hba_type"], "host", "{f}");
     assert!(!off["job_pg"].as_str().unwrap().contains("ssl"), "{f}");
+    // Postgres 17+ keeps WAL summaries for incremental backups; 15 has no such setting.
+    let sums = &f["summaries"];
+    assert_eq!(sums["15"], serde_json::json!([]), "{f}");
+    for major in ["17", "18"] {
+        assert_eq!(sums[major], serde_json::json!(["summarize_wal=on"]), "{f}");
+    }
     // Synchronous mode sets both sides; a standby list of the user's own is kept.
     let sync = &f["synchronous"];
     assert_eq!(sync["off"]["args"], serde_json::json!([]), "{f}");

@@ -157,7 +157,19 @@ def check():
     print(json.dumps({"rendered": rendered, "images": images, "major_12": refused,
                       "encryption": encryption_findings(), "monitoring": monitoring_findings(),
                       "tls": tls_findings(), "synchronous": synchronous_findings(),
-                      "credentials": credentials_findings()}))
+                      "credentials": credentials_findings(), "summaries": summaries_findings()}))
+
+
+def summaries_findings():
+    """Postgres 17 and later run with summarize_wal = on (incremental backups need it); earlier
+    majors, which have no such setting, without it."""
+    out = {}
+    for major in (15, 17, 18):
+        objects, _ = render(deep_merge(load_values([]), {"postgres": {"major": major}}), name="db")
+        sts = next(o for o in objects if o["kind"] == "StatefulSet")
+        pg = next(c for c in sts["spec"]["template"]["spec"]["containers"] if c["name"] == "postgres")
+        out[str(major)] = [a for a in pg["args"] if a.startswith("summarize_wal")]
+    return out
 
 
 def synchronous_findings():
