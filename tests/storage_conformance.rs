@@ -358,6 +358,7 @@ async fn the_catalog_reads_what_it_writes(b: &Backend) {
         encrypted_to: vec![],
         kind: Default::default(),
         parent: None,
+        files_sha256: None,
     };
     archive.publish_backup(&meta).await.unwrap();
     assert_eq!(

@@ -1,20 +1,129 @@
-//! Which backup an incremental one is taken against (Postgres 17 and later): the newest complete
-//! backup of the same major, whose stored manifest the server is sent (`UPLOAD_MANIFEST`) before
-//! `BASE_BACKUP (INCREMENTAL)`. The server then sends only the blocks changed since that backup
+//! Which backup an incremental one is taken against: the newest complete backup of the same major.
+//! On Postgres 17 and later its stored manifest is sent to the server (`UPLOAD_MANIFEST`) before
+//! `BASE_BACKUP (INCREMENTAL)`; the server then sends only the blocks changed since that backup
 //! (from its WAL summaries, `summarize_wal = on`), and the restore rebuilds the files from the
-//! chain (`restore/incremental.rs`).
+//! chain (`restore/incremental.rs`). On 13 to 16 the server sends everything, and a delta backup
+//! stores only the files changed since the parent (`tarfilter.rs`), the others as references to
+//! where the chain stored them.
+
+use std::collections::HashMap;
 
 use anyhow::anyhow;
 
 use super::BackupMode;
+use super::tarfilter::Known;
 use crate::config::Config;
 use crate::pg::replication::{ReplConnection, ServerIdentity};
+use crate::storage::layout::ArchiveName;
 use crate::storage::{Archive, BackupMeta};
 
-/// The parent and its manifest for an incremental backup, or None for a full one. `Incremental`
-/// fails with the reason when the server cannot take one; `Scheduled` takes a full one instead and
-/// says why. Either takes a full one when the chain is at `backup_max_incrementals`.
-pub(super) async fn choose_parent(
+/// What a backup builds on.
+pub(super) enum Plan {
+    Full,
+    /// Postgres 17+: the parent and its manifest, for UPLOAD_MANIFEST.
+    Incremental(Box<BackupMeta>, Vec<u8>),
+    /// Postgres 13 to 16: the parent and what it knows of each file.
+    Delta(Box<DeltaBase>),
+}
+
+pub(super) struct DeltaBase {
+    pub parent: BackupMeta,
+    /// By archive, by path in the archive.
+    pub files: HashMap<ArchiveName, HashMap<String, Known>>,
+    /// The parent's manifest: size and checksum by manifest path.
+    pub manifest: HashMap<String, (u64, Option<String>)>,
+}
+
+/// What to build on. `Incremental` fails with the reason when no incremental (or delta) backup
+/// can be taken; `Scheduled` takes a full one instead and says why. Either takes a full one when
+/// the chain is at `backup_max_incrementals`.
+pub(super) async fn choose(
+    cfg: &Config,
+    conn: &mut ReplConnection,
+    server: &ServerIdentity,
+    archive: &Archive,
+    mode: BackupMode,
+) -> anyhow::Result<Plan> {
+    let Some((parent, manifest)) = choose_parent(cfg, conn, server, archive, mode).await? else {
+        return Ok(Plan::Full);
+    };
+    if server.major() >= 17 {
+        return Ok(Plan::Incremental(Box::new(parent), manifest));
+    }
+    let explicit = mode == BackupMode::Incremental;
+    let index = match archive.file_index(&parent).await {
+        Ok(Some(index)) => index,
+        Ok(None) => {
+            let why = format!(
+                "backup {} has no file index (taken by an older pgkeep): a delta backup cannot build on it",
+                parent.id
+            );
+            if explicit {
+                anyhow::bail!("cannot take an incremental backup: {why}");
+            }
+            tracing::info!("taking a full backup: {why}");
+            return Ok(Plan::Full);
+        }
+        Err(e) if !explicit => {
+            tracing::warn!(
+                "taking a full backup: backup {}'s file index: {e}",
+                parent.id
+            );
+            return Ok(Plan::Full);
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let mut files: HashMap<ArchiveName, HashMap<String, Known>> = HashMap::new();
+    for e in index.files {
+        files.entry(e.archive.clone()).or_default().insert(
+            e.path,
+            Known {
+                size: e.size,
+                mtime: e.mtime,
+                origin: e.from.unwrap_or_else(|| parent.id.clone()),
+                offset: e.offset,
+            },
+        );
+    }
+    let manifest = manifest_checksums(&manifest)
+        .map_err(|e| anyhow!("backup {}'s manifest: {e}", parent.id))?;
+    Ok(Plan::Delta(Box::new(DeltaBase {
+        parent,
+        files,
+        manifest,
+    })))
+}
+
+/// Size and checksum of each file a backup manifest lists, by path.
+pub(super) fn manifest_checksums(
+    manifest: &[u8],
+) -> Result<HashMap<String, (u64, Option<String>)>, String> {
+    let v: serde_json::Value =
+        serde_json::from_slice(manifest).map_err(|e| format!("not a backup manifest: {e}"))?;
+    let files = v["Files"]
+        .as_array()
+        .ok_or("not a backup manifest: no Files list")?;
+    let mut out = HashMap::new();
+    for f in files {
+        let Some(path) = f["Path"].as_str() else {
+            continue; // Encoded-Path: not a Postgres data file name; never left out
+        };
+        let size = f["Size"]
+            .as_u64()
+            .ok_or_else(|| format!("the manifest entry {path} has no size"))?;
+        let sum = f["Checksum"].as_str().map(|c| {
+            format!(
+                "{}:{c}",
+                f["Checksum-Algorithm"].as_str().unwrap_or_default()
+            )
+        });
+        out.insert(path.to_string(), (size, sum));
+    }
+    Ok(out)
+}
+
+/// The parent and its manifest for an incremental or delta backup, or None for a full one.
+async fn choose_parent(
     cfg: &Config,
     conn: &mut ReplConnection,
     server: &ServerIdentity,
@@ -36,13 +145,10 @@ pub(super) async fn choose_parent(
             Ok(None)
         }
     };
-    if server.major() < 17 {
-        return cannot(format!(
-            "incremental backups need Postgres 17 or later, and the server runs {}",
-            server.version
-        ));
-    }
-    let summarize = conn.show("summarize_wal").await?;
+    let summarize = match server.major() {
+        ..17 => "on".to_string(), // a delta backup needs no WAL summaries
+        _ => conn.show("summarize_wal").await?,
+    };
     if summarize != "on" {
         return cannot(
             "the server has summarize_wal = off; incremental backups need summarize_wal = on \

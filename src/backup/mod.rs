@@ -6,6 +6,9 @@
 mod chunks;
 mod incremental;
 mod stream;
+mod tarfilter;
+
+use incremental::Plan;
 
 use std::time::Duration;
 
@@ -18,6 +21,7 @@ use crate::pg::replication::{ReplConnection, ServerIdentity};
 use crate::pg::{Lsn, TimelineId};
 use crate::progress::human_bytes;
 use crate::storage::catalog::{BackupKind, META_VERSION, META_VERSION_INCREMENTAL, required_wal};
+use crate::storage::index::FileIndex;
 use crate::storage::layout::BackupId;
 use crate::storage::{Archive, ArchiveMeta, BackupMeta, ClusterInfo, Repo};
 
@@ -44,44 +48,67 @@ pub async fn take_backup(
     cancel: &CancellationToken,
     mode: BackupMode,
 ) -> anyhow::Result<BackupMeta> {
+    match attempt(cfg, repo, cancel, mode).await {
+        Err(e) if e.downcast_ref::<DeltaMismatch>().is_some() => {
+            tracing::warn!("{e}; taking a full backup instead");
+            attempt(cfg, repo, cancel, BackupMode::Full).await
+        }
+        other => other,
+    }
+}
+
+/// A delta backup left out a file whose time and size said unchanged and whose checksum says
+/// otherwise: it is abandoned for a full one.
+#[derive(Debug)]
+struct DeltaMismatch(String);
+
+impl std::fmt::Display for DeltaMismatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "the delta backup left out {} as unchanged (same size and modification time as in the parent), \
+             but the server's manifest gives it another checksum",
+            self.0
+        )
+    }
+}
+
+impl std::error::Error for DeltaMismatch {}
+
+async fn attempt(
+    cfg: &Config,
+    repo: &Repo,
+    cancel: &CancellationToken,
+    mode: BackupMode,
+) -> anyhow::Result<BackupMeta> {
     let (mut conn, server) = ReplConnection::connect_identified(&cfg.pg).await?;
     let archive = repo.ensure_cluster(&ClusterInfo::from(&server)).await?;
-    let mut parent = incremental::choose_parent(cfg, &mut conn, &server, &archive, mode).await?;
-    if let Some((p, manifest)) = &parent {
-        if let Err(e) = conn.upload_manifest(manifest).await {
-            let why = format!(
-                "the server refused an incremental backup on backup {}: {e}",
-                p.id
-            );
-            match mode {
-                BackupMode::Scheduled => {
-                    tracing::warn!("{why}; taking a full backup instead");
-                    parent = None;
-                }
-                _ => bail!("{why}"),
+    let mut plan = incremental::choose(cfg, &mut conn, &server, &archive, mode).await?;
+    if let Plan::Incremental(p, manifest) = &plan
+        && let Err(e) = conn.upload_manifest(manifest).await
+    {
+        let why = format!(
+            "the server refused an incremental backup on backup {}: {e}",
+            p.id
+        );
+        match mode {
+            BackupMode::Scheduled => {
+                tracing::warn!("{why}; taking a full backup instead");
+                plan = Plan::Full;
             }
+            _ => bail!("{why}"),
         }
     }
-    let parent = parent.map(|(p, _)| p);
     let (id, start_time) = free_backup_id(&archive).await?;
-    let kind = match parent {
-        Some(_) => BackupKind::Incremental,
-        None => BackupKind::Full,
+    let (kind, parent) = match &plan {
+        Plan::Full => (BackupKind::Full, None),
+        Plan::Incremental(p, _) => (BackupKind::Incremental, Some(&**p)),
+        Plan::Delta(d) => (BackupKind::Delta, Some(&d.parent)),
     };
-    tracing::info!(backup = %id, %kind, parent = parent.as_ref().map(|p| p.id.to_string()), system_identifier = server.system_identifier, "starting base backup");
+    tracing::info!(backup = %id, %kind, parent = parent.map(|p| p.id.to_string()), system_identifier = server.system_identifier, "starting base backup");
     let work = async {
-        let streamed =
-            stream::stream_backup(cfg, &mut conn, &server, &archive, &id, parent.is_some()).await?;
-        finish(
-            cfg,
-            &archive,
-            &server,
-            &id,
-            start_time,
-            streamed,
-            parent.as_ref(),
-        )
-        .await
+        let streamed = stream::stream_backup(cfg, &mut conn, &server, &archive, &id, &plan).await?;
+        finish(cfg, &archive, &server, &id, start_time, streamed, &plan).await
     };
     let result = tokio::select! {
         r = work => r,
@@ -132,14 +159,18 @@ async fn free_backup_id(archive: &Archive) -> anyhow::Result<(BackupId, DateTime
 /// What the copy stream delivered.
 pub(crate) struct Streamed {
     archives: Vec<ArchiveMeta>,
+    /// Where each regular file's bytes are.
+    files: Vec<crate::storage::index::FileEntry>,
+    /// Files a delta backup left out, to confirm against the manifest.
+    left_out: Vec<tarfilter::LeftOut>,
     manifest: Vec<u8>,
     start: Lsn,
     end: Lsn,
     timeline: TimelineId,
 }
 
-/// Stores the manifest, waits for the backup's WAL, makes the chunks durable, and writes the
-/// metadata last.
+/// Confirms what a delta backup left out, stores the manifest and the file index, waits for the
+/// backup's WAL, makes the chunks durable, and writes the metadata last.
 async fn finish(
     cfg: &Config,
     archive: &Archive,
@@ -147,12 +178,36 @@ async fn finish(
     id: &BackupId,
     start_time: DateTime<Utc>,
     s: Streamed,
-    parent: Option<&BackupMeta>,
+    plan: &Plan,
 ) -> anyhow::Result<BackupMeta> {
+    if let Plan::Delta(base) = plan {
+        // The server's manifest must give each file left out the size and checksum the parent's
+        // gave it: then its bytes are the ones the chain stored.
+        let now = incremental::manifest_checksums(&s.manifest)
+            .map_err(|e| anyhow!("the server's backup manifest: {e}"))?;
+        for l in &s.left_out {
+            let (new, old) = (
+                now.get(&l.manifest_path),
+                base.manifest.get(&l.manifest_path),
+            );
+            let same = matches!((new, old), (Some((n, Some(a))), Some((o, Some(b)))) if n == o && a == b && *n == l.size);
+            if !same {
+                return Err(DeltaMismatch(l.manifest_path.clone()).into());
+            }
+        }
+        tracing::info!(
+            left_out = s.left_out.len(),
+            bytes = s.left_out.iter().map(|l| l.size).sum::<u64>(),
+            "delta: files unchanged since the parent are stored as references to it"
+        );
+    }
     let repo = archive.repo();
     // Its checksum (of the stored bytes when encrypted) goes into backup.json.
     let (manifest_header, sealed) = repo.seal(cfg.codec, &s.manifest);
     repo.put_sealed(&archive.layout().backup_manifest(id), sealed)
+        .await?;
+    let files_sha256 = archive
+        .put_file_index(id, cfg.codec, &FileIndex { files: s.files })
         .await?;
     wait_for_wal(
         cfg,
@@ -162,10 +217,15 @@ async fn finish(
     .await?;
     // The chunks were written without a sync each: one for all of them before anything names them.
     repo.sync_all().await?;
+    let (kind, parent) = match plan {
+        Plan::Full => (BackupKind::Full, None),
+        Plan::Incremental(p, _) => (BackupKind::Incremental, Some(p.id.clone())),
+        Plan::Delta(d) => (BackupKind::Delta, Some(d.parent.id.clone())),
+    };
     let meta = BackupMeta {
-        meta_version: match parent {
-            Some(_) => META_VERSION_INCREMENTAL,
-            None => META_VERSION,
+        meta_version: match kind {
+            BackupKind::Full => META_VERSION,
+            _ => META_VERSION_INCREMENTAL,
         },
         id: id.clone(),
         label: label(id),
@@ -183,11 +243,9 @@ async fn finish(
         manifest_sha256: hex::encode(manifest_header.checksum),
         encrypted_to: repo.keys().recipient_fingerprints(),
         archives: s.archives,
-        kind: match parent {
-            Some(_) => BackupKind::Incremental,
-            None => BackupKind::Full,
-        },
-        parent: parent.map(|p| p.id.clone()),
+        kind,
+        parent,
+        files_sha256: Some(files_sha256),
     };
     // Written last: from here on the backup exists.
     archive.publish_backup(&meta).await?;

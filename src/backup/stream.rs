@@ -17,7 +17,10 @@ use crate::storage::Archive;
 use crate::storage::layout::{ArchiveName, BackupId};
 
 use super::chunks::{Current, Received, Uploader, assemble, flush};
+use super::incremental::Plan;
+use super::tarfilter::{LeftOut, TarFilter};
 use super::{Streamed, label};
+use crate::storage::index::FileEntry;
 
 /// Runs BASE_BACKUP and stores its archives as chunks.
 pub(super) async fn stream_backup(
@@ -26,11 +29,14 @@ pub(super) async fn stream_backup(
     server: &ServerIdentity,
     archive: &Archive,
     id: &BackupId,
-    incremental: bool,
+    plan: &Plan,
 ) -> anyhow::Result<Streamed> {
     let label = label(id).replace('\'', "''");
     // Incremental: on the manifest uploaded on this connection just before (17 and later).
-    let incremental = if incremental { ", INCREMENTAL" } else { "" };
+    let incremental = match plan {
+        Plan::Incremental(..) => ", INCREMENTAL",
+        _ => "",
+    };
     let legacy = server.major() < 15;
     conn.send_query(&if legacy {
         // 13 and 14: the older option syntax; WAIT false is NOWAIT.
@@ -58,7 +64,14 @@ pub(super) async fn stream_backup(
             manifest_started: false,
         }),
     };
-    let (archives, manifest) = receive(conn, &mut source, &mut up, &mut progress).await?;
+    let mut index = Index {
+        plan,
+        current: None,
+        files: vec![],
+        left_out: vec![],
+    };
+    let (archives, manifest) =
+        receive(conn, &mut source, &mut up, &mut progress, &mut index).await?;
     let (end, end_tli) = read_end(conn).await?;
     if header.timeline != end_tli {
         bail!(
@@ -80,6 +93,8 @@ pub(super) async fn stream_backup(
     );
     Ok(Streamed {
         archives,
+        files: index.files,
+        left_out: index.left_out,
         manifest,
         start: header.start,
         end,
@@ -240,12 +255,43 @@ fn position(row: &[Option<String>]) -> Option<(Lsn, u32)> {
     Some((lsn, tli))
 }
 
+/// The file index being built as the archives pass (`tarfilter.rs`).
+struct Index<'a> {
+    plan: &'a Plan,
+    current: Option<TarFilter>,
+    files: Vec<FileEntry>,
+    left_out: Vec<LeftOut>,
+}
+
+impl Index<'_> {
+    /// A new archive starts: the one before is complete.
+    fn start(&mut self, name: &ArchiveName) {
+        self.end();
+        let (files, start) = match self.plan {
+            Plan::Delta(base) => (
+                base.files.get(name).cloned().unwrap_or_default(),
+                base.parent.start_time.timestamp().max(0) as u64,
+            ),
+            _ => (Default::default(), 0),
+        };
+        self.current = Some(TarFilter::new(name.clone(), files, start));
+    }
+
+    fn end(&mut self) {
+        if let Some(f) = self.current.take() {
+            self.files.extend(f.entries);
+            self.left_out.extend(f.left_out);
+        }
+    }
+}
+
 /// Reads the copy stream: archives cut into chunks and handed to the uploader, then the manifest.
 async fn receive(
     conn: &mut ReplConnection,
     source: &mut Source,
     up: &mut Uploader,
     progress: &mut Progress,
+    index: &mut Index<'_>,
 ) -> anyhow::Result<(Vec<Received>, Vec<u8>)> {
     let mut archives: Vec<Received> = vec![];
     let mut current: Option<Current> = None;
@@ -261,6 +307,7 @@ async fn receive(
                 }
                 let name = ArchiveName::try_from(name).map_err(|e| anyhow!(e))?;
                 tracing::debug!(archive = %String::from(name.clone()), %location, "archive starts");
+                index.start(&name);
                 archives.push((name, (!location.is_empty()).then_some(location), 0));
                 current = Some(Current {
                     index: archives.len() - 1,
@@ -271,16 +318,20 @@ async fn receive(
             BackupMessage::Data(data) => match (manifest.as_mut(), current.as_mut()) {
                 (Some(m), _) => m.extend_from_slice(&data),
                 (None, Some(c)) => {
-                    archives[c.index].2 += data.len() as u64;
                     if !source.reports_progress() {
                         progress.add(data.len() as u64);
                     }
-                    up.add(&archives[c.index].0, c, data).await?;
+                    let filter = index.current.as_mut().expect("an archive started");
+                    for part in filter.feed(data) {
+                        archives[c.index].2 += part.len() as u64;
+                        up.add(&archives[c.index].0, c, part).await?;
+                    }
                 }
                 (None, None) => bail!("backup data before any archive"),
             },
             BackupMessage::Progress(n) => progress.add(n.saturating_sub(progress.done())),
             BackupMessage::ManifestStart => {
+                index.end();
                 if let Some(c) = current.take() {
                     flush(up, &archives, c).await?;
                 }
@@ -288,6 +339,7 @@ async fn receive(
             }
         }
     }
+    index.end();
     if let Some(c) = current.take() {
         flush(up, &archives, c).await?;
     }

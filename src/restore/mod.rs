@@ -10,6 +10,7 @@ mod choose;
 mod incremental;
 mod points;
 mod recovery;
+mod references;
 pub mod rollback;
 mod seed;
 mod target;

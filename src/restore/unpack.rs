@@ -16,7 +16,9 @@ use crate::progress::Progress;
 use crate::storage::{Archive, ArchiveMeta, BackupMeta};
 use crate::verify::contents::{Feed, Files};
 
-use super::{incremental, map_location};
+use super::{incremental, map_location, references};
+use crate::storage::catalog::BackupKind;
+use crate::storage::index::FileEntry;
 use std::collections::HashSet;
 
 /// Unpacks a backup and the backups it builds on (`chain`, oldest first, from
@@ -32,11 +34,28 @@ pub(super) async fn unpack_chain(
     parallelism: usize,
 ) -> anyhow::Result<(std::time::Duration, Vec<u8>)> {
     let newest = chain.last().context("an empty chain of backups")?;
-    let total: u64 = chain.iter().map(|m| m.plain_bytes).sum();
+    // A delta backup is restored from its own archives and the files it refers to; an incremental
+    // one on the backups before it.
+    let delta = newest.kind == BackupKind::Delta;
+    let index = match delta {
+        true => archive.file_index(newest).await?,
+        false => None,
+    };
+    let refs: Vec<FileEntry> = index
+        .map(|i| i.files.into_iter().filter(|f| f.from.is_some()).collect())
+        .unwrap_or_default();
+    let layers = if delta {
+        std::slice::from_ref(newest)
+    } else {
+        chain
+    };
+    let total: u64 = layers.iter().map(|m| m.plain_bytes).sum::<u64>()
+        + refs.iter().map(|r| r.size).sum::<u64>();
     let mut progress = Progress::new("restore", Some(total));
     let map = Arc::new(map.to_vec());
     let mut manifest = vec![];
-    for (i, meta) in chain.iter().enumerate() {
+    let mut refs = Some(refs);
+    for (i, meta) in layers.iter().enumerate() {
         let incremental = i > 0;
         if chain.len() > 1 {
             tracing::info!(backup = %meta.id, kind = %meta.kind, step = i + 1, of = chain.len(), "unpacking a backup of the chain");
@@ -63,13 +82,34 @@ pub(super) async fn unpack_chain(
             };
             files.extend(job.run(&mut progress).await?);
         }
+        if let Some(refs) = refs.take().filter(|r| !r.is_empty()) {
+            let root_of = |name: &crate::storage::layout::ArchiveName| {
+                let a = newest.archives.iter().find(|a| a.name == *name)?;
+                Some(match &a.location {
+                    None => dir.to_path_buf(),
+                    Some(loc) => map_location(&map, Path::new(loc)),
+                })
+            };
+            files.extend(
+                references::restore_references(
+                    archive,
+                    meta,
+                    chain,
+                    refs,
+                    &root_of,
+                    parallelism,
+                    &mut progress,
+                )
+                .await?,
+            );
+        }
         manifest = checked_manifest(archive, meta, &files).await?;
         if incremental {
             remove_deleted(meta, &manifest, dir, &map)?;
         }
     }
     let took = progress.finish();
-    if chain.len() > 1 {
+    if layers.len() > 1 {
         manifest = rebuilt_manifest(&manifest, dir, parallelism).await?;
     }
     Ok((took, manifest))

@@ -23,14 +23,16 @@ pub const META_VERSION_INCREMENTAL: u32 = 2;
 /// absurd chain in forged metadata ends here.
 pub const MAX_CHAIN: usize = 100;
 
-/// What a backup holds: every file (`full`), or, on Postgres 17 and later, the blocks changed since
-/// its parent (`incremental`; restored on top of its parent's restore).
+/// What a backup holds: every file (`full`); on Postgres 17 and later, the blocks changed since its
+/// parent (`incremental`; restored on top of its parent's restore); on 13 to 16, the files changed
+/// since its parent, the others referring to where the chain stored them (`delta`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum BackupKind {
     #[default]
     Full,
     Incremental,
+    Delta,
 }
 
 impl BackupKind {
@@ -44,6 +46,7 @@ impl std::fmt::Display for BackupKind {
         f.write_str(match self {
             BackupKind::Full => "full",
             BackupKind::Incremental => "incremental",
+            BackupKind::Delta => "delta",
         })
     }
 }
@@ -124,6 +127,10 @@ pub struct BackupMeta {
     /// The backup an incremental one was taken against (its changed blocks are relative to it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub parent: Option<BackupId>,
+    /// The checksum of the file index (`files.json`: where each file's bytes are), when the
+    /// backup has one (every backup pgkeep takes now; a delta backup cannot do without).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub files_sha256: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -180,21 +187,24 @@ impl BackupMeta {
         if bases != 1 {
             return Err("a backup holds exactly one base.tar".into());
         }
+        if self.kind == BackupKind::Delta && self.files_sha256.is_none() {
+            return Err("a delta backup without a file index".into());
+        }
         match (self.kind, &self.parent) {
             (BackupKind::Full, None) => {}
-            (BackupKind::Incremental, Some(p)) if *p < self.id => {
+            (BackupKind::Incremental | BackupKind::Delta, Some(p)) if *p < self.id => {
                 if self.meta_version < META_VERSION_INCREMENTAL {
                     return Err(
                         "an incremental backup under a metadata version that has none".into(),
                     );
                 }
             }
-            (BackupKind::Incremental, Some(p)) => {
+            (BackupKind::Incremental | BackupKind::Delta, Some(p)) => {
                 return Err(format!(
                     "an incremental backup on {p}, which is not older than it"
                 ));
             }
-            (BackupKind::Incremental, None) => {
+            (BackupKind::Incremental | BackupKind::Delta, None) => {
                 return Err("an incremental backup without a parent".into());
             }
             (BackupKind::Full, Some(_)) => return Err("a full backup with a parent".into()),

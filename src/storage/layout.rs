@@ -153,6 +153,11 @@ impl ClusterLayout {
         self.backup_dir(id).join("backup_manifest")
     }
 
+    /// Where each of a backup's files has its bytes (`storage::index`).
+    pub fn backup_files(&self, id: &BackupId) -> Path {
+        self.backup_dir(id).join("files.json")
+    }
+
     /// Chunk `seq` of the tar archive `archive` (`base.tar`, or `<tablespace oid>.tar`).
     pub fn backup_chunk(&self, id: &BackupId, archive: &ArchiveName, seq: usize) -> Path {
         self.backup_dir(id)
@@ -221,7 +226,7 @@ impl std::fmt::Display for BackupId {
 
 /// The name of one of a base backup's tar archives, as the server sends it: `base.tar` for the data
 /// directory, `<oid>.tar` for a tablespace. Anything else is refused before it becomes a key.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 #[serde(try_from = "String", into = "String")]
 pub struct ArchiveName(String);
 

@@ -3,6 +3,7 @@
 pub mod archive;
 pub mod catalog;
 pub mod crypt;
+pub mod index;
 pub mod layout;
 pub mod object;
 pub mod pieces;

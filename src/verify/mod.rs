@@ -332,6 +332,33 @@ pub async fn verify(
                 });
             }
         }
+        // A delta backup's unchanged files are in its file index, their bytes in its chain.
+        if b.kind == crate::storage::catalog::BackupKind::Delta {
+            match archive.file_index(b).await {
+                Ok(Some(index)) => {
+                    if let Some(all) = held.as_mut() {
+                        for f in index.files.into_iter().filter(|f| f.from.is_some()) {
+                            let prefix = f
+                                .archive
+                                .tablespace_oid()
+                                .map(|oid| format!("pg_tblspc/{oid}/"))
+                                .unwrap_or_default();
+                            all.insert(format!("{prefix}{}", f.path), f.size);
+                        }
+                    }
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    broken.insert(b.id.clone());
+                    problems.push(Problem {
+                        key: layout.backup_files(&b.id).to_string(),
+                        problem: e.to_string(),
+                        affects: format!("backup {}: it cannot be restored", b.id),
+                    });
+                    held = None;
+                }
+            }
+        }
         if let (Some(manifest), Some(held)) = (&listed, &held) {
             for difference in contents::compare(manifest, held) {
                 broken.insert(b.id.clone());
