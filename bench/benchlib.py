@@ -15,6 +15,8 @@ import time
 import urllib.request
 
 PGBIN = os.environ.get("PGBIN", "/usr/lib/postgresql/15/bin")
+# The client tools (pgbench), which serve every major: Debian's 15.
+TOOLS = "/usr/lib/postgresql/15/bin"
 ROOT = os.getuid() == 0
 
 
@@ -86,7 +88,7 @@ class Cluster:
             self.sql("select pg_reload_conf()")
 
     def pgbench(self, *args, **kw):
-        return subprocess.run([f"{PGBIN}/pgbench", "-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres", *args,
+        return subprocess.run([f"{TOOLS}/pgbench", "-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres", *args,
                                "postgres"], check=True, capture_output=True, text=True, **kw).stdout
 
     def stop(self):
