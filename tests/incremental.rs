@@ -147,6 +147,16 @@ fn incremental_chain(backend: Backend) {
     primary.psql("create table markers (id serial primary key, name text not null)");
     primary.psql("create table gone as select g from generate_series(1, 10000) g");
     let gone_file = primary.psql("select pg_relation_filepath('gone')");
+    // A tablespace, with a table changed between the backups.
+    let ts_old = dir.mkdir("ts_old");
+    primary.psql(&format!(
+        "create tablespace extra location '{}'",
+        ts_old.display()
+    ));
+    primary.psql(
+        "create table spaced tablespace extra as select g as id, 0 as v from generate_series(1, 20000) g",
+    );
+    let map = |name: &str| format!("{}={}", ts_old.display(), dir.path().join(name).display());
 
     // Without summarize_wal, and without a backup to build on: refused, saying why.
     let out = storage.pgkeep_pg(&bin, &["backup", "--incremental"], &primary.client_env());
@@ -165,6 +175,7 @@ fn incremental_chain(backend: Backend) {
     let full = backup(&storage, &bin, &primary, &["--full"]);
     primary.psql("insert into markers (name) values ('m0')");
     run_ok(&mut primary.pgbench(&["-c", "2", "-t", "200", "-n"]));
+    primary.psql("update spaced set v = 1 where id between 100 and 300");
     primary.psql("drop table gone");
     primary.psql("create table born as select g from generate_series(1, 5000) g");
     let inc1 = backup(&storage, &bin, &primary, &["--incremental"]);
@@ -177,6 +188,7 @@ fn incremental_chain(backend: Backend) {
     primary.psql("insert into markers (name) values ('m3')");
     let expected: Vec<String> = TABLES.iter().map(|t| primary.table_checksum(t)).collect();
     let born = primary.table_checksum("born");
+    let spaced = primary.table_checksum("spaced");
     primary.switch_and_wait_archived();
 
     // `list` says what each is and what it added.
@@ -215,7 +227,13 @@ fn incremental_chain(backend: Backend) {
     std::fs::remove_dir_all(&primary.data).unwrap();
 
     // The newest, rebuilt from all three.
-    let (latest, log) = restore(&storage, &bin, &dir, "latest", &[]);
+    let (latest, log) = restore(
+        &storage,
+        &bin,
+        &dir,
+        "latest",
+        &["--tablespace-map", &map("ts_latest")],
+    );
     assert!(
         log.contains(&format!("backup={inc2}")) && log.contains("chain=3"),
         "{log}"
@@ -232,11 +250,23 @@ fn incremental_chain(backend: Backend) {
         "tables restored from the chain differ from the original"
     );
     assert_eq!(c.table_checksum("born"), born);
+    assert_eq!(c.table_checksum("spaced"), spaced);
     assert_eq!(markers(&c), "m0,m1,m2,m3");
     drop(c);
 
     // To the point between the incrementals: the first incremental's chain.
-    let (pitr, log) = restore(&storage, &bin, &dir, "pitr", &["--target-name", "between"]);
+    let (pitr, log) = restore(
+        &storage,
+        &bin,
+        &dir,
+        "pitr",
+        &[
+            "--target-name",
+            "between",
+            "--tablespace-map",
+            &map("ts_pitr"),
+        ],
+    );
     assert!(
         log.contains(&format!("chosen backup backup={inc1}")) && log.contains("chain=2"),
         "{log}"
@@ -268,9 +298,16 @@ fn incremental_chain(backend: Backend) {
     bytes[at] ^= 0x55;
     std::fs::write(&first, bytes).unwrap();
     let target = dir.mkdir("damaged");
+    let ts_damaged = map("ts_damaged");
     let out = storage.pgkeep_pg(
         &bin,
-        &["restore", "--target-dir", target.to_str().unwrap()],
+        &[
+            "restore",
+            "--target-dir",
+            target.to_str().unwrap(),
+            "--tablespace-map",
+            &ts_damaged,
+        ],
         &[],
     );
     assert!(
