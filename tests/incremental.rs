@@ -500,3 +500,63 @@ fn file_storage_delta_chain() {
 fn s3_storage_delta_chain() {
     delta_chain(Backend::S3);
 }
+
+/// A tablespace dropped between the full backup and an incremental one: the chain restores, and
+/// nothing of the tablespace (no files, no link) comes back.
+#[test]
+fn a_tablespace_dropped_within_a_chain_is_not_restored() {
+    let dir = TestDir::new("incremental-dropped-ts");
+    let storage = Storage::new(Backend::File, &dir);
+    let bin = dir.install_pgkeep();
+    let mut pg = archiving_cluster_major(&dir, &storage, &bin, "primary", 16, major());
+    pg.set(&[("summarize_wal", "on")]);
+    pg.start();
+    let ts = dir.mkdir("ts");
+    pg.psql(&format!(
+        "create tablespace gone_ts location '{}'",
+        ts.display()
+    ));
+    pg.psql("create table t tablespace gone_ts as select g from generate_series(1, 5000) g");
+    pg.psql("create table kept as select g from generate_series(1, 5000) g");
+    backup(&storage, &bin, &pg, &["--full"]);
+    pg.psql("drop table t");
+    pg.psql("drop tablespace gone_ts");
+    pg.psql("insert into kept select g from generate_series(1, 100) g");
+    let inc = backup(&storage, &bin, &pg, &["--incremental"]);
+    let expected = pg.table_checksum("kept");
+    pg.switch_and_wait_archived();
+    pg.stop("immediate");
+    std::fs::remove_dir_all(&pg.data).unwrap();
+    // The old location still holds the (now empty) tablespace folder: nothing is written there.
+    let before: Vec<_> = walk(&ts);
+    let (target, log) = restore(&storage, &bin, &dir, "restored", &[]);
+    assert!(log.contains(&format!("backup={inc}")), "{log}");
+    assert_eq!(
+        walk(&ts),
+        before,
+        "the dropped tablespace's location was written to"
+    );
+    assert_eq!(
+        std::fs::read_dir(target.join("pg_tblspc")).unwrap().count(),
+        0
+    );
+    let c = start_restored(&dir, &storage, target);
+    assert_eq!(c.table_checksum("kept"), expected);
+}
+
+/// Every path below `dir`, sorted.
+fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = vec![];
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                todo.push(p.clone());
+            }
+            out.push(p);
+        }
+    }
+    out.sort();
+    out
+}

@@ -157,11 +157,16 @@ async fn choose_parent(
                 .into(),
         );
     }
-    let backups = archive.backups().await?; // newest first
-    let Some(parent) = backups
-        .into_iter()
-        .find(|b| b.pg_version.split('.').next() == Some(&server.major().to_string()))
-    else {
+    // Newest first; a damaged backup.json is none to build on (verify names it), and does not
+    // stop the backup.
+    let (backups, _damaged) = archive.backups_and_damaged().await?;
+    // Of this major, on this timeline or an earlier one, ended before where the server is now (a
+    // backup of a branch left behind by a rollback is no parent).
+    let Some(parent) = backups.into_iter().find(|b| {
+        b.pg_version.split('.').next() == Some(&server.major().to_string())
+            && b.timeline <= server.timeline
+            && b.end_lsn <= server.xlogpos
+    }) else {
         return cannot(format!(
             "storage holds no backup of this cluster's Postgres {} to build on",
             server.major()

@@ -12,7 +12,7 @@ use incremental::Plan;
 
 use std::time::Duration;
 
-use anyhow::{anyhow, bail};
+use anyhow::{Context, anyhow, bail};
 use chrono::{DateTime, Utc};
 use tokio_util::sync::CancellationToken;
 
@@ -49,13 +49,29 @@ pub async fn take_backup(
     mode: BackupMode,
 ) -> anyhow::Result<BackupMeta> {
     match attempt(cfg, repo, cancel, mode).await {
-        Err(e) if e.downcast_ref::<DeltaMismatch>().is_some() => {
+        Err(e)
+            if e.downcast_ref::<DeltaMismatch>().is_some()
+                || e.downcast_ref::<IncrementalRefused>().is_some() =>
+        {
             tracing::warn!("{e}; taking a full backup instead");
             attempt(cfg, repo, cancel, BackupMode::Full).await
         }
         other => other,
     }
 }
+
+/// The server refused or failed a scheduled incremental backup (its WAL summaries do not reach
+/// back to the parent, say): the schedule takes a full one instead.
+#[derive(Debug)]
+struct IncrementalRefused(String);
+
+impl std::fmt::Display for IncrementalRefused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "the incremental backup failed: {}", self.0)
+    }
+}
+
+impl std::error::Error for IncrementalRefused {}
 
 /// A delta backup left out a file whose time and size said unchanged and whose checksum says
 /// otherwise: it is abandoned for a full one.
@@ -113,6 +129,24 @@ async fn attempt(
     let result = tokio::select! {
         r = work => r,
         _ = cancel.cancelled() => Err(anyhow!("backup {id} cancelled by shutdown before it was complete")),
+    };
+    let server_said = |e: &anyhow::Error| {
+        e.chain().any(|c| {
+            matches!(
+                c.downcast_ref::<crate::pg::error::PgError>(),
+                Some(crate::pg::error::PgError::Server { .. })
+            )
+        })
+    };
+    let result = match result {
+        Err(e)
+            if mode == BackupMode::Scheduled
+                && matches!(plan, Plan::Incremental(..))
+                && server_said(&e) =>
+        {
+            Err(IncrementalRefused(format!("{e:#}")).into())
+        }
+        other => other,
     };
     match result {
         Ok(meta) => {
@@ -247,6 +281,14 @@ async fn finish(
         parent,
         files_sha256: Some(files_sha256),
     };
+    // What it builds on must still be there (a `prune` may have run meanwhile), and be a parent
+    // a restore accepts: otherwise the newest backup would be one nothing can restore.
+    if meta.parent.is_some() {
+        archive
+            .chain(&meta)
+            .await
+            .context("the backup's parent is no longer restorable; it was not published")?;
+    }
     // Written last: from here on the backup exists.
     archive.publish_backup(&meta).await?;
     Ok(meta)

@@ -359,8 +359,8 @@ impl ReplConnection {
 
     /// `UPLOAD_MANIFEST` (Postgres 17+): sends the backup manifest of the backup an incremental
     /// one is to be taken against; the next `BASE_BACKUP (INCREMENTAL)` on this connection uses it.
-    /// The server checks it (the system identifier, the WAL summaries it needs) and its error, if
-    /// any, is returned.
+    /// The server checks its form and system identifier here (its error, if any, is returned);
+    /// whether its WAL summaries reach back to it, only when BASE_BACKUP starts.
     pub async fn upload_manifest(&mut self, manifest: &[u8]) -> Result<(), PgError> {
         self.send_query("UPLOAD_MANIFEST").await?;
         loop {

@@ -32,6 +32,12 @@ pub(super) async fn restore_references(
     // By the backup and archive whose stream holds them.
     let mut groups: BTreeMap<(String, String), Vec<FileEntry>> = BTreeMap::new();
     for r in refs {
+        r.check_reference(meta, chain).map_err(|why| {
+            anyhow::anyhow!(
+                "backup {}'s file index: {why}: the index is damaged or forged",
+                meta.id
+            )
+        })?;
         let from = r.from.clone().expect("a reference");
         let prefix = r
             .archive
@@ -45,29 +51,16 @@ pub(super) async fn restore_references(
             .push(r);
     }
     for ((from, name), mut refs) in groups {
-        let forged = |why: String| {
-            anyhow::anyhow!(
-                "backup {}'s file index refers to {why}: the index is damaged or forged",
-                meta.id
-            )
-        };
-        let Some(origin) = chain
+        // Checked with each reference above.
+        let origin = chain
             .iter()
-            .find(|b| b.id.as_str() == from && b.id != meta.id)
-        else {
-            return Err(forged(format!(
-                "backup {from}, which is not one it builds on"
-            )));
-        };
-        let Some(tar) = origin
+            .find(|b| b.id.as_str() == from)
+            .expect("a backup of the chain");
+        let tar = origin
             .archives
             .iter()
             .find(|a| String::from(a.name.clone()) == name)
-        else {
-            return Err(forged(format!(
-                "{name} of backup {from}, which has no such archive"
-            )));
-        };
+            .expect("an archive of it");
         let Some(root) = root_of(&tar.name) else {
             continue; // a tablespace the restored backup does not hold
         };
@@ -79,27 +72,17 @@ pub(super) async fn restore_references(
             at += c.plain_len;
         }
         starts.push(at);
-        for r in &refs {
-            if r.offset.checked_add(r.size).is_none_or(|end| end > at) {
-                return Err(forged(format!(
-                    "bytes {}..+{} of {name} of backup {from}, past its end ({at})",
-                    r.offset, r.size
-                )));
-            }
-        }
         refs.sort_by_key(|r| r.offset);
+        // The chunks any of them falls in, once each, in order (linear in chunks and references,
+        // whatever a forged index overlaps).
         let mut needed: Vec<usize> = vec![];
+        let mut next = 0usize;
         for r in refs.iter().filter(|r| r.size > 0) {
             let first = starts.partition_point(|s| *s <= r.offset) - 1;
             let last = starts.partition_point(|s| *s < r.offset + r.size) - 1;
-            for i in first..=last {
-                if needed.last() != Some(&i) && !needed.contains(&i) {
-                    needed.push(i);
-                }
-            }
+            needed.extend(first.max(next)..=last);
+            next = next.max(last + 1);
         }
-        needed.sort_unstable();
-        needed.dedup();
         tracing::info!(from = %from, archive = %name, files = refs.len(), chunks = needed.len(), "restoring the files unchanged since an earlier backup of the chain");
         let (tx, mut rx) = tokio::sync::mpsc::channel::<(u64, Vec<u8>)>(1);
         let writer = {

@@ -67,13 +67,21 @@ pub(super) async fn unpack_chain(
             .iter()
             .filter(|a| newest.archives.iter().any(|n| n.name == a.name))
         {
-            let dest = match &tar.location {
+            // Where the newest backup says (as mapped): the location the restore prepared, even
+            // if an older backup of the chain recorded another.
+            let dest = match newest
+                .archives
+                .iter()
+                .find(|n| n.name == tar.name)
+                .and_then(|n| n.location.as_ref())
+            {
                 None => dir.to_path_buf(),
                 Some(loc) => map_location(&map, Path::new(loc)),
             };
             let job = Unpack {
                 archive,
                 meta,
+                newest,
                 tar,
                 dest,
                 map: map.clone(),
@@ -103,9 +111,21 @@ pub(super) async fn unpack_chain(
                 .await?,
             );
         }
-        manifest = checked_manifest(archive, meta, &files).await?;
+        // The files of a tablespace dropped since are not restored, nor expected.
+        let dropped = |path: &str| {
+            path.strip_prefix("pg_tblspc/")
+                .and_then(|rest| rest.split('/').next())
+                .and_then(|oid| oid.parse::<u32>().ok())
+                .is_some_and(|oid| {
+                    !newest
+                        .archives
+                        .iter()
+                        .any(|a| a.name.tablespace_oid() == Some(oid))
+                })
+        };
+        manifest = checked_manifest(archive, meta, &files, &dropped).await?;
         if incremental {
-            remove_deleted(meta, &manifest, dir, &map)?;
+            remove_deleted(meta, newest, &manifest, dir, &map)?;
         }
     }
     let took = progress.finish();
@@ -118,6 +138,7 @@ pub(super) async fn unpack_chain(
 /// After an incremental backup is applied: the files it does not hold were deleted before it.
 fn remove_deleted(
     meta: &BackupMeta,
+    newest: &BackupMeta,
     manifest: &[u8],
     dir: &Path,
     map: &[(PathBuf, PathBuf)],
@@ -128,9 +149,14 @@ fn remove_deleted(
         .keys()
         .map(|p| incremental::rebuilt_path(p).unwrap_or_else(|| p.clone()))
         .collect();
-    let own = [super::MARKER, super::target::HELD_PG_VERSION];
+    let own = [super::MARKER, super::target::HELD_PG_VERSION, "lost+found"];
     let mut removed = incremental::remove_deleted(dir, "", &keep, &own)?;
-    for tar in &meta.archives {
+    // Each tablespace where the restore put it: the newest backup's location, as mapped.
+    for tar in newest
+        .archives
+        .iter()
+        .filter(|n| meta.archives.iter().any(|a| a.name == n.name))
+    {
         if let (Some(oid), Some(loc)) = (tar.name.tablespace_oid(), &tar.location) {
             let root = map_location(map, Path::new(loc));
             removed +=
@@ -229,14 +255,16 @@ async fn checked_manifest(
     archive: &Archive,
     meta: &BackupMeta,
     restored: &Files,
+    not_restored: &dyn Fn(&str) -> bool,
 ) -> anyhow::Result<Vec<u8>> {
     let key = archive.layout().backup_manifest(&meta.id);
     let (header, manifest) = archive.repo().get_with_header(&key).await?;
     if hex::encode(header.checksum) != meta.manifest_sha256 {
         bail!("{key}: does not match the checksum recorded in the backup's metadata");
     }
-    let listed = crate::verify::contents::manifest_files(&manifest)
+    let mut listed = crate::verify::contents::manifest_files(&manifest)
         .map_err(|e| anyhow::anyhow!("{key}: {e}"))?;
+    listed.retain(|p, _| !not_restored(p));
     let differences = crate::verify::contents::compare(&listed, restored);
     if let Some(first) = differences.first() {
         bail!(
@@ -302,6 +330,9 @@ fn write_segment(pg_wal: &Path, name: &WalFileName, data: &[u8]) -> anyhow::Resu
 struct Unpack<'a> {
     archive: &'a Archive,
     meta: &'a BackupMeta,
+    /// The backup the restore is of (`meta` or a later one of its chain): its tablespaces are
+    /// the ones restored, where it says.
+    newest: &'a BackupMeta,
     tar: &'a ArchiveMeta,
     dest: PathBuf,
     map: Arc<Vec<(PathBuf, PathBuf)>>,
@@ -317,7 +348,7 @@ impl Unpack<'_> {
         // The data directory's archive links the backup's own tablespaces, nothing else.
         let tablespaces: Option<Vec<(u32, PathBuf)>> =
             self.tar.name.tablespace_oid().is_none().then(|| {
-                self.meta
+                self.newest
                     .archives
                     .iter()
                     .filter_map(|a| {
@@ -330,9 +361,13 @@ impl Unpack<'_> {
                     .collect()
             });
         let dest = self.dest.clone();
-        let incremental = self.incremental;
+        let mode = Mode {
+            incremental: self.incremental,
+            // A backup of a chain may link a tablespace dropped before the newest: not restored.
+            other_links_skipped: self.meta.id != self.newest.id,
+        };
         let extractor = tokio::task::spawn_blocking(move || {
-            extract(Feed::new(rx), &dest, tablespaces.as_deref(), incremental)
+            extract(Feed::new(rx), &dest, tablespaces.as_deref(), mode)
         });
         let fetches = self.tar.chunks.iter().enumerate().map(|(seq, chunk)| {
             let key = self
@@ -397,7 +432,7 @@ impl Unpack<'_> {
 /// that nothing appears outside `dest`.
 #[doc(hidden)]
 pub fn extract_data_archive(reader: impl Read, dest: &Path) -> anyhow::Result<()> {
-    extract(reader, dest, Some(&[]), false).map(drop)
+    extract(reader, dest, Some(&[]), Mode::default()).map(drop)
 }
 
 /// Unpacks one tar stream into `dest`. A backup in storage may be forged (anyone with the
@@ -406,13 +441,15 @@ pub fn extract_data_archive(reader: impl Read, dest: &Path) -> anyhow::Result<()
 /// and, in the data directory's archive, the links `pg_tblspc/<oid>` of the backup's own
 /// tablespaces, pointing where `tablespaces` says (the metadata's locations, as mapped), never
 /// where the archive says. Any other link, a hard link, a device or a FIFO is refused. With
-/// `incremental`, an `INCREMENTAL.<name>` file is applied to the file `<name>` already restored.
+/// `mode.incremental`, an `INCREMENTAL.<name>` file is applied to the file `<name>` already
+/// restored.
 fn extract(
     reader: impl Read,
     dest: &Path,
     tablespaces: Option<&[(u32, PathBuf)]>,
-    incremental: bool,
+    mode: Mode,
 ) -> anyhow::Result<Files> {
+    let incremental = mode.incremental;
     let mut files = Files::new();
     use tar::EntryType;
     let mut ar = tar::Archive::new(reader);
@@ -454,6 +491,17 @@ fn extract(
                     .to_str()
                     .filter(|_| incremental)
                     .and_then(incremental::rebuilt_path);
+                // The file an incremental entry rebuilds is held to the same names.
+                if let Some(r) = &rebuilds
+                    && (tablespaces.is_some()
+                        && (r == super::MARKER || r == super::target::HELD_PG_VERSION)
+                        || r.ends_with(".pgkeep-tmp"))
+                {
+                    bail!(
+                        "refusing the archive entry {}: it would rebuild a name the restore writes itself",
+                        path.display()
+                    );
+                }
                 match rebuilds {
                     Some(rebuilt) => {
                         apply_incremental(&mut e, dest, Path::new(&rebuilt), &mut inside)
@@ -472,7 +520,15 @@ fn extract(
                 std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(mode))?;
             }
             EntryType::Symlink if tablespaces.is_some() && path.starts_with("pg_tblspc") => {
-                tablespace_link(dest, &path, tablespaces.unwrap_or_default())?;
+                let known = tablespace_oid(&path).is_some_and(|oid| {
+                    tablespaces
+                        .unwrap_or_default()
+                        .iter()
+                        .any(|(o, _)| *o == oid)
+                });
+                if known || !mode.other_links_skipped {
+                    tablespace_link(dest, &path, tablespaces.unwrap_or_default())?;
+                }
             }
             // Postgres backs up other links in the data directory as links (say, `log` pointing
             // at a volume): never recreated, since they may point anywhere; said instead.
@@ -512,15 +568,29 @@ fn entry_kind(t: tar::EntryType) -> &'static str {
     }
 }
 
-/// `pg_tblspc/<oid>` of a tablespace the backup's metadata names, linked to its location.
-fn tablespace_link(dest: &Path, path: &Path, tablespaces: &[(u32, PathBuf)]) -> anyhow::Result<()> {
+/// How an archive is unpacked.
+#[derive(Debug, Clone, Copy, Default)]
+struct Mode {
+    /// An incremental backup on what the earlier backups of its chain restored.
+    incremental: bool,
+    /// A backup of a chain before the newest: a link to a tablespace the newest does not hold
+    /// (dropped since) is skipped instead of refused.
+    other_links_skipped: bool,
+}
+
+/// The OID in a `pg_tblspc/<oid>` entry's path.
+fn tablespace_oid(path: &Path) -> Option<u32> {
     // Postgres names the entry `pg_tblspc/<oid>/`; a trailing slash would make symlink() fail.
-    let oid = path
-        .strip_prefix("pg_tblspc")
+    path.strip_prefix("pg_tblspc")
         .ok()
         .and_then(|p| p.to_str())
         .filter(|o| !o.is_empty() && o.len() <= 10 && o.bytes().all(|b| b.is_ascii_digit()))
-        .and_then(|o| o.parse::<u32>().ok());
+        .and_then(|o| o.parse::<u32>().ok())
+}
+
+/// `pg_tblspc/<oid>` of a tablespace the backup's metadata names, linked to its location.
+fn tablespace_link(dest: &Path, path: &Path, tablespaces: &[(u32, PathBuf)]) -> anyhow::Result<()> {
+    let oid = tablespace_oid(path);
     let target = oid.and_then(|oid| tablespaces.iter().find(|(o, _)| *o == oid));
     let Some((oid, target)) = target else {
         bail!(
@@ -700,7 +770,7 @@ mod tests {
             .map(|i| (i % 253) as u8)
             .collect();
         let tar = one_file_tar("base/1/1259", &big, 0o600, 1_700_000_000);
-        extract(&tar[..], &dest, Some(&[]), false).unwrap();
+        extract(&tar[..], &dest, Some(&[]), Mode::default()).unwrap();
         let f = dest.join("base/1/1259");
         assert_eq!(std::fs::read(&f).unwrap(), big);
         let m = std::fs::metadata(&f).unwrap();
@@ -714,7 +784,7 @@ mod tests {
                 &one_file_tar(evil, b"x", 0o600, 0)[..],
                 &dest,
                 Some(&[]),
-                false,
+                Mode::default(),
             )
             .unwrap_err();
             assert!(
@@ -734,7 +804,7 @@ mod tests {
         let mut archive = link.as_bytes().to_vec();
         archive.extend(one_file_tar("base/sneaky/evil", b"x", 0o600, 0));
         // The link is not recreated, so the file lands inside, in a directory of that name.
-        extract(&archive[..], &dest, Some(&[]), false).unwrap();
+        extract(&archive[..], &dest, Some(&[]), Mode::default()).unwrap();
         assert!(!outside.join("evil").exists());
         assert!(
             std::fs::symlink_metadata(dest.join("base/sneaky"))
@@ -775,7 +845,7 @@ mod tests {
         // Links in the data directory are never recreated (Postgres backs up a `log` link, say).
         for (name, link) in [("pg_wal", o), ("global/pg_control", "/etc/passwd")] {
             let tar = entry_tar(name, EntryType::Symlink, Some(link), 0o777);
-            extract(&tar[..], &dest, Some(&[]), false).unwrap();
+            extract(&tar[..], &dest, Some(&[]), Mode::default()).unwrap();
             assert!(
                 std::fs::symlink_metadata(dest.join(name)).is_err(),
                 "{name}"
@@ -796,7 +866,7 @@ mod tests {
                 &entry_tar(name, kind, link, 0o777)[..],
                 &dest,
                 Some(&[]),
-                false,
+                Mode::default(),
             )
             .unwrap_err();
             assert!(format!("{err:#}").contains("refusing"), "{name}: {err:#}");
@@ -808,7 +878,7 @@ mod tests {
             &one_file_tar("suid", b"x", 0o7777, 0)[..],
             &dest,
             Some(&[]),
-            false,
+            Mode::default(),
         )
         .unwrap();
         let mode = std::fs::metadata(dest.join("suid"))
@@ -817,7 +887,7 @@ mod tests {
             .mode();
         assert_eq!(mode & 0o7777, 0o770);
         let dir = entry_tar("base/7", EntryType::Directory, None, 0o7777);
-        extract(&dir[..], &dest, Some(&[]), false).unwrap();
+        extract(&dir[..], &dest, Some(&[]), Mode::default()).unwrap();
         let mode = std::fs::metadata(dest.join("base/7"))
             .unwrap()
             .permissions()
@@ -827,14 +897,50 @@ mod tests {
         // the archive's link says.
         let ts = tmp.path().join("ts");
         let link = entry_tar("pg_tblspc/16385", EntryType::Symlink, Some("/etc"), 0o777);
-        extract(&link[..], &dest, Some(&[(16385, ts.clone())]), false).unwrap();
+        extract(
+            &link[..],
+            &dest,
+            Some(&[(16385, ts.clone())]),
+            Mode::default(),
+        )
+        .unwrap();
         assert_eq!(
             std::fs::read_link(dest.join("pg_tblspc/16385")).unwrap(),
             ts
         );
         // A tablespace's own archive holds no links at all: refused.
         std::fs::create_dir(&ts).unwrap();
-        let err = extract(&link[..], &ts, None, false).unwrap_err();
+        let err = extract(&link[..], &ts, None, Mode::default()).unwrap_err();
         assert!(format!("{err:#}").contains("refusing"), "{err:#}");
+    }
+
+    #[test]
+    fn an_incremental_entry_never_rebuilds_the_restores_own_files() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dest = tmp.path().join("data");
+        std::fs::create_dir(&dest).unwrap();
+        std::fs::write(dest.join(super::super::MARKER), b"[]").unwrap();
+        let mode = Mode {
+            incremental: true,
+            other_links_skipped: false,
+        };
+        for name in [
+            "INCREMENTAL..pgkeep-restore-in-progress",
+            "INCREMENTAL..pgkeep-PG_VERSION",
+            "base/INCREMENTAL.x.pgkeep-tmp",
+        ] {
+            let err = extract(
+                &one_file_tar(name, &[0; 12], 0o600, 0)[..],
+                &dest,
+                Some(&[]),
+                mode,
+            )
+            .unwrap_err();
+            assert!(format!("{err:#}").contains("refusing"), "{name}: {err:#}");
+        }
+        assert_eq!(
+            std::fs::read(dest.join(super::super::MARKER)).unwrap(),
+            b"[]"
+        );
     }
 }

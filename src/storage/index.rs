@@ -31,6 +31,48 @@ pub struct FileEntry {
     pub offset: u64,
 }
 
+impl FileEntry {
+    /// Whether a reference of `meta`'s index can be read from `chain` (oldest first, `meta` last):
+    /// it names an earlier backup of the chain, an archive that backup has, and a range inside
+    /// that archive's stream. The reason when not.
+    pub fn check_reference(&self, meta: &BackupMeta, chain: &[BackupMeta]) -> Result<(), String> {
+        let Some(from) = &self.from else {
+            return Ok(());
+        };
+        let origin = chain
+            .iter()
+            .find(|b| b.id == *from && b.id != meta.id)
+            .ok_or_else(|| {
+                format!(
+                    "{} refers to backup {from}, which is not one it builds on",
+                    self.path
+                )
+            })?;
+        let tar = origin
+            .archives
+            .iter()
+            .find(|a| a.name == self.archive)
+            .ok_or_else(|| {
+                format!(
+                    "{} refers to {} of backup {from}, which has no such archive",
+                    self.path,
+                    String::from(self.archive.clone())
+                )
+            })?;
+        match self.offset.checked_add(self.size) {
+            Some(end) if end <= tar.plain_bytes => Ok(()),
+            _ => Err(format!(
+                "{} refers to bytes {}..+{} of {} of backup {from}, past its end ({})",
+                self.path,
+                self.offset,
+                self.size,
+                String::from(self.archive.clone()),
+                tar.plain_bytes
+            )),
+        }
+    }
+}
+
 impl Archive {
     /// Stores a backup's file index; returns the checksum its metadata records.
     pub async fn put_file_index(

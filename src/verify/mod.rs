@@ -336,6 +336,19 @@ pub async fn verify(
         if b.kind == crate::storage::catalog::BackupKind::Delta {
             match archive.file_index(b).await {
                 Ok(Some(index)) => {
+                    if let Ok(chain) = archive.chain(b).await
+                        && let Some(why) = index
+                            .files
+                            .iter()
+                            .find_map(|f| f.check_reference(b, &chain).err())
+                    {
+                        broken.insert(b.id.clone());
+                        problems.push(Problem {
+                            key: layout.backup_files(&b.id).to_string(),
+                            problem: format!("a reference that cannot be read: {why}"),
+                            affects: format!("backup {}: it cannot be restored", b.id),
+                        });
+                    }
                     if let Some(all) = held.as_mut() {
                         for f in index.files.into_iter().filter(|f| f.from.is_some()) {
                             let prefix = f
