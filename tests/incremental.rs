@@ -238,6 +238,14 @@ fn incremental_chain(backend: Backend) {
         log.contains(&format!("backup={inc2}")) && log.contains("chain=3"),
         "{log}"
     );
+    // Files no incremental changed keep the full backup's checksum, unread (checked below).
+    let reused: u64 = log
+        .split("checksum_reused=")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{log}"));
+    assert!(reused > 100, "{log}");
     assert!(
         !latest.join(&gone_file).exists(),
         "the dropped table's file was restored"

@@ -8,7 +8,7 @@
 //! `pg_combinebackup` does, so `pg_verifybackup` checks the result, and `backup_label` loses the
 //! lines that mark it incremental (Postgres refuses to start from such a label).
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::io::Read;
 use std::os::unix::fs::{FileExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -34,8 +34,9 @@ fn read_u32(r: &mut impl Read) -> std::io::Result<u32> {
 /// the earlier backups of the chain restored: the file is cut to the header's truncation length,
 /// then each block is written in its place (a gap left by a block past the old end reads as zeros,
 /// as in `pg_combinebackup`). Everything in the header is checked against the entry's size before
-/// anything is written. Returns the file's new length.
-pub(super) fn apply(r: &mut impl Read, size: u64, target: &Path) -> anyhow::Result<u64> {
+/// anything is written. Returns the file's new length, and whether its content changed (a block
+/// written or its length changed).
+pub(super) fn apply(r: &mut impl Read, size: u64, target: &Path) -> anyhow::Result<(u64, bool)> {
     let malformed = |why: String| anyhow::anyhow!("a malformed incremental file: {why}");
     if size < 12 {
         return Err(malformed(format!("{size} bytes, shorter than its header")));
@@ -91,6 +92,7 @@ pub(super) fn apply(r: &mut impl Read, size: u64, target: &Path) -> anyhow::Resu
     if !f.metadata()?.is_file() {
         bail!("{} is not a regular file", target.display());
     }
+    let before = f.metadata()?.len();
     f.set_len(u64::from(truncation) * BLCKSZ)?;
     let mut buf = vec![0u8; BLCKSZ as usize];
     let mut end = u64::from(truncation) * BLCKSZ;
@@ -100,7 +102,36 @@ pub(super) fn apply(r: &mut impl Read, size: u64, target: &Path) -> anyhow::Resu
         f.write_all_at(&buf, at)?;
         end = end.max(at + BLCKSZ);
     }
-    Ok(end)
+    Ok((end, count > 0 || before != end))
+}
+
+/// The size and CRC-32C (as the manifest writes it) of each file a backup manifest lists with a
+/// CRC-32C, by path.
+pub(super) fn manifest_crcs(manifest: &[u8]) -> anyhow::Result<HashMap<String, Rebuilt>> {
+    let v: serde_json::Value =
+        serde_json::from_slice(manifest).context("a manifest that is not JSON")?;
+    let mut out = HashMap::new();
+    for f in v["Files"]
+        .as_array()
+        .context("a manifest without a Files list")?
+    {
+        let (Some(path), Some(size), Some("CRC32C"), Some(crc)) = (
+            f["Path"].as_str(),
+            f["Size"].as_u64(),
+            f["Checksum-Algorithm"].as_str(),
+            f["Checksum"].as_str(),
+        ) else {
+            continue;
+        };
+        out.insert(
+            path.to_string(),
+            Rebuilt {
+                size,
+                crc32c: crc.to_string(),
+            },
+        );
+    }
+    Ok(out)
 }
 
 /// The file an incremental file's path rebuilds: the same path without the prefix on its name.
@@ -171,6 +202,7 @@ pub(super) fn strip_label(label: &str) -> String {
 
 /// What the rebuilt directory's manifest says of a file: its size and CRC-32C (in the manifest's
 /// form: the checksum's bytes in memory order, hex).
+#[derive(Debug, Clone, PartialEq)]
 pub(super) struct Rebuilt {
     pub size: u64,
     pub crc32c: String,
@@ -336,14 +368,16 @@ mod tests {
         std::fs::write(&f, &base).unwrap();
         // Block 1 changed, the file cut to 3 blocks, then grown to 6 (block 5 new, 3 and 4 zeros).
         let inc = incremental(3, &[(1, 9), (5, 7)]);
-        let len = apply(&mut &inc[..], inc.len() as u64, &f).unwrap();
-        assert_eq!(len, 6 * BLCKSZ);
+        let (len, changed) = apply(&mut &inc[..], inc.len() as u64, &f).unwrap();
+        assert_eq!((len, changed), (6 * BLCKSZ, true));
         assert_eq!(blocks_of(&f), [1, 9, 3, 0, 0, 7]);
         // Nothing changed, cut to 2 blocks: the header alone (no padding).
         let inc = incremental(2, &[]);
         assert_eq!(inc.len(), 12);
-        apply(&mut &inc[..], 12, &f).unwrap();
+        assert_eq!(apply(&mut &inc[..], 12, &f).unwrap(), (2 * BLCKSZ, true));
         assert_eq!(blocks_of(&f), [1, 9]);
+        // Nothing changed at all: the file is what it was (its checksum stands).
+        assert_eq!(apply(&mut &inc[..], 12, &f).unwrap(), (2 * BLCKSZ, false));
     }
 
     #[test]

@@ -19,7 +19,7 @@ use crate::verify::contents::{Feed, Files};
 use super::{incremental, map_location, references};
 use crate::storage::catalog::BackupKind;
 use crate::storage::index::FileEntry;
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 /// Unpacks a backup and the backups it builds on (`chain`, oldest first, from
 /// [`Archive::chain`]): the data directory into `dir`, each tablespace into its (mapped) location.
@@ -55,12 +55,15 @@ pub(super) async fn unpack_chain(
     let map = Arc::new(map.to_vec());
     let mut manifest = vec![];
     let mut refs = Some(refs);
+    // Checksums known without reading the file back (chains only).
+    let mut known: HashMap<String, incremental::Rebuilt> = HashMap::new();
     for (i, meta) in layers.iter().enumerate() {
         let incremental = i > 0;
         if chain.len() > 1 {
             tracing::info!(backup = %meta.id, kind = %meta.kind, step = i + 1, of = chain.len(), "unpacking a backup of the chain");
         }
         let mut files = Files::new();
+        let mut changed: HashSet<String> = HashSet::new();
         // A tablespace the newest backup does not hold was dropped: none of it is restored.
         for tar in meta
             .archives
@@ -88,7 +91,9 @@ pub(super) async fn unpack_chain(
                 parallelism,
                 incremental,
             };
-            files.extend(job.run(&mut progress).await?);
+            let out = job.run(&mut progress).await?;
+            files.extend(out.files);
+            changed.extend(out.changed);
         }
         if let Some(refs) = refs.take().filter(|r| !r.is_empty()) {
             let root_of = |name: &crate::storage::layout::ArchiveName| {
@@ -127,10 +132,32 @@ pub(super) async fn unpack_chain(
         if incremental {
             remove_deleted(meta, newest, &manifest, dir, &map)?;
         }
+        // The checksum of each file as it now is, where a manifest gave it: a whole file's from
+        // this backup's manifest; a rebuilt one keeps the earlier one if nothing changed it.
+        let listed = incremental::manifest_crcs(&manifest)?;
+        let mut now = HashMap::new();
+        let paths =
+            crate::verify::contents::manifest_files(&manifest).map_err(|e| anyhow::anyhow!(e))?;
+        for path in paths.keys() {
+            match incremental::rebuilt_path(path) {
+                Some(rebuilt) if !changed.contains(&rebuilt) => {
+                    if let Some(sum) = known.remove(&rebuilt) {
+                        now.insert(rebuilt, sum);
+                    }
+                }
+                Some(_) => {}
+                None => {
+                    if let Some(sum) = listed.get(path) {
+                        now.insert(path.clone(), sum.clone());
+                    }
+                }
+            }
+        }
+        known = now;
     }
     let took = progress.finish();
     if layers.len() > 1 {
-        manifest = rebuilt_manifest(&manifest, dir, parallelism).await?;
+        manifest = rebuilt_manifest(&manifest, dir, parallelism, &known).await?;
     }
     Ok((took, manifest))
 }
@@ -176,6 +203,7 @@ async fn rebuilt_manifest(
     newest: &[u8],
     dir: &Path,
     parallelism: usize,
+    known: &HashMap<String, incremental::Rebuilt>,
 ) -> anyhow::Result<Vec<u8>> {
     let label_path = dir.join("backup_label");
     let label =
@@ -185,11 +213,25 @@ async fn rebuilt_manifest(
     std::fs::set_permissions(&label_path, std::fs::Permissions::from_mode(mode))?;
     let listed = crate::verify::contents::manifest_files(newest)
         .map_err(|e| anyhow::anyhow!("the newest backup's manifest: {e}"))?;
+    // A rebuilt file nothing changed since a manifest gave its checksum is not read back.
     let to_read: Vec<String> = listed
         .keys()
-        .filter(|p| *p == "backup_label" || incremental::rebuilt_path(p).is_some())
+        .filter(|p| {
+            *p == "backup_label"
+                || incremental::rebuilt_path(p).is_some_and(|r| !known.contains_key(&r))
+        })
         .cloned()
         .collect();
+    let rebuilt = listed
+        .keys()
+        .filter(|p| incremental::rebuilt_path(p).is_some())
+        .count();
+    let read_back = to_read.iter().filter(|p| *p != "backup_label").count();
+    tracing::info!(
+        read_back,
+        checksum_reused = rebuilt - read_back,
+        "checksumming the rebuilt files for backup_manifest"
+    );
     let dir = dir.to_path_buf();
     let sums = futures::stream::iter(to_read.into_iter().map(|p| {
         let file = dir.join(incremental::rebuilt_path(&p).unwrap_or_else(|| p.clone()));
@@ -206,10 +248,8 @@ async fn rebuilt_manifest(
     .into_iter()
     .collect::<anyhow::Result<std::collections::HashMap<_, _>>>()?;
     incremental::combined_manifest(newest, &|p| {
-        Ok(sums.get(p).map(|r| incremental::Rebuilt {
-            size: r.size,
-            crc32c: r.crc32c.clone(),
-        }))
+        let known = incremental::rebuilt_path(p).and_then(|r| known.get(&r));
+        Ok(sums.get(p).or(known).cloned())
     })
 }
 
@@ -343,7 +383,7 @@ struct Unpack<'a> {
 
 impl Unpack<'_> {
     /// Downloads and verifies the chunks, `parallelism` at a time, and unpacks them in order.
-    async fn run(self, progress: &mut Progress) -> anyhow::Result<Files> {
+    async fn run(self, progress: &mut Progress) -> anyhow::Result<Extracted> {
         let (tx, rx) = tokio::sync::mpsc::channel::<Vec<u8>>(1);
         // The data directory's archive links the backup's own tablespaces, nothing else.
         let tablespaces: Option<Vec<(u32, PathBuf)>> =
@@ -409,7 +449,7 @@ impl Unpack<'_> {
         if let Some(e) = failure {
             return Err(e.context(format!("restoring backup {}", self.meta.id)));
         }
-        let files = extracted.with_context(|| {
+        let out = extracted.with_context(|| {
             format!(
                 "unpacking {} of backup {}",
                 String::from(self.tar.name.clone()),
@@ -418,11 +458,19 @@ impl Unpack<'_> {
         })?;
         // By the paths the manifest uses: a tablespace's files below pg_tblspc/<oid>/.
         Ok(match self.tar.name.tablespace_oid() {
-            None => files,
-            Some(oid) => files
-                .into_iter()
-                .map(|(p, n)| (format!("pg_tblspc/{oid}/{p}"), n))
-                .collect(),
+            None => out,
+            Some(oid) => Extracted {
+                files: out
+                    .files
+                    .into_iter()
+                    .map(|(p, n)| (format!("pg_tblspc/{oid}/{p}"), n))
+                    .collect(),
+                changed: out
+                    .changed
+                    .into_iter()
+                    .map(|p| format!("pg_tblspc/{oid}/{p}"))
+                    .collect(),
+            },
         })
     }
 }
@@ -448,9 +496,10 @@ fn extract(
     dest: &Path,
     tablespaces: Option<&[(u32, PathBuf)]>,
     mode: Mode,
-) -> anyhow::Result<Files> {
+) -> anyhow::Result<Extracted> {
     let incremental = mode.incremental;
-    let mut files = Files::new();
+    let mut out = Extracted::default();
+    let files = &mut out.files;
     use tar::EntryType;
     let mut ar = tar::Archive::new(reader);
     let mut buf = vec![0u8; WRITE_PIECE];
@@ -504,8 +553,12 @@ fn extract(
                 }
                 match rebuilds {
                     Some(rebuilt) => {
-                        apply_incremental(&mut e, dest, Path::new(&rebuilt), &mut inside)
-                            .with_context(|| format!("applying {}", path.display()))?
+                        let changed =
+                            apply_incremental(&mut e, dest, Path::new(&rebuilt), &mut inside)
+                                .with_context(|| format!("applying {}", path.display()))?;
+                        if changed {
+                            out.changed.push(rebuilt);
+                        }
                     }
                     None => write_file(&mut e, dest, &path, &mut buf, &mut inside)
                         .with_context(|| format!("unpacking {}", path.display()))?,
@@ -552,7 +605,7 @@ fn extract(
             ),
         }
     }
-    Ok(files)
+    Ok(out)
 }
 
 /// Mode bits a restored file or directory may keep: the owner's and the group's.
@@ -566,6 +619,16 @@ fn entry_kind(t: tar::EntryType) -> &'static str {
         tar::EntryType::Fifo => "FIFO",
         _ => "kind of entry a base backup never holds",
     }
+}
+
+/// What unpacking an archive wrote.
+#[derive(Debug, Default)]
+struct Extracted {
+    /// The regular files of the archive, with their sizes.
+    files: Files,
+    /// The files an incremental archive changed (by path in the archive): their checksums are
+    /// no longer those of an earlier manifest.
+    changed: Vec<String>,
 }
 
 /// How an archive is unpacked.
@@ -721,15 +784,16 @@ fn apply_incremental(
     dest: &Path,
     path: &Path,
     inside: &mut InsideCheck,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<bool> {
     let target = dest.join(path);
     if let Some(parent) = target.parent() {
         inside.check(parent)?;
     }
     let size = e.size();
-    incremental::apply(e, size, &target)?;
+    let (_, changed) = incremental::apply(e, size, &target)?;
     let mode = e.header().mode().unwrap_or(0o600) & MODE_MASK;
-    incremental::set_mode_and_time(&target, mode, e.header().mtime().ok())
+    incremental::set_mode_and_time(&target, mode, e.header().mtime().ok())?;
+    Ok(changed)
 }
 
 /// Asks the kernel to start writing a file range to disk, without waiting. Advisory: durability
