@@ -568,3 +568,65 @@ fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
     out.sort();
     out
 }
+
+/// With encryption, an incremental backup reads its parent's encrypted manifest: with the identity
+/// it is taken and restores; without it `--incremental` fails saying why, and a scheduled backup
+/// is full.
+#[test]
+fn encrypted_incremental_backups_need_the_identity() {
+    let dir = TestDir::new("incremental-encrypted");
+    let storage = Storage::new(Backend::File, &dir);
+    let bin = dir.install_pgkeep();
+    let (recipient, identity) = keygen(&bin, &dir, "age.key");
+    let mut cfg = std::fs::read_to_string(&storage.config).unwrap();
+    cfg.push_str(&format!(
+        "encryption_recipients = [\"{recipient}\"]\nbackup_full_interval_hours = 168\n"
+    ));
+    std::fs::write(&storage.config, cfg).unwrap();
+    let mut pg = archiving_cluster_major(&dir, &storage, &bin, "primary", 16, major());
+    pg.set(&[("summarize_wal", "on")]);
+    pg.start();
+    pg.psql("create table t as select g from generate_series(1, 5000) g");
+    backup(&storage, &bin, &pg, &["--full"]);
+    pg.psql("insert into t select g from generate_series(1, 100) g");
+    // Without the identity.
+    let out = storage.pgkeep_pg(&bin, &["backup", "--incremental"], &pg.client_env());
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("manifest"), "{}", stderr(&out));
+    let out = storage.pgkeep_pg(&bin, &["backup"], &pg.client_env());
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("taking a full backup"),
+        "{}",
+        stderr(&out)
+    );
+    // With it.
+    let with_id = [(
+        "PGKEEP_ENCRYPTION_IDENTITY_FILE".to_string(),
+        identity.display().to_string(),
+    )];
+    let mut env = pg.client_env();
+    env.extend(with_id.iter().cloned());
+    pg.psql("insert into t select g from generate_series(1, 100) g");
+    let out = storage.pgkeep_pg(&bin, &["backup", "--incremental"], &env);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let inc = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let expected = pg.table_checksum("t");
+    pg.switch_and_wait_archived();
+    pg.stop("immediate");
+    std::fs::remove_dir_all(&pg.data).unwrap();
+    let target = dir.mkdir("restored");
+    let out = storage.pgkeep_pg(
+        &bin,
+        &["restore", "--target-dir", target.to_str().unwrap()],
+        &with_id,
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains(&format!("backup={inc}")),
+        "{}",
+        stderr(&out)
+    );
+    let c = start_restored(&dir, &storage, target);
+    assert_eq!(c.table_checksum("t"), expected);
+}
