@@ -317,6 +317,75 @@ fn tune_malloc() {
     }
 }
 
+/// The system allocator, with large blocks (chunks, segments, their decoded copies: 1 MiB to 64 MiB,
+/// each a fresh mapping under the 1 MiB mmap threshold above) asking the kernel for transparent
+/// huge pages (`MADV_HUGEPAGE`; the usual `madvise` mode of
+/// `/sys/kernel/mm/transparent_hugepage/enabled` gives them only to regions that ask). Each 4 KB
+/// page of a fresh mapping otherwise costs a page fault when first written: measured, a restore of
+/// incompressible data spent a quarter of its time there (restore 1.42 s -> 1.03 s, beside
+/// `tar -x` + sync at 0.92 s). The advice changes nothing else: the same memory, the same
+/// allocator.
+struct HugeBlocks;
+
+/// Blocks at least this large are advised (a huge page is 2 MiB).
+const HUGE_BLOCK: usize = 4 << 20;
+
+impl HugeBlocks {
+    fn advise(ptr: *mut u8, size: usize) {
+        #[cfg(target_os = "linux")]
+        {
+            const HUGE: usize = 2 << 20;
+            let start = (ptr as usize).next_multiple_of(HUGE);
+            let end = (ptr as usize + size) & !(HUGE - 1);
+            if end > start {
+                // SAFETY: the range lies inside the block just allocated; madvise only sets advice
+                // on its pages (a failure leaves them as they were).
+                unsafe {
+                    libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_HUGEPAGE);
+                }
+            }
+        }
+    }
+}
+
+// SAFETY: every call is passed to the system allocator unchanged; large blocks only get advice.
+unsafe impl std::alloc::GlobalAlloc for HugeBlocks {
+    unsafe fn alloc(&self, layout: std::alloc::Layout) -> *mut u8 {
+        // SAFETY: the caller's contract, passed on.
+        let p = unsafe { std::alloc::System.alloc(layout) };
+        if !p.is_null() && layout.size() >= HUGE_BLOCK {
+            Self::advise(p, layout.size());
+        }
+        p
+    }
+
+    unsafe fn alloc_zeroed(&self, layout: std::alloc::Layout) -> *mut u8 {
+        // SAFETY: the caller's contract, passed on.
+        let p = unsafe { std::alloc::System.alloc_zeroed(layout) };
+        if !p.is_null() && layout.size() >= HUGE_BLOCK {
+            Self::advise(p, layout.size());
+        }
+        p
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: std::alloc::Layout) {
+        // SAFETY: the caller's contract, passed on.
+        unsafe { std::alloc::System.dealloc(ptr, layout) }
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: std::alloc::Layout, new_size: usize) -> *mut u8 {
+        // SAFETY: the caller's contract, passed on.
+        let p = unsafe { std::alloc::System.realloc(ptr, layout, new_size) };
+        if !p.is_null() && new_size >= HUGE_BLOCK {
+            Self::advise(p, new_size);
+        }
+        p
+    }
+}
+
+#[global_allocator]
+static ALLOCATOR: HugeBlocks = HugeBlocks;
+
 fn main() -> ExitCode {
     tune_malloc();
     // What pgkeep creates (spool, prefetch cache, file:// objects, restored files) holds database
