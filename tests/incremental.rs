@@ -630,3 +630,62 @@ fn encrypted_incremental_backups_need_the_identity() {
     let c = start_restored(&dir, &storage, target);
     assert_eq!(c.table_checksum("t"), expected);
 }
+
+/// The daemon: with `backup_full_interval_hours` set, its backup at start is full (none to build
+/// on) and the next (`POST /backups`, as the schedule takes them) incremental on it; both restore
+/// as a chain.
+#[test]
+fn the_daemon_takes_incremental_backups_on_its_schedule() {
+    use std::time::Duration;
+    let dir = TestDir::new("incremental-daemon");
+    let storage = Storage::new(Backend::File, &dir);
+    let bin = dir.install_pgkeep();
+    let mut pg = PgCluster::init_major(dir.path(), "primary", 1, &storage.env, major());
+    pg.set(&[("summarize_wal", "on")]);
+    pg.start();
+    pg.psql("create table t as select generate_series(1, 10000) g");
+    let daemon = Daemon::start(
+        &dir,
+        &storage,
+        &bin,
+        &pg,
+        &[
+            ("PGKEEP_BACKUP_INTERVAL_HOURS", "24"),
+            ("PGKEEP_BACKUP_FULL_INTERVAL_HOURS", "168"),
+            ("PGKEEP_PARTIAL_UPLOAD_SECS", "1"),
+        ],
+    );
+    let listed = || -> serde_json::Value {
+        serde_json::from_slice(&http("GET", daemon.port, "/backups").1).unwrap_or_default()
+    };
+    let start = std::time::Instant::now();
+    while listed()["backups"].as_array().map(|b| b.len()) != Some(1) {
+        assert!(
+            start.elapsed() < Duration::from_secs(90),
+            "no backup at start after 90 s; the daemon logged:\n{}",
+            daemon.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let full = listed()["backups"][0]["id"].as_str().unwrap().to_string();
+    assert!(listed()["backups"][0].get("kind").is_none(), "{}", listed());
+    pg.psql("insert into t select generate_series(1, 1000)");
+    let (code, body) = http_with(
+        "POST",
+        daemon.port,
+        "/backups",
+        &[("authorization", &daemon.bearer())],
+    );
+    assert_eq!(code, 201, "{}", String::from_utf8_lossy(&body));
+    let newest = &listed()["backups"][0];
+    assert_eq!(newest["kind"], "incremental", "{newest}");
+    assert_eq!(newest["parent"], full.as_str(), "{newest}");
+    let expected = pg.table_checksum("t");
+    daemon.wal_switch(&storage, &bin, &pg);
+    pg.stop("immediate");
+    std::fs::remove_dir_all(&pg.data).unwrap();
+    let (target, log) = restore(&storage, &bin, &dir, "restored", &[]);
+    assert!(log.contains("chain=2"), "{log}");
+    let c = start_restored(&dir, &storage, target);
+    assert_eq!(c.table_checksum("t"), expected);
+}
