@@ -332,18 +332,8 @@ fn scheduled_backups(backend: Backend) {
         ],
     );
     // Until the first object is stored, /backups answers 502 (storage holds no archive yet).
-    let listed = || -> serde_json::Value {
-        serde_json::from_slice(&http("GET", daemon.port, "/backups").1).unwrap_or_default()
-    };
-    let start = std::time::Instant::now();
-    while listed()["backups"].as_array().map(|b| b.len()) != Some(1) {
-        assert!(
-            start.elapsed() < Duration::from_secs(90),
-            "no scheduled backup after 90 s; the daemon logged:\n{}",
-            daemon.log()
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    let listed = || daemon.backups();
+    daemon.wait_backups(1);
     // The POST routes act on the database: without the daemon's token they are refused, with a
     // message naming the file that holds it; with it, the backup is taken.
     for bad in [None, Some("Bearer 00"), Some("Basic cG9zdGdyZXM6eA==")] {

@@ -636,7 +636,6 @@ fn encrypted_incremental_backups_need_the_identity() {
 /// as a chain.
 #[test]
 fn the_daemon_takes_incremental_backups_on_its_schedule() {
-    use std::time::Duration;
     let dir = TestDir::new("incremental-daemon");
     let storage = Storage::new(Backend::File, &dir);
     let bin = dir.install_pgkeep();
@@ -655,20 +654,10 @@ fn the_daemon_takes_incremental_backups_on_its_schedule() {
             ("PGKEEP_PARTIAL_UPLOAD_SECS", "1"),
         ],
     );
-    let listed = || -> serde_json::Value {
-        serde_json::from_slice(&http("GET", daemon.port, "/backups").1).unwrap_or_default()
-    };
-    let start = std::time::Instant::now();
-    while listed()["backups"].as_array().map(|b| b.len()) != Some(1) {
-        assert!(
-            start.elapsed() < Duration::from_secs(90),
-            "no backup at start after 90 s; the daemon logged:\n{}",
-            daemon.log()
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    let full = listed()["backups"][0]["id"].as_str().unwrap().to_string();
-    assert!(listed()["backups"][0].get("kind").is_none(), "{}", listed());
+    // The backup at start: full, with none to build on.
+    let listed = daemon.wait_backups(1);
+    let full = listed["backups"][0]["id"].as_str().unwrap().to_string();
+    assert!(listed["backups"][0].get("kind").is_none(), "{listed}");
     pg.psql("insert into t select generate_series(1, 1000)");
     let (code, body) = http_with(
         "POST",
@@ -677,7 +666,8 @@ fn the_daemon_takes_incremental_backups_on_its_schedule() {
         &[("authorization", &daemon.bearer())],
     );
     assert_eq!(code, 201, "{}", String::from_utf8_lossy(&body));
-    let newest = &listed()["backups"][0];
+    let listed = daemon.backups();
+    let newest = &listed["backups"][0];
     assert_eq!(newest["kind"], "incremental", "{newest}");
     assert_eq!(newest["parent"], full.as_str(), "{newest}");
     let expected = pg.table_checksum("t");

@@ -6,7 +6,7 @@
 //! stores only the files changed since the parent (`tarfilter.rs`), the others as references to
 //! where the chain stored them.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 use anyhow::anyhow;
 
@@ -14,8 +14,10 @@ use super::BackupMode;
 use super::tarfilter::Known;
 use crate::config::Config;
 use crate::pg::replication::{ReplConnection, ServerIdentity};
+use crate::storage::catalog::BackupKind;
 use crate::storage::layout::ArchiveName;
 use crate::storage::{Archive, BackupMeta};
+use crate::verify::contents::{ManifestFile, manifest_entries};
 
 /// What a backup builds on.
 pub(super) enum Plan {
@@ -31,7 +33,26 @@ pub(super) struct DeltaBase {
     /// By archive, by path in the archive.
     pub files: HashMap<ArchiveName, HashMap<String, Known>>,
     /// The parent's manifest: size and checksum by manifest path.
-    pub manifest: HashMap<String, (u64, Option<String>)>,
+    pub manifest: BTreeMap<String, ManifestFile>,
+}
+
+impl Plan {
+    pub(super) fn kind(&self) -> BackupKind {
+        match self {
+            Plan::Full => BackupKind::Full,
+            Plan::Incremental(..) => BackupKind::Incremental,
+            Plan::Delta(_) => BackupKind::Delta,
+        }
+    }
+
+    /// The backup it builds on.
+    pub(super) fn parent(&self) -> Option<&BackupMeta> {
+        match self {
+            Plan::Full => None,
+            Plan::Incremental(p, _) => Some(p),
+            Plan::Delta(d) => Some(&d.parent),
+        }
+    }
 }
 
 /// What to build on. `Incremental` fails with the reason when no incremental (or delta) backup
@@ -85,41 +106,13 @@ pub(super) async fn choose(
             },
         );
     }
-    let manifest = manifest_checksums(&manifest)
-        .map_err(|e| anyhow!("backup {}'s manifest: {e}", parent.id))?;
+    let manifest =
+        manifest_entries(&manifest).map_err(|e| anyhow!("backup {}'s manifest: {e}", parent.id))?;
     Ok(Plan::Delta(Box::new(DeltaBase {
         parent,
         files,
         manifest,
     })))
-}
-
-/// Size and checksum of each file a backup manifest lists, by path.
-pub(super) fn manifest_checksums(
-    manifest: &[u8],
-) -> Result<HashMap<String, (u64, Option<String>)>, String> {
-    let v: serde_json::Value =
-        serde_json::from_slice(manifest).map_err(|e| format!("not a backup manifest: {e}"))?;
-    let files = v["Files"]
-        .as_array()
-        .ok_or("not a backup manifest: no Files list")?;
-    let mut out = HashMap::new();
-    for f in files {
-        let Some(path) = f["Path"].as_str() else {
-            continue; // Encoded-Path: not a Postgres data file name; never left out
-        };
-        let size = f["Size"]
-            .as_u64()
-            .ok_or_else(|| format!("the manifest entry {path} has no size"))?;
-        let sum = f["Checksum"].as_str().map(|c| {
-            format!(
-                "{}:{c}",
-                f["Checksum-Algorithm"].as_str().unwrap_or_default()
-            )
-        });
-        out.insert(path.to_string(), (size, sum));
-    }
-    Ok(out)
 }
 
 /// The parent and its manifest for an incremental or delta backup, or None for a full one.

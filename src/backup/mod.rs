@@ -49,10 +49,7 @@ pub async fn take_backup(
     mode: BackupMode,
 ) -> anyhow::Result<BackupMeta> {
     match attempt(cfg, repo, cancel, mode).await {
-        Err(e)
-            if e.downcast_ref::<DeltaMismatch>().is_some()
-                || e.downcast_ref::<IncrementalRefused>().is_some() =>
-        {
+        Err(e) if e.downcast_ref::<FullInstead>().is_some() => {
             tracing::warn!("{e}; taking a full backup instead");
             attempt(cfg, repo, cancel, BackupMode::Full).await
         }
@@ -60,36 +57,20 @@ pub async fn take_backup(
     }
 }
 
-/// The server refused or failed a scheduled incremental backup (its WAL summaries do not reach
-/// back to the parent, say): the schedule takes a full one instead.
+/// Why a backup that was to build on another is taken again as a full one: the server refused or
+/// failed a scheduled incremental backup (the parent's manifest, or its WAL summaries not reaching
+/// back to the parent, say), or a delta backup left out a file whose time and size said unchanged
+/// and whose checksum says otherwise.
 #[derive(Debug)]
-struct IncrementalRefused(String);
+struct FullInstead(String);
 
-impl std::fmt::Display for IncrementalRefused {
+impl std::fmt::Display for FullInstead {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "the incremental backup failed: {}", self.0)
+        f.write_str(&self.0)
     }
 }
 
-impl std::error::Error for IncrementalRefused {}
-
-/// A delta backup left out a file whose time and size said unchanged and whose checksum says
-/// otherwise: it is abandoned for a full one.
-#[derive(Debug)]
-struct DeltaMismatch(String);
-
-impl std::fmt::Display for DeltaMismatch {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "the delta backup left out {} as unchanged (same size and modification time as in the parent), \
-             but the server's manifest gives it another checksum",
-            self.0
-        )
-    }
-}
-
-impl std::error::Error for DeltaMismatch {}
+impl std::error::Error for FullInstead {}
 
 async fn attempt(
     cfg: &Config,
@@ -99,30 +80,18 @@ async fn attempt(
 ) -> anyhow::Result<BackupMeta> {
     let (mut conn, server) = ReplConnection::connect_identified(&cfg.pg).await?;
     let archive = repo.ensure_cluster(&ClusterInfo::from(&server)).await?;
-    let mut plan = incremental::choose(cfg, &mut conn, &server, &archive, mode).await?;
-    if let Plan::Incremental(p, manifest) = &plan
-        && let Err(e) = conn.upload_manifest(manifest).await
-    {
-        let why = format!(
-            "the server refused an incremental backup on backup {}: {e}",
-            p.id
-        );
-        match mode {
-            BackupMode::Scheduled => {
-                tracing::warn!("{why}; taking a full backup instead");
-                plan = Plan::Full;
-            }
-            _ => bail!("{why}"),
-        }
-    }
+    let plan = incremental::choose(cfg, &mut conn, &server, &archive, mode).await?;
     let (id, start_time) = free_backup_id(&archive).await?;
-    let (kind, parent) = match &plan {
-        Plan::Full => (BackupKind::Full, None),
-        Plan::Incremental(p, _) => (BackupKind::Incremental, Some(&**p)),
-        Plan::Delta(d) => (BackupKind::Delta, Some(&d.parent)),
-    };
-    tracing::info!(backup = %id, %kind, parent = parent.map(|p| p.id.to_string()), system_identifier = server.system_identifier, "starting base backup");
+    tracing::info!(backup = %id, kind = %plan.kind(), parent = plan.parent().map(|p| p.id.to_string()), system_identifier = server.system_identifier, "starting base backup");
     let work = async {
+        if let Plan::Incremental(p, manifest) = &plan {
+            conn.upload_manifest(manifest).await.with_context(|| {
+                format!(
+                    "the server refused an incremental backup on backup {}",
+                    p.id
+                )
+            })?;
+        }
         let streamed = stream::stream_backup(cfg, &mut conn, &server, &archive, &id, &plan).await?;
         finish(cfg, &archive, &server, &id, start_time, streamed, &plan).await
     };
@@ -144,7 +113,7 @@ async fn attempt(
                 && matches!(plan, Plan::Incremental(..))
                 && server_said(&e) =>
         {
-            Err(IncrementalRefused(format!("{e:#}")).into())
+            Err(FullInstead(format!("the incremental backup failed: {e:#}")).into())
         }
         other => other,
     };
@@ -217,16 +186,22 @@ async fn finish(
     if let Plan::Delta(base) = plan {
         // The server's manifest must give each file left out the size and checksum the parent's
         // gave it: then its bytes are the ones the chain stored.
-        let now = incremental::manifest_checksums(&s.manifest)
+        let now = crate::verify::contents::manifest_entries(&s.manifest)
             .map_err(|e| anyhow!("the server's backup manifest: {e}"))?;
         for l in &s.left_out {
-            let (new, old) = (
-                now.get(&l.manifest_path),
-                base.manifest.get(&l.manifest_path),
-            );
-            let same = matches!((new, old), (Some((n, Some(a))), Some((o, Some(b)))) if n == o && a == b && *n == l.size);
+            let new = now.get(&l.manifest_path);
+            let same = new.is_some_and(|n| {
+                n.checksum.is_some()
+                    && n.size == l.size
+                    && base.manifest.get(&l.manifest_path) == Some(n)
+            });
             if !same {
-                return Err(DeltaMismatch(l.manifest_path.clone()).into());
+                return Err(FullInstead(format!(
+                    "the delta backup left out {} as unchanged (same size and modification time \
+                     as in the parent), but the server's manifest gives it another checksum",
+                    l.manifest_path
+                ))
+                .into());
             }
         }
         tracing::info!(
@@ -251,11 +226,7 @@ async fn finish(
     .await?;
     // The chunks were written without a sync each: one for all of them before anything names them.
     repo.sync_all().await?;
-    let (kind, parent) = match plan {
-        Plan::Full => (BackupKind::Full, None),
-        Plan::Incremental(p, _) => (BackupKind::Incremental, Some(p.id.clone())),
-        Plan::Delta(d) => (BackupKind::Delta, Some(d.parent.id.clone())),
-    };
+    let kind = plan.kind();
     let meta = BackupMeta {
         meta_version: match kind {
             BackupKind::Full => META_VERSION,
@@ -278,7 +249,7 @@ async fn finish(
         encrypted_to: repo.keys().recipient_fingerprints(),
         archives: s.archives,
         kind,
-        parent,
+        parent: plan.parent().map(|p| p.id.clone()),
         files_sha256: Some(files_sha256),
     };
     // What it builds on must still be there (a `prune` may have run meanwhile), and be a parent

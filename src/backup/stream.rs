@@ -258,21 +258,21 @@ fn position(row: &[Option<String>]) -> Option<(Lsn, u32)> {
 /// The file index being built as the archives pass (`tarfilter.rs`).
 struct Index<'a> {
     plan: &'a Plan,
-    current: Option<TarFilter>,
+    current: Option<TarFilter<'a>>,
     files: Vec<FileEntry>,
     left_out: Vec<LeftOut>,
 }
 
-impl Index<'_> {
+impl<'a> Index<'a> {
     /// A new archive starts: the one before is complete.
     fn start(&mut self, name: &ArchiveName) {
         self.end();
         let (files, start) = match self.plan {
             Plan::Delta(base) => (
-                base.files.get(name).cloned().unwrap_or_default(),
+                base.files.get(name),
                 base.parent.start_time.timestamp().max(0) as u64,
             ),
-            _ => (Default::default(), 0),
+            _ => (None, 0),
         };
         self.current = Some(TarFilter::new(name.clone(), files, start));
     }

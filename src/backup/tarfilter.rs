@@ -45,15 +45,26 @@ enum State {
     Through,
 }
 
-pub(super) struct TarFilter {
+impl State {
+    /// After an entry's header: its data and padding (`padded` bytes, stored or not), or the next
+    /// header when it has none.
+    fn after_header(padded: u64, keep: bool) -> State {
+        match padded {
+            0 => State::Header(Vec::with_capacity(BLOCK)),
+            left => State::Body { left, keep },
+        }
+    }
+}
+
+pub(super) struct TarFilter<'a> {
     archive: ArchiveName,
     /// The manifest's path prefix of this archive's files (`pg_tblspc/<oid>/` for a tablespace).
     prefix: String,
     state: State,
     /// Bytes stored so far (the offset in what is stored of the next byte passed on).
     stored: u64,
-    /// The parent's files of this archive, by path in the archive (empty: a full backup).
-    parent: HashMap<String, Known>,
+    /// The parent's files of this archive, by path in the archive (None: a full backup).
+    parent: Option<&'a HashMap<String, Known>>,
     /// The parent started before this second: a file older than it and unchanged in size and
     /// time is taken as unchanged.
     parent_start: u64,
@@ -64,16 +75,13 @@ pub(super) struct TarFilter {
     pub(super) left_out: Vec<LeftOut>,
 }
 
-impl TarFilter {
+impl<'a> TarFilter<'a> {
     pub(super) fn new(
         archive: ArchiveName,
-        parent: HashMap<String, Known>,
+        parent: Option<&'a HashMap<String, Known>>,
         parent_start: u64,
-    ) -> TarFilter {
-        let prefix = archive
-            .tablespace_oid()
-            .map(|oid| format!("pg_tblspc/{oid}/"))
-            .unwrap_or_default();
+    ) -> TarFilter<'a> {
+        let prefix = archive.manifest_prefix();
         TarFilter {
             archive,
             prefix,
@@ -124,7 +132,7 @@ impl TarFilter {
     /// A complete header block: decides whether its entry is stored, and indexes a regular file.
     fn header(&mut self, block: Vec<u8>, out: &mut Vec<Bytes>) {
         let at = self.stored;
-        let passed = |me: &mut TarFilter, out: &mut Vec<Bytes>, block: Vec<u8>| {
+        let passed = |me: &mut TarFilter<'_>, out: &mut Vec<Bytes>, block: Vec<u8>| {
             me.stored += BLOCK as u64;
             out.push(Bytes::from(block));
         };
@@ -152,20 +160,13 @@ impl TarFilter {
                 tar::EntryType::Directory | tar::EntryType::Symlink | tar::EntryType::Link
             );
             passed(self, out, block);
-            self.state = if padded > 0 {
-                State::Body {
-                    left: padded,
-                    keep: true,
-                }
-            } else {
-                State::Header(Vec::with_capacity(BLOCK))
-            };
+            self.state = State::after_header(padded, true);
             return;
         }
         let mtime = h.mtime().unwrap_or(0);
         let mode = h.mode().unwrap_or(0o600);
         let unchanged = (!self.extended && size >= MIN_REFERENCED)
-            .then(|| self.parent.get(&path))
+            .then(|| self.parent.and_then(|p| p.get(&path)))
             .flatten()
             .filter(|k| k.size == size && k.mtime == mtime && mtime < self.parent_start)
             .cloned();
@@ -186,26 +187,12 @@ impl TarFilter {
                     manifest_path: format!("{}{path}", self.prefix),
                     size,
                 });
-                self.state = if padded > 0 {
-                    State::Body {
-                        left: padded,
-                        keep: false,
-                    }
-                } else {
-                    State::Header(Vec::with_capacity(BLOCK))
-                };
+                self.state = State::after_header(padded, false);
             }
             None => {
                 self.entries.push(entry(None, at + BLOCK as u64));
                 passed(self, out, block);
-                self.state = if padded > 0 {
-                    State::Body {
-                        left: padded,
-                        keep: true,
-                    }
-                } else {
-                    State::Header(Vec::with_capacity(BLOCK))
-                };
+                self.state = State::after_header(padded, true);
             }
         }
     }
@@ -254,11 +241,7 @@ mod tests {
     fn a_full_backup_indexes_every_file_where_it_is_stored() {
         let tar = tar_of(&[("base/5/1", 100_000, 10), ("base/5/2", 3, 10)]);
         for step in [1, 7, 512, 100_000] {
-            let mut f = TarFilter::new(
-                "base.tar".to_string().try_into().unwrap(),
-                HashMap::new(),
-                0,
-            );
+            let mut f = TarFilter::new("base.tar".to_string().try_into().unwrap(), None, 0);
             let stored = run(&mut f, &tar, step);
             assert_eq!(stored, tar);
             assert_eq!(f.entries.len(), 2);
@@ -298,7 +281,7 @@ mod tests {
         map.insert("base/5/3".to_string(), known(100_000, 10));
         map.insert("base/5/4".to_string(), known(100_000, 500));
         map.insert("base/5/5".to_string(), known(3, 10));
-        let mut f = TarFilter::new("base.tar".to_string().try_into().unwrap(), map, 400);
+        let mut f = TarFilter::new("base.tar".to_string().try_into().unwrap(), Some(&map), 400);
         let stored = run(&mut f, &tar, 333);
         let names: Vec<String> = tar::Archive::new(&stored[..])
             .entries()

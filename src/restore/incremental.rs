@@ -8,9 +8,9 @@
 //! `pg_combinebackup` does, so `pg_verifybackup` checks the result, and `backup_label` loses the
 //! lines that mark it incremental (Postgres refuses to start from such a label).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::io::Read;
-use std::os::unix::fs::{FileExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
@@ -36,7 +36,11 @@ fn read_u32(r: &mut impl Read) -> std::io::Result<u32> {
 /// as in `pg_combinebackup`). Everything in the header is checked against the entry's size before
 /// anything is written. Returns the file's new length, and whether its content changed (a block
 /// written or its length changed).
-pub(super) fn apply(r: &mut impl Read, size: u64, target: &Path) -> anyhow::Result<(u64, bool)> {
+pub(super) fn apply(
+    r: &mut impl Read,
+    size: u64,
+    f: &std::fs::File,
+) -> anyhow::Result<(u64, bool)> {
     let malformed = |why: String| anyhow::anyhow!("a malformed incremental file: {why}");
     if size < 12 {
         return Err(malformed(format!("{size} bytes, shorter than its header")));
@@ -77,6 +81,22 @@ pub(super) fn apply(r: &mut impl Read, size: u64, target: &Path) -> anyhow::Resu
         &mut r.take(header - 12 - 4 * u64::from(count)),
         &mut std::io::sink(),
     )?;
+    let before = f.metadata()?.len();
+    f.set_len(u64::from(truncation) * BLCKSZ)?;
+    let mut buf = vec![0u8; BLCKSZ as usize];
+    let mut end = u64::from(truncation) * BLCKSZ;
+    for b in blocks {
+        r.read_exact(&mut buf)?;
+        let at = u64::from(b) * BLCKSZ;
+        f.write_all_at(&buf, at)?;
+        end = end.max(at + BLCKSZ);
+    }
+    Ok((end, count > 0 || before != end))
+}
+
+/// The file the earlier backups of a chain restored at `target`, opened to apply an incremental
+/// file to: never created, never through a link, a regular file.
+pub(super) fn open_existing(target: &Path) -> anyhow::Result<std::fs::File> {
     let f = match std::fs::OpenOptions::new()
         .write(true)
         .custom_flags(libc::O_NOFOLLOW)
@@ -92,46 +112,7 @@ pub(super) fn apply(r: &mut impl Read, size: u64, target: &Path) -> anyhow::Resu
     if !f.metadata()?.is_file() {
         bail!("{} is not a regular file", target.display());
     }
-    let before = f.metadata()?.len();
-    f.set_len(u64::from(truncation) * BLCKSZ)?;
-    let mut buf = vec![0u8; BLCKSZ as usize];
-    let mut end = u64::from(truncation) * BLCKSZ;
-    for b in blocks {
-        r.read_exact(&mut buf)?;
-        let at = u64::from(b) * BLCKSZ;
-        f.write_all_at(&buf, at)?;
-        end = end.max(at + BLCKSZ);
-    }
-    Ok((end, count > 0 || before != end))
-}
-
-/// The size and CRC-32C (as the manifest writes it) of each file a backup manifest lists with a
-/// CRC-32C, by path.
-pub(super) fn manifest_crcs(manifest: &[u8]) -> anyhow::Result<HashMap<String, Rebuilt>> {
-    let v: serde_json::Value =
-        serde_json::from_slice(manifest).context("a manifest that is not JSON")?;
-    let mut out = HashMap::new();
-    for f in v["Files"]
-        .as_array()
-        .context("a manifest without a Files list")?
-    {
-        let (Some(path), Some(size), Some("CRC32C"), Some(crc)) = (
-            f["Path"].as_str(),
-            f["Size"].as_u64(),
-            f["Checksum-Algorithm"].as_str(),
-            f["Checksum"].as_str(),
-        ) else {
-            continue;
-        };
-        out.insert(
-            path.to_string(),
-            Rebuilt {
-                size,
-                crc32c: crc.to_string(),
-            },
-        );
-    }
-    Ok(out)
+    Ok(f)
 }
 
 /// The file an incremental file's path rebuilds: the same path without the prefix on its name.
@@ -208,6 +189,19 @@ pub(super) struct Rebuilt {
     pub crc32c: String,
 }
 
+impl Rebuilt {
+    /// What a manifest entry says, when it gives a CRC-32C.
+    pub(super) fn from_manifest(f: &crate::verify::contents::ManifestFile) -> Option<Rebuilt> {
+        match &f.checksum {
+            Some((algorithm, value)) if algorithm == "CRC32C" => Some(Rebuilt {
+                size: f.size,
+                crc32c: value.clone(),
+            }),
+            _ => None,
+        }
+    }
+}
+
 /// The CRC-32C of a restored file, as a backup manifest writes it.
 pub(super) fn file_crc32c(path: &Path) -> anyhow::Result<Rebuilt> {
     let mut f = std::fs::File::open(path).with_context(|| format!("reading {}", path.display()))?;
@@ -251,14 +245,7 @@ pub(super) fn combined_manifest(
     }
     out.push_str("\"Files\": [");
     for (i, f) in files.iter().enumerate() {
-        let path = match (f["Path"].as_str(), f["Encoded-Path"].as_str()) {
-            (Some(p), _) => p.to_string(),
-            (None, Some(h)) => String::from_utf8_lossy(
-                &hex::decode(h).context("a bad Encoded-Path in the manifest")?,
-            )
-            .into_owned(),
-            _ => bail!("a manifest entry without a path"),
-        };
+        let path = crate::verify::contents::entry_path(f).map_err(|e| anyhow::anyhow!(e))?;
         let mut entry = f.clone();
         if let Some(r) = rebuilt(&path)? {
             let name = rebuilt_path(&path).unwrap_or(path);
@@ -310,21 +297,6 @@ fn entry_line(entry: &serde_json::Value) -> String {
     format!("{{ {} }}", fields.join(", "))
 }
 
-/// Restores the mode and time a tar entry recorded on a rebuilt file.
-pub(super) fn set_mode_and_time(path: &Path, mode: u32, mtime: Option<u64>) -> anyhow::Result<()> {
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
-    if let Some(t) =
-        mtime.and_then(|m| std::time::UNIX_EPOCH.checked_add(std::time::Duration::from_secs(m)))
-    {
-        std::fs::File::options()
-            .write(true)
-            .custom_flags(libc::O_NOFOLLOW)
-            .open(path)?
-            .set_modified(t)?;
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -368,16 +340,20 @@ mod tests {
         std::fs::write(&f, &base).unwrap();
         // Block 1 changed, the file cut to 3 blocks, then grown to 6 (block 5 new, 3 and 4 zeros).
         let inc = incremental(3, &[(1, 9), (5, 7)]);
-        let (len, changed) = apply(&mut &inc[..], inc.len() as u64, &f).unwrap();
+        let file = open_existing(&f).unwrap();
+        let (len, changed) = apply(&mut &inc[..], inc.len() as u64, &file).unwrap();
         assert_eq!((len, changed), (6 * BLCKSZ, true));
         assert_eq!(blocks_of(&f), [1, 9, 3, 0, 0, 7]);
         // Nothing changed, cut to 2 blocks: the header alone (no padding).
         let inc = incremental(2, &[]);
         assert_eq!(inc.len(), 12);
-        assert_eq!(apply(&mut &inc[..], 12, &f).unwrap(), (2 * BLCKSZ, true));
+        assert_eq!(apply(&mut &inc[..], 12, &file).unwrap(), (2 * BLCKSZ, true));
         assert_eq!(blocks_of(&f), [1, 9]);
         // Nothing changed at all: the file is what it was (its checksum stands).
-        assert_eq!(apply(&mut &inc[..], 12, &f).unwrap(), (2 * BLCKSZ, false));
+        assert_eq!(
+            apply(&mut &inc[..], 12, &file).unwrap(),
+            (2 * BLCKSZ, false)
+        );
     }
 
     #[test]
@@ -398,13 +374,13 @@ mod tests {
             ("blocks", huge_count.clone(), huge_count.len() as u64),
             ("bytes where", good.clone(), good.len() as u64 - 1),
         ] {
-            let err = apply(&mut &data[..], size, &f).unwrap_err();
+            let err = apply(&mut &data[..], size, &open_existing(&f).unwrap()).unwrap_err();
             assert!(err.to_string().contains(what), "{what}: {err}");
             assert_eq!(blocks_of(&f), [5, 5], "{what}");
         }
         // No full file to apply it to: named, nothing created.
         let missing = dir.path().join("2");
-        let err = apply(&mut &good[..], good.len() as u64, &missing).unwrap_err();
+        let err = open_existing(&missing).unwrap_err();
         assert!(err.to_string().contains("no full copy"), "{err}");
         assert!(!missing.exists());
     }

@@ -5,7 +5,7 @@
 //! chain, an archive the backup has, a range inside it, a path inside the target.
 
 use std::collections::BTreeMap;
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
@@ -16,6 +16,11 @@ use crate::storage::index::FileEntry;
 use crate::storage::layout::ArchiveName;
 use crate::storage::{Archive, BackupMeta};
 use crate::verify::contents::Files;
+
+use super::unpack::{
+    InsideCheck, MODE_MASK, create_restored, fetch_chunk, pump, relative, restores_own_name,
+    set_mode_and_time,
+};
 
 /// Writes every referenced file of `refs` (entries of `meta`'s index with a `from`), its archive's
 /// root given by `root_of`. Returns the files written by their manifest paths, with their sizes.
@@ -39,12 +44,7 @@ pub(super) async fn restore_references(
             )
         })?;
         let from = r.from.clone().expect("a reference");
-        let prefix = r
-            .archive
-            .tablespace_oid()
-            .map(|oid| format!("pg_tblspc/{oid}/"))
-            .unwrap_or_default();
-        files.insert(format!("{prefix}{}", r.path), r.size);
+        files.insert(r.manifest_path(), r.size);
         groups
             .entry((from.to_string(), String::from(r.archive.clone())))
             .or_default()
@@ -85,44 +85,14 @@ pub(super) async fn restore_references(
         }
         tracing::info!(from = %from, archive = %name, files = refs.len(), chunks = needed.len(), "restoring the files unchanged since an earlier backup of the chain");
         let (tx, mut rx) = tokio::sync::mpsc::channel::<(u64, Vec<u8>)>(1);
-        let writer = {
-            let refs = refs.clone();
-            let root = root.clone();
-            tokio::task::spawn_blocking(move || write_ranges(&root, &refs, &mut rx))
-        };
+        let writer = tokio::task::spawn_blocking(move || write_ranges(&root, &refs, &mut rx));
         let fetches = needed.iter().map(|&i| {
             let key = archive.layout().backup_chunk(&origin.id, &tar.name, i);
-            let chunk = &tar.chunks[i];
-            let start = starts[i];
-            let repo = archive.repo().clone();
-            async move {
-                let (header, data) = repo.get_with_header(&key).await?;
-                if header.plain_len != chunk.plain_len
-                    || hex::encode(header.checksum) != chunk.sha256
-                {
-                    bail!("{key}: does not match the checksum recorded in the backup's metadata");
-                }
-                anyhow::Ok((start, data))
-            }
+            let (chunk, start, repo) = (&tar.chunks[i], starts[i], archive.repo().clone());
+            async move { anyhow::Ok((start, fetch_chunk(&repo, &key, chunk).await?)) }
         });
-        let mut stream = futures::stream::iter(fetches).buffered(parallelism.max(1));
-        let mut failure = None;
-        while let Some(r) = stream.next().await {
-            match r {
-                Ok((start, data)) => {
-                    let n = data.len() as u64;
-                    if tx.send((start, data)).await.is_err() {
-                        break;
-                    }
-                    progress.add(n);
-                }
-                Err(e) => {
-                    failure = Some(e);
-                    break;
-                }
-            }
-        }
-        drop(tx);
+        let stream = futures::stream::iter(fetches).buffered(parallelism.max(1));
+        let failure = pump(stream, tx, progress, |(_, data)| data.len() as u64).await;
         let written = writer.await.context("the writing task")?;
         if let Some(e) = failure {
             return Err(e.context(format!(
@@ -145,23 +115,9 @@ fn write_ranges(
     rx: &mut tokio::sync::mpsc::Receiver<(u64, Vec<u8>)>,
 ) -> anyhow::Result<()> {
     let mut open: Vec<Option<std::fs::File>> = refs.iter().map(|_| None).collect();
-    let create = |r: &FileEntry| -> anyhow::Result<std::fs::File> {
-        let path = inside(root, &r.path)?;
-        if let Some(parent) = path.parent() {
-            std::fs::create_dir_all(parent)?;
-            let real = parent.canonicalize()?;
-            if !real.starts_with(root.canonicalize()?) {
-                bail!("{} leads outside the target directory", parent.display());
-            }
-        }
-        std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(r.mode & 0o770 | 0o600)
-            .custom_flags(libc::O_NOFOLLOW)
-            .open(&path)
-            .with_context(|| format!("creating {}", path.display()))
+    let mut checked = InsideCheck::new(root)?;
+    let mut create = |r: &FileEntry| -> anyhow::Result<std::fs::File> {
+        create_restored(root, &inside(&r.path)?, r.mode & MODE_MASK, &mut checked)
     };
     for (i, r) in refs.iter().enumerate() {
         if r.size == 0 {
@@ -192,7 +148,7 @@ fn write_ranges(
                 from - r.offset,
             )?;
             if to == r.offset + r.size {
-                finish(f, r)?;
+                set_mode_and_time(f, r.mode & MODE_MASK, Some(r.mtime))?;
                 open[i] = None;
             }
         }
@@ -200,48 +156,15 @@ fn write_ranges(
     Ok(())
 }
 
-/// The mode and time the backup recorded.
-fn finish(f: &std::fs::File, r: &FileEntry) -> anyhow::Result<()> {
-    use std::os::unix::fs::PermissionsExt;
-    f.set_permissions(std::fs::Permissions::from_mode(r.mode & 0o770))?;
-    if let Some(t) = std::time::UNIX_EPOCH.checked_add(std::time::Duration::from_secs(r.mtime)) {
-        f.set_modified(t)?;
-    }
-    Ok(())
-}
-
-/// `path` (from the index) below `root`: plain relative parts only.
-fn inside(root: &Path, path: &str) -> anyhow::Result<PathBuf> {
-    use std::path::Component;
-    let mut out = root.to_path_buf();
-    let mut parts = 0;
-    for c in Path::new(path).components() {
-        match c {
-            Component::Normal(p) => {
-                out.push(p);
-                parts += 1;
-            }
-            Component::CurDir => {}
-            _ => bail!("refusing the indexed file {path:?}: outside the target directory"),
-        }
-    }
-    if parts == 0 {
-        bail!("refusing the indexed file {path:?}: an empty path");
-    }
-    let name = out.file_name().map(|n| n.to_string_lossy().into_owned());
-    if root_level(root, &out)
-        && name.as_deref().is_some_and(|n| {
-            n == super::MARKER || n == super::target::HELD_PG_VERSION || n == "PG_VERSION"
-        })
-        || name.is_some_and(|n| n.ends_with(".pgkeep-tmp"))
-    {
+/// `path` (from the index): a plain relative path, as an archive entry's must be, and never a
+/// name the restore writes itself (nor PG_VERSION, which the restore holds back).
+fn inside(path: &str) -> anyhow::Result<PathBuf> {
+    let rel = relative(Path::new(path))
+        .map_err(|e| anyhow::anyhow!("refusing the indexed file {path:?}: {e:#}"))?;
+    if restores_own_name(&rel, true) || rel == Path::new("PG_VERSION") {
         bail!("refusing the indexed file {path:?}: a name the restore writes itself");
     }
-    Ok(out)
-}
-
-fn root_level(root: &Path, p: &Path) -> bool {
-    p.parent() == Some(root)
+    Ok(rel)
 }
 
 #[cfg(test)]
@@ -300,10 +223,13 @@ mod tests {
             super::super::MARKER,
             "x/.y.pgkeep-tmp",
         ] {
-            let err = inside(&root, bad).unwrap_err();
+            let err = inside(bad).unwrap_err();
             assert!(err.to_string().contains("refusing"), "{bad}: {err}");
         }
-        assert_eq!(inside(&root, "./base/5/1").unwrap(), root.join("base/5/1"));
+        assert_eq!(
+            root.join(inside("./base/5/1").unwrap()),
+            root.join("base/5/1")
+        );
         // A link planted in the target does not carry a file outside.
         let outside = dir.path().join("outside");
         std::fs::create_dir(&outside).unwrap();

@@ -13,13 +13,14 @@ use crate::fsutil;
 use crate::pg::WalFileName;
 use crate::pg::walheader;
 use crate::progress::Progress;
+use crate::storage::layout::ArchiveName;
 use crate::storage::{Archive, ArchiveMeta, BackupMeta};
-use crate::verify::contents::{Feed, Files};
+use crate::verify::contents::{Feed, Files, ManifestFile};
 
 use super::{incremental, map_location, references};
 use crate::storage::catalog::BackupKind;
 use crate::storage::index::FileEntry;
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 /// Unpacks a backup and the backups it builds on (`chain`, oldest first, from
 /// [`Archive::chain`]): the data directory into `dir`, each tablespace into its (mapped) location.
@@ -53,9 +54,30 @@ pub(super) async fn unpack_chain(
         + refs.iter().map(|r| r.size).sum::<u64>();
     let mut progress = Progress::new("restore", Some(total));
     let map = Arc::new(map.to_vec());
-    let mut manifest = vec![];
+    // Where an archive of the newest backup is restored (as mapped): the locations the restore
+    // prepared, whatever an older backup of the chain recorded. None: a tablespace dropped since.
+    let restored_at = |name: &ArchiveName| -> Option<PathBuf> {
+        let a = newest.archives.iter().find(|a| a.name == *name)?;
+        Some(match &a.location {
+            None => dir.to_path_buf(),
+            Some(loc) => map_location(&map, Path::new(loc)),
+        })
+    };
+    // The files of a tablespace dropped since are not restored, nor expected.
+    let dropped = |path: &str| {
+        path.strip_prefix("pg_tblspc/")
+            .and_then(|rest| rest.split('/').next())
+            .and_then(|oid| oid.parse::<u32>().ok())
+            .is_some_and(|oid| {
+                !newest
+                    .archives
+                    .iter()
+                    .any(|a| a.name.tablespace_oid() == Some(oid))
+            })
+    };
+    let mut manifest = (vec![], BTreeMap::new());
     let mut refs = Some(refs);
-    // Checksums known without reading the file back (chains only).
+    // Of a chain: the checksums known without reading the file back.
     let mut known: HashMap<String, incremental::Rebuilt> = HashMap::new();
     for (i, meta) in layers.iter().enumerate() {
         let incremental = i > 0;
@@ -64,22 +86,9 @@ pub(super) async fn unpack_chain(
         }
         let mut files = Files::new();
         let mut changed: HashSet<String> = HashSet::new();
-        // A tablespace the newest backup does not hold was dropped: none of it is restored.
-        for tar in meta
-            .archives
-            .iter()
-            .filter(|a| newest.archives.iter().any(|n| n.name == a.name))
-        {
-            // Where the newest backup says (as mapped): the location the restore prepared, even
-            // if an older backup of the chain recorded another.
-            let dest = match newest
-                .archives
-                .iter()
-                .find(|n| n.name == tar.name)
-                .and_then(|n| n.location.as_ref())
-            {
-                None => dir.to_path_buf(),
-                Some(loc) => map_location(&map, Path::new(loc)),
+        for tar in &meta.archives {
+            let Some(dest) = restored_at(&tar.name) else {
+                continue;
             };
             let job = Unpack {
                 archive,
@@ -96,99 +105,84 @@ pub(super) async fn unpack_chain(
             changed.extend(out.changed);
         }
         if let Some(refs) = refs.take().filter(|r| !r.is_empty()) {
-            let root_of = |name: &crate::storage::layout::ArchiveName| {
-                let a = newest.archives.iter().find(|a| a.name == *name)?;
-                Some(match &a.location {
-                    None => dir.to_path_buf(),
-                    Some(loc) => map_location(&map, Path::new(loc)),
-                })
-            };
             files.extend(
                 references::restore_references(
                     archive,
                     meta,
                     chain,
                     refs,
-                    &root_of,
+                    &restored_at,
                     parallelism,
                     &mut progress,
                 )
                 .await?,
             );
         }
-        // The files of a tablespace dropped since are not restored, nor expected.
-        let dropped = |path: &str| {
-            path.strip_prefix("pg_tblspc/")
-                .and_then(|rest| rest.split('/').next())
-                .and_then(|oid| oid.parse::<u32>().ok())
-                .is_some_and(|oid| {
-                    !newest
-                        .archives
-                        .iter()
-                        .any(|a| a.name.tablespace_oid() == Some(oid))
-                })
-        };
         manifest = checked_manifest(archive, meta, &files, &dropped).await?;
         if incremental {
-            remove_deleted(meta, newest, &manifest, dir, &map)?;
+            remove_deleted(meta, &manifest.1, &restored_at)?;
         }
-        // The checksum of each file as it now is, where a manifest gave it: a whole file's from
-        // this backup's manifest; a rebuilt one keeps the earlier one if nothing changed it.
-        let listed = incremental::manifest_crcs(&manifest)?;
-        let mut now = HashMap::new();
-        let paths =
-            crate::verify::contents::manifest_files(&manifest).map_err(|e| anyhow::anyhow!(e))?;
-        for path in paths.keys() {
-            match incremental::rebuilt_path(path) {
-                Some(rebuilt) if !changed.contains(&rebuilt) => {
-                    if let Some(sum) = known.remove(&rebuilt) {
-                        now.insert(rebuilt, sum);
-                    }
-                }
-                Some(_) => {}
-                None => {
-                    if let Some(sum) = listed.get(path) {
-                        now.insert(path.clone(), sum.clone());
-                    }
-                }
-            }
+        if layers.len() > 1 {
+            known = known_checksums(known, &manifest.1, &changed);
         }
-        known = now;
     }
     let took = progress.finish();
+    let (mut manifest, listed) = manifest;
     if layers.len() > 1 {
-        manifest = rebuilt_manifest(&manifest, dir, parallelism, &known).await?;
+        manifest = rebuilt_manifest(&manifest, &listed, dir, parallelism, &known).await?;
     }
     Ok((took, manifest))
 }
 
-/// After an incremental backup is applied: the files it does not hold were deleted before it.
+/// The checksum of each file as it is after a backup of a chain (`listed`, its manifest) was
+/// applied, where a manifest gave it: a whole file's from this manifest; a rebuilt one keeps the
+/// earlier one if nothing changed it (`changed`: the files its incremental files changed).
+fn known_checksums(
+    mut before: HashMap<String, incremental::Rebuilt>,
+    listed: &BTreeMap<String, ManifestFile>,
+    changed: &HashSet<String>,
+) -> HashMap<String, incremental::Rebuilt> {
+    let mut now = HashMap::new();
+    for (path, f) in listed {
+        match incremental::rebuilt_path(path) {
+            Some(rebuilt) if !changed.contains(&rebuilt) => {
+                if let Some(sum) = before.remove(&rebuilt) {
+                    now.insert(rebuilt, sum);
+                }
+            }
+            Some(_) => {}
+            None => {
+                if let Some(sum) = incremental::Rebuilt::from_manifest(f) {
+                    now.insert(path.clone(), sum);
+                }
+            }
+        }
+    }
+    now
+}
+
+/// After an incremental backup is applied: the files it does not hold (`listed`, its manifest)
+/// were deleted before it.
 fn remove_deleted(
     meta: &BackupMeta,
-    newest: &BackupMeta,
-    manifest: &[u8],
-    dir: &Path,
-    map: &[(PathBuf, PathBuf)],
+    listed: &BTreeMap<String, ManifestFile>,
+    restored_at: &dyn Fn(&ArchiveName) -> Option<PathBuf>,
 ) -> anyhow::Result<()> {
-    let listed = crate::verify::contents::manifest_files(manifest)
-        .map_err(|e| anyhow::anyhow!("backup {}'s manifest: {e}", meta.id))?;
     let keep: HashSet<String> = listed
         .keys()
         .map(|p| incremental::rebuilt_path(p).unwrap_or_else(|| p.clone()))
         .collect();
-    let own = [super::MARKER, super::target::HELD_PG_VERSION, "lost+found"];
-    let mut removed = incremental::remove_deleted(dir, "", &keep, &own)?;
-    // Each tablespace where the restore put it: the newest backup's location, as mapped.
-    for tar in newest
-        .archives
-        .iter()
-        .filter(|n| meta.archives.iter().any(|a| a.name == n.name))
-    {
-        if let (Some(oid), Some(loc)) = (tar.name.tablespace_oid(), &tar.location) {
-            let root = map_location(map, Path::new(loc));
-            removed +=
-                incremental::remove_deleted(&root, &format!("pg_tblspc/{oid}/"), &keep, &[])?;
-        }
+    let mut removed = 0;
+    for tar in &meta.archives {
+        let Some(root) = restored_at(&tar.name) else {
+            continue;
+        };
+        // The restore's own files at the top of the data directory are left alone.
+        let own: &[&str] = match tar.name.tablespace_oid() {
+            None => &[super::MARKER, super::target::HELD_PG_VERSION, "lost+found"],
+            Some(_) => &[],
+        };
+        removed += incremental::remove_deleted(&root, &tar.name.manifest_prefix(), &keep, own)?;
     }
     if removed > 0 {
         tracing::info!(backup = %meta.id, files = removed, "removed the files deleted before this backup");
@@ -196,11 +190,12 @@ fn remove_deleted(
     Ok(())
 }
 
-/// The manifest of a directory rebuilt from a chain: the newest backup's, with each rebuilt file's
-/// size and checksum (read back, `parallelism` files at a time) and `backup_label` without its
-/// incremental lines.
+/// The manifest of a directory rebuilt from a chain: the newest backup's (`newest`, its files
+/// `listed`), with each rebuilt file's size and checksum (read back, `parallelism` files at a
+/// time, unless `known`) and `backup_label` without its incremental lines.
 async fn rebuilt_manifest(
     newest: &[u8],
+    listed: &BTreeMap<String, ManifestFile>,
     dir: &Path,
     parallelism: usize,
     known: &HashMap<String, incremental::Rebuilt>,
@@ -211,8 +206,6 @@ async fn rebuilt_manifest(
     let mode = std::fs::metadata(&label_path)?.permissions().mode();
     fsutil::write_atomic(&label_path, incremental::strip_label(&label).as_bytes())?;
     std::fs::set_permissions(&label_path, std::fs::Permissions::from_mode(mode))?;
-    let listed = crate::verify::contents::manifest_files(newest)
-        .map_err(|e| anyhow::anyhow!("the newest backup's manifest: {e}"))?;
     // A rebuilt file nothing changed since a manifest gave its checksum is not read back.
     let to_read: Vec<String> = listed
         .keys()
@@ -246,7 +239,7 @@ async fn rebuilt_manifest(
     .collect::<Vec<_>>()
     .await
     .into_iter()
-    .collect::<anyhow::Result<std::collections::HashMap<_, _>>>()?;
+    .collect::<anyhow::Result<HashMap<_, _>>>()?;
     incremental::combined_manifest(newest, &|p| {
         let known = incremental::rebuilt_path(p).and_then(|r| known.get(&r));
         Ok(sums.get(p).or(known).cloned())
@@ -296,15 +289,19 @@ async fn checked_manifest(
     meta: &BackupMeta,
     restored: &Files,
     not_restored: &dyn Fn(&str) -> bool,
-) -> anyhow::Result<Vec<u8>> {
+) -> anyhow::Result<(Vec<u8>, BTreeMap<String, ManifestFile>)> {
     let key = archive.layout().backup_manifest(&meta.id);
     let (header, manifest) = archive.repo().get_with_header(&key).await?;
     if hex::encode(header.checksum) != meta.manifest_sha256 {
         bail!("{key}: does not match the checksum recorded in the backup's metadata");
     }
-    let mut listed = crate::verify::contents::manifest_files(&manifest)
+    let entries = crate::verify::contents::manifest_entries(&manifest)
         .map_err(|e| anyhow::anyhow!("{key}: {e}"))?;
-    listed.retain(|p, _| !not_restored(p));
+    let listed: Files = entries
+        .iter()
+        .filter(|(p, _)| !not_restored(p))
+        .map(|(p, f)| (p.clone(), f.size))
+        .collect();
     let differences = crate::verify::contents::compare(&listed, restored);
     if let Some(first) = differences.first() {
         bail!(
@@ -313,7 +310,7 @@ async fn checked_manifest(
             differences.len()
         );
     }
-    Ok(manifest)
+    Ok((manifest, entries))
 }
 
 /// Writes `backup_manifest` (so pg_verifybackup can check the result) and the WAL from the
@@ -415,36 +412,11 @@ impl Unpack<'_> {
                 .layout()
                 .backup_chunk(&self.meta.id, &self.tar.name, seq);
             let repo = self.archive.repo().clone();
-            async move {
-                // The object's own header checksum was verified against the content; it must also
-                // be the checksum the metadata recorded for this chunk (a swapped chunk is caught).
-                let (header, data) = repo.get_with_header(&key).await?;
-                if header.plain_len != chunk.plain_len
-                    || hex::encode(header.checksum) != chunk.sha256
-                {
-                    bail!("{key}: does not match the checksum recorded in the backup's metadata");
-                }
-                Ok::<_, anyhow::Error>(data)
-            }
+            async move { fetch_chunk(&repo, &key, chunk).await }
         });
-        let mut stream = futures::stream::iter(fetches).buffered(self.parallelism.max(1));
-        let mut failure = None;
-        while let Some(r) = stream.next().await {
-            match r {
-                Ok(data) => {
-                    let n = data.len() as u64;
-                    if tx.send(data).await.is_err() {
-                        break; // the extractor stopped: its error says why
-                    }
-                    progress.add(n);
-                }
-                Err(e) => {
-                    failure = Some(e);
-                    break;
-                }
-            }
-        }
-        drop(tx);
+        let stream = futures::stream::iter(fetches).buffered(self.parallelism.max(1));
+        // The extractor stopping early has its own error to say why.
+        let failure = pump(stream, tx, progress, |data: &Vec<u8>| data.len() as u64).await;
         let extracted = extractor.await.context("the unpacking task")?;
         if let Some(e) = failure {
             return Err(e.context(format!("restoring backup {}", self.meta.id)));
@@ -457,22 +429,60 @@ impl Unpack<'_> {
             )
         })?;
         // By the paths the manifest uses: a tablespace's files below pg_tblspc/<oid>/.
-        Ok(match self.tar.name.tablespace_oid() {
-            None => out,
-            Some(oid) => Extracted {
-                files: out
-                    .files
-                    .into_iter()
-                    .map(|(p, n)| (format!("pg_tblspc/{oid}/{p}"), n))
-                    .collect(),
-                changed: out
-                    .changed
-                    .into_iter()
-                    .map(|p| format!("pg_tblspc/{oid}/{p}"))
-                    .collect(),
-            },
+        let prefix = self.tar.name.manifest_prefix();
+        Ok(Extracted {
+            files: out
+                .files
+                .into_iter()
+                .map(|(p, n)| (format!("{prefix}{p}"), n))
+                .collect(),
+            changed: out
+                .changed
+                .into_iter()
+                .map(|p| format!("{prefix}{p}"))
+                .collect(),
         })
     }
+}
+
+/// A chunk of a backup, checked: the object's own header checksum was verified against the
+/// content; it must also be the checksum the metadata recorded for this chunk (a swapped chunk is
+/// caught).
+pub(super) async fn fetch_chunk(
+    repo: &crate::storage::Repo,
+    key: &object_store::path::Path,
+    chunk: &crate::storage::ChunkMeta,
+) -> anyhow::Result<Vec<u8>> {
+    let (header, data) = repo.get_with_header(key).await?;
+    if header.plain_len != chunk.plain_len || hex::encode(header.checksum) != chunk.sha256 {
+        bail!("{key}: does not match the checksum recorded in the backup's metadata");
+    }
+    Ok(data)
+}
+
+/// Sends what `fetches` yields, in order, to `tx` (each counted on `progress` by `len`) until it
+/// ends, the receiver stops, or a fetch fails; returns that failure. `tx` is dropped on return, so
+/// the receiver sees the end.
+pub(super) async fn pump<T>(
+    fetches: impl futures::Stream<Item = anyhow::Result<T>>,
+    tx: tokio::sync::mpsc::Sender<T>,
+    progress: &mut Progress,
+    len: impl Fn(&T) -> u64,
+) -> Option<anyhow::Error> {
+    futures::pin_mut!(fetches);
+    while let Some(r) = fetches.next().await {
+        match r {
+            Ok(item) => {
+                let n = len(&item);
+                if tx.send(item).await.is_err() {
+                    return None;
+                }
+                progress.add(n);
+            }
+            Err(e) => return Some(e),
+        }
+    }
+    None
 }
 
 /// One base backup archive (the data directory's, no tablespaces) unpacked into `dest` exactly
@@ -515,14 +525,7 @@ fn extract(
         let path = relative(&raw)?;
         // The names the restore itself writes at the top: an archive that brings its own is
         // forged (its marker could claim other directories as the restore's to clear).
-        if tablespaces.is_some()
-            && path
-                .to_str()
-                .is_some_and(|p| p == super::MARKER || p == super::target::HELD_PG_VERSION)
-            || path
-                .file_name()
-                .is_some_and(|n| n.to_string_lossy().ends_with(".pgkeep-tmp"))
-        {
+        if restores_own_name(&path, tablespaces.is_some()) {
             bail!(
                 "refusing the archive entry {}: a name the restore writes itself",
                 path.display()
@@ -542,9 +545,7 @@ fn extract(
                     .and_then(incremental::rebuilt_path);
                 // The file an incremental entry rebuilds is held to the same names.
                 if let Some(r) = &rebuilds
-                    && (tablespaces.is_some()
-                        && (r == super::MARKER || r == super::target::HELD_PG_VERSION)
-                        || r.ends_with(".pgkeep-tmp"))
+                    && restores_own_name(Path::new(r), tablespaces.is_some())
                 {
                     bail!(
                         "refusing the archive entry {}: it would rebuild a name the restore writes itself",
@@ -608,8 +609,21 @@ fn extract(
     Ok(out)
 }
 
+/// Whether `path` (relative, in an archive or file index) is a name the restore writes itself: its
+/// marker and the held-back PG_VERSION at the top of the data directory (`data_dir`), a temporary
+/// file anywhere.
+pub(super) fn restores_own_name(path: &Path, data_dir: bool) -> bool {
+    data_dir
+        && path
+            .to_str()
+            .is_some_and(|p| p == super::MARKER || p == super::target::HELD_PG_VERSION)
+        || path
+            .file_name()
+            .is_some_and(|n| n.to_string_lossy().ends_with(".pgkeep-tmp"))
+}
+
 /// Mode bits a restored file or directory may keep: the owner's and the group's.
-const MODE_MASK: u32 = 0o770;
+pub(super) const MODE_MASK: u32 = 0o770;
 
 fn entry_kind(t: tar::EntryType) -> &'static str {
     match t {
@@ -670,7 +684,7 @@ fn tablespace_link(dest: &Path, path: &Path, tablespaces: &[(u32, PathBuf)]) -> 
 
 /// A path of the archive as a plain relative path: `.` parts dropped (Postgres writes
 /// `./pg_wal/...`), `..` or a root refused, not empty.
-fn relative(path: &Path) -> anyhow::Result<PathBuf> {
+pub(super) fn relative(path: &Path) -> anyhow::Result<PathBuf> {
     use std::path::Component;
     let mut out = PathBuf::new();
     for c in path.components() {
@@ -695,13 +709,13 @@ const WRITE_PIECE: usize = 4 << 20;
 /// Whether a directory lies inside the target once symlinks are resolved (a link an archive
 /// planted must not carry a later file outside, as the tar crate's own unpack also checks). Files
 /// come grouped by directory, so the last directory checked is remembered.
-struct InsideCheck {
+pub(super) struct InsideCheck {
     root: PathBuf,
     last_ok: Option<PathBuf>,
 }
 
 impl InsideCheck {
-    fn new(dest: &Path) -> anyhow::Result<InsideCheck> {
+    pub(super) fn new(dest: &Path) -> anyhow::Result<InsideCheck> {
         let root = dest
             .canonicalize()
             .with_context(|| format!("resolving {}", dest.display()))?;
@@ -711,7 +725,7 @@ impl InsideCheck {
         })
     }
 
-    fn check(&mut self, dir: &Path) -> anyhow::Result<()> {
+    pub(super) fn check(&mut self, dir: &Path) -> anyhow::Result<()> {
         if self.last_ok.as_deref() == Some(dir) {
             return Ok(());
         }
@@ -736,21 +750,9 @@ fn write_file(
     inside: &mut InsideCheck,
 ) -> anyhow::Result<()> {
     use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
     use std::os::unix::io::AsRawFd;
-    let target = dest.join(path);
-    if let Some(parent) = target.parent() {
-        std::fs::create_dir_all(parent)?;
-        inside.check(parent)?;
-    }
     let mode = e.header().mode().unwrap_or(0o600) & MODE_MASK;
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(mode)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(&target)?;
+    let mut f = create_restored(dest, path, mode, inside)?;
     let (mut written, mut started) = (0i64, 0i64);
     loop {
         let n = e.read(buf)?;
@@ -767,12 +769,45 @@ fn write_file(
     if written > started {
         start_writeback(f.as_raw_fd(), started, written - started);
     }
-    // The mode as recorded (creation applied the umask), and the recorded modification time.
+    set_mode_and_time(&f, mode, e.header().mtime().ok())
+}
+
+/// Creates (or truncates) the file `path` below `dest` to restore into: its directories made, and
+/// inside `dest`; the file itself never a symlink followed.
+pub(super) fn create_restored(
+    dest: &Path,
+    path: &Path,
+    mode: u32,
+    inside: &mut InsideCheck,
+) -> anyhow::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let target = dest.join(path);
+    if let Some(parent) = target.parent() {
+        std::fs::create_dir_all(parent)?;
+        inside.check(parent)?;
+    }
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(mode)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&target)
+        .with_context(|| format!("creating {}", target.display()))
+}
+
+/// The mode as recorded (creation applied the umask) and the recorded modification time, on a
+/// restored file.
+pub(super) fn set_mode_and_time(
+    f: &std::fs::File,
+    mode: u32,
+    mtime: Option<u64>,
+) -> anyhow::Result<()> {
     f.set_permissions(std::fs::Permissions::from_mode(mode))?;
-    if let Ok(mtime) = e.header().mtime() {
-        if let Some(t) = std::time::UNIX_EPOCH.checked_add(std::time::Duration::from_secs(mtime)) {
-            f.set_modified(t)?;
-        }
+    if let Some(t) =
+        mtime.and_then(|m| std::time::UNIX_EPOCH.checked_add(std::time::Duration::from_secs(m)))
+    {
+        f.set_modified(t)?;
     }
     Ok(())
 }
@@ -789,10 +824,11 @@ fn apply_incremental(
     if let Some(parent) = target.parent() {
         inside.check(parent)?;
     }
+    let f = incremental::open_existing(&target)?;
     let size = e.size();
-    let (_, changed) = incremental::apply(e, size, &target)?;
+    let (_, changed) = incremental::apply(e, size, &f)?;
     let mode = e.header().mode().unwrap_or(0o600) & MODE_MASK;
-    incremental::set_mode_and_time(&target, mode, e.header().mtime().ok())?;
+    set_mode_and_time(&f, mode, e.header().mtime().ok())?;
     Ok(changed)
 }
 

@@ -32,6 +32,11 @@ pub struct FileEntry {
 }
 
 impl FileEntry {
+    /// Its path as the backup manifest names it.
+    pub fn manifest_path(&self) -> String {
+        format!("{}{}", self.archive.manifest_prefix(), self.path)
+    }
+
     /// Whether a reference of `meta`'s index can be read from `chain` (oldest first, `meta` last):
     /// it names an earlier backup of the chain, an archive that backup has, and a range inside
     /// that archive's stream. The reason when not.

@@ -238,6 +238,14 @@ impl ArchiveName {
     pub fn tablespace_oid(&self) -> Option<u32> {
         self.stem().parse().ok()
     }
+
+    /// What the backup manifest puts before the paths of this archive's files: `pg_tblspc/<oid>/`
+    /// for a tablespace, nothing for the data directory.
+    pub fn manifest_prefix(&self) -> String {
+        self.tablespace_oid()
+            .map(|oid| format!("pg_tblspc/{oid}/"))
+            .unwrap_or_default()
+    }
 }
 
 impl TryFrom<String> for ArchiveName {

@@ -16,29 +16,56 @@ use crate::storage::{Archive, ArchiveMeta, BackupMeta, StorageError};
 /// Regular files by the path the manifest uses, with their sizes.
 pub type Files = BTreeMap<String, u64>;
 
-/// The files Postgres' backup manifest lists (JSON: `Files: [{Path | Encoded-Path, Size}]`).
-pub fn manifest_files(manifest: &[u8]) -> Result<Files, String> {
+/// One file of a backup manifest: its size and, when the manifest gives one, its checksum
+/// (algorithm, hex value).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ManifestFile {
+    pub size: u64,
+    pub checksum: Option<(String, String)>,
+}
+
+/// The files Postgres' backup manifest lists, by path (JSON: `Files: [{Path | Encoded-Path, Size,
+/// Checksum-Algorithm, Checksum}]`): the one reading of a manifest's files that the restore, the
+/// backup and `verify` share.
+pub fn manifest_entries(manifest: &[u8]) -> Result<BTreeMap<String, ManifestFile>, String> {
     let v: serde_json::Value =
         serde_json::from_slice(manifest).map_err(|e| format!("not a backup manifest: {e}"))?;
     let files = v["Files"]
         .as_array()
         .ok_or("not a backup manifest: no Files list")?;
-    let mut out = Files::new();
+    let mut out = BTreeMap::new();
     for f in files {
-        let path = match (f["Path"].as_str(), f["Encoded-Path"].as_str()) {
-            (Some(p), _) => p.to_string(),
-            (None, Some(hexed)) => {
-                let raw = hex::decode(hexed).map_err(|_| "a bad Encoded-Path in the manifest")?;
-                String::from_utf8_lossy(&raw).into_owned()
-            }
-            _ => return Err("a manifest entry without a path".into()),
-        };
+        let path = entry_path(f)?;
         let size = f["Size"]
             .as_u64()
             .ok_or_else(|| format!("the manifest entry {path} has no size"))?;
-        out.insert(path, size);
+        let checksum = match (f["Checksum-Algorithm"].as_str(), f["Checksum"].as_str()) {
+            (Some(a), Some(c)) => Some((a.to_string(), c.to_string())),
+            _ => None,
+        };
+        out.insert(path, ManifestFile { size, checksum });
     }
     Ok(out)
+}
+
+/// The path of one `Files` entry of a manifest (`Path`, or the hex of `Encoded-Path`).
+pub fn entry_path(f: &serde_json::Value) -> Result<String, String> {
+    match (f["Path"].as_str(), f["Encoded-Path"].as_str()) {
+        (Some(p), _) => Ok(p.to_string()),
+        (None, Some(hexed)) => {
+            let raw = hex::decode(hexed).map_err(|_| "a bad Encoded-Path in the manifest")?;
+            Ok(String::from_utf8_lossy(&raw).into_owned())
+        }
+        _ => Err("a manifest entry without a path".into()),
+    }
+}
+
+/// The files Postgres' backup manifest lists, with their sizes.
+pub fn manifest_files(manifest: &[u8]) -> Result<Files, String> {
+    Ok(manifest_entries(manifest)?
+        .into_iter()
+        .map(|(p, f)| (p, f.size))
+        .collect())
 }
 
 /// The chunks of one archive of a backup, checked in order; with `read`, also the files the tar
@@ -59,11 +86,7 @@ pub(super) async fn check_archive(
     let layout = archive.layout();
     // Tablespace archives hold paths relative to the tablespace: the manifest names them below
     // pg_tblspc/<oid>/.
-    let prefix = tar
-        .name
-        .tablespace_oid()
-        .map(|oid| format!("pg_tblspc/{oid}/"))
-        .unwrap_or_default();
+    let prefix = tar.name.manifest_prefix();
     let (tx, rx) = tokio::sync::mpsc::channel::<Vec<u8>>(1);
     let walker =
         read.then(|| tokio::task::spawn_blocking(move || list_files(Feed::new(rx), &prefix)));

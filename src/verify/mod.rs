@@ -350,13 +350,8 @@ pub async fn verify(
                         });
                     }
                     if let Some(all) = held.as_mut() {
-                        for f in index.files.into_iter().filter(|f| f.from.is_some()) {
-                            let prefix = f
-                                .archive
-                                .tablespace_oid()
-                                .map(|oid| format!("pg_tblspc/{oid}/"))
-                                .unwrap_or_default();
-                            all.insert(format!("{prefix}{}", f.path), f.size);
+                        for f in index.files.iter().filter(|f| f.from.is_some()) {
+                            all.insert(f.manifest_path(), f.size);
                         }
                     }
                 }

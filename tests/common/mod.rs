@@ -951,6 +951,28 @@ impl Daemon {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// `GET /backups` as JSON (null while storage holds no archive yet: it answers 502 then).
+    pub fn backups(&self) -> serde_json::Value {
+        serde_json::from_slice(&http("GET", self.port, "/backups").1).unwrap_or_default()
+    }
+
+    /// Waits (at most 90 s) until `GET /backups` lists `n` backups; returns that listing.
+    pub fn wait_backups(&self, n: usize) -> serde_json::Value {
+        let start = Instant::now();
+        loop {
+            let listed = self.backups();
+            if listed["backups"].as_array().map(|b| b.len()) == Some(n) {
+                return listed;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(90),
+                "not {n} backup(s) after 90 s; the daemon logged:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
     /// The daemon's /status as JSON text fields.
     pub fn status(&self) -> String {
         String::from_utf8_lossy(&http("GET", self.port, "/status").1).into_owned()
