@@ -49,6 +49,72 @@ pub fn nonce() -> std::io::Result<String> {
     Ok(hex::encode(random::<16>()?))
 }
 
+/// An answer of the daemon to a request that carried a fresh nonce: believed only as far as
+/// [`Answer::proves`] says.
+pub struct Answer {
+    token: Token,
+    nonce: String,
+    pub response: crate::http_client::Response,
+}
+
+impl Answer {
+    /// Whether the answer carries the daemon's proof for `subject`.
+    pub fn proves(&self, subject: &[u8]) -> bool {
+        self.response
+            .header(PROOF_HEADER)
+            .is_some_and(|p| self.token.verify(&self.nonce, subject, p))
+    }
+}
+
+/// Why the daemon was not asked, or did not answer.
+#[derive(Debug, thiserror::Error)]
+pub enum AskError {
+    /// Its token could not be read: no answer could be believed, so none was asked for.
+    #[error("cannot read the daemon's token {} ({source}; http_token_file: the daemon writes it at start, and both must name the same file)", file.display())]
+    Token {
+        file: PathBuf,
+        source: std::io::Error,
+    },
+    /// Nothing answered on `listen` in time, or the answer was cut off or too long.
+    #[error("no answer from a daemon at {listen}: {source:#}")]
+    NoAnswer {
+        listen: std::net::SocketAddr,
+        source: anyhow::Error,
+    },
+}
+
+/// `GET path` of the daemon at `listen`, with a fresh nonce its answer must prove (the token read
+/// from `token_file` first: only the daemon holds it); within `timeout`, at most `limit` bytes.
+pub async fn ask(
+    listen: std::net::SocketAddr,
+    token_file: &Path,
+    path: &str,
+    timeout: std::time::Duration,
+    limit: usize,
+) -> Result<Answer, AskError> {
+    let token = Token::read(token_file).map_err(|source| AskError::Token {
+        file: token_file.to_path_buf(),
+        source,
+    })?;
+    let no_answer = |source: anyhow::Error| AskError::NoAnswer { listen, source };
+    let nonce = nonce().map_err(|e| no_answer(e.into()))?;
+    let response = crate::http_client::request(
+        listen,
+        "GET",
+        path,
+        timeout,
+        limit,
+        &[(NONCE_HEADER, &nonce)],
+    )
+    .await
+    .map_err(no_answer)?;
+    Ok(Answer {
+        token,
+        nonce,
+        response,
+    })
+}
+
 impl Token {
     /// A new token, written to `file` (replacing any earlier one) readable by this user only.
     pub fn create(file: &Path) -> std::io::Result<Token> {

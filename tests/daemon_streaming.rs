@@ -5,6 +5,7 @@
 
 mod common;
 
+use std::os::unix::fs::PermissionsExt;
 use std::time::Duration;
 
 use common::*;
@@ -196,10 +197,12 @@ fn streaming(backend: Backend) {
     );
     // From storage alone: the base backup, the streamed segments and the final .partial.
     let target = dir.mkdir("restored");
+    let handoff = dir.mkdir("handoff");
+    std::fs::set_permissions(&handoff, std::fs::Permissions::from_mode(0o700)).unwrap();
     let out = storage.pgkeep_pg(
         &bin,
         &["restore", "--target-dir", target.to_str().unwrap()],
-        &[],
+        &[("PGKEEP_PREFETCH_DIR".into(), handoff.display().to_string())],
     );
     assert!(out.status.success(), "{}", stderr(&out));
     let mut restored = PgCluster::adopt(dir.path(), target, &storage.env);
@@ -212,6 +215,13 @@ fn streaming(backend: Backend) {
         restored.log()
     );
     assert_eq!(restored.table_checksum("pgbench_accounts"), expected);
+    // Postgres asks for the segment of the final .partial twice as recovery ends (it reads the
+    // last record again): the second time from the copy the first wal-fetch kept.
+    let log = restored.log();
+    assert!(
+        log.contains("form=recent") || log.contains("form=\"recent\""),
+        "the second request for the streamed .partial did not take the kept copy:\n{log}"
+    );
 }
 
 #[test]

@@ -391,7 +391,7 @@ fn handoff_files(dir: &Path) -> Vec<String> {
         .map(|rd| {
             rd.flatten()
                 .map(|e| e.file_name().to_string_lossy().into_owned())
-                .filter(|n| n.ends_with(".wal") || n.ends_with(".pgko"))
+                .filter(|n| n.ends_with(".wal") || n.ends_with(".pgko") || n.ends_with(".recent"))
                 .collect()
         })
         .unwrap_or_default()

@@ -118,42 +118,28 @@ async fn stored_by_daemon(
     system_identifier: u64,
     sha: &[u8; 32],
 ) -> bool {
-    use crate::http_token::{NONCE_HEADER, PROOF_HEADER, Token};
-    // Only the daemon holds the token: without it, no answer can be believed.
-    let token = match Token::read(&cfg.http_token_file) {
-        Ok(t) => t,
-        Err(e) => {
-            tracing::debug!(file = %cfg.http_token_file.display(), "no daemon token ({e}): not asking the daemon");
-            return false;
-        }
-    };
-    let Ok(nonce) = crate::http_token::nonce() else {
-        return false;
-    };
     let sha = hex::encode(sha);
     let path = format!("/archived/{name}?system_identifier={system_identifier}&sha256={sha}");
-    let r = match crate::http_client::request(
+    let answer = match crate::http_token::ask(
         cfg.listen,
-        "GET",
+        &cfg.http_token_file,
         &path,
         DAEMON_ANSWER_TIMEOUT,
         4096,
-        &[(NONCE_HEADER, &nonce)],
     )
     .await
     {
-        Ok(r) => r,
+        Ok(a) => a,
         Err(e) => {
-            tracing::debug!("no answer from a daemon at {}: {e:#}", cfg.listen);
+            tracing::debug!("not asking the daemon: {e}");
             return false;
         }
     };
+    let r = &answer.response;
     match r.status {
         200 => {
             let subject = crate::http_token::archived_subject(&name.to_string(), &sha);
-            let proven = r
-                .header(PROOF_HEADER)
-                .is_some_and(|p| token.verify(&nonce, &subject, p));
+            let proven = answer.proves(&subject);
             if !proven {
                 tracing::warn!(listen = %cfg.listen, "what answers on listen did not prove it is this pod's pgkeep daemon (no or a wrong proof of the token in {}): storing the segment here", cfg.http_token_file.display());
             }

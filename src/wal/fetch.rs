@@ -58,9 +58,9 @@ pub async fn wal_fetch(cfg: &Config, name: &str, dest: &Path) -> Result<FetchRep
         Some(id) => Some(id),
         None => local_system_identifier(cfg)?.map(|(id, _)| id),
     };
-    let (data, via) = if cfg.wal_fetch_storage {
+    let ((data, served), via) = if cfg.wal_fetch_storage {
         match from_daemon(cfg, &name, local, false).await {
-            Daemon::File(data) => (data, "daemon"),
+            Daemon::File(data, served) => ((data, served), "daemon"),
             Daemon::Absent | Daemon::NoAnswer => (from_storage(cfg, &name).await?, "storage"),
         }
     } else {
@@ -71,6 +71,10 @@ pub async fn wal_fetch(cfg: &Config, name: &str, dest: &Path) -> Result<FetchRep
     super::handoff::write_plain(dest, &data)
         .with_context(|| format!("writing {}", dest.display()))
         .map_err(FetchError::Failed)?;
+    // The streamed open segment: Postgres asks for it again as recovery ends.
+    if served.kind == WalFileKind::Partial && name.kind == WalFileKind::Segment {
+        super::handoff::keep_recent(&cfg.prefetch_dir, &name, &data);
+    }
     tracing::info!(wal = %name, bytes = data.len(), via, ms = started.elapsed().as_millis(), dest = %dest.display(), "fetched");
     Ok(FetchReport {
         name,
@@ -98,6 +102,7 @@ pub fn from_handoff(cfg: &Config, name: &str, dest: &Path) -> Option<FetchReport
             let form = match form {
                 super::handoff::Form::Plain(_) => "plain",
                 super::handoff::Form::Stored => "stored",
+                super::handoff::Form::Recent { .. } => "recent",
             };
             tracing::info!(wal = %name, bytes, via = "handoff", form, us = started.elapsed().as_micros() as u64, dest = %dest.display(), "fetched");
             Some(FetchReport {
@@ -112,8 +117,9 @@ pub fn from_handoff(cfg: &Config, name: &str, dest: &Path) -> Option<FetchReport
 
 /// What the daemon said of a WAL file, as far as it proved it.
 enum Daemon {
-    /// The file, verified.
-    File(Vec<u8>),
+    /// The file, verified, and the name it was stored under (a segment's `.partial`, or the
+    /// name asked for).
+    File(Vec<u8>, WalFileName),
     /// Storage holds no such file (proven; a storage-less wal-fetch takes it as the answer).
     Absent,
     /// No proven answer: no daemon, an impostor, a failure, or a file it cannot serve.
@@ -127,7 +133,7 @@ async fn only_from_daemon(
     cfg: &Config,
     name: &WalFileName,
     sysid: Option<u64>,
-) -> Result<Vec<u8>, FetchError> {
+) -> Result<(Vec<u8>, WalFileName), FetchError> {
     let Some(sysid) = sysid else {
         return Err(anyhow!(
             "wal_fetch_storage = false, but the cluster is unknown (no readable pg_control in \
@@ -139,7 +145,7 @@ async fn only_from_daemon(
     let mut pause = std::time::Duration::from_millis(100);
     loop {
         match from_daemon(cfg, name, Some(sysid), true).await {
-            Daemon::File(data) => return Ok(data),
+            Daemon::File(data, served) => return Ok((data, served)),
             Daemon::Absent => return Err(FetchError::NotInArchive(name.to_string())),
             Daemon::NoAnswer if Instant::now() + pause < deadline => {
                 tracing::warn!(wal = %name, listen = %cfg.listen, "no proven answer from the daemon, asking again in {:.1}s", pause.as_secs_f64());
@@ -177,45 +183,30 @@ async fn from_daemon(
     if !segment && !every_kind {
         return Daemon::NoAnswer;
     }
-    // Only the daemon holds the token in `http_token_file`: without it, no answer is proven.
-    let token = match crate::http_token::Token::read(&cfg.http_token_file) {
-        Ok(t) => t,
-        Err(e) => {
-            // A problem only where the daemon is the one source (a plain restore has none).
-            if every_kind {
-                tracing::warn!(file = %cfg.http_token_file.display(), "cannot read the daemon's token ({e}): not asking the daemon");
-            } else {
-                tracing::debug!(file = %cfg.http_token_file.display(), "no daemon token ({e}): reading storage directly");
-            }
-            return Daemon::NoAnswer;
-        }
-    };
-    let Ok(nonce) = crate::http_token::nonce() else {
-        return Daemon::NoAnswer;
-    };
     let path = format!("/wal/{name}?system_identifier={sysid}");
-    let mut r = match crate::http_client::request(
-        cfg.listen,
-        "GET",
-        &path,
-        // With storage to fall back to, a daemon slow to answer is left for it; without, the
-        // daemon's own download of the file may take as long as a storage request does.
-        if every_kind {
-            cfg.retry.request_timeout
-        } else {
-            cfg.retry.request_timeout.min(DAEMON_ANSWER_TIMEOUT)
-        },
-        1 << 30,
-        &[(crate::http_token::NONCE_HEADER, &nonce)],
-    )
-    .await
-    {
-        Ok(r) => r,
-        Err(e) => {
-            tracing::debug!("no daemon at {}: {e:#}", cfg.listen);
-            return Daemon::NoAnswer;
-        }
+    // With storage to fall back to, a daemon slow to answer is left for it; without, the daemon's
+    // own download of the file may take as long as a storage request does.
+    let timeout = if every_kind {
+        cfg.retry.request_timeout
+    } else {
+        cfg.retry.request_timeout.min(DAEMON_ANSWER_TIMEOUT)
     };
+    let mut answer =
+        match crate::http_token::ask(cfg.listen, &cfg.http_token_file, &path, timeout, 1 << 30)
+            .await
+        {
+            Ok(a) => a,
+            // A problem only where the daemon is the one source (a plain restore has none).
+            Err(e @ crate::http_token::AskError::Token { .. }) if every_kind => {
+                tracing::warn!("{e}: not asking the daemon");
+                return Daemon::NoAnswer;
+            }
+            Err(e) => {
+                tracing::debug!("{e}: reading storage directly");
+                return Daemon::NoAnswer;
+            }
+        };
+    let r = &mut answer.response;
     match r.status {
         200 => {
             // The daemon hands over the stored object as it is (it may hold no key to decrypt
@@ -237,10 +228,10 @@ async fn from_daemon(
             let pieces = r.header(PIECES_HEADER).unwrap_or_default().to_string();
             let subject =
                 crate::http_token::wal_subject(&served_subject(&served, &pieces), &r.body);
-            if !proven(cfg, &token, &nonce, &subject, &r) {
+            if !proven(cfg, &answer, &subject) {
                 return Daemon::NoAnswer;
             }
-            let body = bytes::Bytes::from(std::mem::take(&mut r.body));
+            let body = bytes::Bytes::from(std::mem::take(&mut answer.response.body));
             let Some((base, pieces)) = split_pieces(&pieces, &body) else {
                 tracing::warn!(wal = %name, "the daemon's answer does not hold the pieces it lists");
                 return Daemon::NoAnswer;
@@ -269,7 +260,7 @@ async fn from_daemon(
                     }
                 });
             match opened {
-                Ok(data) => Daemon::File(data),
+                Ok(data) => Daemon::File(data, served),
                 Err(e) => {
                     tracing::warn!(wal = %name, "the daemon's copy did not verify ({e})");
                     Daemon::NoAnswer
@@ -280,7 +271,7 @@ async fn from_daemon(
         // the archive", the answer that ends recovery.
         404 => {
             let subject = crate::http_token::absent_subject(&name.to_string());
-            if proven(cfg, &token, &nonce, &subject, &r) {
+            if proven(cfg, &answer, &subject) {
                 Daemon::Absent
             } else {
                 Daemon::NoAnswer
@@ -294,16 +285,8 @@ async fn from_daemon(
 }
 
 /// Whether an answer carries the daemon's proof for `subject`; says so when it does not.
-fn proven(
-    cfg: &Config,
-    token: &crate::http_token::Token,
-    nonce: &str,
-    subject: &[u8],
-    r: &crate::http_client::Response,
-) -> bool {
-    let ok = r
-        .header(crate::http_token::PROOF_HEADER)
-        .is_some_and(|p| token.verify(nonce, subject, p));
+fn proven(cfg: &Config, answer: &crate::http_token::Answer, subject: &[u8]) -> bool {
+    let ok = answer.proves(subject);
     if !ok {
         tracing::warn!(listen = %cfg.listen, "what answers on listen did not prove it is this pod's pgkeep daemon (no or a wrong proof of the token in {})", cfg.http_token_file.display());
     }
@@ -315,7 +298,10 @@ fn proven(
 /// breaks off (seen through a faulty proxy: a listing's body cut short ended recovery with 126).
 /// A checksum mismatch is read again twice (a body cut short in transit reads as damage) before
 /// the object is taken as damaged.
-async fn from_storage(cfg: &Config, name: &WalFileName) -> Result<Vec<u8>, FetchError> {
+async fn from_storage(
+    cfg: &Config,
+    name: &WalFileName,
+) -> Result<(Vec<u8>, WalFileName), FetchError> {
     let deadline = Instant::now() + cfg.wal_fetch_outage;
     let mut pause = std::time::Duration::from_millis(100);
     let mut damaged = 0;
@@ -345,7 +331,10 @@ async fn from_storage(cfg: &Config, name: &WalFileName) -> Result<Vec<u8>, Fetch
     }
 }
 
-async fn from_storage_once(cfg: &Config, name: &WalFileName) -> Result<Vec<u8>, FetchError> {
+async fn from_storage_once(
+    cfg: &Config,
+    name: &WalFileName,
+) -> Result<(Vec<u8>, WalFileName), FetchError> {
     // A missing marker or cluster means misconfiguration (wrong URL, wrong cluster), never "this WAL
     // file does not exist": answering 1 there would end recovery early and silently.
     // Retried for as long as `wal_fetch_outage_secs` (bounded in time, not in attempts): ending
@@ -362,7 +351,7 @@ async fn from_storage_once(cfg: &Config, name: &WalFileName) -> Result<Vec<u8>, 
         )
         .into());
     }
-    fetch_verified(&archive, name).await
+    fetch_served(&archive, name).await
 }
 
 /// A WAL file as stored (still encoded, perhaps encrypted), checked as far as is possible
@@ -448,12 +437,22 @@ pub fn split_pieces(header: &str, body: &bytes::Bytes) -> Option<(bytes::Bytes, 
 
 /// The verified plain content of a WAL file (of its `.partial` when only that is stored).
 pub async fn fetch_verified(archive: &Archive, name: &WalFileName) -> Result<Vec<u8>, FetchError> {
+    Ok(fetch_served(archive, name).await?.0)
+}
+
+/// As [`fetch_verified`], with the name the file was stored under (a segment's `.partial`).
+async fn fetch_served(
+    archive: &Archive,
+    name: &WalFileName,
+) -> Result<(Vec<u8>, WalFileName), FetchError> {
     let f = fetch_to_open(archive, name).await?;
     let repo = archive.repo().clone();
     let sysid = archive.system_identifier();
-    tokio::task::spawn_blocking(move || open_checked(&repo, &f, sysid))
+    let served = f.served;
+    let data = tokio::task::spawn_blocking(move || open_checked(&repo, &f, sysid))
         .await
-        .expect("decoding does not panic")
+        .expect("decoding does not panic")?;
+    Ok((data, served))
 }
 
 /// Decrypts and decodes a fetched WAL file, and checks a segment's page header against its name

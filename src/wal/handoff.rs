@@ -9,6 +9,13 @@
 //! - `<segment>.<crc32c>.wal`: the segment's plain bytes, exactly what Postgres reads, with their
 //!   CRC-32C (hardware-accelerated) in the name. `wal-fetch` checks that sum and the
 //!   first page's header, then renames the file to `%p` (copies it across file systems).
+//! - `<segment>.<crc32c>.<until>.recent`: the same, left by a `wal-fetch` that served the
+//!   segment from the daemon's streamed `.partial` (never prefetched: it may still grow), for the
+//!   moment Postgres asks for it again. At the end of archive recovery Postgres reads the last
+//!   valid record again (`FinishWalRecovery`), which calls `restore_command` a second time for the
+//!   segment it just replayed, milliseconds later. Taken only until `until` (milliseconds since the
+//!   epoch, [`RECENT_FOR`] after it was served), so it answers that second request and never a
+//!   later one that storage might answer with more WAL.
 //! - `<segment>.pgko`: the stored object as it is, when the daemon cannot decode it (encrypted
 //!   storage: the sidecar holds no key). `wal-fetch` verifies, decrypts and decodes it as it does
 //!   an object read from storage.
@@ -37,6 +44,10 @@ const MAX_FILE: u64 = (1 << 30) + 4096;
 /// The WAL page size: the first page holds the long header that is checked.
 const PAGE: usize = 8192;
 
+/// How long a `.recent` file may be taken after the `.partial` it holds was served: the second
+/// request at the end of recovery comes within milliseconds.
+pub const RECENT_FOR: std::time::Duration = std::time::Duration::from_secs(3);
+
 /// What a hand-off file holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Form {
@@ -44,6 +55,16 @@ pub enum Form {
     Plain(u32),
     /// The stored object (encrypted, or otherwise not decoded by the daemon).
     Stored,
+    /// Plain bytes with their CRC-32C, served from a streamed `.partial` and taken only until
+    /// `until` (ms since the epoch).
+    Recent { crc: u32, until: u64 },
+}
+
+/// Milliseconds since the epoch.
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// The CRC-32C (Castagnoli) of `data`, as hand-off names carry it.
@@ -56,6 +77,7 @@ pub fn file_name(segment: &WalFileName, form: Form) -> String {
     match form {
         Form::Plain(crc) => format!("{segment}.{crc:08x}.wal"),
         Form::Stored => format!("{segment}.pgko"),
+        Form::Recent { crc, until } => format!("{segment}.{crc:08x}.{until}.recent"),
     }
 }
 
@@ -65,14 +87,61 @@ pub fn parse_name(name: &str) -> Option<(WalFileName, Form)> {
         let seg: WalFileName = stem.parse().ok()?;
         return (seg.kind == WalFileKind::Segment).then_some((seg, Form::Stored));
     }
-    let rest = name.strip_suffix(".wal")?;
+    let (rest, until) = match name.strip_suffix(".recent") {
+        Some(rest) => {
+            let (rest, until) = rest.rsplit_once('.')?;
+            if until.is_empty() || !until.bytes().all(|b| b.is_ascii_digit()) {
+                return None;
+            }
+            (rest, Some(until.parse::<u64>().ok()?))
+        }
+        None => (name.strip_suffix(".wal")?, None),
+    };
     let (stem, crc) = rest.rsplit_once('.')?;
     if crc.len() != 8 {
         return None;
     }
     let seg: WalFileName = stem.parse().ok()?;
     let crc = u32::from_str_radix(crc, 16).ok()?;
-    (seg.kind == WalFileKind::Segment).then_some((seg, Form::Plain(crc)))
+    let form = match until {
+        Some(until) => Form::Recent { crc, until },
+        None => Form::Plain(crc),
+    };
+    (seg.kind == WalFileKind::Segment).then_some((seg, form))
+}
+
+/// Leaves a copy of `data`, served for `segment` from a streamed `.partial`, in `dir` for the
+/// request that follows at the end of recovery (see the module documentation), when `dir` is
+/// usable; removes `.recent` files whose time is past. A failure costs only that second request
+/// its speed, so it is logged and nothing more.
+pub fn keep_recent(dir: &Path, segment: &WalFileName, data: &[u8]) {
+    if segment.kind != WalFileKind::Segment || unusable(dir).is_some() {
+        return;
+    }
+    sweep_recent(dir);
+    let form = Form::Recent {
+        crc: crc32c(data),
+        until: now_ms() + RECENT_FOR.as_millis() as u64,
+    };
+    if let Err(e) = place(dir, segment, form, data) {
+        tracing::debug!(wal = %segment, dir = %dir.display(), "could not keep the served .partial for a second request: {e}");
+    }
+}
+
+/// Removes the `.recent` files in `dir` whose time is past; returns how many.
+pub fn sweep_recent(dir: &Path) -> usize {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    let now = now_ms();
+    entries
+        .filter_map(Result::ok)
+        .filter(|e| {
+            matches!(parse_name(&e.file_name().to_string_lossy()),
+                Some((_, Form::Recent { until, .. })) if until <= now)
+        })
+        .filter(|e| std::fs::remove_file(e.path()).is_ok())
+        .count()
 }
 
 /// Places a verified segment in `dir` under its hand-off name, complete or not at all (no fsync:
@@ -171,14 +240,28 @@ pub fn take(
         return Taken::Miss;
     };
     let prefix = format!("{segment}.");
-    let found = entries.filter_map(Result::ok).find_map(|e| {
+    let now = now_ms();
+    let mut found = None;
+    for e in entries.filter_map(Result::ok) {
         let name = e.file_name().to_string_lossy().into_owned();
         if !name.starts_with(&prefix) {
-            return None;
+            continue;
         }
-        let (seg, form) = parse_name(&name)?;
-        (seg == *segment).then(|| (e.path(), form))
-    });
+        match parse_name(&name) {
+            Some((seg, Form::Recent { until, .. })) if seg == *segment && until <= now => {
+                // Past its time: storage may hold more WAL of the segment by now.
+                let _ = std::fs::remove_file(e.path());
+            }
+            // A prefetched file is preferred to a kept `.partial`.
+            Some((seg, form))
+                if seg == *segment
+                    && !matches!(found, Some((_, Form::Plain(_) | Form::Stored))) =>
+            {
+                found = Some((e.path(), form));
+            }
+            _ => {}
+        }
+    }
     let Some((path, form)) = found else {
         return Taken::Miss;
     };
@@ -263,7 +346,7 @@ fn take_file(
         )));
     }
     match form {
-        Form::Plain(crc) => {
+        Form::Plain(crc) | Form::Recent { crc, .. } => {
             let (sum, len, head) = sum_through(&mut f, |_| Ok(())).map_err(failed)?;
             drop(f);
             if sum != crc {
@@ -338,7 +421,15 @@ mod tests {
     #[test]
     fn names_round_trip_and_others_are_not_ours() {
         let seg: WalFileName = "000000010000000000000003".parse().unwrap();
-        for form in [Form::Plain(0xdeadbeef), Form::Plain(0), Form::Stored] {
+        for form in [
+            Form::Plain(0xdeadbeef),
+            Form::Plain(0),
+            Form::Stored,
+            Form::Recent {
+                crc: 7,
+                until: 1_800_000_000_000,
+            },
+        ] {
             assert_eq!(parse_name(&file_name(&seg, form)), Some((seg, form)));
         }
         for other in [
@@ -347,12 +438,70 @@ mod tests {
             "000000010000000000000003.deadbee.wal",
             "000000010000000000000003.xxxxxxxx.wal",
             "000000010000000000000003.partial.pgko",
+            "000000010000000000000003.deadbeef.recent",
+            "000000010000000000000003.deadbeef..recent",
+            "000000010000000000000003.deadbeef.-1.recent",
+            "000000010000000000000003.deadbeef.12x.recent",
             "00000002.history.pgko",
             "../000000010000000000000003.pgko",
             "precious",
         ] {
             assert_eq!(parse_name(other), None, "{other}");
         }
+    }
+
+    #[test]
+    fn a_kept_partial_is_taken_until_its_time_and_never_after() {
+        let dir = tempfile::tempdir().unwrap();
+        let hand = dir.path().join("handoff");
+        std::fs::create_dir(&hand).unwrap();
+        std::fs::set_permissions(&hand, std::os::unix::fs::PermissionsExt::from_mode(0o700))
+            .unwrap();
+        let sysid = 7_000_000_000_000_000_001;
+        let size = 1 << 20;
+        let seg = WalFileName::segment(
+            crate::pg::lsn::TimelineId::new(1).unwrap(),
+            crate::pg::lsn::SegmentNo(3),
+            crate::pg::WalSegSize::new(size).unwrap(),
+        );
+        let data = crate::pg::walheader::tests::fake_segment(1, 3, size, sysid);
+        let no_keys = || -> Result<Keys, String> { Err("no keys needed".into()) };
+        let dest = dir.path().join("RECOVERYXLOG");
+
+        // Served from a `.partial`: kept, and the request that follows takes it, byte-equal.
+        keep_recent(&hand, &seg, &data);
+        let kept: Vec<_> = std::fs::read_dir(&hand).unwrap().flatten().collect();
+        assert_eq!(kept.len(), 1);
+        assert!(kept[0].file_name().to_string_lossy().ends_with(".recent"));
+        let taken = take(&hand, &seg, sysid, &no_keys, &dest);
+        assert!(
+            matches!(taken, Taken::Done { form: Form::Recent { .. }, bytes } if bytes == data.len()),
+            "{taken:?}"
+        );
+        assert!(std::fs::read(&dest).unwrap() == data);
+        assert_eq!(std::fs::read_dir(&hand).unwrap().count(), 0);
+
+        // Past its time: not taken (storage may hold more of the segment by then), and removed.
+        let past = Form::Recent {
+            crc: crc32c(&data),
+            until: now_ms() - 1,
+        };
+        let old = place(&hand, &seg, past, &data).unwrap();
+        std::fs::remove_file(&dest).unwrap();
+        assert_eq!(take(&hand, &seg, sysid, &no_keys, &dest), Taken::Miss);
+        assert!(!dest.exists() && !old.exists());
+        // The sweep removes only what is past its time.
+        place(&hand, &seg, past, &data).unwrap();
+        keep_recent(&hand, &seg, &data);
+        assert_eq!(std::fs::read_dir(&hand).unwrap().count(), 1);
+        assert_eq!(sweep_recent(&hand), 0);
+        // Another segment's kept file is not this one's.
+        let other = WalFileName::segment(
+            crate::pg::lsn::TimelineId::new(1).unwrap(),
+            crate::pg::lsn::SegmentNo(4),
+            crate::pg::WalSegSize::new(size).unwrap(),
+        );
+        assert_eq!(take(&hand, &other, sysid, &no_keys, &dest), Taken::Miss);
     }
 
     #[test]

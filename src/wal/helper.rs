@@ -200,7 +200,7 @@ pub async fn run(
     };
     stop.cancel();
     let _ = watcher.await;
-    let removed = p.discard().await;
+    let removed = p.discard().await + crate::wal::handoff::sweep_recent(&dir);
     tracing::info!(
         handed_off = p.handed_off.get(),
         removed,

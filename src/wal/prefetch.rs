@@ -255,7 +255,7 @@ impl Prefetcher {
             return None;
         }
         let (header, stored) = match ready.form {
-            Form::Plain(crc) => {
+            Form::Plain(crc) | Form::Recent { crc, .. } => {
                 let plain = data.filter(|d| handoff::crc32c(d) == crc)?;
                 object::seal(
                     crate::codec::Codec::None,
@@ -447,10 +447,16 @@ impl Prefetcher {
         }
         let mut tick = tokio::time::interval(WATCH_EVERY);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut ticks = 0u32;
         loop {
             tokio::select! {
                 _ = stop.cancelled() => return,
                 _ = tick.tick() => {}
+            }
+            // `wal-fetch`'s copies of served `.partial`s, once past their time (every 2 s).
+            ticks = ticks.wrapping_add(1);
+            if ticks % 100 == 0 {
+                handoff::sweep_recent(&self.dir);
             }
             let taken: Vec<(WalFileName, Archive, WalSegSize)> = {
                 let mut st = self.lock();

@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, anyhow, bail};
+use anyhow::{anyhow, bail};
 
 use crate::config::Config;
 use crate::pg::{Lsn, sql};
@@ -62,34 +62,23 @@ where
 /// Taken only with the proof that the daemon holds the token in `http_token_file`: another
 /// process on `listen` could otherwise claim WAL is durable that is not.
 pub async fn daemon_durable(cfg: &Config) -> anyhow::Result<Lsn> {
-    let file = &cfg.http_token_file;
-    let token = crate::http_token::Token::read(file).with_context(|| {
-        format!(
-            "reading the daemon's token {} (http_token_file: the daemon writes it at start; both must name the same file)",
-            file.display()
-        )
-    })?;
-    let nonce = crate::http_token::nonce()?;
-    let r = crate::http_client::request(
+    let answer = crate::http_token::ask(
         cfg.listen,
-        "GET",
+        &cfg.http_token_file,
         "/status",
         Duration::from_secs(5),
         1 << 20,
-        &[(crate::http_token::NONCE_HEADER, &nonce)],
     )
     .await?;
+    let r = &answer.response;
     if r.status != 200 {
         bail!("the daemon answered /status with {}", r.status);
     }
-    let proven = r
-        .header(crate::http_token::PROOF_HEADER)
-        .is_some_and(|p| token.verify(&nonce, &r.body, p));
-    if !proven {
+    if !answer.proves(&r.body) {
         bail!(
             "what answers on {} did not prove it is the pgkeep daemon (no or a wrong proof of the token in {})",
             cfg.listen,
-            file.display()
+            cfg.http_token_file.display()
         );
     }
     let v: serde_json::Value = serde_json::from_slice(&r.body)?;
