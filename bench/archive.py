@@ -13,7 +13,8 @@ pgbench (--clients clients, --seconds seconds; --load bulk, the default: transac
                                                         daemon's proven word that its stream stored it)
 and reports for each the WAL archived per second during the load (pg_stat_archiver) and the
 backlog left when the load ended (segments still .ready), medians over the rounds, with ratios to
-cp. Between rounds the archiver catches up, so each round starts with no backlog.
+cp; and the CPU time spent per archived segment by archive_command (the archiver's children) and,
+for s3, by the S3 server, which shares the machine's cores with the load here. Between rounds the archiver catches up, so each round starts with no backlog.
 
 Usage: bench/archive.py [--seconds 30] [--rounds 3] [--clients 4] [--scale 10] [--pgkeep target/release/pgkeep]
 """
@@ -28,6 +29,19 @@ import time
 from benchlib import S3, Cluster, Daemon, lsn, workdir
 
 MB = 1024 * 1024
+
+
+def cpu_seconds(pid, children=False):
+    """User + system CPU seconds of process `pid` (of its waited-for children with `children`)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    # utime, stime, cutime, cstime are fields 14-17 of stat; fields[0] here is field 3.
+    ticks = int(fields[13]) + int(fields[14]) if children else int(fields[11]) + int(fields[12])
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def archiver_pid(cluster):
+    return int(cluster.sql("select pid from pg_stat_activity where backend_type = 'archiver'"))
 
 
 def archived(cluster):
@@ -124,11 +138,21 @@ def main():
                 end = time.monotonic() + 300
                 while backlog(cluster) and time.monotonic() < end:
                     time.sleep(0.2)
+                archiver = archiver_pid(cluster)
+                cpu_before = cpu_seconds(archiver, children=True)
+                server_before = cpu_seconds(s3.proc.pid)
                 before, t = archived(cluster), time.monotonic()
                 cluster.pgbench("-n", *load, "-c", str(args.clients), "-j", "2", "-T", str(args.seconds))
                 elapsed = time.monotonic() - t
-                results[name]["rate"].append((archived(cluster) - before) * seg / elapsed)
+                done = archived(cluster) - before
+                results[name]["rate"].append(done * seg / elapsed)
                 results[name]["backlog"].append(backlog(cluster))
+                if done:
+                    results[name].setdefault("cpu_ms", []).append(
+                        (cpu_seconds(archiver, children=True) - cpu_before) * 1000 / done)
+                    if name == "s3":
+                        results[name].setdefault("server_ms", []).append(
+                            (cpu_seconds(s3.proc.pid) - server_before) * 1000 / done)
                 if daemon:
                     st = daemon.status()
                     lag = (lsn(st["received_lsn"]) - lsn(st["durable_lsn"])) / seg
@@ -153,6 +177,10 @@ def main():
         extra = ""
         if "daemon_lag" in r:
             extra = f"; the daemon's upload lag at the end {statistics.median(r['daemon_lag']):.1f} segments"
+        if "cpu_ms" in r:
+            extra += f"; CPU per segment: archive_command {statistics.median(r['cpu_ms']):.0f} ms"
+        if "server_ms" in r:
+            extra += f", the S3 server {statistics.median(r['server_ms']):.0f} ms"
         print(f"{name:8} {rate / MB:6.1f} MB/s archived ({rate / cp_rate:.2f}x cp), backlog at the end "
               f"{statistics.median(r['backlog']):.0f} segments (rounds: {', '.join(str(b) for b in r['backlog'])}){extra}")
     shutil.rmtree(work, ignore_errors=True)

@@ -445,7 +445,13 @@ async fn wal(
     };
     match s
         .prefetch
-        .get(&Archive::new(s.repo.clone(), sysid), &name)
+        .get(
+            &Archive::new(s.repo.clone(), sysid),
+            &name,
+            crate::pg::WalSegSize::new(
+                s.stream.seg_size.load(std::sync::atomic::Ordering::Acquire),
+            ),
+        )
         .await
     {
         Ok(f) => {

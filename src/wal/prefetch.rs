@@ -57,6 +57,11 @@ pub struct Prefetcher {
     pub handed_off: Counter,
     /// The prefetch window (segments ahead of redo).
     pub window: Gauge,
+    /// One segment decoded and checked at a time, in the order the downloads were started
+    /// (nearest first): recovery replays on one core and waits for the next segment, so that one
+    /// is ready soonest and the other core is not taken from redo by a burst of decodes. The
+    /// downloads themselves (network waits) still run side by side.
+    decoding: tokio::sync::Semaphore,
 }
 
 /// A prefetched segment in the directory.
@@ -133,6 +138,7 @@ impl Prefetcher {
                 window: FIRST_WINDOW.min(max_ahead),
                 ..State::default()
             }),
+            decoding: tokio::sync::Semaphore::new(1),
             hits: Counter::default(),
             prefetched: Counter::default(),
             served: Counter::default(),
@@ -147,11 +153,13 @@ impl Prefetcher {
 
     /// The stored form of `name` (from a prefetched file when there is one), checked as far as is
     /// possible without a key; then prefetches the segments that follow it. The daemon needs no
-    /// identity: `wal-fetch` decrypts and decodes.
+    /// identity: `wal-fetch` decrypts and decodes. `size`: the cluster's segment size when known
+    /// (from the stream), for a prefetch that starts beside a download of `name` itself.
     pub async fn get(
         self: &Arc<Self>,
         archive: &Archive,
         name: &WalFileName,
+        size: Option<WalSegSize>,
     ) -> Result<Fetched, FetchError> {
         // Being downloaded already: one fetch, not two (and redo caught up with the prefetch).
         let waited = Instant::now();
@@ -178,6 +186,13 @@ impl Prefetcher {
             None => {
                 if !was_inflight {
                     self.caught_up(name);
+                }
+                // Recovery asks for the next segment as soon as it has this one (its decoder
+                // reads ahead, and a backup's first segment is mostly empty), so what follows is
+                // fetched beside this download, not after it.
+                let size = size.or_else(|| self.lock().pos.map(|(_, s)| s));
+                if let Some(size) = size.filter(|_| name.kind == WalFileKind::Segment) {
+                    self.advance(archive, *name, size, true);
                 }
                 fetch_stored(archive, name).await?
             }
@@ -401,6 +416,7 @@ impl Prefetcher {
             // Checked once, where it is placed (decoded, or its stored form checked).
             let placed = match fetch_to_open(&archive, &name).await {
                 Ok(f) if f.served.kind == WalFileKind::Segment => {
+                    let _turn = me.decoding.acquire().await.expect("never closed");
                     let dir = me.dir.clone();
                     let repo = archive.repo().clone();
                     let sysid = archive.system_identifier();
