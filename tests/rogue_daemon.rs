@@ -270,6 +270,23 @@ fn a_storage_less_wal_fetch_believes_only_the_daemons_proofs() {
         let (code, log) = fetch(missing, answers_404(proof.clone()));
         assert_eq!(code, Some(126), "{proof:?}: {log}");
     }
+    // A damaged object in storage: the daemon hands over what is stored (it checks only the
+    // header; wal-fetch decodes and checks the content), and wal-fetch never delivers it.
+    let key = stored_keys(&storage)
+        .into_iter()
+        .find(|k| k.ends_with(&format!("/wal/00000001/{seg}")))
+        .expect("the segment is stored");
+    let file = storage.object_file(&key);
+    let saved = std::fs::read(&file).unwrap();
+    let mut damaged = saved.clone();
+    let middle = damaged.len() / 2;
+    damaged[middle] ^= 0x40;
+    std::fs::write(&file, &damaged).unwrap();
+    let (code, log) = fetch(&seg, daemon.port);
+    assert_eq!(code, Some(126), "{log}");
+    assert!(log.contains("did not verify"), "{log}");
+    assert!(!dest.exists(), "a damaged segment reached %p");
+    std::fs::write(&file, &saved).unwrap();
     drop(daemon);
     let (code, log) = fetch(&seg, free_port());
     assert_eq!(code, Some(126), "{log}");

@@ -474,38 +474,25 @@ pub fn open_checked(repo: &Repo, f: &Fetched, sysid: u64) -> Result<Vec<u8>, Fet
 
 /// The stored form of a WAL file and the name it was stored under: a segment that exists only
 /// as the `.partial` the daemon streamed (the last WAL before a crash or shutdown) is served from
-/// that, and Postgres replays it up to its valid end, then ends recovery there.
-pub async fn fetch_stored(archive: &Archive, name: &WalFileName) -> Result<Fetched, FetchError> {
-    fetch_stored_with(archive, name, true).await
-}
-
-/// As [`fetch_stored`], the object's content not checked yet, for a caller that opens it next
-/// with [`open_checked`] (which checks it): one decode and one hash of each segment, not two.
+/// that, and Postgres replays it up to its valid end, then ends recovery there. Its header is
+/// checked, its content not yet: the caller opens it next with [`open_checked`] (or hands it to
+/// `wal-fetch`, which does), so each segment is decoded and hashed once, not twice.
 pub async fn fetch_to_open(archive: &Archive, name: &WalFileName) -> Result<Fetched, FetchError> {
-    fetch_stored_with(archive, name, false).await
-}
-
-async fn fetch_stored_with(
-    archive: &Archive,
-    name: &WalFileName,
-    checked: bool,
-) -> Result<Fetched, FetchError> {
     // A piece that goes while it is read was merged into a longer piece or a new `.partial`, or
     // its whole segment was stored: the next look finds that. Three looks in a row that race the daemon are not
     // chance.
     for _ in 0..3 {
-        if let Some(f) = fetch_stored_once(archive, name, checked).await? {
+        if let Some(f) = fetch_stored_once(archive, name).await? {
             return Ok(f);
         }
     }
     Err(anyhow!("{name}: the streamed partial segment kept changing while it was read").into())
 }
 
-/// One look for [`fetch_stored`]; `None` when the streamed pieces changed under it.
+/// One look for [`fetch_to_open`]; `None` when the streamed pieces changed under it.
 async fn fetch_stored_once(
     archive: &Archive,
     name: &WalFileName,
-    checked: bool,
 ) -> Result<Option<Fetched>, FetchError> {
     let (repo, layout) = (archive.repo(), archive.layout());
     let mut candidates = vec![(layout.wal(name), *name)];
@@ -518,12 +505,7 @@ async fn fetch_stored_once(
     }
     let streamed = candidates.len() - 1;
     for (i, (key, served)) in candidates.into_iter().enumerate() {
-        let got = if checked {
-            repo.get_stored(&key).await
-        } else {
-            repo.get_stored_unchecked(&key).await
-        };
-        let (header, stored) = match got {
+        let (header, stored) = match repo.get_stored_unchecked(&key).await {
             Ok(found) => found,
             Err(StorageError::NotFound { .. }) => continue,
             Err(e) => return Err(e.into()),

@@ -26,7 +26,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use crate::pg::{SegmentNo, TimelineId, WalFileKind, WalFileName, WalSegSize};
 use crate::storage::object::{self, Header};
 use crate::storage::{Archive, StorageError};
-use crate::wal::fetch::{FetchError, Fetched, fetch_stored, fetch_to_open, open_checked};
+use crate::wal::fetch::{FetchError, Fetched, fetch_to_open, open_checked};
 use crate::wal::handoff::{self, Form};
 
 /// The window a replay starts with.
@@ -194,7 +194,9 @@ impl Prefetcher {
                 if let Some(size) = size.filter(|_| name.kind == WalFileKind::Segment) {
                     self.advance(archive, *name, size, true);
                 }
-                fetch_stored(archive, name).await?
+                // Its header checked, its content not: `wal-fetch` decodes and checks it
+                // completely (object SHA-256, page header), so a miss is decoded once, not twice.
+                fetch_to_open(archive, name).await?
             }
         };
         self.served.inc();
