@@ -70,16 +70,17 @@ impl Answer {
 #[derive(Debug, thiserror::Error)]
 pub enum AskError {
     /// Its token could not be read: no answer could be believed, so none was asked for.
-    #[error("cannot read the daemon's token {} ({source}; http_token_file: the daemon writes it at start, and both must name the same file)", file.display())]
+    #[error("cannot read the daemon's token {} ({cause}; http_token_file: the daemon writes it at start, and both must name the same file)", file.display())]
     Token {
         file: PathBuf,
-        source: std::io::Error,
+        cause: std::io::Error,
     },
-    /// Nothing answered on `listen` in time, or the answer was cut off or too long.
-    #[error("no answer from a daemon at {listen}: {source:#}")]
+    /// Nothing answered on `listen` in time, or the answer was cut off or too long (or no nonce
+    /// could be made for the request).
+    #[error("no answer from a daemon at {listen}: {cause:#}")]
     NoAnswer {
         listen: std::net::SocketAddr,
-        source: anyhow::Error,
+        cause: anyhow::Error,
     },
 }
 
@@ -92,11 +93,11 @@ pub async fn ask(
     timeout: std::time::Duration,
     limit: usize,
 ) -> Result<Answer, AskError> {
-    let token = Token::read(token_file).map_err(|source| AskError::Token {
+    let token = Token::read(token_file).map_err(|cause| AskError::Token {
         file: token_file.to_path_buf(),
-        source,
+        cause,
     })?;
-    let no_answer = |source: anyhow::Error| AskError::NoAnswer { listen, source };
+    let no_answer = |cause: anyhow::Error| AskError::NoAnswer { listen, cause };
     let nonce = nonce().map_err(|e| no_answer(e.into()))?;
     let response = crate::http_client::request(
         listen,

@@ -131,7 +131,7 @@ async fn stored_by_daemon(
     {
         Ok(a) => a,
         Err(e) => {
-            tracing::debug!("not asking the daemon: {e}");
+            tracing::debug!("no word from the daemon ({e}): storing the segment here");
             return false;
         }
     };

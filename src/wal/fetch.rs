@@ -202,7 +202,7 @@ async fn from_daemon(
                 return Daemon::NoAnswer;
             }
             Err(e) => {
-                tracing::debug!("{e}: reading storage directly");
+                tracing::debug!("{e}");
                 return Daemon::NoAnswer;
             }
         };

@@ -13,9 +13,12 @@
 //!   segment from the daemon's streamed `.partial` (never prefetched: it may still grow), for the
 //!   moment Postgres asks for it again. At the end of archive recovery Postgres reads the last
 //!   valid record again (`FinishWalRecovery`), which calls `restore_command` a second time for the
-//!   segment it just replayed, milliseconds later. Taken only until `until` (milliseconds since the
-//!   epoch, [`RECENT_FOR`] after it was served), so it answers that second request and never a
-//!   later one that storage might answer with more WAL.
+//!   segment it just replayed, right after replaying it. Taken only until `until` (milliseconds
+//!   since the epoch, [`RECENT_FOR`] after it was served; a stamp further ahead than that counts
+//!   as past), once, and the copy stamped latest first, so it answers that second request and not
+//!   a later one that storage might answer with more WAL. A copy is always a prefix of what
+//!   storage holds: at worst a standby polling within those seconds replays the rest a poll
+//!   later.
 //! - `<segment>.pgko`: the stored object as it is, when the daemon cannot decode it (encrypted
 //!   storage: the sidecar holds no key). `wal-fetch` verifies, decrypts and decodes it as it does
 //!   an object read from storage.
@@ -65,6 +68,13 @@ fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Whether a `.recent` file stamped `until` may no longer be taken: its time is past, or it is
+/// further ahead than any kept copy is stamped (a clock stepped back, or a planted name), which
+/// would otherwise keep it for good.
+fn recent_expired(until: u64, now: u64) -> bool {
+    until <= now || until > now + RECENT_FOR.as_millis() as u64 + 1000
 }
 
 /// The CRC-32C (Castagnoli) of `data`, as hand-off names carry it.
@@ -119,6 +129,16 @@ pub fn keep_recent(dir: &Path, segment: &WalFileName, data: &[u8]) {
         return;
     }
     sweep_recent(dir);
+    // One copy of a segment: an older one may hold less of it.
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.filter_map(Result::ok) {
+            if let Some((seg, Form::Recent { .. })) = parse_name(&e.file_name().to_string_lossy())
+                && seg == *segment
+            {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+    }
     let form = Form::Recent {
         crc: crc32c(data),
         until: now_ms() + RECENT_FOR.as_millis() as u64,
@@ -128,7 +148,7 @@ pub fn keep_recent(dir: &Path, segment: &WalFileName, data: &[u8]) {
     }
 }
 
-/// Removes the `.recent` files in `dir` whose time is past; returns how many.
+/// Removes the `.recent` files in `dir` that may no longer be taken; returns how many.
 pub fn sweep_recent(dir: &Path) -> usize {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return 0;
@@ -138,7 +158,7 @@ pub fn sweep_recent(dir: &Path) -> usize {
         .filter_map(Result::ok)
         .filter(|e| {
             matches!(parse_name(&e.file_name().to_string_lossy()),
-                Some((_, Form::Recent { until, .. })) if until <= now)
+                Some((_, Form::Recent { until, .. })) if recent_expired(until, now))
         })
         .filter(|e| std::fs::remove_file(e.path()).is_ok())
         .count()
@@ -158,15 +178,21 @@ pub fn place(
 }
 
 /// Removes what an earlier daemon left in `dir` (hand-off files and temporary files; nothing
-/// else): a killed daemon's files are not trusted, and its bookkeeping is gone.
+/// else): a killed daemon's files are not trusted, and its bookkeeping is gone. A `.recent` copy
+/// still in its time is `wal-fetch`'s, not a daemon's: it stays for the request it is kept for.
 pub fn clean(dir: &Path) -> std::io::Result<usize> {
     let mut removed = 0;
+    let now = now_ms();
     for e in std::fs::read_dir(dir)? {
         let e = e?;
         let name = e.file_name().to_string_lossy().into_owned();
         // Only names no other program uses: never a bare WAL name (a `prefetch_dir` set to a
         // `pg_wal` by mistake must lose nothing).
-        let ours = parse_name(&name).is_some() || name.ends_with(".pgkeep-tmp");
+        let ours = match parse_name(&name) {
+            Some((_, Form::Recent { until, .. })) => recent_expired(until, now),
+            Some(_) => true,
+            None => name.ends_with(".pgkeep-tmp"),
+        };
         if ours && e.file_type()?.is_file() {
             std::fs::remove_file(e.path())?;
             removed += 1;
@@ -241,34 +267,44 @@ pub fn take(
     };
     let prefix = format!("{segment}.");
     let now = now_ms();
-    let mut found = None;
+    let (mut found, mut expired) = (None, vec![]);
     for e in entries.filter_map(Result::ok) {
         let name = e.file_name().to_string_lossy().into_owned();
         if !name.starts_with(&prefix) {
             continue;
         }
-        match parse_name(&name) {
-            Some((seg, Form::Recent { until, .. })) if seg == *segment && until <= now => {
-                // Past its time: storage may hold more WAL of the segment by now.
-                let _ = std::fs::remove_file(e.path());
+        let Some((_, form)) = parse_name(&name).filter(|(seg, _)| seg == segment) else {
+            continue;
+        };
+        // Preferred: a prefetched file, then the kept copy stamped latest.
+        let better = match (found.as_ref().map(|(_, f)| *f), form) {
+            // Past its time: storage may hold more WAL of the segment by now.
+            (_, Form::Recent { until, .. }) if recent_expired(until, now) => {
+                expired.push(e.path());
+                false
             }
-            // A prefetched file is preferred to a kept `.partial`.
-            Some((seg, form))
-                if seg == *segment
-                    && !matches!(found, Some((_, Form::Plain(_) | Form::Stored))) =>
-            {
-                found = Some((e.path(), form));
-            }
-            _ => {}
+            (None, _) => true,
+            (Some(Form::Recent { .. }), Form::Plain(_) | Form::Stored) => true,
+            (Some(Form::Recent { until: had, .. }), Form::Recent { until, .. }) => until > had,
+            _ => false,
+        };
+        if better {
+            found = Some((e.path(), form));
         }
     }
-    let Some((path, form)) = found else {
+    if found.is_none() && expired.is_empty() {
         return Taken::Miss;
-    };
+    }
     if let Some(why) = unusable(dir) {
         tracing::warn!(dir = %dir.display(), "not taking WAL from the hand-off directory: {why}");
         return Taken::Miss;
     }
+    for path in expired {
+        let _ = std::fs::remove_file(path);
+    }
+    let Some((path, form)) = found else {
+        return Taken::Miss;
+    };
     match take_file(&path, segment, form, sysid, keys, dest) {
         Ok(bytes) => Taken::Done { bytes, form },
         Err(Unusable::Damaged(e)) => {
@@ -490,11 +526,55 @@ mod tests {
         std::fs::remove_file(&dest).unwrap();
         assert_eq!(take(&hand, &seg, sysid, &no_keys, &dest), Taken::Miss);
         assert!(!dest.exists() && !old.exists());
-        // The sweep removes only what is past its time.
+        // A stamp further ahead than any kept copy's (a clock stepped back, a planted name)
+        // counts as past too.
+        let ahead = Form::Recent {
+            crc: crc32c(&data),
+            until: u64::MAX,
+        };
+        let planted = place(&hand, &seg, ahead, &data).unwrap();
+        assert_eq!(take(&hand, &seg, sysid, &no_keys, &dest), Taken::Miss);
+        assert!(!dest.exists() && !planted.exists());
+        // The sweep removes only what may no longer be taken; a daemon's start keeps a copy in
+        // its time.
         place(&hand, &seg, past, &data).unwrap();
+        place(&hand, &seg, ahead, &data).unwrap();
         keep_recent(&hand, &seg, &data);
         assert_eq!(std::fs::read_dir(&hand).unwrap().count(), 1);
         assert_eq!(sweep_recent(&hand), 0);
+        assert_eq!(clean(&hand).unwrap(), 0);
+        assert_eq!(std::fs::read_dir(&hand).unwrap().count(), 1);
+        // One copy of a segment, the latest: an older, shorter one is replaced.
+        let mut longer = data.clone();
+        longer[PAGE + 100] = 1;
+        keep_recent(&hand, &seg, &longer);
+        assert_eq!(std::fs::read_dir(&hand).unwrap().count(), 1);
+        assert!(matches!(
+            take(&hand, &seg, sysid, &no_keys, &dest),
+            Taken::Done { .. }
+        ));
+        assert!(std::fs::read(&dest).unwrap() == longer);
+        // Of two copies (a second serve before the first was taken), the one stamped latest.
+        let older = Form::Recent {
+            crc: crc32c(&data),
+            until: now_ms() + 1000,
+        };
+        let newer = Form::Recent {
+            crc: crc32c(&longer),
+            until: now_ms() + 2000,
+        };
+        place(&hand, &seg, newer, &longer).unwrap();
+        place(&hand, &seg, older, &data).unwrap();
+        std::fs::remove_file(&dest).unwrap();
+        assert!(matches!(
+            take(&hand, &seg, sysid, &no_keys, &dest),
+            Taken::Done { .. }
+        ));
+        assert!(std::fs::read(&dest).unwrap() == longer);
+        std::fs::remove_dir_all(&hand).unwrap();
+        std::fs::create_dir(&hand).unwrap();
+        std::fs::set_permissions(&hand, std::os::unix::fs::PermissionsExt::from_mode(0o700))
+            .unwrap();
         // Another segment's kept file is not this one's.
         let other = WalFileName::segment(
             crate::pg::lsn::TimelineId::new(1).unwrap(),

@@ -57,10 +57,10 @@ pub struct Prefetcher {
     pub handed_off: Counter,
     /// The prefetch window (segments ahead of redo).
     pub window: Gauge,
-    /// One segment decoded and checked at a time, in the order the downloads were started
-    /// (nearest first): recovery replays on one core and waits for the next segment, so that one
-    /// is ready soonest and the other core is not taken from redo by a burst of decodes. The
-    /// downloads themselves (network waits) still run side by side.
+    /// One segment decoded and checked at a time, in the order the downloads finish (from one
+    /// store, about the order they were started, nearest first): recovery replays on one core and
+    /// waits for the next segment, so the other core is not taken from redo by a burst of
+    /// decodes. The downloads themselves (network waits) still run side by side.
     decoding: tokio::sync::Semaphore,
 }
 
@@ -189,9 +189,17 @@ impl Prefetcher {
                 }
                 // Recovery asks for the next segment as soon as it has this one (its decoder
                 // reads ahead, and a backup's first segment is mostly empty), so what follows is
-                // fetched beside this download, not after it.
-                let size = size.or_else(|| self.lock().pos.map(|(_, s)| s));
-                if let Some(size) = size.filter(|_| name.kind == WalFileKind::Segment) {
+                // fetched beside this download, not after it: for the first request, or the one
+                // after the position on its timeline. Any other (a probe of another timeline,
+                // a poll past the end of the archive) moves the position only once it is found.
+                let early = match self.lock().pos {
+                    None => size,
+                    Some((pos, size)) => (name.timeline == pos.timeline
+                        && name.segment_no(size).ok().map(|s| s.0)
+                            == pos.segment_no(size).ok().map(|s| s.0 + 1))
+                    .then_some(size),
+                };
+                if let Some(size) = early.filter(|_| name.kind == WalFileKind::Segment) {
                     self.advance(archive, *name, size, true);
                 }
                 // Its header checked, its content not: `wal-fetch` decodes and checks it
