@@ -189,15 +189,18 @@ impl Prefetcher {
                 }
                 // Recovery asks for the next segment as soon as it has this one (its decoder
                 // reads ahead, and a backup's first segment is mostly empty), so what follows is
-                // fetched beside this download, not after it: for the first request, or the one
-                // after the position on its timeline. Any other (a probe of another timeline,
-                // a poll past the end of the archive) moves the position only once it is found.
+                // fetched beside this download, not after it: for the first request, the one
+                // after the position on its timeline, or one behind it there (recovery started
+                // again). Any other (a probe of another timeline, a request further ahead)
+                // moves the position only once it is found.
                 let early = match self.lock().pos {
                     None => size,
-                    Some((pos, size)) => (name.timeline == pos.timeline
-                        && name.segment_no(size).ok().map(|s| s.0)
-                            == pos.segment_no(size).ok().map(|s| s.0 + 1))
-                    .then_some(size),
+                    Some((pos, size)) => {
+                        let at = |n: &WalFileName| n.segment_no(size).ok().map(|s| s.0);
+                        (name.timeline == pos.timeline
+                            && at(name).zip(at(&pos)).is_some_and(|(n, p)| n <= p + 1))
+                        .then_some(size)
+                    }
                 };
                 if let Some(size) = early.filter(|_| name.kind == WalFileKind::Segment) {
                     self.advance(archive, *name, size, true);
