@@ -51,6 +51,14 @@ fn the_http_api_under_load_while_streaming() {
         ],
     );
     run_ok(&mut pg.pgbench(&["-i", "-s", "4", "-q"]));
+    // The segment served is one of random bytes: stored whole (it does not compress), its body
+    // cannot sit in the socket's buffers, so a slow reader holds its permit.
+    pg.psql("create table noise (b bytea)");
+    pg.psql(
+        "insert into noise select decode(string_agg(md5(random()::text || i::text), ''), 'hex') \
+         from generate_series(1, 2400) g, generate_series(1, 1000) i group by g",
+    );
+    let seg = pg.psql("select pg_walfile_name(pg_current_wal_lsn() - 20000000)");
     pg.psql("select pg_switch_wal()");
     let lsn = parse_lsn(&pg.psql("select pg_current_wal_lsn()"));
     wait_for(
@@ -58,12 +66,17 @@ fn the_http_api_under_load_while_streaming() {
         Duration::from_secs(60),
         || (daemon.durable() >= lsn).then_some(()),
     );
-    let seg = stored_keys(&storage)
+    let stored = stored_keys(&storage)
         .into_iter()
-        .filter(|k| k.contains("/wal/") && k.len() - k.rfind('/').unwrap() == 25)
-        .map(|k| k.rsplit('/').next().unwrap().to_string())
-        .next()
-        .expect("a stored segment");
+        .find(|k| k.ends_with(&format!("/wal/00000001/{seg}")))
+        .expect("the segment of random bytes is stored");
+    let stored_len = std::fs::metadata(storage.object_file(&stored))
+        .unwrap()
+        .len();
+    assert!(
+        stored_len > 15 << 20,
+        "{seg} is stored in {stored_len} bytes"
+    );
     let port = daemon.port;
     let before = peak_rss(&daemon);
 
