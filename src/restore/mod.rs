@@ -7,6 +7,7 @@
 //! backup), `unpack` (its data, manifest and WAL), `recovery` (the settings Postgres reads).
 
 mod choose;
+mod files;
 mod incremental;
 mod points;
 mod recovery;

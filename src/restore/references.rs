@@ -17,7 +17,7 @@ use crate::storage::layout::ArchiveName;
 use crate::storage::{Archive, BackupMeta};
 use crate::verify::contents::Files;
 
-use super::unpack::{
+use super::files::{
     InsideCheck, MODE_MASK, create_restored, fetch_chunk, pump, relative, restores_own_name,
     set_mode_and_time,
 };
