@@ -128,17 +128,8 @@ pub fn keep_recent(dir: &Path, segment: &WalFileName, data: &[u8]) {
     if segment.kind != WalFileKind::Segment || unusable(dir).is_some() {
         return;
     }
-    sweep_recent(dir);
-    // One copy of a segment: an older one may hold less of it.
-    if let Ok(entries) = std::fs::read_dir(dir) {
-        for e in entries.filter_map(Result::ok) {
-            if let Some((seg, Form::Recent { .. })) = parse_name(&e.file_name().to_string_lossy())
-                && seg == *segment
-            {
-                let _ = std::fs::remove_file(e.path());
-            }
-        }
-    }
+    // Expired copies go, and this segment's older one (it may hold less of it), in one pass.
+    remove_recent(dir, Some(segment));
     let form = Form::Recent {
         crc: crc32c(data),
         until: now_ms() + RECENT_FOR.as_millis() as u64,
@@ -150,6 +141,12 @@ pub fn keep_recent(dir: &Path, segment: &WalFileName, data: &[u8]) {
 
 /// Removes the `.recent` files in `dir` that may no longer be taken; returns how many.
 pub fn sweep_recent(dir: &Path) -> usize {
+    remove_recent(dir, None)
+}
+
+/// Removes the `.recent` files in `dir` that may no longer be taken, and every one of `segment`;
+/// returns how many.
+fn remove_recent(dir: &Path, segment: Option<&WalFileName>) -> usize {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return 0;
     };
@@ -158,7 +155,8 @@ pub fn sweep_recent(dir: &Path) -> usize {
         .filter_map(Result::ok)
         .filter(|e| {
             matches!(parse_name(&e.file_name().to_string_lossy()),
-                Some((_, Form::Recent { until, .. })) if recent_expired(until, now))
+                Some((seg, Form::Recent { until, .. }))
+                    if recent_expired(until, now) || segment == Some(&seg))
         })
         .filter(|e| std::fs::remove_file(e.path()).is_ok())
         .count()
