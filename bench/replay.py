@@ -72,6 +72,7 @@ def main():
     ap.add_argument("--samples", type=int, default=30)
     ap.add_argument("--pgkeep", default="target/release/pgkeep")
     ap.add_argument("--workdir", default="/tmp/pgkeep-bench-replay")
+    ap.add_argument("--daemon-log", default="info", help="the daemon's log level (debug: each prefetch, timed)")
     args = ap.parse_args()
     work = args.workdir
     binary = workdir(work, args.pgkeep)
@@ -100,7 +101,8 @@ def main():
                 break
             time.sleep(0.1)
         handoff = os.path.join(work, "handoff")
-        daemon = Daemon(binary, work, cluster, {**env, "PGKEEP_PREFETCH_DIR": handoff})
+        daemon = Daemon(binary, work, cluster, {**env, "PGKEEP_PREFETCH_DIR": handoff,
+                                                 "PGKEEP_LOG_LEVEL": args.daemon_log})
         pristine = os.path.join(work, "pristine")
         os.makedirs(pristine)
         if os.getuid() == 0:

@@ -402,6 +402,9 @@ async fn archived(
 pub struct WalQuery {
     /// The cluster the client expects; another one is refused (409) so the client reads storage.
     system_identifier: Option<u64>,
+    /// The identity of the client's hand-off directory: when it is the daemon's, a prefetched
+    /// segment is left there for it to take ([`crate::wal::fetch::IN_HANDOFF_STATUS`]).
+    handoff: Option<String>,
 }
 
 /// `GET|HEAD /wal/{name}`: a WAL file's stored object as it is (header, encoded and perhaps
@@ -451,10 +454,19 @@ async fn wal(
             crate::pg::WalSegSize::new(
                 s.stream.seg_size.load(std::sync::atomic::Ordering::Acquire),
             ),
+            q.handoff
+                .as_deref()
+                .is_some_and(|id| s.prefetch.shares_dir(id)),
         )
         .await
     {
-        Ok(f) => {
+        // Nothing to prove: the client checks the file it takes as it checks any prefetched one.
+        Ok(None) => Ok(
+            axum::http::StatusCode::from_u16(crate::wal::fetch::IN_HANDOFF_STATUS)
+                .expect("a valid status")
+                .into_response(),
+        ),
+        Ok(Some(f)) => {
             // The streamed `.partial` comes with the pieces that continue it, their objects
             // after its own in the body, their starts and sizes in `x-pgkeep-pieces`.
             let pieces = f.pieces_header();

@@ -195,9 +195,29 @@ fn handoff(backend: Backend, encrypted: bool) {
     );
 
     // A killed daemon leaves its files behind. A damaged leftover is not taken; storage serves.
-    wait_for("more segments handed off", Duration::from_secs(30), || {
+    let placed = wait_for("more segments handed off", Duration::from_secs(30), || {
         handed(&shared, &segs[6])
     });
+    // Asked over HTTP by a client that shares the directory (it looked before the file was
+    // placed, or the request waited for its download): told to take it there, nothing sent, the
+    // file left for it. A client that names another directory is sent it.
+    let id = pgkeep::wal::handoff::dir_identity(&shared).unwrap();
+    let (code, body) = http(
+        "GET",
+        daemon.port,
+        &format!("/wal/{}?handoff={id}", segs[6]),
+    );
+    assert_eq!((code, body.len()), (303, 0));
+    assert!(placed.exists());
+    let (code, body) = http("GET", daemon.port, &format!("/wal/{}?handoff=1.2", segs[6]));
+    assert_eq!(code, 200);
+    if !encrypted {
+        let (_, plain) = pgkeep::storage::object::open(&body, &Default::default()).unwrap();
+        assert!(
+            plain == stored(&segs[6]),
+            "the file sent differs from storage's"
+        );
+    }
     // Recovery starts again from an earlier segment (a crash during recovery, or another
     // restore): the prefetch follows it back.
     let (out, _) = fetch(&segs[1], daemon.port, &shared, "again");
@@ -212,12 +232,13 @@ fn handoff(backend: Backend, encrypted: bool) {
     assert!(bytes == stored(&segs[2]));
     daemon.signal("KILL");
     let _ = daemon.wait(Duration::from_secs(10));
-    let planted = shared.join(format!("{}.0badf00d.wal", segs[10]));
+    // Past anything the prefetch (4 ahead of segs[6] at most) may have placed before the kill.
+    let planted = shared.join(format!("{}.0badf00d.wal", segs[11]));
     std::fs::write(&planted, vec![7u8; 1 << 20]).unwrap();
     give_to_postgres(&planted);
-    let (out, bytes) = fetch(&segs[10], free_port(), &shared, "leftover");
+    let (out, bytes) = fetch(&segs[11], free_port(), &shared, "leftover");
     assert_eq!(via(&out), "storage", "{}", stderr(&out));
-    assert!(bytes == stored(&segs[10]));
+    assert!(bytes == stored(&segs[11]));
     assert!(!planted.exists());
     // The next daemon removes what the killed one left.
     std::fs::write(&planted, b"left").unwrap();

@@ -178,6 +178,12 @@ fn an_impostor_on_listen_is_not_believed() {
 
 /// A server on loopback that answers every request with 404 and the given proof header (or none).
 fn answers_404(proof: Option<String>) -> u16 {
+    answers("404 Not Found", proof)
+}
+
+/// A server on loopback that answers every request with `status` and the given proof header (or
+/// none), and no body.
+fn answers(status: &'static str, proof: Option<String>) -> u16 {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
     std::thread::spawn(move || {
@@ -194,11 +200,70 @@ fn answers_404(proof: Option<String>) -> u16 {
                 .unwrap_or_default();
             let _ = write!(
                 conn,
-                "HTTP/1.1 404 Not Found\r\n{header}content-length: 0\r\nconnection: close\r\n\r\n"
+                "HTTP/1.1 {status}\r\n{header}content-length: 0\r\nconnection: close\r\n\r\n"
             );
         }
     });
     port
+}
+
+/// The daemon's "prefetched in the hand-off directory you share: take it there" (#17) is a word
+/// anyone on `listen` can say: `wal-fetch` then takes only what the directory holds and passes
+/// the checks (a planted file that does not is removed, never delivered), asks once more, and
+/// otherwise reads storage. Recovery gets the stored segment either way.
+#[test]
+fn take_it_from_the_directory_is_only_a_hint() {
+    let dir = TestDir::new("hint");
+    let storage = Storage::new(Backend::File, &dir);
+    let bin = dir.install_pgkeep();
+    let mut pg = archiving_cluster(&dir, &storage, &bin, "primary", 1);
+    pg.start();
+    pg.psql("create table t as select generate_series(1, 20000) g");
+    let seg = pg.switch_and_wait_archived();
+    let original = std::fs::read(pg.data.join("pg_wal").join(&seg)).unwrap();
+    let shared = dir.path().join("handoff");
+    std::fs::create_dir(&shared).unwrap();
+    std::fs::set_permissions(&shared, std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
+    // The token a daemon wrote at its last start.
+    Token::create(&storage.config.with_file_name("http").join("token")).unwrap();
+    let dest = dir.path().join("RECOVERYXLOG");
+    let port = answers("303 See Other", None);
+    let fetch = || {
+        let _ = std::fs::remove_file(&dest);
+        let listen = format!("127.0.0.1:{port}");
+        let out = storage.pgkeep_in(
+            &bin,
+            &["wal-fetch", &seg, dest.to_str().unwrap()],
+            Some(&pg.data),
+            &[
+                ("PGKEEP_LISTEN", &listen),
+                ("PGKEEP_PREFETCH_DIR", shared.to_str().unwrap()),
+                // No prefetch of wal-fetch's own into the directory.
+                ("PGKEEP_PREFETCH_SEGMENTS", "0"),
+                ("PGKEEP_LOG_LEVEL", "debug"),
+            ],
+        );
+        assert!(out.status.success(), "{}", stderr(&out));
+        (std::fs::read(&dest).unwrap(), stderr(&out))
+    };
+    // Nothing there: asked again, then storage.
+    let (got, log) = fetch();
+    assert!(got == original, "{log}");
+    assert!(log.contains("could not be taken"), "{log}");
+    assert!(
+        log.contains("via=\"storage\"") || log.contains("via=storage"),
+        "{log}"
+    );
+    // A file planted under a prefetched file's name that fails its check: removed, not delivered.
+    let mut forged = original.clone();
+    forged[0x3000 + 100] ^= 0xff;
+    let planted = shared.join(format!("{seg}.{:08x}.wal", 0x0bad_f00du32));
+    std::fs::write(&planted, &forged).unwrap();
+    let (got, log) = fetch();
+    assert!(got == original, "a planted file reached %p: {log}");
+    assert!(log.contains("not usable"), "{log}");
+    assert!(!planted.exists());
+    pg.stop("fast");
 }
 
 /// `wal_fetch_storage = false` (the chart's Postgres container without storage keys): wal-fetch

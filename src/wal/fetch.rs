@@ -22,6 +22,10 @@ const DAEMON_ANSWER_TIMEOUT: std::time::Duration = std::time::Duration::from_sec
 /// The content type of `GET /wal/{name}`: the stored object, header and all.
 pub const OBJECT_CONTENT_TYPE: &str = "application/vnd.pgkeep.object";
 
+/// The daemon's answer to a client that shares its hand-off directory (it sent that directory's
+/// [`super::handoff::dir_identity`]): the segment is prefetched there, to take.
+pub const IN_HANDOFF_STATUS: u16 = 303;
+
 /// Why `wal-fetch` did not deliver a file. Only [`FetchError::NotInArchive`] may tell Postgres "no
 /// such file" (exit 1); everything else must stop recovery (exit 126) rather than end it early.
 #[derive(Debug, thiserror::Error)]
@@ -59,12 +63,19 @@ pub async fn wal_fetch(cfg: &Config, name: &str, dest: &Path) -> Result<FetchRep
         None => local_system_identifier(cfg)?.map(|(id, _)| id),
     };
     let ((data, served), via) = if cfg.wal_fetch_storage {
-        match from_daemon(cfg, &name, local, false).await {
+        match from_daemon(cfg, &name, local, false, dest).await {
             Daemon::File(data, served) => ((data, served), "daemon"),
-            Daemon::Absent | Daemon::NoAnswer => (from_storage(cfg, &name).await?, "storage"),
+            Daemon::Taken(report) => return Ok(report),
+            // (`Placed` never comes from `from_daemon`.)
+            Daemon::Absent | Daemon::NoAnswer | Daemon::Placed => {
+                (from_storage(cfg, &name).await?, "storage")
+            }
         }
     } else {
-        (only_from_daemon(cfg, &name, local).await?, "daemon")
+        match only_from_daemon(cfg, &name, local, dest).await? {
+            Ok(file) => (file, "daemon"),
+            Err(report) => return Ok(report),
+        }
     };
     // Complete under its name, not fsynced: Postgres fsyncs a restored file it keeps
     // (see `handoff`'s documentation).
@@ -124,16 +135,23 @@ enum Daemon {
     Absent,
     /// No proven answer: no daemon, an impostor, a failure, or a file it cannot serve.
     NoAnswer,
+    /// It was prefetched in the hand-off directory this process shares with the daemon, and is
+    /// taken from there to `dest` (checked as any prefetched file is).
+    Taken(FetchReport),
+    /// (The daemon's word only, before it is taken:) prefetched in the shared hand-off directory.
+    Placed,
 }
 
 /// `wal_fetch_storage = false`: the container holds no storage credentials, so only the daemon's
 /// proven answers count. Without one, it asks again for as long as `wal_fetch_outage_secs` (a
 /// restarting sidecar), then stops recovery (126); never "not in the archive" on a guess.
+/// Returns the file, or (`Err`) that it was taken from the hand-off directory.
 async fn only_from_daemon(
     cfg: &Config,
     name: &WalFileName,
     sysid: Option<u64>,
-) -> Result<(Vec<u8>, WalFileName), FetchError> {
+    dest: &Path,
+) -> Result<Result<(Vec<u8>, WalFileName), FetchReport>, FetchError> {
     let Some(sysid) = sysid else {
         return Err(anyhow!(
             "wal_fetch_storage = false, but the cluster is unknown (no readable pg_control in \
@@ -144,15 +162,16 @@ async fn only_from_daemon(
     let deadline = Instant::now() + cfg.wal_fetch_outage;
     let mut pause = std::time::Duration::from_millis(100);
     loop {
-        match from_daemon(cfg, name, Some(sysid), true).await {
-            Daemon::File(data, served) => return Ok((data, served)),
+        match from_daemon(cfg, name, Some(sysid), true, dest).await {
+            Daemon::File(data, served) => return Ok(Ok((data, served))),
+            Daemon::Taken(report) => return Ok(Err(report)),
             Daemon::Absent => return Err(FetchError::NotInArchive(name.to_string())),
-            Daemon::NoAnswer if Instant::now() + pause < deadline => {
+            Daemon::NoAnswer | Daemon::Placed if Instant::now() + pause < deadline => {
                 tracing::warn!(wal = %name, listen = %cfg.listen, "no proven answer from the daemon, asking again in {:.1}s", pause.as_secs_f64());
                 tokio::time::sleep(pause).await;
                 pause = (pause * 2).min(std::time::Duration::from_secs(5));
             }
-            Daemon::NoAnswer => {
+            Daemon::NoAnswer | Daemon::Placed => {
                 return Err(anyhow!(
                     "no proven answer for {name} from the daemon at {} within {}s, and \
                      wal_fetch_storage = false: this container reads WAL only through the daemon \
@@ -175,6 +194,35 @@ async fn from_daemon(
     name: &WalFileName,
     sysid: Option<u64>,
     every_kind: bool,
+    dest: &Path,
+) -> Daemon {
+    // A segment it prefetched in the hand-off directory this process shares with it (perhaps
+    // placed while this request waited for its download) is left there to take: a rename, not
+    // 16 MiB sealed, sent and checked again.
+    let shared = super::handoff::dir_identity(&cfg.prefetch_dir);
+    match ask_daemon(cfg, name, sysid, every_kind, shared.as_deref()).await {
+        Daemon::Placed => {
+            if let Some(report) = from_handoff(cfg, &name.to_string(), dest) {
+                return Daemon::Taken(report);
+            }
+            // Gone or damaged meanwhile: asked again, to be sent it this time.
+            tracing::debug!(wal = %name, "the daemon's prefetched file could not be taken: asking for it to be sent");
+            match ask_daemon(cfg, name, sysid, every_kind, None).await {
+                Daemon::Placed => Daemon::NoAnswer,
+                answer => answer,
+            }
+        }
+        answer => answer,
+    }
+}
+
+/// [`from_daemon`]'s request, offering the hand-off directory whose identity is `shared`.
+async fn ask_daemon(
+    cfg: &Config,
+    name: &WalFileName,
+    sysid: Option<u64>,
+    every_kind: bool,
+    shared: Option<&str>,
 ) -> Daemon {
     let Some(sysid) = sysid else {
         return Daemon::NoAnswer;
@@ -183,7 +231,10 @@ async fn from_daemon(
     if !segment && !every_kind {
         return Daemon::NoAnswer;
     }
-    let path = format!("/wal/{name}?system_identifier={sysid}");
+    let mut path = format!("/wal/{name}?system_identifier={sysid}");
+    if let Some(id) = shared.filter(|_| name.kind == WalFileKind::Segment) {
+        path.push_str(&format!("&handoff={id}"));
+    }
     // With storage to fall back to, a daemon slow to answer is left for it; without, the daemon's
     // own download of the file may take as long as a storage request does.
     let timeout = if every_kind {
@@ -277,6 +328,7 @@ async fn from_daemon(
                 Daemon::NoAnswer
             }
         }
+        IN_HANDOFF_STATUS if shared.is_some() => Daemon::Placed,
         code => {
             tracing::debug!(wal = %name, code, "the daemon cannot serve it");
             Daemon::NoAnswer

@@ -23,6 +23,13 @@
 //!   storage: the sidecar holds no key). `wal-fetch` verifies, decrypts and decodes it as it does
 //!   an object read from storage.
 //!
+//! A `wal-fetch` that looked before a file was placed asks the daemon over HTTP, naming this
+//! directory ([`dir_identity`]); when the daemon's directory is the same one and the segment is
+//! prefetched there (perhaps placed while the request waited for its download), the daemon
+//! answers "take it there" and `wal-fetch` does, checked as here. That answer proves nothing and
+//! needs not to: a file that is not there or fails the check is not taken, and the segment is
+//! asked for once more to be sent, or read from storage.
+//!
 //! The check on the way out is against damage (a disk error, a file cut short by a crash), not
 //! against forgery: whoever can write this directory (its owner, the pod's user, who must be
 //! `wal-fetch`'s own user and the only one allowed to write it) can write `pg_wal` too. A file
@@ -197,6 +204,14 @@ pub fn clean(dir: &Path) -> std::io::Result<usize> {
         }
     }
     Ok(removed)
+}
+
+/// The directory's identity as the client and the daemon both see it (device and inode: the same
+/// across containers that mount one volume), for the daemon to tell whether a client takes files
+/// from its own directory. `None`: no such directory.
+pub fn dir_identity(dir: &Path) -> Option<String> {
+    let meta = std::fs::symlink_metadata(dir).ok().filter(|m| m.is_dir())?;
+    Some(format!("{}.{}", meta.dev(), meta.ino()))
 }
 
 /// Why the directory is not used: it must be a directory (not a link) owned by this user that no
