@@ -321,6 +321,15 @@ impl Repo {
     /// them if missing, and returns the cluster's archive. Refuses storage written by a newer,
     /// incompatible layout.
     pub async fn ensure_cluster(&self, info: &ClusterInfo) -> Result<Archive, StorageError> {
+        let archive = Archive::new(self.clone(), info.system_identifier);
+        let key = archive.layout().info();
+        // Storage in use holds both: read at once, one round trip (archive-push does this for
+        // every segment). Anything else goes the long way, which writes what is missing.
+        let (format, stored) = tokio::join!(self.check_format(), self.get(&key));
+        if let (Ok(()), Ok(raw)) = (format, stored) {
+            same_cluster(&key, &raw, info)?;
+            return Ok(archive);
+        }
         if !self.holds_archive().await? {
             let marker = FormatMarker {
                 format: layout::FORMAT_NAME.into(),
@@ -330,8 +339,6 @@ impl Repo {
             self.put_new_metadata(&layout::format_marker(), &json)
                 .await?;
         }
-        let archive = Archive::new(self.clone(), info.system_identifier);
-        let key = archive.layout().info();
         let json = serde_json::to_vec_pretty(info).expect("serialisable");
         match self.put_new_metadata(&key, &json).await {
             Ok(_) => {}
@@ -339,22 +346,32 @@ impl Repo {
             // no segment size) or by a writer racing this one: the stored description of the
             // same cluster stands.
             Err(StorageError::Conflict { .. }) => {
-                let raw = self.get(&key).await?;
-                let stored: ClusterInfo = parse_json(&key, &raw, "a cluster description")?;
-                if stored.system_identifier != info.system_identifier {
-                    return Err(StorageError::Corrupt {
-                        key: key.to_string(),
-                        reason: format!(
-                            "describes cluster {}, not {}",
-                            stored.system_identifier, info.system_identifier
-                        ),
-                    });
-                }
+                same_cluster(&key, &self.get(&key).await?, info)?;
             }
             Err(e) => return Err(e),
         }
         Ok(archive)
     }
+}
+
+/// Whether the stored cluster description `raw` (under `key`) is of the cluster `info` describes
+/// (perhaps less completely, or more: the first writer's description stands).
+fn same_cluster(
+    key: &object_store::path::Path,
+    raw: &[u8],
+    info: &ClusterInfo,
+) -> Result<(), StorageError> {
+    let stored: ClusterInfo = parse_json(key, raw, "a cluster description")?;
+    if stored.system_identifier != info.system_identifier {
+        return Err(StorageError::Corrupt {
+            key: key.to_string(),
+            reason: format!(
+                "describes cluster {}, not {}",
+                stored.system_identifier, info.system_identifier
+            ),
+        });
+    }
+    Ok(())
 }
 
 impl Archive {

@@ -418,8 +418,55 @@ impl Repo {
         keys: &Keys,
         stored_before: bool,
     ) -> Result<PutOutcome, StorageError> {
-        let new_len = plain.len() as u64;
         let new_sha = plain_sha256.unwrap_or_else(|| object::content_sha256(plain));
+        let existing = self.fetch_raw(key).await;
+        let new_len = plain.len() as u64;
+        let Some(repairing) = self.judge(key, existing, new_len, &new_sha, stored_before)? else {
+            return Ok(PutOutcome::AlreadyPresent);
+        };
+        let (_, stored) = object::seal_known(codec, plain, keys, Some(new_sha));
+        self.put_judged(key, stored, repairing).await
+    }
+
+    /// As [`Repo::put_new_known`] (by a writer with no record of its own), writing only once
+    /// `gate` has succeeded: the read of what `key` holds and the encoding of `plain` run beside
+    /// it. For `archive-push`, whose gate is the check that storage is this cluster's archive:
+    /// two round trips to the store in all, where one after the other they were four.
+    pub async fn put_new_known_after(
+        &self,
+        gate: impl std::future::Future<Output = Result<(), StorageError>>,
+        key: &Path,
+        plain: bytes::Bytes,
+        plain_sha256: [u8; 32],
+        codec: Codec,
+    ) -> Result<PutOutcome, StorageError> {
+        let sealing = {
+            let (plain, keys) = (plain.clone(), self.keys.clone());
+            tokio::task::spawn_blocking(move || {
+                object::seal_known(codec, &plain, &keys, Some(plain_sha256)).1
+            })
+        };
+        let (gate, existing) = tokio::join!(gate, self.fetch_raw(key));
+        gate?;
+        let new_len = plain.len() as u64;
+        let Some(repairing) = self.judge(key, existing, new_len, &plain_sha256, false)? else {
+            return Ok(PutOutcome::AlreadyPresent);
+        };
+        let stored = sealing.await.expect("encoding does not panic");
+        self.put_judged(key, stored, repairing).await
+    }
+
+    /// What to do with new content of `new_len` bytes with SHA-256 `new_sha` for `key`, given
+    /// what storage holds there (`existing`): `None`, nothing (it is there); `Some(repairing)`,
+    /// write it (replacing a damaged copy when `repairing`). Other content there is a conflict.
+    fn judge(
+        &self,
+        key: &Path,
+        existing: Result<bytes::Bytes, StorageError>,
+        new_len: u64,
+        new_sha: &[u8; 32],
+        stored_before: bool,
+    ) -> Result<Option<bool>, StorageError> {
         let conflict = |stored_len: u64, stored_sha: String| StorageError::Conflict {
             key: key.to_string(),
             stored_len,
@@ -427,34 +474,39 @@ impl Repo {
             new_len,
             new_sha: hex::encode(new_sha),
         };
-        let mut repairing = false;
-        match self.fetch_raw(key).await {
-            Ok(existing) => match self.compare(&existing, new_len, &new_sha) {
-                Compared::Same => return Ok(PutOutcome::AlreadyPresent),
+        match existing {
+            Ok(existing) => match self.compare(&existing, new_len, new_sha) {
+                Compared::Same => Ok(None),
                 Compared::SameSizeEncrypted if stored_before => {
                     tracing::info!(%key, "already stored by this writer (its own record says so)");
-                    return Ok(PutOutcome::AlreadyPresent);
+                    Ok(None)
                 }
                 // Never a success that cannot be checked: the stored copy may hold other WAL.
-                Compared::SameSizeEncrypted => {
-                    return Err(conflict(
-                        new_len,
-                        "unknown: it is encrypted, and this writer holds no identity to compare \
-                         it (give it encryption_identity_file, or remove the object if it is \
-                         not this cluster's)"
-                            .into(),
-                    ));
-                }
-                Compared::Differs { len, sha } => return Err(conflict(len, sha)),
+                Compared::SameSizeEncrypted => Err(conflict(
+                    new_len,
+                    "unknown: it is encrypted, and this writer holds no identity to compare \
+                     it (give it encryption_identity_file, or remove the object if it is \
+                     not this cluster's)"
+                        .into(),
+                )),
+                Compared::Differs { len, sha } => Err(conflict(len, sha)),
                 Compared::Damaged(reason) => {
                     tracing::warn!(%key, %reason, "the stored copy is damaged; replacing it with the verified source");
-                    repairing = true;
+                    Ok(Some(true))
                 }
             },
-            Err(StorageError::NotFound { .. }) => {}
-            Err(e) => return Err(e),
+            Err(StorageError::NotFound { .. }) => Ok(Some(false)),
+            Err(e) => Err(e),
         }
-        let (_, stored) = object::seal_known(codec, plain, keys, Some(new_sha));
+    }
+
+    /// Writes what [`Repo::judge`] said to write.
+    async fn put_judged(
+        &self,
+        key: &Path,
+        stored: Vec<u8>,
+        repairing: bool,
+    ) -> Result<PutOutcome, StorageError> {
         let stored_len = self.put_sealed(key, stored).await?;
         Ok(if repairing {
             PutOutcome::Repaired { stored_len }

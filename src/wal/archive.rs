@@ -9,7 +9,7 @@ use crate::cluster::local_system_identifier;
 use crate::config::Config;
 use crate::pg::walheader::{self, SegmentHeader};
 use crate::pg::{WalFileKind, WalFileName};
-use crate::storage::{ClusterInfo, PutOutcome, Repo};
+use crate::storage::{Archive, ClusterInfo, PutOutcome, Repo};
 
 /// Largest history or backup-label file accepted: real ones are a few hundred bytes.
 const MAX_SMALL_FILE: u64 = 16 << 20;
@@ -80,18 +80,23 @@ pub async fn archive_push(cfg: &Config, path: &Path) -> anyhow::Result<PushRepor
         });
     }
     let repo = Repo::open(&cfg.storage_settings(), true)?;
-    let archive = repo
-        .ensure_cluster(&cluster_info(system_identifier, header.as_ref()))
-        .await?;
+    let info = cluster_info(system_identifier, header.as_ref());
+    let key = Archive::new(repo.clone(), system_identifier)
+        .layout()
+        .wal(&name);
+    // Written only into this cluster's archive; whether the segment is there already, and its
+    // encoding, are found out meanwhile.
+    let gate = async { repo.ensure_cluster(&info).await.map(|_| ()) };
+    let len = data.len();
     let outcome = repo
-        .put_new_known(&archive.layout().wal(&name), &data, sha, cfg.codec, false)
+        .put_new_known_after(gate, &key, data.into(), sha, cfg.codec)
         .await?;
     let ms = started.elapsed().as_millis();
     match outcome {
         PutOutcome::Stored { stored_len } | PutOutcome::Repaired { stored_len } => tracing::info!(
             wal = %name,
             system_identifier,
-            bytes = data.len(),
+            bytes = len,
             stored = stored_len,
             codec = cfg.codec.name(),
             ms,
