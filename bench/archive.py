@@ -6,7 +6,7 @@ pgbench (--clients clients, --seconds seconds; --load bulk, the default: transac
 1 KB rows, WAL-heavy; --load tpcb: pgbench's own) runs while the archiver uses, in turn:
   cp:        test ! -f DIR/%f && cp %p DIR/%f          (a local folder, no fsync)
   file://:   pgkeep archive-push %p                    (to a local folder, fsynced, read back)
-  s3:        pgkeep archive-push %p                    (to s3s-fs on loopback; the store checks the
+  s3:        pgkeep archive-push %p                    (to the S3 test server on loopback; the store checks the
                                                         signed SHA-256, no read-back)
   daemon:    pgkeep archive-push %p                    (to file://, with the daemon streaming there:
                                                         archive-push hashes the segment and takes the

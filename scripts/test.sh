@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Runs every check and test of pgkeep: installs what the tests need (PostgreSQL 15, s3s-fs, Azurite, the chart tools), then
+# Runs every check and test of pgkeep: installs what the tests need (PostgreSQL 15, the S3 test server, Azurite, the chart tools), then
 # formatting, lints, and the whole test suite (unit tests, and end-to-end tests against real
 # Postgres clusters, a real S3-compatible server and the Azure Blob emulator on loopback).
 set -euo pipefail

@@ -1,6 +1,6 @@
 //! One storage contract, run against every backend the tests can start: `file://`, a real S3
-//! server (s3s-fs, which checks signatures) and Azure Blob (Azurite). A backend is added by adding
-//! it to the list at the bottom. Each contract is what pgkeep relies on: verified round trips,
+//! server (s3s-fs's store, which checks signatures) and Azure Blob (Azurite). A backend is added
+//! by adding it to the list at the bottom. Each contract is what pgkeep relies on: verified round trips,
 //! refusal to overwrite different content, repair of a damaged copy, not-found versus
 //! unreachable, and the catalog (format marker, cluster record, backups) on top.
 

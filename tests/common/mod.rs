@@ -1,5 +1,6 @@
-//! Test harness: real PostgreSQL 15 clusters, a real S3-compatible server (s3s-fs) and the Azure
-//! Blob emulator (Azurite), on loopback, in temporary directories, stopped and removed when dropped.
+//! Test harness: real PostgreSQL 15 clusters, a real S3-compatible server (s3s-fs's store, in
+//! `tools/s3-server`) and the Azure Blob emulator (Azurite), on loopback, in temporary
+//! directories, stopped and removed when dropped.
 //!
 //! Postgres refuses to run as root, and tests usually run as root here: clusters then run as the
 //! `postgres` user (`runuser -u postgres --`) in folders it owns, and the `pgkeep` binary is copied
@@ -530,7 +531,8 @@ impl Drop for PgCluster {
     }
 }
 
-/// The s3s-fs binary: on PATH, in ~/.cargo/bin, or PGKEEPTEST_S3S_FS. `scripts/test.sh` installs it.
+/// The S3 test server (`tools/s3-server`: s3s-fs's store, served with TCP_NODELAY): on PATH, in
+/// ~/.cargo/bin, or PGKEEPTEST_S3S_FS. `scripts/test.sh` installs it.
 fn s3s_fs_binary() -> PathBuf {
     if let Ok(p) = std::env::var("PGKEEPTEST_S3S_FS") {
         return PathBuf::from(p);
@@ -538,17 +540,17 @@ fn s3s_fs_binary() -> PathBuf {
     let mut candidates: Vec<PathBuf> = std::env::var_os("PATH")
         .map(|p| {
             std::env::split_paths(&p)
-                .map(|d| d.join("s3s-fs"))
+                .map(|d| d.join("pgkeep-s3-test-server"))
                 .collect()
         })
         .unwrap_or_default();
     if let Some(home) = std::env::var_os("HOME") {
-        candidates.push(PathBuf::from(home).join(".cargo/bin/s3s-fs"));
+        candidates.push(PathBuf::from(home).join(".cargo/bin/pgkeep-s3-test-server"));
     }
     candidates
         .into_iter()
         .find(|p| p.is_file())
-        .expect("s3s-fs is not installed: run scripts/test.sh, which installs it (cargo install s3s-fs@0.14.1 --features binary --locked)")
+        .expect("pgkeep-s3-test-server is not installed: run scripts/test.sh, or scripts/install-deps.sh s3s-fs, which installs it (tools/s3-server)")
 }
 
 /// s3s-fs on `port`, once it accepts connections; None if it exited (the port was taken).
@@ -560,7 +562,7 @@ fn spawn_s3s_fs(port: u16, dir: &Path, access_key: &str, secret_key: &str) -> Op
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
-        .expect("start s3s-fs");
+        .expect("start the S3 test server");
     let start = Instant::now();
     while start.elapsed() < Duration::from_secs(10) {
         if let Ok(Some(_)) = child.try_wait() {
