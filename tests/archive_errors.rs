@@ -64,6 +64,53 @@ fn errors(backend: Backend) {
     let dest = scratch.join("RECOVERYXLOG");
     assert_failed(&fetch(&seg, &dest, &[]), 126, &["no pgkeep archive"]);
 
+    // Storage that is not this cluster's archive (of a newer layout; describing another
+    // cluster): the push fails, naming why, and writes no WAL there, though its check and the
+    // read of the segment's key run side by side.
+    if backend == Backend::File {
+        let plant = |key: &str, json: &str| {
+            let path = storage.object_file(key);
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            let (_, sealed) = pgkeep::storage::object::seal(
+                pgkeep::codec::Codec::None,
+                json.as_bytes(),
+                &Default::default(),
+            );
+            std::fs::write(path, sealed).unwrap();
+        };
+        let info = format!("clusters/{sysid}/cluster.json");
+        for (planted, json, says) in [
+            (
+                "pgkeep.json",
+                r#"{"format":"pgkeep","layout_version":999}"#.to_string(),
+                "layout version 999",
+            ),
+            (
+                info.as_str(),
+                format!(r#"{{"system_identifier":"{}"}}"#, sysid + 1),
+                "describes cluster",
+            ),
+        ] {
+            if planted != "pgkeep.json" {
+                let marker = format!(
+                    r#"{{"format":"pgkeep","layout_version":{}}}"#,
+                    pgkeep::storage::layout::LAYOUT_VERSION
+                );
+                plant("pgkeep.json", &marker);
+            }
+            plant(planted, &json);
+            let out = push(Path::new(&format!("pg_wal/{seg}")), &data, &[]);
+            assert_failed(&out, 1, &[says]);
+            assert!(
+                !storage.object_file(&key).exists(),
+                "WAL written: {}",
+                stderr(&out)
+            );
+            std::fs::remove_file(storage.object_file("pgkeep.json")).unwrap();
+            let _ = std::fs::remove_file(storage.object_file(&info));
+        }
+    }
+
     // A good push, and the same push again (Postgres retries after a crash): both succeed.
     let out = push(Path::new(&format!("pg_wal/{seg}")), &data, &[]);
     assert!(out.status.success(), "{}", stderr(&out));

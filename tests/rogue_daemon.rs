@@ -209,8 +209,8 @@ fn answers(status: &'static str, proof: Option<String>) -> u16 {
 
 /// The daemon's "prefetched in the hand-off directory you share: take it there" (#17) is a word
 /// anyone on `listen` can say: `wal-fetch` then takes only what the directory holds and passes
-/// the checks (a planted file that does not is removed, never delivered), asks once more, and
-/// otherwise reads storage. Recovery gets the stored segment either way.
+/// the checks (a damaged file planted there as the answer is sent is removed, never delivered),
+/// asks once more, and otherwise reads storage. Recovery gets the stored segment either way.
 #[test]
 fn take_it_from_the_directory_is_only_a_hint() {
     let dir = TestDir::new("hint");
@@ -226,43 +226,68 @@ fn take_it_from_the_directory_is_only_a_hint() {
     std::fs::set_permissions(&shared, std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
     // The token a daemon wrote at its last start.
     Token::create(&storage.config.with_file_name("http").join("token")).unwrap();
+    // Answers 303 to everything; a request that offers the directory first finds a damaged file
+    // planted there under a prefetched file's name (after wal-fetch's own first look).
+    let mut forged = original.clone();
+    forged[0x3000 + 100] ^= 0xff;
+    let planted = shared.join(format!("{seg}.{:08x}.wal", 0x0bad_f00du32));
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let offered = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    {
+        let (planted, offered) = (planted.clone(), offered.clone());
+        std::thread::spawn(move || {
+            for conn in listener.incoming().take(16) {
+                let Ok(mut conn) = conn else { continue };
+                let mut reader = BufReader::new(conn.try_clone().unwrap());
+                let mut line = String::new();
+                let _ = reader.read_line(&mut line);
+                if line.contains("&handoff=") {
+                    offered.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    std::fs::write(&planted, &forged).unwrap();
+                }
+                while reader.read_line(&mut line).unwrap_or(0) > 0 && !line.ends_with("\r\n\r\n") {}
+                let _ = write!(
+                    conn,
+                    "HTTP/1.1 303 See Other\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+                );
+            }
+        });
+    }
     let dest = dir.path().join("RECOVERYXLOG");
-    let port = answers("303 See Other", None);
-    let fetch = || {
-        let _ = std::fs::remove_file(&dest);
-        let listen = format!("127.0.0.1:{port}");
-        let out = storage.pgkeep_in(
-            &bin,
-            &["wal-fetch", &seg, dest.to_str().unwrap()],
-            Some(&pg.data),
-            &[
-                ("PGKEEP_LISTEN", &listen),
-                ("PGKEEP_PREFETCH_DIR", shared.to_str().unwrap()),
-                // No prefetch of wal-fetch's own into the directory.
-                ("PGKEEP_PREFETCH_SEGMENTS", "0"),
-                ("PGKEEP_LOG_LEVEL", "debug"),
-            ],
-        );
-        assert!(out.status.success(), "{}", stderr(&out));
-        (std::fs::read(&dest).unwrap(), stderr(&out))
-    };
-    // Nothing there: asked again, then storage.
-    let (got, log) = fetch();
-    assert!(got == original, "{log}");
-    assert!(log.contains("could not be taken"), "{log}");
+    let listen = format!("127.0.0.1:{port}");
+    let out = storage.pgkeep_in(
+        &bin,
+        &["wal-fetch", &seg, dest.to_str().unwrap()],
+        Some(&pg.data),
+        &[
+            ("PGKEEP_LISTEN", &listen),
+            ("PGKEEP_PREFETCH_DIR", shared.to_str().unwrap()),
+            // No prefetch of wal-fetch's own into the directory.
+            ("PGKEEP_PREFETCH_SEGMENTS", "0"),
+            ("PGKEEP_LOG_LEVEL", "debug"),
+        ],
+    );
+    let log = stderr(&out);
+    assert!(out.status.success(), "{log}");
+    assert_eq!(
+        offered.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "{log}"
+    );
+    assert!(
+        std::fs::read(&dest).unwrap() == original,
+        "a planted file reached %p: {log}"
+    );
+    assert!(
+        log.contains("not usable") && log.contains("could not be taken"),
+        "{log}"
+    );
     assert!(
         log.contains("via=\"storage\"") || log.contains("via=storage"),
         "{log}"
     );
-    // A file planted under a prefetched file's name that fails its check: removed, not delivered.
-    let mut forged = original.clone();
-    forged[0x3000 + 100] ^= 0xff;
-    let planted = shared.join(format!("{seg}.{:08x}.wal", 0x0bad_f00du32));
-    std::fs::write(&planted, &forged).unwrap();
-    let (got, log) = fetch();
-    assert!(got == original, "a planted file reached %p: {log}");
-    assert!(log.contains("not usable"), "{log}");
-    assert!(!planted.exists());
+    assert!(!planted.exists(), "the damaged file was kept");
     pg.stop("fast");
 }
 

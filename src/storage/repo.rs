@@ -431,7 +431,9 @@ impl Repo {
     /// As [`Repo::put_new_known`] (by a writer with no record of its own), writing only once
     /// `gate` has succeeded: the read of what `key` holds and the encoding of `plain` run beside
     /// it. For `archive-push`, whose gate is the check that storage is this cluster's archive:
-    /// two round trips to the store in all, where one after the other they were four.
+    /// two round trips to the store in all, where one after the other they were four. The
+    /// encoding is then wasted when the gate fails or the content is there already (a retry
+    /// after a crash): rare, and cheaper than a round trip to wait for.
     pub async fn put_new_known_after(
         &self,
         gate: impl std::future::Future<Output = Result<(), StorageError>>,

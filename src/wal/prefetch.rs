@@ -86,7 +86,10 @@ struct Queued<'a>(&'a Turns, (u32, u64));
 
 impl Turns {
     async fn take(&self, key: (u32, u64)) -> Turn<'_> {
-        self.state.lock().expect("not poisoned").waiting.insert(key);
+        let new = self.state.lock().expect("not poisoned").waiting.insert(key);
+        // One waiter per key (a segment is downloaded once at a time: `inflight`), or one of two
+        // would wait for good.
+        debug_assert!(new, "two waiters for turn {key:?}");
         let _queued = Queued(self, key);
         loop {
             let notified = self.changed.notified();
@@ -520,8 +523,13 @@ impl Prefetcher {
             let placed = match fetch_to_open(&archive, &name).await {
                 Ok(f) if f.served.kind == WalFileKind::Segment => {
                     let downloaded = started.elapsed();
-                    let size = me.lock().pos.map(|(_, size)| size);
-                    let key = size.map_or((u32::MAX, u64::MAX), |size| order(&name, size));
+                    let pos = me.lock().pos;
+                    // Redo passed it while it downloaded: not decoded ahead of what it needs.
+                    if pos.is_some_and(|(p, size)| order(&name, size) <= order(&p, size)) {
+                        me.lock().inflight.remove(&name);
+                        return;
+                    }
+                    let key = pos.map_or((u32::MAX, u64::MAX), |(_, size)| order(&name, size));
                     let _turn = me.decoding.take(key).await;
                     turn_at = Some((downloaded, started.elapsed()));
                     let dir = me.dir.clone();

@@ -96,7 +96,11 @@ async fn main() {
         let socket = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((socket, _)) => socket,
-                Err(_) => continue,
+                // Out of descriptors, say: not a busy loop.
+                Err(_) => {
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
             },
             _ = tokio::signal::ctrl_c() => return,
         };
