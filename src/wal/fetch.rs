@@ -114,8 +114,14 @@ pub fn from_handoff(cfg: &Config, name: &str, dest: &Path) -> Option<FetchReport
                 super::handoff::Form::Plain(_) => "plain",
                 super::handoff::Form::Stored => "stored",
                 super::handoff::Form::Recent { ahead: false, .. } => "recent",
-                // (Left as this process' `.recent` copy for the second request.)
-                super::handoff::Form::Recent { ahead: true, .. } => "ahead",
+                super::handoff::Form::Recent { ahead: true, .. } => {
+                    // The daemon's copy of the streamed `.partial`, taken once: Postgres asks
+                    // for the segment again as recovery ends, and takes this process' copy.
+                    if let Ok(data) = std::fs::read(dest) {
+                        super::handoff::keep_recent(&cfg.prefetch_dir, &name, &data);
+                    }
+                    "ahead"
+                }
             };
             tracing::info!(wal = %name, bytes, via = "handoff", form, us = started.elapsed().as_micros() as u64, dest = %dest.display(), "fetched");
             Some(FetchReport {

@@ -173,10 +173,8 @@ fn keep_copy(dir: &Path, segment: &WalFileName, data: &[u8], ahead: bool) {
     if segment.kind != WalFileKind::Segment || unusable(dir).is_some() {
         return;
     }
-    // Expired copies go, and this segment's older ones (they may hold less of it), in one pass;
-    // the daemon's copy never replaces `wal-fetch`'s, which holds what was served (the daemon's
-    // may have been read before that).
-    remove_recent(dir, Some((segment, ahead)));
+    // Expired copies go, and this segment's older ones (they may hold less of it), in one pass.
+    remove_recent(dir, Some(segment));
     let most = if ahead { AHEAD_FOR } else { RECENT_FOR };
     let form = Form::Recent {
         crc: crc32c(data),
@@ -211,9 +209,9 @@ pub fn sweep_recent(dir: &Path) -> usize {
     remove_recent(dir, None)
 }
 
-/// Removes the `.recent` and `.ahead` files in `dir` that may no longer be taken, and those of
-/// `segment` (only its `.ahead` ones when `.1`); returns how many.
-fn remove_recent(dir: &Path, segment: Option<(&WalFileName, bool)>) -> usize {
+/// Removes the `.recent` files in `dir` that may no longer be taken, and every one of `segment`;
+/// returns how many.
+fn remove_recent(dir: &Path, segment: Option<&WalFileName>) -> usize {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return 0;
     };
@@ -223,8 +221,7 @@ fn remove_recent(dir: &Path, segment: Option<(&WalFileName, bool)>) -> usize {
         .filter(|e| {
             matches!(parse_name(&e.file_name().to_string_lossy()),
                 Some((seg, Form::Recent { until, ahead, .. }))
-                    if recent_expired(until, ahead, now)
-                        || segment.is_some_and(|(s, only_ahead)| *s == seg && (ahead || !only_ahead)))
+                    if recent_expired(until, ahead, now) || segment == Some(&seg))
         })
         .filter(|e| std::fs::remove_file(e.path()).is_ok())
         .count()
@@ -352,8 +349,7 @@ pub fn take(
         let Some((_, form)) = parse_name(&name).filter(|(seg, _)| seg == segment) else {
             continue;
         };
-        // Preferred: a prefetched file, then `wal-fetch`'s kept copy (what was served), then the
-        // daemon's copy; of two alike, the one stamped latest.
+        // Preferred: a prefetched file, then the kept copy stamped latest.
         let better = match (found.as_ref().map(|(_, f)| *f), form) {
             // Past its time: storage may hold more WAL of the segment by now.
             (_, Form::Recent { until, ahead, .. }) if recent_expired(until, ahead, now) => {
@@ -362,14 +358,7 @@ pub fn take(
             }
             (None, _) => true,
             (Some(Form::Recent { .. }), Form::Plain(_) | Form::Stored) => true,
-            (
-                Some(Form::Recent {
-                    until: had,
-                    ahead: had_ahead,
-                    ..
-                }),
-                Form::Recent { until, ahead, .. },
-            ) => (had_ahead && !ahead) || (had_ahead == ahead && until > had),
+            (Some(Form::Recent { until: had, .. }), Form::Recent { until, .. }) => until > had,
             _ => false,
         };
         if better {
@@ -477,26 +466,14 @@ fn take_file(
             walheader::check_segment_head(segment, &head, len, Some(sysid)).map_err(damaged)?;
             // SAFETY: geteuid has no preconditions and cannot fail.
             let mine = meta.uid() == unsafe { libc::geteuid() };
-            let ahead = matches!(form, Form::Recent { ahead: true, .. });
             // Ours on the same file system: the file itself becomes `%p`.
-            if mine && !ahead && std::fs::rename(path, dest).is_ok() {
+            if mine && std::fs::rename(path, dest).is_ok() {
                 return Ok(len);
             }
             // Another user's, or another file system (in a pod, the hand-off volume is not
-            // PGDATA's), or the daemon's copy of a `.partial`: copied through the buffer, the
-            // copy's sum checked again.
+            // PGDATA's): copied through the buffer, the copy's sum checked again.
             let len = copy_checked(path, crc, dest)?;
-            // The daemon's copy becomes this process' `.recent` one (a rename, not a second
-            // 16 MiB written): Postgres asks for the segment again as recovery ends.
-            let kept = Form::Recent {
-                crc,
-                until: now_ms() + RECENT_FOR.as_millis() as u64,
-                ahead: false,
-            };
-            let dir = path.parent().unwrap_or(Path::new("."));
-            if !ahead || std::fs::rename(path, dir.join(file_name(segment, kept))).is_err() {
-                let _ = std::fs::remove_file(path);
-            }
+            let _ = std::fs::remove_file(path);
             Ok(len)
         }
         Form::Stored => {
@@ -691,24 +668,12 @@ mod tests {
         );
         assert_eq!(take(&hand, &other, sysid, &no_keys, &dest), Taken::Miss);
 
-        // The daemon's `.ahead` copy: taken (byte-equal) within its longer time, once, after
-        // `wal-fetch`'s `.recent` copy of the segment (what was served: the daemon's may have
-        // been read before it), which it never replaces; and it goes with the daemon's other
-        // files when a daemon starts.
+        // The daemon's `.ahead` copy: taken (byte-equal) within its longer time, once; it
+        // replaces a `.recent` copy of the segment (it is newer), and goes with the daemon's
+        // other files when a daemon starts.
         std::fs::remove_file(&dest).unwrap();
         keep_recent(&hand, &seg, &data);
         keep_ahead(&hand, &seg, &longer);
-        keep_ahead(&hand, &seg, &longer);
-        assert_eq!(std::fs::read_dir(&hand).unwrap().count(), 2);
-        assert!(matches!(
-            take(&hand, &seg, sysid, &no_keys, &dest),
-            Taken::Done {
-                form: Form::Recent { ahead: false, .. },
-                ..
-            }
-        ));
-        assert!(std::fs::read(&dest).unwrap() == data);
-        std::fs::remove_file(&dest).unwrap();
         let names: Vec<String> = std::fs::read_dir(&hand)
             .unwrap()
             .flatten()
@@ -735,16 +700,6 @@ mod tests {
             take(&hand, &seg, sysid, &no_keys, &dest),
             Taken::Done {
                 form: Form::Recent { ahead: true, .. },
-                ..
-            }
-        ));
-        assert!(std::fs::read(&dest).unwrap() == longer);
-        // Taken, it is left as the taker's `.recent` copy, for the request that follows.
-        std::fs::remove_file(&dest).unwrap();
-        assert!(matches!(
-            take(&hand, &seg, sysid, &no_keys, &dest),
-            Taken::Done {
-                form: Form::Recent { ahead: false, .. },
                 ..
             }
         ));
