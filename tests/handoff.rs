@@ -230,62 +230,6 @@ fn handoff(backend: Backend, encrypted: bool) {
     let (out, bytes) = fetch(&segs[2], daemon.port, &shared, "again");
     assert_eq!(via(&out), "handoff", "{}", stderr(&out));
     assert!(bytes == stored(&segs[2]));
-    // The end of the archive, stored only as the daemon's streamed `.partial`: the prefetch that
-    // reaches it places a short-lived `.ahead` copy (decodable storage only). The request for
-    // it takes that copy, byte-equal to what storage holds, and keeps a `.recent` one for the
-    // request Postgres makes again as recovery ends.
-    if !encrypted {
-        // New WAL in the open segment, which the daemon uploads as its `.partial`.
-        pg.psql("create table at_the_end as select generate_series(1, 100) g");
-        let partial = wait_for(
-            "the open segment's .partial in storage",
-            Duration::from_secs(30),
-            || {
-                stored_keys(&storage)
-                    .iter()
-                    .filter(|k| k.contains("/streaming/00000001/") && k.ends_with(".partial"))
-                    .filter_map(|k| {
-                        k.rsplit('/')
-                            .next()?
-                            .strip_suffix(".partial")
-                            .map(str::to_string)
-                    })
-                    .max()
-            },
-        );
-        let last = segs.last().unwrap();
-        let before = stored(&partial);
-        let (out, _) = fetch(last, daemon.port, &shared, "before-the-end");
-        assert_ne!(via(&out), "storage", "{}", stderr(&out));
-        wait_for(
-            "the streamed .partial placed ahead",
-            Duration::from_secs(30),
-            || {
-                handoff_files(&shared)
-                    .iter()
-                    .any(|n| n.starts_with(&partial) && n.ends_with(".ahead"))
-                    .then_some(())
-            },
-        );
-        let (out, first) = fetch(&partial, daemon.port, &shared, "ahead");
-        let said = stderr(&out);
-        assert_eq!(via(&out), "handoff", "{said}");
-        assert!(
-            said.contains("form=\"ahead\"") || said.contains("form=ahead"),
-            "{said}"
-        );
-        assert!(
-            first == before || first == stored(&partial),
-            "the .ahead copy differs from storage's"
-        );
-        let (out, second) = fetch(&partial, daemon.port, &shared, "again-at-the-end");
-        let said = stderr(&out);
-        assert!(
-            said.contains("form=\"recent\"") || said.contains("form=recent"),
-            "{said}"
-        );
-        assert!(second == first);
-    }
     daemon.signal("KILL");
     let _ = daemon.wait(Duration::from_secs(10));
     // Past anything the prefetch (4 ahead of segs[6] at most) may have placed before the kill.
@@ -468,11 +412,7 @@ fn handoff_files(dir: &Path) -> Vec<String> {
         .map(|rd| {
             rd.flatten()
                 .map(|e| e.file_name().to_string_lossy().into_owned())
-                .filter(|n| {
-                    [".wal", ".pgko", ".recent", ".ahead"]
-                        .iter()
-                        .any(|s| n.ends_with(s))
-                })
+                .filter(|n| n.ends_with(".wal") || n.ends_with(".pgko") || n.ends_with(".recent"))
                 .collect()
         })
         .unwrap_or_default()

@@ -113,15 +113,7 @@ pub fn from_handoff(cfg: &Config, name: &str, dest: &Path) -> Option<FetchReport
             let form = match form {
                 super::handoff::Form::Plain(_) => "plain",
                 super::handoff::Form::Stored => "stored",
-                super::handoff::Form::Recent { ahead: false, .. } => "recent",
-                super::handoff::Form::Recent { ahead: true, .. } => {
-                    // The daemon's copy of the streamed `.partial`, taken once: Postgres asks
-                    // for the segment again as recovery ends, and takes this process' copy.
-                    if let Ok(data) = std::fs::read(dest) {
-                        super::handoff::keep_recent(&cfg.prefetch_dir, &name, &data);
-                    }
-                    "ahead"
-                }
+                super::handoff::Form::Recent { .. } => "recent",
             };
             tracing::info!(wal = %name, bytes, via = "handoff", form, us = started.elapsed().as_micros() as u64, dest = %dest.display(), "fetched");
             Some(FetchReport {

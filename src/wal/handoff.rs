@@ -19,13 +19,6 @@
 //!   a later one that storage might answer with more WAL. A copy is always a prefix of what
 //!   storage holds: at worst a standby polling within those seconds replays the rest a poll
 //!   later.
-//! - `<segment>.<crc32c>.<until>.ahead`: the same kind of copy, placed by the daemon (or
-//!   `wal-fetch`'s own prefetch) when its window reaches a segment stored only as the streamed
-//!   `.partial` (decodable storage only), so that the first request for it is a rename too.
-//!   Taken once until `until` ([`AHEAD_FOR`] after it was placed; the prefetch places a newer one
-//!   every two seconds while it keeps reaching it); the `wal-fetch` that takes it keeps a
-//!   `.recent` copy for the second request. The prefetch that placed it removes it as it ends, a
-//!   daemon that starts removes any.
 //! - `<segment>.pgko`: the stored object as it is, when the daemon cannot decode it (encrypted
 //!   storage: the sidecar holds no key). `wal-fetch` verifies, decrypts and decodes it as it does
 //!   an object read from storage.
@@ -64,10 +57,6 @@ const PAGE: usize = 8192;
 /// How long a `.recent` file may be taken after the `.partial` it holds was served: the second
 /// request at the end of recovery comes within milliseconds.
 pub const RECENT_FOR: std::time::Duration = std::time::Duration::from_secs(3);
-/// How long an `.ahead` file (a streamed `.partial` the daemon's prefetch reached) may be taken
-/// after it was placed: the prefetch runs up to a few seconds ahead of redo, and places it again
-/// (newer) every two seconds while it keeps reaching it.
-pub const AHEAD_FOR: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// What a hand-off file holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -76,10 +65,9 @@ pub enum Form {
     Plain(u32),
     /// The stored object (encrypted, or otherwise not decoded by the daemon).
     Stored,
-    /// Plain bytes with their CRC-32C, of a streamed `.partial`, taken only until `until` (ms
-    /// since the epoch): kept by the `wal-fetch` that served it (`.recent`), or placed by the
-    /// daemon whose prefetch reached it (`ahead`: `.ahead`).
-    Recent { crc: u32, until: u64, ahead: bool },
+    /// Plain bytes with their CRC-32C, served from a streamed `.partial` and taken only until
+    /// `until` (ms since the epoch).
+    Recent { crc: u32, until: u64 },
 }
 
 /// Milliseconds since the epoch.
@@ -89,12 +77,11 @@ fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-/// Whether a `.recent` (`.ahead` when `ahead`) file stamped `until` may no longer be taken: its
-/// time is past, or it is further ahead than any such copy is stamped (a clock stepped back, or a
-/// planted name), which would otherwise keep it for good.
-fn recent_expired(until: u64, ahead: bool, now: u64) -> bool {
-    let most = if ahead { AHEAD_FOR } else { RECENT_FOR };
-    until <= now || until > now + most.as_millis() as u64 + 1000
+/// Whether a `.recent` file stamped `until` may no longer be taken: its time is past, or it is
+/// further ahead than any kept copy is stamped (a clock stepped back, or a planted name), which
+/// would otherwise keep it for good.
+fn recent_expired(until: u64, now: u64) -> bool {
+    until <= now || until > now + RECENT_FOR.as_millis() as u64 + 1000
 }
 
 /// The CRC-32C (Castagnoli) of `data`, as hand-off names carry it.
@@ -107,16 +94,7 @@ pub fn file_name(segment: &WalFileName, form: Form) -> String {
     match form {
         Form::Plain(crc) => format!("{segment}.{crc:08x}.wal"),
         Form::Stored => format!("{segment}.pgko"),
-        Form::Recent {
-            crc,
-            until,
-            ahead: false,
-        } => format!("{segment}.{crc:08x}.{until}.recent"),
-        Form::Recent {
-            crc,
-            until,
-            ahead: true,
-        } => format!("{segment}.{crc:08x}.{until}.ahead"),
+        Form::Recent { crc, until } => format!("{segment}.{crc:08x}.{until}.recent"),
     }
 }
 
@@ -126,18 +104,13 @@ pub fn parse_name(name: &str) -> Option<(WalFileName, Form)> {
         let seg: WalFileName = stem.parse().ok()?;
         return (seg.kind == WalFileKind::Segment).then_some((seg, Form::Stored));
     }
-    let copy = match (name.strip_suffix(".recent"), name.strip_suffix(".ahead")) {
-        (Some(rest), _) => Some((rest, false)),
-        (_, Some(rest)) => Some((rest, true)),
-        _ => None,
-    };
-    let (rest, until) = match copy {
-        Some((rest, ahead)) => {
+    let (rest, until) = match name.strip_suffix(".recent") {
+        Some(rest) => {
             let (rest, until) = rest.rsplit_once('.')?;
             if until.is_empty() || !until.bytes().all(|b| b.is_ascii_digit()) {
                 return None;
             }
-            (rest, Some((until.parse::<u64>().ok()?, ahead)))
+            (rest, Some(until.parse::<u64>().ok()?))
         }
         None => (name.strip_suffix(".wal")?, None),
     };
@@ -148,7 +121,7 @@ pub fn parse_name(name: &str) -> Option<(WalFileName, Form)> {
     let seg: WalFileName = stem.parse().ok()?;
     let crc = u32::from_str_radix(crc, 16).ok()?;
     let form = match until {
-        Some((until, ahead)) => Form::Recent { crc, until, ahead },
+        Some(until) => Form::Recent { crc, until },
         None => Form::Plain(crc),
     };
     (seg.kind == WalFileKind::Segment).then_some((seg, form))
@@ -159,49 +132,18 @@ pub fn parse_name(name: &str) -> Option<(WalFileName, Form)> {
 /// usable; removes `.recent` files whose time is past. A failure costs only that second request
 /// its speed, so it is logged and nothing more.
 pub fn keep_recent(dir: &Path, segment: &WalFileName, data: &[u8]) {
-    keep_copy(dir, segment, data, false);
-}
-
-/// As [`keep_recent`], by the daemon whose prefetch reached a segment stored only as its streamed
-/// `.partial`: an `.ahead` copy, for the first request (the `wal-fetch` that takes it keeps a
-/// `.recent` copy for the second), taken for [`AHEAD_FOR`].
-pub fn keep_ahead(dir: &Path, segment: &WalFileName, data: &[u8]) {
-    keep_copy(dir, segment, data, true);
-}
-
-fn keep_copy(dir: &Path, segment: &WalFileName, data: &[u8], ahead: bool) {
     if segment.kind != WalFileKind::Segment || unusable(dir).is_some() {
         return;
     }
-    // Expired copies go, and this segment's older ones (they may hold less of it), in one pass.
+    // Expired copies go, and this segment's older one (it may hold less of it), in one pass.
     remove_recent(dir, Some(segment));
-    let most = if ahead { AHEAD_FOR } else { RECENT_FOR };
     let form = Form::Recent {
         crc: crc32c(data),
-        until: now_ms() + most.as_millis() as u64,
-        ahead,
+        until: now_ms() + RECENT_FOR.as_millis() as u64,
     };
     if let Err(e) = place(dir, segment, form, data) {
-        tracing::debug!(wal = %segment, dir = %dir.display(), "could not keep a copy of the streamed .partial: {e}");
+        tracing::debug!(wal = %segment, dir = %dir.display(), "could not keep the served .partial for a second request: {e}");
     }
-}
-
-/// Removes the `.ahead` files in `dir` (a prefetch that ends: they are its own); returns how
-/// many.
-pub fn remove_ahead(dir: &Path) -> usize {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return 0;
-    };
-    entries
-        .filter_map(Result::ok)
-        .filter(|e| {
-            matches!(
-                parse_name(&e.file_name().to_string_lossy()),
-                Some((_, Form::Recent { ahead: true, .. }))
-            )
-        })
-        .filter(|e| std::fs::remove_file(e.path()).is_ok())
-        .count()
 }
 
 /// Removes the `.recent` files in `dir` that may no longer be taken; returns how many.
@@ -220,8 +162,8 @@ fn remove_recent(dir: &Path, segment: Option<&WalFileName>) -> usize {
         .filter_map(Result::ok)
         .filter(|e| {
             matches!(parse_name(&e.file_name().to_string_lossy()),
-                Some((seg, Form::Recent { until, ahead, .. }))
-                    if recent_expired(until, ahead, now) || segment == Some(&seg))
+                Some((seg, Form::Recent { until, .. }))
+                    if recent_expired(until, now) || segment == Some(&seg))
         })
         .filter(|e| std::fs::remove_file(e.path()).is_ok())
         .count()
@@ -252,9 +194,7 @@ pub fn clean(dir: &Path) -> std::io::Result<usize> {
         // Only names no other program uses: never a bare WAL name (a `prefetch_dir` set to a
         // `pg_wal` by mistake must lose nothing).
         let ours = match parse_name(&name) {
-            // A daemon's copy goes with the daemon's other files.
-            Some((_, Form::Recent { ahead: true, .. })) => true,
-            Some((_, Form::Recent { until, .. })) => recent_expired(until, false, now),
+            Some((_, Form::Recent { until, .. })) => recent_expired(until, now),
             Some(_) => true,
             None => name.ends_with(".pgkeep-tmp"),
         };
@@ -352,7 +292,7 @@ pub fn take(
         // Preferred: a prefetched file, then the kept copy stamped latest.
         let better = match (found.as_ref().map(|(_, f)| *f), form) {
             // Past its time: storage may hold more WAL of the segment by now.
-            (_, Form::Recent { until, ahead, .. }) if recent_expired(until, ahead, now) => {
+            (_, Form::Recent { until, .. }) if recent_expired(until, now) => {
                 expired.push(e.path());
                 false
             }
@@ -537,12 +477,6 @@ mod tests {
             Form::Recent {
                 crc: 7,
                 until: 1_800_000_000_000,
-                ahead: false,
-            },
-            Form::Recent {
-                crc: 7,
-                until: 1_800_000_000_000,
-                ahead: true,
             },
         ] {
             assert_eq!(parse_name(&file_name(&seg, form)), Some((seg, form)));
@@ -557,8 +491,6 @@ mod tests {
             "000000010000000000000003.deadbeef..recent",
             "000000010000000000000003.deadbeef.-1.recent",
             "000000010000000000000003.deadbeef.12x.recent",
-            "000000010000000000000003.deadbeef.ahead",
-            "000000010000000000000003.deadbeef.12.later",
             "00000002.history.pgko",
             "../000000010000000000000003.pgko",
             "precious",
@@ -602,7 +534,6 @@ mod tests {
         let past = Form::Recent {
             crc: crc32c(&data),
             until: now_ms() - 1,
-            ahead: false,
         };
         let old = place(&hand, &seg, past, &data).unwrap();
         std::fs::remove_file(&dest).unwrap();
@@ -613,7 +544,6 @@ mod tests {
         let ahead = Form::Recent {
             crc: crc32c(&data),
             until: u64::MAX,
-            ahead: false,
         };
         let planted = place(&hand, &seg, ahead, &data).unwrap();
         assert_eq!(take(&hand, &seg, sysid, &no_keys, &dest), Taken::Miss);
@@ -641,12 +571,10 @@ mod tests {
         let older = Form::Recent {
             crc: crc32c(&data),
             until: now_ms() + 1000,
-            ahead: false,
         };
         let newer = Form::Recent {
             crc: crc32c(&longer),
             until: now_ms() + 2000,
-            ahead: false,
         };
         place(&hand, &seg, newer, &longer).unwrap();
         place(&hand, &seg, older, &data).unwrap();
@@ -667,57 +595,6 @@ mod tests {
             crate::pg::WalSegSize::new(size).unwrap(),
         );
         assert_eq!(take(&hand, &other, sysid, &no_keys, &dest), Taken::Miss);
-
-        // The daemon's `.ahead` copy: taken (byte-equal) within its longer time, once; it
-        // replaces a `.recent` copy of the segment (it is newer), and goes with the daemon's
-        // other files when a daemon starts.
-        std::fs::remove_file(&dest).unwrap();
-        keep_recent(&hand, &seg, &data);
-        keep_ahead(&hand, &seg, &longer);
-        let names: Vec<String> = std::fs::read_dir(&hand)
-            .unwrap()
-            .flatten()
-            .map(|e| e.file_name().to_string_lossy().into_owned())
-            .collect();
-        assert!(
-            names.len() == 1 && names[0].ends_with(".ahead"),
-            "{names:?}"
-        );
-        let until = match parse_name(&names[0]) {
-            Some((
-                _,
-                Form::Recent {
-                    until, ahead: true, ..
-                },
-            )) => until,
-            other => panic!("{other:?}"),
-        };
-        assert!(
-            until > now_ms() + RECENT_FOR.as_millis() as u64 + 1000,
-            "{until}"
-        );
-        assert!(matches!(
-            take(&hand, &seg, sysid, &no_keys, &dest),
-            Taken::Done {
-                form: Form::Recent { ahead: true, .. },
-                ..
-            }
-        ));
-        assert!(std::fs::read(&dest).unwrap() == longer);
-        assert_eq!(std::fs::read_dir(&hand).unwrap().count(), 0);
-        keep_ahead(&hand, &seg, &longer);
-        assert_eq!(sweep_recent(&hand), 0, "in its time");
-        assert_eq!(clean(&hand).unwrap(), 1);
-        // Stamped further ahead than an `.ahead` copy ever is: past.
-        let planted = Form::Recent {
-            crc: crc32c(&data),
-            until: now_ms() + AHEAD_FOR.as_millis() as u64 + 5000,
-            ahead: true,
-        };
-        place(&hand, &seg, planted, &data).unwrap();
-        std::fs::remove_file(&dest).unwrap();
-        assert_eq!(take(&hand, &seg, sysid, &no_keys, &dest), Taken::Miss);
-        assert_eq!(std::fs::read_dir(&hand).unwrap().count(), 0);
     }
 
     #[test]

@@ -320,7 +320,7 @@ impl Prefetcher {
     }
 
     /// Once the downloads under way have ended (at most 10 s), removes the prefetched files no
-    /// one took (and the `.ahead` copies it placed); returns how many. For a prefetch that ends: nothing may fill it again.
+    /// one took; returns how many. For a prefetch that ends: nothing may fill it again.
     pub async fn discard(&self) -> usize {
         let waiting = Instant::now();
         while !self.lock().inflight.is_empty() && waiting.elapsed() < Duration::from_secs(10) {
@@ -331,7 +331,7 @@ impl Prefetcher {
         for (_, r) in st.ready.drain() {
             let _ = std::fs::remove_file(&r.path);
         }
-        n + handoff::remove_ahead(&self.dir)
+        n
     }
 
     /// A request for `name` found it not prefetched: when it is the next one, redo caught up with
@@ -541,33 +541,7 @@ impl Prefetcher {
                         .and_then(|r| r)
                         .map(Some)
                 }
-                // Only the streamed `.partial`: the end of the archive for now. Placed for the
-                // request that comes as a short-lived `.ahead` copy when it can be decoded here
-                // (it may still grow: the copy is a prefix of what storage holds).
-                Ok(f)
-                    if f.served.kind == WalFileKind::Partial
-                        && name.kind == WalFileKind::Segment
-                        && f.header.age.is_none() =>
-                {
-                    let pos = me.lock().pos;
-                    let key = pos.map_or((u32::MAX, u64::MAX), |(_, size)| order(&name, size));
-                    let _turn = me.decoding.take(key).await;
-                    let dir = me.dir.clone();
-                    let repo = archive.repo().clone();
-                    let sysid = archive.system_identifier();
-                    let kept = tokio::task::spawn_blocking(move || {
-                        let data = open_checked(&repo, &f, sysid).map_err(|e| e.to_string())?;
-                        handoff::keep_ahead(&dir, &name, &data);
-                        Ok::<_, String>(())
-                    })
-                    .await;
-                    if let Ok(Err(e)) = kept {
-                        tracing::debug!(wal = %name, "the streamed .partial was not placed ahead: {e}");
-                    } else {
-                        tracing::debug!(wal = %name, placed_ms = started.elapsed().as_millis() as u64, "placed the streamed .partial ahead");
-                    }
-                    Ok(None)
-                }
+                // Only a `.partial`: the end of the archive for now.
                 Ok(_) | Err(FetchError::NotInArchive(_)) => Ok(None),
                 Err(e) => Err(e.to_string()),
             };
