@@ -15,6 +15,36 @@ use std::time::Duration;
 use common::*;
 use pgkeep::http_token::Token;
 
+/// A primary archiving to file:// storage, with one segment archived.
+struct Archived {
+    dir: TestDir,
+    storage: Storage,
+    bin: std::path::PathBuf,
+    pg: PgCluster,
+    /// The segment's name, and Postgres' own bytes of it.
+    seg: String,
+    original: Vec<u8>,
+}
+
+fn one_archived_segment(name: &str) -> Archived {
+    let dir = TestDir::new(name);
+    let storage = Storage::new(Backend::File, &dir);
+    let bin = dir.install_pgkeep();
+    let mut pg = archiving_cluster(&dir, &storage, &bin, "primary", 1);
+    pg.start();
+    pg.psql("create table t as select generate_series(1, 20000) g");
+    let seg = pg.switch_and_wait_archived();
+    let original = std::fs::read(pg.data.join("pg_wal").join(&seg)).unwrap();
+    Archived {
+        dir,
+        storage,
+        bin,
+        pg,
+        seg,
+        original,
+    }
+}
+
 /// An HTTP server on loopback that answers `/wal/…` with `object` (served as `served`) and
 /// `/status` with a durable position far ahead, each with the proof `prove` makes (or none).
 fn impostor(object: Vec<u8>, served: String, prove: Option<Token>) -> u16 {
@@ -77,14 +107,14 @@ fn impostor(object: Vec<u8>, served: String, prove: Option<Token>) -> u16 {
 
 #[test]
 fn an_impostor_on_listen_is_not_believed() {
-    let dir = TestDir::new("impostor");
-    let storage = Storage::new(Backend::File, &dir);
-    let bin = dir.install_pgkeep();
-    let mut pg = archiving_cluster(&dir, &storage, &bin, "primary", 1);
-    pg.start();
-    pg.psql("create table t as select generate_series(1, 20000) g");
-    let seg = pg.switch_and_wait_archived();
-    let original = std::fs::read(pg.data.join("pg_wal").join(&seg)).unwrap();
+    let Archived {
+        dir,
+        storage,
+        bin,
+        mut pg,
+        seg,
+        original,
+    } = one_archived_segment("impostor");
     // The token a daemon wrote at its last start.
     let token = Token::create(&storage.config.with_file_name("http").join("token")).unwrap();
 
@@ -213,14 +243,14 @@ fn answers(status: &'static str, proof: Option<String>) -> u16 {
 /// asks once more, and otherwise reads storage. Recovery gets the stored segment either way.
 #[test]
 fn take_it_from_the_directory_is_only_a_hint() {
-    let dir = TestDir::new("hint");
-    let storage = Storage::new(Backend::File, &dir);
-    let bin = dir.install_pgkeep();
-    let mut pg = archiving_cluster(&dir, &storage, &bin, "primary", 1);
-    pg.start();
-    pg.psql("create table t as select generate_series(1, 20000) g");
-    let seg = pg.switch_and_wait_archived();
-    let original = std::fs::read(pg.data.join("pg_wal").join(&seg)).unwrap();
+    let Archived {
+        dir,
+        storage,
+        bin,
+        mut pg,
+        seg,
+        original,
+    } = one_archived_segment("hint");
     let shared = dir.path().join("handoff");
     std::fs::create_dir(&shared).unwrap();
     std::fs::set_permissions(&shared, std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
@@ -296,14 +326,14 @@ fn take_it_from_the_directory_is_only_a_hint() {
 /// stops recovery (126) when no proven answer comes, never ends it (1) on a guess.
 #[test]
 fn a_storage_less_wal_fetch_believes_only_the_daemons_proofs() {
-    let dir = TestDir::new("storageless");
-    let storage = Storage::new(Backend::File, &dir);
-    let bin = dir.install_pgkeep();
-    let mut pg = archiving_cluster(&dir, &storage, &bin, "primary", 1);
-    pg.start();
-    pg.psql("create table t as select generate_series(1, 20000) g");
-    let seg = pg.switch_and_wait_archived();
-    let original = std::fs::read(pg.data.join("pg_wal").join(&seg)).unwrap();
+    let Archived {
+        dir,
+        storage,
+        bin,
+        mut pg,
+        seg,
+        original,
+    } = one_archived_segment("storageless");
     let daemon = Daemon::start(&dir, &storage, &bin, &pg, &[]);
     let dest = dir.path().join("RECOVERYXLOG");
     // Storage the container cannot read: any fallback to it would fail loudly.

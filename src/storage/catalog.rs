@@ -326,11 +326,12 @@ impl Repo {
         // Storage in use holds both: read at once, one round trip (archive-push does this for
         // every segment). Anything else goes the long way, which writes what is missing.
         let (format, stored) = tokio::join!(self.check_format(), self.get(&key));
-        if let (Ok(()), Ok(raw)) = (format, stored) {
+        if let (Ok(()), Ok(raw)) = (&format, stored) {
             same_cluster(&key, &raw, info)?;
             return Ok(archive);
         }
-        if !self.holds_archive().await? {
+        // The marker was read already when it checked out.
+        if format.is_err() && !self.holds_archive().await? {
             let marker = FormatMarker {
                 format: layout::FORMAT_NAME.into(),
                 layout_version: layout::LAYOUT_VERSION,

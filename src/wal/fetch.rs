@@ -66,10 +66,7 @@ pub async fn wal_fetch(cfg: &Config, name: &str, dest: &Path) -> Result<FetchRep
         match from_daemon(cfg, &name, local, false, dest).await {
             Daemon::File(data, served) => ((data, served), "daemon"),
             Daemon::Taken(report) => return Ok(report),
-            // (`Placed` never comes from `from_daemon`.)
-            Daemon::Absent | Daemon::NoAnswer | Daemon::Placed => {
-                (from_storage(cfg, &name).await?, "storage")
-            }
+            Daemon::Absent | Daemon::NoAnswer => (from_storage(cfg, &name).await?, "storage"),
         }
     } else {
         match only_from_daemon(cfg, &name, local, dest).await? {
@@ -98,7 +95,6 @@ pub async fn wal_fetch(cfg: &Config, name: &str, dest: &Path) -> Result<FetchRep
 /// placed it verified ([`super::handoff`]); `None` when it is not there (or not usable), and the
 /// ordinary fetch goes on. Needs no runtime, no network and no storage settings.
 pub fn from_handoff(cfg: &Config, name: &str, dest: &Path) -> Option<FetchReport> {
-    let started = Instant::now();
     let name: WalFileName = name.parse().ok()?;
     if name.kind != WalFileKind::Segment {
         return None;
@@ -107,6 +103,12 @@ pub fn from_handoff(cfg: &Config, name: &str, dest: &Path) -> Option<FetchReport
         Some(id) => id,
         None => local_system_identifier(cfg).ok()??.0,
     };
+    take_handoff(cfg, name, sysid, dest)
+}
+
+/// [`from_handoff`] for a segment of cluster `sysid`.
+fn take_handoff(cfg: &Config, name: WalFileName, sysid: u64, dest: &Path) -> Option<FetchReport> {
+    let started = Instant::now();
     let keys = || crate::storage::Keys::from_settings(&cfg.encryption);
     match super::handoff::take(&cfg.prefetch_dir, &name, sysid, &keys, dest) {
         super::handoff::Taken::Done { bytes, form } => {
@@ -138,8 +140,6 @@ enum Daemon {
     /// It was prefetched in the hand-off directory this process shares with the daemon, and is
     /// taken from there to `dest` (checked as any prefetched file is).
     Taken(FetchReport),
-    /// (The daemon's word only, before it is taken:) prefetched in the shared hand-off directory.
-    Placed,
 }
 
 /// `wal_fetch_storage = false`: the container holds no storage credentials, so only the daemon's
@@ -166,12 +166,12 @@ async fn only_from_daemon(
             Daemon::File(data, served) => return Ok(Ok((data, served))),
             Daemon::Taken(report) => return Ok(Err(report)),
             Daemon::Absent => return Err(FetchError::NotInArchive(name.to_string())),
-            Daemon::NoAnswer | Daemon::Placed if Instant::now() + pause < deadline => {
+            Daemon::NoAnswer if Instant::now() + pause < deadline => {
                 tracing::warn!(wal = %name, listen = %cfg.listen, "no proven answer from the daemon, asking again in {:.1}s", pause.as_secs_f64());
                 tokio::time::sleep(pause).await;
                 pause = (pause * 2).min(std::time::Duration::from_secs(5));
             }
-            Daemon::NoAnswer | Daemon::Placed => {
+            Daemon::NoAnswer => {
                 return Err(anyhow!(
                     "no proven answer for {name} from the daemon at {} within {}s, and \
                      wal_fetch_storage = false: this container reads WAL only through the daemon \
@@ -200,36 +200,34 @@ async fn from_daemon(
     // placed while this request waited for its download) is left there to take: a rename, not
     // 16 MiB sealed, sent and checked again.
     let shared = super::handoff::dir_identity(&cfg.prefetch_dir);
-    match ask_daemon(cfg, name, sysid, every_kind, shared.as_deref()).await {
-        Daemon::Placed => {
-            if let Some(report) = from_handoff(cfg, &name.to_string(), dest) {
-                return Daemon::Taken(report);
-            }
-            // Gone or damaged meanwhile: asked again, to be sent it this time.
-            tracing::debug!(wal = %name, "the daemon's prefetched file could not be taken: asking for it to be sent");
-            match ask_daemon(cfg, name, sysid, every_kind, None).await {
-                Daemon::Placed => Daemon::NoAnswer,
-                answer => answer,
-            }
-        }
-        answer => answer,
-    }
-}
-
-/// [`from_daemon`]'s request, offering the hand-off directory whose identity is `shared`.
-async fn ask_daemon(
-    cfg: &Config,
-    name: &WalFileName,
-    sysid: Option<u64>,
-    every_kind: bool,
-    shared: Option<&str>,
-) -> Daemon {
     let Some(sysid) = sysid else {
         return Daemon::NoAnswer;
     };
+    if let Some(answer) = ask_daemon(cfg, name, sysid, every_kind, shared.as_deref()).await {
+        return answer;
+    }
+    if let Some(report) = take_handoff(cfg, *name, sysid, dest) {
+        return Daemon::Taken(report);
+    }
+    // Gone or damaged meanwhile: asked again, to be sent it this time.
+    tracing::debug!(wal = %name, "the daemon's prefetched file could not be taken: asking for it to be sent");
+    ask_daemon(cfg, name, sysid, every_kind, None)
+        .await
+        .unwrap_or(Daemon::NoAnswer)
+}
+
+/// [`from_daemon`]'s request, offering the hand-off directory whose identity is `shared`;
+/// `None`: the daemon says the segment is prefetched there (its word only, until it is taken).
+async fn ask_daemon(
+    cfg: &Config,
+    name: &WalFileName,
+    sysid: u64,
+    every_kind: bool,
+    shared: Option<&str>,
+) -> Option<Daemon> {
     let segment = matches!(name.kind, WalFileKind::Segment | WalFileKind::Partial);
     if !segment && !every_kind {
-        return Daemon::NoAnswer;
+        return Some(Daemon::NoAnswer);
     }
     let mut path = format!("/wal/{name}?system_identifier={sysid}");
     if let Some(id) = shared.filter(|_| name.kind == WalFileKind::Segment) {
@@ -250,15 +248,15 @@ async fn ask_daemon(
             // A problem only where the daemon is the one source (a plain restore has none).
             Err(e @ crate::http_token::AskError::Token { .. }) if every_kind => {
                 tracing::warn!("{e}: not asking the daemon");
-                return Daemon::NoAnswer;
+                return Some(Daemon::NoAnswer);
             }
             Err(e) => {
                 tracing::debug!("{e}");
-                return Daemon::NoAnswer;
+                return Some(Daemon::NoAnswer);
             }
         };
     let r = &mut answer.response;
-    match r.status {
+    Some(match r.status {
         200 => {
             // The daemon hands over the stored object as it is (it may hold no key to decrypt
             // it): verified, decrypted and decoded here.
@@ -274,25 +272,25 @@ async fn ask_daemon(
             let (Some(served), Some(OBJECT_CONTENT_TYPE)) = (served, r.header("content-type"))
             else {
                 tracing::warn!(wal = %name, "the daemon's answer is not a stored WAL object");
-                return Daemon::NoAnswer;
+                return Some(Daemon::NoAnswer);
             };
             let pieces = r.header(PIECES_HEADER).unwrap_or_default().to_string();
             let subject =
                 crate::http_token::wal_subject(&served_subject(&served, &pieces), &r.body);
             if !proven(cfg, &answer, &subject) {
-                return Daemon::NoAnswer;
+                return Some(Daemon::NoAnswer);
             }
             let body = bytes::Bytes::from(std::mem::take(&mut answer.response.body));
             let Some((base, pieces)) = split_pieces(&pieces, &body) else {
                 tracing::warn!(wal = %name, "the daemon's answer does not hold the pieces it lists");
-                return Daemon::NoAnswer;
+                return Some(Daemon::NoAnswer);
             };
             let keys = match crate::storage::Keys::from_settings(&cfg.storage_settings().encryption)
             {
                 Ok(k) => k,
                 Err(e) => {
                     tracing::debug!("{e}");
-                    return Daemon::NoAnswer;
+                    return Some(Daemon::NoAnswer);
                 }
             };
             let opened = object::open(&base, &keys)
@@ -328,12 +326,12 @@ async fn ask_daemon(
                 Daemon::NoAnswer
             }
         }
-        IN_HANDOFF_STATUS if shared.is_some() => Daemon::Placed,
+        IN_HANDOFF_STATUS if shared.is_some() => return None,
         code => {
             tracing::debug!(wal = %name, code, "the daemon cannot serve it");
             Daemon::NoAnswer
         }
-    }
+    })
 }
 
 /// Whether an answer carries the daemon's proof for `subject`; says so when it does not.

@@ -525,7 +525,7 @@ impl Prefetcher {
                     let downloaded = started.elapsed();
                     let pos = me.lock().pos;
                     // Redo passed it while it downloaded: not decoded ahead of what it needs.
-                    if pos.is_some_and(|(p, size)| order(&name, size) <= order(&p, size)) {
+                    if passed(pos, &name) {
                         me.lock().inflight.remove(&name);
                         return;
                     }
@@ -554,10 +554,7 @@ impl Prefetcher {
                     tracing::debug!(wal = %name, file = %ready.path.display(), bytes = ready.bytes,
                         download_ms = downloaded.as_millis() as u64, turn_ms = turn.as_millis() as u64,
                         placed_ms = started.elapsed().as_millis() as u64, "prefetched");
-                    let behind = st
-                        .pos
-                        .is_some_and(|(p, size)| order(&name, size) <= order(&p, size));
-                    if behind {
+                    if passed(st.pos, &name) {
                         // Redo passed it while it downloaded.
                         let _ = std::fs::remove_file(&ready.path);
                     } else {
@@ -616,6 +613,11 @@ impl Prefetcher {
             }
         }
     }
+}
+
+/// Whether redo, at `pos`, is at or past segment `name`: it will not be asked for again.
+fn passed(pos: Option<(WalFileName, WalSegSize)>, name: &WalFileName) -> bool {
+    pos.is_some_and(|(p, size)| order(name, size) <= order(&p, size))
 }
 
 /// Where a segment stands in replay order: its timeline, then its number.

@@ -8,8 +8,8 @@
 //! strace in `bench/archive.py`). Real object stores do not answer that way; the tests and the
 //! benches should measure pgkeep, not that stall.
 //!
-//! Usage (the options `s3s-fs` takes): `pgkeep-s3-test-server --host H --port P
-//! --access-key A --secret-key S ROOT`.
+//! Usage (the options of `s3s-fs` the tests use; not its `--domain`):
+//! `pgkeep-s3-test-server --host H --port P --access-key A --secret-key S ROOT`.
 
 use std::path::PathBuf;
 
